@@ -1,0 +1,22 @@
+"""Building blocks shared by every model family."""
+
+from vitkit.layers.attention import Attention
+from vitkit.layers.block import Block
+from vitkit.layers.drop import DropPath, drop_path_rates
+from vitkit.layers.layer_scale import LayerScale
+from vitkit.layers.mlp import Mlp
+from vitkit.layers.patch_embed import PatchEmbed, check_image_size
+from vitkit.layers.pos_embed import resample_pos_embed, sincos_2d
+
+__all__ = [
+    "Attention",
+    "Block",
+    "DropPath",
+    "LayerScale",
+    "Mlp",
+    "PatchEmbed",
+    "check_image_size",
+    "drop_path_rates",
+    "resample_pos_embed",
+    "sincos_2d",
+]

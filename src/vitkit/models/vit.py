@@ -1,0 +1,486 @@
+"""Vision Transformer (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words").
+
+Read top-down: the config, then the model (embed -> blocks -> norm -> head), then the registered variants.
+
+The image is cut into patches, each patch becomes a token, a learned class token is prepended, position
+embeddings are added, and a stack of pre-norm transformer blocks mixes the tokens. The class token's final state
+(or the mean of the patch tokens) goes to a linear classifier. Parameter names follow the timm layout, which is
+also the layout most published checkpoints use, so foreign weights map onto this model with few renames.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vitkit.layers import Block, PatchEmbed, check_image_size, drop_path_rates, resample_pos_embed, sincos_2d
+from vitkit.models.base import Preprocess, check_literal
+from vitkit.models.registry import register_family, register_model
+
+Pool = Literal["token", "avg", "none"]
+PosEmbed = Literal["learn", "sincos", "none"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class ViTConfig:
+    """Architecture of a VisionTransformer. Defaults are ViT-B/16 at 224 px, as in the paper."""
+
+    img_size: int | tuple[int, int] = 224  # native input (H, W); other multiples of the patch size also work
+    patch_size: int = 16  # side of a square patch; 16 is the paper's accuracy/compute sweet spot
+    in_chans: int = 3  # input channels (RGB)
+    num_classes: int = 1000  # classifier outputs; 0 means no head (features only)
+    embed_dim: int = 768  # token width D
+    depth: int = 12  # number of transformer blocks
+    num_heads: int = 12  # attention heads; D / heads = 64 in every published ViT
+    mlp_ratio: float = 4.0  # MLP hidden width / D, 4 as in the original transformer
+    qkv_bias: bool = True  # bias on the q, k, v projection (all ViT/DeiT checkpoints have it)
+    qk_norm: bool = False  # LayerNorm on q and k per head (ViT-22B) for stable large-scale training
+    class_token: bool = True  # prepend a learned [CLS] token (BERT style); off for pooled models
+    reg_tokens: int = 0  # register tokens (Darcet et al. 2024) soak up the high-norm "artifact" attention
+    distilled: bool = False  # DeiT distillation token with its own head; logits are the mean of both heads
+    pool: Pool = "token"  # how to pool tokens for the head: class token, mean of patch tokens, or none
+    pos_embed: PosEmbed = "learn"  # learned table (ViT), fixed 2-D sin-cos (MAE, Simple ViT), or none
+    fc_norm: bool | None = None  # LayerNorm after pooling instead of before; None = on exactly when pool="avg"
+    drop_rate: float = 0.0  # dropout after the position embedding, in the MLP and after attention projection
+    attn_drop_rate: float = 0.0  # dropout on attention probabilities
+    drop_path_rate: float = 0.0  # stochastic depth at the last block, rising linearly from 0 (DeiT uses 0.1)
+    head_drop_rate: float = 0.0  # dropout on the pooled features just before the classifier
+    init_values: float | None = None  # LayerScale initial gain; None disables LayerScale (as in ViT/DeiT)
+    norm_eps: float = 1e-6  # LayerNorm epsilon: 1e-6 in the JAX/timm models, 1e-12 in transformers' ViT
+
+    def __post_init__(self) -> None:
+        if isinstance(self.img_size, int):
+            self.img_size = (self.img_size, self.img_size)
+        self.img_size = tuple(int(s) for s in self.img_size)
+        check_literal("pool", self.pool, Pool)
+        check_literal("pos_embed", self.pos_embed, PosEmbed)
+        for name in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0 = no head), got {self.num_classes}")
+        if self.reg_tokens < 0:
+            raise ValueError(f"reg_tokens must be >= 0, got {self.reg_tokens}")
+        if self.embed_dim % self.num_heads != 0:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.pool == "token" and not self.class_token:
+            raise ValueError("pool='token' needs class_token=True; use pool='avg' for a model without a class token")
+        if self.distilled and not self.class_token:
+            raise ValueError("distilled=True needs class_token=True (DeiT has both tokens)")
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate", "head_drop_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        check_image_size(self.img_size[0], self.img_size[1], (self.patch_size, self.patch_size))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+class VisionTransformer(nn.Module):
+    """Vision Transformer classifier.
+
+    Token layout: [class, distillation, registers..., patches...]; `num_prefix_tokens` counts the leading
+    non-patch tokens. Position embeddings cover the class/distillation tokens and the patch grid; registers
+    have none, as in "Vision Transformers Need Registers".
+
+    Args:
+        cfg: architecture; `ViTConfig()` (ViT-B/16) when None.
+        **overrides: fields of ViTConfig to change, e.g. `num_classes=10`.
+    """
+
+    family = "vit"
+
+    def __init__(self, cfg: ViTConfig | None = None, **overrides):
+        super().__init__()
+        if cfg is None:
+            cfg = ViTConfig(**overrides)
+        elif overrides:
+            cfg = ViTConfig(**{**cfg.__dict__, **overrides})
+        self.cfg = cfg
+        self.preprocess = Preprocess(input_size=cfg.img_size)
+        D = cfg.embed_dim
+        self.num_classes = cfg.num_classes
+        self.embed_dim = self.num_features = D
+        self.grad_checkpointing = False
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
+
+        # Patches -> tokens, plus the extra tokens.
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
+        self.native_grid = self.patch_embed.grid_size(*cfg.img_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.distilled else None
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, D)) if cfg.reg_tokens else None
+        self.num_pos_prefix = int(cfg.class_token) + int(cfg.distilled)  # prefix tokens that get a position
+        self.num_prefix_tokens = self.num_pos_prefix + cfg.reg_tokens
+        num_pos = self.num_pos_prefix + self.native_grid[0] * self.native_grid[1]
+        if cfg.pos_embed == "learn":
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, D))
+        else:
+            self.pos_embed = None
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+
+        # The transformer.
+        dpr = drop_path_rates(cfg.drop_path_rate, cfg.depth)
+        self.blocks = nn.ModuleList(
+            Block(
+                D,
+                cfg.num_heads,
+                mlp_ratio=cfg.mlp_ratio,
+                qkv_bias=cfg.qkv_bias,
+                qk_norm=cfg.qk_norm,
+                proj_drop=cfg.drop_rate,
+                attn_drop=cfg.attn_drop_rate,
+                drop_path=dpr[i],
+                init_values=cfg.init_values,
+                norm_eps=cfg.norm_eps,
+            )
+            for i in range(cfg.depth)
+        )
+        # With avg pooling the norm moves after pooling (fc_norm), as in BEiT/MAE fine-tuning.
+        use_fc_norm = cfg.pool == "avg" if cfg.fc_norm is None else cfg.fc_norm
+        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(cfg.head_drop_rate)
+        self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.head_dist = None
+        if cfg.distilled:
+            self.head_dist = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    # --- initialisation -------------------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """timm/JAX-style init: truncated normal 0.02 for linear layers and position table, zero biases."""
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for tok in (self.cls_token, self.dist_token, self.reg_token):
+            if tok is not None:
+                nn.init.normal_(tok, std=1e-6)
+        # The patch projection is a linear layer on flattened patches: init it as one (lecun-normal like JAX).
+        w = self.patch_embed.proj.weight
+        nn.init.trunc_normal_(w.view(w.shape[0], -1), std=math.sqrt(1.0 / w[0].numel()))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # --- shapes ---------------------------------------------------------------------------------------------
+    def patch_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid (H', W') for an input of this size; ValueError naming the side that does not divide."""
+        return self.patch_embed.grid_size(height, width)
+
+    def num_tokens(self, height: int, width: int) -> int:
+        gh, gw = self.patch_grid(height, width)
+        return self.num_prefix_tokens + gh * gw
+
+    # --- embedding ------------------------------------------------------------------------------------------
+    def _pos_embed_for(self, grid: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """Position table for a patch grid: the learned one, resampled when the grid is not native."""
+        cfg = self.cfg
+        if cfg.pos_embed == "none":
+            return None
+        if cfg.pos_embed == "sincos":
+            # Fixed: computed exactly for any grid; the prefix tokens get a zero position.
+            key = ("sincos", grid, dtype, device)
+            if key not in self._pos_cache:
+                table = sincos_2d(grid, self.embed_dim)
+                table = torch.cat([table.new_zeros(self.num_pos_prefix, self.embed_dim), table])[None]
+                self._pos_cache[key] = table.to(device=device, dtype=dtype)
+            return self._pos_cache[key]
+        if grid == self.native_grid:
+            return self.pos_embed
+        # Resampling is differentiable; cache it only when no gradient can flow, keyed on the table's version
+        # so that loading new weights (an in-place copy) invalidates it.
+        cacheable = not (torch.is_grad_enabled() and self.pos_embed.requires_grad)
+        key = ("learn", grid, self.pos_embed._version, self.pos_embed.data_ptr(), dtype, device)
+        if cacheable and key in self._pos_cache:
+            return self._pos_cache[key]
+        table = resample_pos_embed(self.pos_embed, grid, self.native_grid, self.num_pos_prefix)
+        if cacheable:
+            self._pos_cache = {k: v for k, v in self._pos_cache.items() if k[0] != "learn"}  # one grid at a time
+            self._pos_cache[key] = table.detach()
+        return table
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, C, H, W) -> tokens (B, prefix + H'*W', D) with positions added."""
+        grid = self.patch_embed.grid_size(x.shape[-2], x.shape[-1]) if x.ndim == 4 else None
+        x = self.patch_embed(x)  # (B, H'*W', D)
+        B = x.shape[0]
+        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        x = torch.cat([*prefix, x], dim=1)  # (B, pos_prefix + H'*W', D)
+        pos = self._pos_embed_for(grid, x.dtype, x.device)
+        if pos is not None:
+            x = x + pos
+        if self.reg_token is not None:
+            p = self.num_pos_prefix
+            x = torch.cat([x[:, :p], self.reg_token.expand(B, -1, -1), x[:, p:]], dim=1)  # (B, prefix + H'*W', D)
+        return self.pos_drop(x)
+
+    # --- transformer ----------------------------------------------------------------------------------------
+    def _run_block(self, i: int, x: torch.Tensor, want_attn: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        blk = self.blocks[i]
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(blk, x, want_attn, use_reentrant=False)
+        return blk(x, want_attn)
+
+    def _resolve_layers(self, layers: bool | int | Sequence[int] | None) -> list[int]:
+        """Normalise a layer request (True = all, int or list, negatives from the end) to sorted indices."""
+        depth = len(self.blocks)
+        if layers is None or layers is False:
+            return []
+        if layers is True:
+            return list(range(depth))
+        if isinstance(layers, int):
+            layers = [layers]
+        out = []
+        for i in layers:
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise TypeError(f"layer indices must be integers, got {i!r}")
+            if not -depth <= i < depth:
+                raise ValueError(f"layer index {i} is out of range for a model with {depth} blocks (use -{depth}..{depth - 1})")
+            out.append(i % depth)
+        return sorted(set(out))
+
+    def forward_features(
+        self, x: torch.Tensor, return_attention: bool | int | Sequence[int] = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Image -> normalised tokens (B, N, D); with `return_attention`, also the requested attention maps."""
+        attn_layers = set(self._resolve_layers(return_attention))
+        x = self.embed(x)
+        attns = []
+        for i in range(len(self.blocks)):
+            x, attn = self._run_block(i, x, i in attn_layers)  # only requested layers leave the fused path
+            if attn is not None:
+                attns.append(attn)  # (B, heads, N, N)
+        x = self.norm(x)
+        return (x, attns) if attn_layers else x
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, D) -> pooled features (B, D) (or the tokens unchanged for pool='none')."""
+        if self.cfg.pool == "token":
+            return x[:, 0]
+        if self.cfg.pool == "avg":
+            return x[:, self.num_prefix_tokens :].mean(dim=1)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens (B, N, D) -> logits (B, classes), or the pooled features when `pre_logits`."""
+        if self.head_dist is not None:
+            # DeiT: the class token feeds `head`, the distillation token feeds `head_dist`; average at inference.
+            x_cls, x_dist = self.fc_norm(x[:, 0]), self.fc_norm(x[:, 1])
+            if pre_logits:
+                return (x_cls + x_dist) / 2
+            return (self.head(self.head_drop(x_cls)) + self.head_dist(self.head_drop(x_dist))) / 2
+        x = self.head_drop(self.fc_norm(self.pool(x)))
+        return x if pre_logits else self.head(x)
+
+    def forward(
+        self, x: torch.Tensor, return_attention: bool | int | Sequence[int] = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Image (B, C, H, W) -> logits (B, classes).
+
+        Args:
+            x: images whose sides are multiples of the patch size.
+            return_attention: False; True for every layer; or layer indices (negatives count from the end).
+                When set, returns `(logits, attentions)` with one (B, heads, N, N) tensor per requested layer,
+                in layer order. Unrequested layers keep the fused attention kernel.
+        """
+        if return_attention is False or return_attention is None:
+            return self.forward_head(self.forward_features(x))
+        feats, attns = self.forward_features(x, return_attention=return_attention)
+        return self.forward_head(feats), attns
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: int | Sequence[int] | None = None, as_maps: bool = False, norm: bool = False
+    ) -> list[torch.Tensor]:
+        """Outputs of chosen blocks.
+
+        Args:
+            x: images (B, C, H, W).
+            indices: an int n for the last n blocks, or block indices (negatives from the end); None = all.
+            as_maps: return patch tokens as (B, D, H', W') maps (prefix tokens dropped) instead of (B, N, D).
+            norm: apply the final norm to each output.
+        """
+        depth = len(self.blocks)
+        if indices is None:
+            wanted = list(range(depth))
+        elif isinstance(indices, int) and not isinstance(indices, bool):
+            if not 1 <= indices <= depth:
+                raise ValueError(f"indices={indices} asks for the last n blocks; n must be in 1..{depth}")
+            wanted = list(range(depth - indices, depth))
+        else:
+            wanted = self._resolve_layers(list(indices))
+        gh, gw = self.patch_grid(x.shape[-2], x.shape[-1])
+        x = self.embed(x)
+        outs = []
+        for i in range(max(wanted) + 1):  # stop after the last wanted block
+            x, _ = self._run_block(i, x, False)
+            if i in wanted:
+                y = self.norm(x) if norm else x
+                if as_maps:
+                    B, _, D = y.shape
+                    y = y[:, self.num_prefix_tokens :].transpose(1, 2).reshape(B, D, gh, gw)  # (B, D, H', W')
+                outs.append(y)
+        return outs
+
+    # --- fine-tuning helpers --------------------------------------------------------------------------------
+    def reset_classifier(self, num_classes: int, pool: Pool | None = None) -> None:
+        """Replace the head (randomly initialised) for `num_classes` outputs; 0 removes it."""
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0 = no head), got {num_classes}")
+        if pool is not None:
+            check_literal("pool", pool, Pool)
+            if pool == "token" and not self.cfg.class_token:
+                raise ValueError("pool='token' needs a class token, and this model has none")
+            self.cfg.pool = pool
+        self.cfg.num_classes = self.num_classes = num_classes
+        device = next(self.parameters()).device
+        self.head = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        if self.head_dist is not None:
+            self.head_dist = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        for h in (self.head, self.head_dist):
+            if isinstance(h, nn.Linear):
+                nn.init.trunc_normal_(h.weight, std=0.02)
+                nn.init.zeros_(h.bias)
+        if self.preprocess.class_names is not None and len(self.preprocess.class_names) != num_classes:
+            self.preprocess.class_names = None
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them (less memory)."""
+        self.grad_checkpointing = bool(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that should not be weight-decayed (besides norms and biases)."""
+        return {n for n in ("pos_embed", "cls_token", "dist_token", "reg_token") if getattr(self, n) is not None}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def group_matcher(self, name: str) -> int:
+        """Layer id of a parameter for layer-wise LR decay: 0 = embeddings, i+1 = block i, depth+1 = head."""
+        if name.startswith(("cls_token", "dist_token", "reg_token", "pos_embed", "patch_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return len(self.blocks) + 1
+
+    def save_pretrained(self, directory: str, **extra) -> None:
+        """Write `config.json` + `model.safetensors` to `directory` (atomically); see `vitkit.load_model`."""
+        from vitkit.weights.native import save_pretrained
+
+        save_pretrained(self, directory, **extra)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._pos_cache.clear()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+register_family("vit", ViTConfig, VisionTransformer)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Variants: the name says width, patch and native size. Widths follow the ViT/DeiT papers.
+# ----------------------------------------------------------------------------------------------------------------
+WIDTHS = {  # name: (embed_dim, depth, num_heads)
+    "nano": (128, 6, 4),  # not in the papers: a CPU-friendly size for small datasets (digits, CIFAR demos)
+    "tiny": (192, 12, 3),  # DeiT-Ti
+    "small": (384, 12, 6),  # DeiT-S
+    "base": (768, 12, 12),  # ViT-B
+    "large": (1024, 24, 16),  # ViT-L
+    "huge": (1280, 32, 16),  # ViT-H
+}
+
+
+def _vit(width: str, patch: int, size: int, **overrides) -> VisionTransformer:
+    dim, depth, heads = WIDTHS[width]
+    cfg = dict(embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch, img_size=size)
+    return VisionTransformer(ViTConfig(**{**cfg, **overrides}))
+
+
+def _register_vit(name: str, width: str, patch: int, size: int, doc: str, **arch) -> None:
+    def builder(**overrides) -> VisionTransformer:
+        return _vit(width, patch, size, **{**arch, **overrides})
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = doc
+    register_model(name, family="vit")(builder)
+
+
+# ImageNet-scale variants.
+_register_vit("vit_tiny_patch16_224", "tiny", 16, 224, "ViT-Ti/16 (DeiT-Ti), 5.7M params.")
+_register_vit("vit_tiny_patch16_384", "tiny", 16, 384, "ViT-Ti/16 at 384 px.")
+_register_vit("vit_small_patch16_224", "small", 16, 224, "ViT-S/16 (DeiT-S), 22M params.")
+_register_vit("vit_small_patch16_384", "small", 16, 384, "ViT-S/16 at 384 px.")
+_register_vit("vit_small_patch32_224", "small", 32, 224, "ViT-S/32.")
+_register_vit("vit_small_patch8_224", "small", 8, 224, "ViT-S/8 (DINO), 784 patches.")
+_register_vit("vit_small_patch14_224_reg4", "small", 14, 224, "ViT-S/14 with 4 registers.", reg_tokens=4)
+_register_vit("vit_base_patch16_224", "base", 16, 224, "ViT-B/16, 86.6M params.")
+_register_vit("vit_base_patch16_384", "base", 16, 384, "ViT-B/16 at 384 px (576 patches).")
+_register_vit("vit_base_patch32_224", "base", 32, 224, "ViT-B/32.")
+_register_vit("vit_base_patch8_224", "base", 8, 224, "ViT-B/8.")
+_register_vit("vit_base_patch16_224_reg4", "base", 16, 224, "ViT-B/16 with 4 registers.", reg_tokens=4)
+_register_vit("vit_large_patch16_224", "large", 16, 224, "ViT-L/16, 304M params.")
+_register_vit("vit_large_patch16_384", "large", 16, 384, "ViT-L/16 at 384 px.")
+_register_vit("vit_large_patch32_224", "large", 32, 224, "ViT-L/32.")
+_register_vit("vit_large_patch14_224", "large", 14, 224, "ViT-L/14.")
+_register_vit("vit_huge_patch14_224", "huge", 14, 224, "ViT-H/14, 631M params.")
+# Average-pooled, class-token-free variant (as in "Simple ViT" / MAE fine-tuning) with fixed sin-cos positions.
+_register_vit(
+    "vit_small_patch16_224_gap", "small", 16, 224, "ViT-S/16, no class token, mean-pooled, sin-cos positions.",
+    class_token=False, pool="avg", pos_embed="sincos",
+)  # fmt: skip
+# DeiT with its distillation token.
+_register_vit("deit_tiny_distilled_patch16_224", "tiny", 16, 224, "DeiT-Ti distilled (2 heads).", distilled=True)
+_register_vit("deit_small_distilled_patch16_224", "small", 16, 224, "DeiT-S distilled.", distilled=True)
+_register_vit("deit_base_distilled_patch16_224", "base", 16, 224, "DeiT-B distilled.", distilled=True)
+# CIFAR-scale: 32 px input, 4 px patches -> an 8 x 8 grid of 64 tokens.
+_register_vit("vit_nano_patch4_32", "nano", 4, 32, "A 1.2M-param ViT for 32 px images; trains in minutes on CPU.")
+_register_vit("vit_tiny_patch4_32", "tiny", 4, 32, "ViT-Ti width for 32 px images (CIFAR).")
+_register_vit("vit_small_patch4_32", "small", 4, 32, "ViT-S width for 32 px images (CIFAR).")
+_register_vit("vit_base_patch4_32", "base", 4, 32, "ViT-B width for 32 px images (CIFAR).")
+
+
+# The builders from the user's tutorials, as thin aliases over the registry.
+def create_vit_tiny(n_classes: int = 1000, **overrides) -> VisionTransformer:
+    """ViT-Ti/16 at 224 px with `n_classes` outputs."""
+    from vitkit.models.registry import create_model
+
+    return create_model("vit_tiny_patch16_224", num_classes=n_classes, **overrides)
+
+
+def create_vit_small(n_classes: int = 1000, **overrides) -> VisionTransformer:
+    """ViT-S/16 at 224 px with `n_classes` outputs."""
+    from vitkit.models.registry import create_model
+
+    return create_model("vit_small_patch16_224", num_classes=n_classes, **overrides)
+
+
+def create_vit_base(n_classes: int = 1000, **overrides) -> VisionTransformer:
+    """ViT-B/16 at 224 px with `n_classes` outputs."""
+    from vitkit.models.registry import create_model
+
+    return create_model("vit_base_patch16_224", num_classes=n_classes, **overrides)
+
+
+def create_vit_large(n_classes: int = 1000, **overrides) -> VisionTransformer:
+    """ViT-L/16 at 224 px with `n_classes` outputs."""
+    from vitkit.models.registry import create_model
+
+    return create_model("vit_large_patch16_224", num_classes=n_classes, **overrides)
+
+
+def create_vit_huge(n_classes: int = 1000, **overrides) -> VisionTransformer:
+    """ViT-H/14 at 224 px with `n_classes` outputs."""
+    from vitkit.models.registry import create_model
+
+    return create_model("vit_huge_patch14_224", num_classes=n_classes, **overrides)
