@@ -42,7 +42,9 @@ class PatchEmbed(nn.Module):
         bias: whether the projection has a bias.
     """
 
-    def __init__(self, patch_size: int | tuple[int, int] = 16, in_chans: int = 3, embed_dim: int = 768, bias: bool = True):
+    def __init__(
+        self, patch_size: int | tuple[int, int] = 16, in_chans: int = 3, embed_dim: int = 768, bias: bool = True
+    ):
         super().__init__()
         self.patch_size = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
         self.in_chans = in_chans
@@ -57,7 +59,9 @@ class PatchEmbed(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
         if x.shape[1] != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})")
+            raise ValueError(
+                f"expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
+            )
         self.grid_size(x.shape[2], x.shape[3])
         x = self.proj(x)  # (B, D, H', W')
         return x.flatten(2).transpose(1, 2)  # (B, H'*W', D)

@@ -208,7 +208,7 @@ class VisionTransformer(nn.Module):
         table = resample_pos_embed(self.pos_embed, grid, self.native_grid, self.num_pos_prefix)
         if cacheable:
             self._pos_cache = {k: v for k, v in self._pos_cache.items() if k[0] != "learn"}  # one grid at a time
-            self._pos_cache[key] = table.detach()
+            table = self._pos_cache[key] = table.detach()
         return table
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -247,7 +247,9 @@ class VisionTransformer(nn.Module):
             if not isinstance(i, int) or isinstance(i, bool):
                 raise TypeError(f"layer indices must be integers, got {i!r}")
             if not -depth <= i < depth:
-                raise ValueError(f"layer index {i} is out of range for a model with {depth} blocks (use -{depth}..{depth - 1})")
+                raise ValueError(
+                    f"layer index {i} is out of range for a model with {depth} blocks (use -{depth}..{depth - 1})"
+                )
             out.append(i % depth)
         return sorted(set(out))
 

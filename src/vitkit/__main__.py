@@ -1,0 +1,7 @@
+"""`python -m vitkit ...` (also what `torchrun -m vitkit train ...` runs)."""
+
+import sys
+
+from vitkit.cli import main
+
+sys.exit(main())
