@@ -39,15 +39,307 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="checkpoint file (.pth .bin .safetensors .npz) or Hugging Face model directory")
     p.add_argument("dst", help="output directory (config.json + model.safetensors)")
     p.add_argument("--model", default=None, help="registered model name, for what shapes cannot decide (heads)")
+    p.add_argument("--img-size", type=int, nargs="+", default=None, help="resample positions for this size (H [W])")
+    p.add_argument("--num-classes", type=int, default=None, help="replace the head with a new one of this size")
     p.set_defaults(func=_cmd_convert)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from vitkit.weights import convert_checkpoint
 
-    model = convert_checkpoint(args.src, args.dst, model_name=args.model, log=print)
+    img_size = None
+    if args.img_size:
+        if len(args.img_size) > 2:
+            raise ValueError(f"--img-size takes one or two numbers (H or H W), got {args.img_size}")
+        img_size = tuple(args.img_size) if len(args.img_size) == 2 else (args.img_size[0],) * 2
+    model = convert_checkpoint(
+        args.src, args.dst, model_name=args.model, log=print, num_classes=args.num_classes, img_size=img_size
+    )
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.dst} ({n:,} parameters)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# vitkit explain IMAGE... --checkpoint RUN [--method M] [--layer L] [--head H] [--target C] --out DIR [--html FILE]
+# ----------------------------------------------------------------------------------------------------------------
+_EXPLAIN_METHODS = ["attention", "rollout", "grad-rollout", "relevance"]  # vitkit.explain.METHODS (checked there)
+
+
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="saliency overlays (attention, rollout, relevance) and the HTML explorer")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--checkpoint", required=True, metavar="RUN", help="run dir (RUN/best, else RUN/last) or model dir")
+    p.add_argument("--method", default="rollout", choices=_EXPLAIN_METHODS, help="saliency method (default rollout)")
+    p.add_argument("--layer", type=int, default=-1, help="block for --method attention (default -1, the last)")
+    p.add_argument("--head", type=int, default=None, help="head for --method attention (default: fuse all heads)")
+    p.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="how heads are fused")
+    p.add_argument("--discard-ratio", type=float, default=0.0, help="rollouts: drop this share of each row, in [0, 1)")
+    p.add_argument("--target", default=None, help="class index or name to explain (default: the predicted class)")
+    p.add_argument("--out", default=None, metavar="DIR", help="write <image>_<method>.png overlays here")
+    p.add_argument("--html", default=None, metavar="FILE", help="write the interactive explorer (one HTML file)")
+    p.add_argument("--html-layers", type=int, nargs="+", default=None, help="layers embedded in the explorer (all)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.set_defaults(func=_cmd_explain)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from vitkit.explain import load_checkpoint
+    from vitkit.viz import write_explorer
+    from vitkit.viz.outputs import parse_target, save_explanations
+
+    if args.out is None and args.html is None:
+        raise ValueError("nothing to write: give --out DIR for overlay images and/or --html FILE for the explorer")
+    model = load_checkpoint(args.checkpoint, device=args.device)
+    target = parse_target(args.target, model.preprocess.class_names, model.num_classes)
+    common = dict(head_fusion=args.head_fusion, discard_ratio=args.discard_ratio)
+    if args.out is not None:
+        written = save_explanations(
+            model, args.images, args.out, method=args.method, layer=args.layer, head=args.head, target=target, **common
+        )
+        for _, line in written:
+            print(line)
+    if args.html is not None:
+        path = write_explorer(args.html, model, args.images, layers=args.html_layers, **common)
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, self-contained)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# vitkit visualize KIND [IMAGE] --checkpoint RUN --out DIR
+# ----------------------------------------------------------------------------------------------------------------
+_VISUALIZATIONS = ["patches", "filters", "pos-embed", "augment", "attention-distance", "attention-grid"]
+_VISUALIZATIONS += ["receptive-fields"]  # vitkit.viz.outputs.VISUALIZATIONS (checked there)
+
+
+def _add_visualize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("visualize", help="figures: patch grid, filters, position embedding, augmentations ...")
+    p.add_argument("kind", choices=_VISUALIZATIONS, help="which figure")
+    p.add_argument("image", nargs="?", default=None, metavar="IMAGE", help="image for patches/augment/attention-grid")
+    p.add_argument("--checkpoint", default=None, metavar="RUN", help="run or model dir (all but receptive-fields)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (writes DIR/<kind>.png)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.set_defaults(func=_cmd_visualize)
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    from vitkit.explain import load_checkpoint, resolve_checkpoint
+    from vitkit.viz.outputs import save_visualization
+
+    if args.checkpoint is None and args.kind != "receptive-fields":
+        raise ValueError(f"visualize {args.kind} needs --checkpoint RUN (a training run or a model directory)")
+    model = load_checkpoint(args.checkpoint, device=args.device) if args.checkpoint else None
+    ckpt = resolve_checkpoint(args.checkpoint) if args.checkpoint else None
+    path = save_visualization(args.kind, model, args.out, image=args.image, checkpoint=ckpt)
+    print(f"wrote {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# vitkit explain-eval --checkpoint RUN --data shapes --methods ... --out DIR
+# ----------------------------------------------------------------------------------------------------------------
+def _add_explain_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain-eval", help="compare saliency methods: pointing game, deletion/insertion AUC")
+    p.add_argument("--checkpoint", required=True, metavar="RUN", help="run dir (RUN/best, else RUN/last) or model dir")
+    p.add_argument("--data", default="shapes", help="shapes or shapes:N (default: the run's own shapes data)")
+    p.add_argument("--methods", nargs="+", default=[*_EXPLAIN_METHODS, "random"], help="methods to compare")
+    p.add_argument("--count", type=int, default=200, help="test images to use (default 200)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    p.add_argument("--max-steps", type=int, default=64, help="deletion/insertion steps per curve")
+    p.add_argument("--seed", type=int, default=None, help="data seed (default: the run's)")
+    p.add_argument("--layer", type=int, default=-1, help="block for the attention method")
+    p.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="head fusion")
+    p.add_argument("--discard-ratio", type=float, default=0.0, help="rollouts' discard ratio, in [0, 1)")
+    p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/results.json and DIR/results.md")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.set_defaults(func=_cmd_explain_eval)
+
+
+def _cmd_explain_eval(args: argparse.Namespace) -> int:
+    from vitkit.explain import evaluate_checkpoint, format_table, save_results
+
+    if args.count < 1:
+        raise ValueError(f"--count must be a positive number of images, got {args.count}")
+    kwargs = dict(layer=args.layer, head_fusion=args.head_fusion, discard_ratio=args.discard_ratio)
+    results = evaluate_checkpoint(
+        args.checkpoint, data=args.data, count=args.count, methods=args.methods, batch_size=args.batch_size,
+        max_steps=args.max_steps, seed=args.seed, device=args.device, method_kwargs=kwargs, log=print,
+    )  # fmt: skip
+    json_path, md_path = save_results(results, args.out)
+    acc = results["accuracy"]
+    print(f"\n{results['count']} test images of {results['data']}" + (f", model accuracy {acc:.1%}" if acc else ""))
+    print(format_table(results))
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# vitkit train / eval / predict
+# ----------------------------------------------------------------------------------------------------------------
+# Flag -> TrainConfig field. Every flag defaults to None, so only the flags given override the recipe.
+_TRAIN_FLAGS = {
+    "data": "data", "model": "model", "img_size": "img_size", "epochs": "epochs", "batch_size": "batch_size",
+    "lr": "lr", "min_lr": "min_lr", "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs", "seed": "seed",
+    "out": "out", "pretrained": "pretrained", "amp": "amp", "compile": "compile",
+    "grad_checkpointing": "grad_checkpointing", "ema": "ema", "ema_decay": "ema_decay", "mixup": "mixup",
+    "cutmix": "cutmix", "label_smoothing": "label_smoothing", "auto_augment": "auto_augment",
+    "layer_decay": "layer_decay", "head_lr_mult": "head_lr_mult", "freeze_layers": "freeze_layers",
+    "accum_steps": "accum_steps", "clip_grad": "clip_grad", "patience": "patience", "monitor": "monitor",
+    "strict": "strict", "tensorboard": "tensorboard", "workers": "workers", "device": "device",
+    "ckpt_every_steps": "ckpt_every_steps", "progress": "progress",
+}  # fmt: skip
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a ViT (no arguments: the digits default, ~2 min on CPU)",
+        description="Train a ViT. Precedence: built-in defaults < --config recipe < flags < --set. "
+        "Without --config, training the default model on digits uses recipes/digits.yaml's settings. "
+        "Runs under torchrun for DDP. See docs/train.md.",
+    )
+    g = p.add_argument_group("run")
+    g.add_argument("--config", metavar="RECIPE.yaml", help="recipe file (flags override it)")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly from RUN_DIR/last (or restart it)")
+    g.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<data>-<model>-<timestamp>)")
+    g.add_argument("--seed", type=int, help="seed for split, init, data order, augmentation (default 0)")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    g.add_argument("--ckpt-every-steps", type=int, metavar="N", help="also checkpoint every N optimiser steps")
+    g.add_argument("--patience", type=int, metavar="EPOCHS", help="early stopping patience (0 = off)")
+    g.add_argument("--monitor", choices=["val_acc", "val_loss", "ema_acc", "ema_loss"], help="best/early-stop metric")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None, help="TensorBoard events")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other TrainConfig setting, e.g. --set hflip=0 --set model_args='{depth: 4}'")
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", help="digits, shapes[:N], FOLDER, csv:FILE, cifar10:DIR, mnist:DIR ...")
+    g.add_argument("--model", help="registered model name (see `vitkit models`)")
+    g.add_argument("--pretrained", metavar="CKPT", help="fine-tune from a vitkit dir, timm/HF checkpoint or .npz")
+    g.add_argument("--img-size", type=int, help="training resolution (default: the model's)")
+    g.add_argument("--batch-size", type=int, help="global batch size")
+    g.add_argument("--workers", type=int, help="data loader processes for lazily decoded folders")
+    g.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None, help="fail on unreadable images")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, help="cosine floor")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--layer-decay", type=float, help="layer-wise LR decay (fine-tuning, e.g. 0.75)")
+    g.add_argument("--head-lr-mult", type=float, help="LR multiplier for the classifier head")
+    g.add_argument("--freeze-layers", type=int, metavar="N", help="freeze embeddings + first N blocks")
+    g.add_argument("--accum-steps", type=int, help="gradient accumulation micro-batches per step")
+    g.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm")
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--mixup", type=float, metavar="ALPHA", help="Mixup alpha (0 = off)")
+    g.add_argument("--cutmix", type=float, metavar="ALPHA", help="CutMix alpha (0 = off)")
+    g.add_argument("--auto-augment", choices=["none", "randaugment", "trivialaugment"])
+    g = p.add_argument_group("speed and memory")
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast dtype (fp16 needs CUDA)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="EMA of the weights")
+    g.add_argument("--ema-decay", type=float)
+    p.set_defaults(func=_cmd_train)
+
+
+def _parse_sets(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from vitkit.train import NonFiniteLossError, TrainingInterrupted, train
+
+    overrides = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items()}
+    overrides.update(_parse_sets(args.set))
+    if args.resume and args.config:
+        raise ValueError("--resume uses the run's own config.yaml; do not combine it with --config")
+    try:
+        summary = train(args.config, resume=args.resume, overrides=overrides)
+    except TrainingInterrupted as e:
+        print(f"vitkit train: {e}", file=sys.stderr)
+        return e.exit_code
+    except NonFiniteLossError as e:
+        print(f"vitkit train: error: {e}", file=sys.stderr)
+        return 3
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    run = summary["run_dir"]
+    best = summary["best_val_acc"]
+    print(f"test accuracy {summary['test_acc']:.4f}" if summary["test_acc"] is not None else "no test split")
+    if best is not None:
+        print(f"best val accuracy {best:.4f} (epoch {summary['best_epoch']})")
+    print(f"{summary['epochs_run']} epochs in {summary['wall_time_s']:.0f} s ({summary['images_per_s']:.0f} img/s)")
+    print(f"outputs in {run}/: best/ last/ (checkpoints), metrics.jsonl, metrics.csv, curves.png, summary.json")
+    print(f"next: vitkit eval --checkpoint {run}    vitkit predict --checkpoint {run} IMAGE")
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="top-1/top-5/per-class accuracy and a confusion matrix of a checkpoint")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|MODEL_DIR", help="a run (uses best/) or model dir")
+    p.add_argument("--data", help="data spec (default: the data the checkpoint was trained on)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", metavar="DIR", help="write eval.json and confusion.png here")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from vitkit.train import evaluate
+
+    r = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, device=args.device,
+                 out=args.out)  # fmt: skip
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{r['data']} ({r['split']}, {r['n']} images): top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  loss {r['loss']:.4f}")
+    width = max(len(c) for c in r["per_class"])
+    for name, pc in r["per_class"].items():
+        acc = "-" if pc["acc"] is None else f"{pc['acc']:.4f}"
+        print(f"  {name:<{width}}  {acc}  ({pc['n']} images)")
+    if "files" in r:
+        print(f"wrote {r['files']['json']} and {r['files']['confusion_png']}")
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="top-k classes with probabilities for image files")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|MODEL_DIR")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print JSON (one object per image)")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from vitkit.train import predict
+
+    results = predict(args.checkpoint, args.images, topk=args.topk, device=args.device)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        print(r["path"])
+        for t in r["top"]:
+            print(f"  {t['prob']:.4f}  {t['class']}")
     return 0
 
 
@@ -57,6 +349,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_models,
     _add_convert,
+    _add_train,
+    _add_eval,
+    _add_predict,
+    _add_explain,
+    _add_visualize,
+    _add_explain_eval,
 ]
 
 

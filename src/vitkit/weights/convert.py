@@ -1,0 +1,198 @@
+"""One entry point for every checkpoint: `load_model` finds out what a path holds and imports it.
+
+Dispatch order: a vitkit directory (config.json with format "vitkit"), a Hugging Face transformers directory
+(config.json with a model_type), then a file by suffix or content: `.npz` is JAX, `.safetensors`/`.pth`/`.pt`/
+`.bin` is a timm-layout state dict (or the weights file of one of the directory kinds above).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from vitkit._io import resolve_dir
+from vitkit.layers import resample_pos_embed
+from vitkit.weights._log import LogFn, Reporter, as_reporter
+from vitkit.weights.hf import CONFIG_NAME as HF_CONFIG_NAME
+from vitkit.weights.hf import WEIGHT_FILES as HF_WEIGHT_FILES
+from vitkit.weights.hf import from_hf_state_dict, hf_model_type, load_hf_vit, looks_like_hf_state_dict
+from vitkit.weights.jax import load_jax_npz
+from vitkit.weights.native import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    is_native_dir,
+    load_native,
+    load_state_dict_strict,
+    model_from_config,
+)
+from vitkit.weights.safe_load import file_kind, read_state_dict
+from vitkit.weights.timm import as_img_size, empty_model, from_timm_state_dict
+
+SourceFormat = Literal["vitkit", "hf", "jax", "timm"]
+
+
+def _load_native_resized(directory: Path, img_size: int | tuple[int, int], rep: Reporter) -> nn.Module:
+    """A vitkit directory loaded for another input size, its position table resampled before the strict load."""
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    if config.get("family") != "vit":
+        raise ValueError(f"img_size is supported for 'vit' models only; {directory} holds a {config.get('family')!r}")
+    arch = config["architecture"]
+    patch = int(arch["patch_size"])
+    old = as_img_size(arch["img_size"])
+    model = empty_model(lambda: model_from_config(config, img_size=as_img_size(img_size)))
+    state = load_file(str(directory / WEIGHTS_NAME), device="cpu")
+    old_grid = (old[0] // patch, old[1] // patch)
+    if "pos_embed" in state and model.native_grid != old_grid:
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.native_grid, old_grid, model.num_pos_prefix)
+        rep.info(
+            f"resampled pos_embed from a {old_grid[0]}x{old_grid[1]} to a "
+            f"{model.native_grid[0]}x{model.native_grid[1]} grid"
+        )
+    load_state_dict_strict(model, state, source=str(directory / WEIGHTS_NAME))
+    model.preprocess.input_size = tuple(model.cfg.img_size)
+    return model
+
+
+def _load_dir(
+    directory: Path, model_name: str | None, img_size: int | tuple[int, int] | None, rep: Reporter
+) -> tuple[nn.Module, SourceFormat]:
+    if is_native_dir(directory):
+        if model_name:
+            rep.info(f"model_name={model_name!r} ignored: {directory} has its own config")
+        if img_size is None:
+            return load_native(directory), "vitkit"
+        return _load_native_resized(directory, img_size, rep), "vitkit"
+    if hf_model_type(directory) is not None:
+        if model_name:
+            rep.info(f"model_name={model_name!r} ignored: {directory}/{HF_CONFIG_NAME} gives the architecture")
+        return load_hf_vit(directory, img_size=img_size, log=rep), "hf"
+    raise ValueError(
+        f"{directory} is neither a vitkit model directory ({CONFIG_NAME} with format 'vitkit') nor a Hugging Face "
+        f"model directory ({HF_CONFIG_NAME} with a model_type)"
+    )
+
+
+def _load_any(
+    path: str | os.PathLike,
+    model_name: str | None,
+    img_size: int | tuple[int, int] | None,
+    rep: Reporter,
+) -> tuple[nn.Module, SourceFormat]:
+    path = resolve_dir(Path(path))
+    if path.is_dir():
+        return _load_dir(path, model_name, img_size, rep)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file or model directory at {path}")
+    kind = file_kind(path)
+    if kind == "npz":
+        return load_jax_npz(path, model_name=model_name, img_size=img_size, log=rep), "jax"
+    # The weights file of a model directory is read with that directory's config, which the file alone lacks.
+    parent = path.parent
+    if (path.name == WEIGHTS_NAME and is_native_dir(parent)) or (
+        path.name in HF_WEIGHT_FILES and hf_model_type(parent)
+    ):
+        rep.info(f"{path} belongs to the model directory {parent}; loading that")
+        return _load_dir(parent, model_name, img_size, rep)
+    state = read_state_dict(path, log=rep)
+    if looks_like_hf_state_dict(state):
+        if hf_model_type(parent) is None:
+            raise ValueError(
+                f"{path} is a Hugging Face transformers state dict; load the directory that holds it together "
+                f"with its {HF_CONFIG_NAME} (the config gives the head count and LayerNorm epsilon)"
+            )
+        rep.info(f"{path}: Hugging Face weights, read with {parent / HF_CONFIG_NAME}")
+        config = json.loads((parent / HF_CONFIG_NAME).read_text())
+        return from_hf_state_dict(config, state, img_size=img_size, source=str(path), log=rep), "hf"
+    return from_timm_state_dict(state, model_name=model_name, img_size=img_size, source=str(path), log=rep), "timm"
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    map_location: str | torch.device = "cpu",
+    log: LogFn | None = None,
+) -> nn.Module:
+    """Load a model from a local path, whatever its source; weights are loaded strictly (every key accounted for).
+
+    Args:
+        path: a vitkit directory, a Hugging Face ViT directory, a timm-layout `.pth`/`.pt`/`.bin`/`.safetensors`
+            file, or a JAX/big_vision `.npz` file. Pickle-based files are read with `weights_only=True`.
+        model_name: a registered ViT name (`vitkit.list_models()`) for what shapes cannot decide, chiefly the
+            number of attention heads of a timm state dict; checked against the checkpoint's shapes.
+        num_classes: a new classifier size: the checkpoint is loaded, then the head is replaced by a freshly
+            initialised one (for fine-tuning); 0 removes it. None keeps the checkpoint's head.
+        img_size: input size (int or (H, W)) to build the model for; learned position tables are resampled
+            from the checkpoint's grid. None keeps the checkpoint's size.
+        map_location: device the returned model is moved to.
+        log: receives one line per inference, assumption or change (e.g. `print`); None sends them to the
+            `vitkit.weights` logger.
+
+    Raises:
+        ValueError: unsupported layouts or options, unsafe pickles, and key or shape mismatches, each named.
+        FileNotFoundError: nothing at `path`.
+    """
+    model, _ = _load(path, model_name=model_name, num_classes=num_classes, img_size=img_size, log=log)
+    return model.to(map_location)
+
+
+def _load(
+    path: str | os.PathLike,
+    *,
+    model_name: str | None,
+    num_classes: int | None,
+    img_size: int | tuple[int, int] | None,
+    log: LogFn | Reporter | None,
+) -> tuple[nn.Module, SourceFormat]:
+    rep = as_reporter(log)
+    model, fmt = _load_any(path, model_name, img_size, rep)
+    if num_classes is not None and num_classes != model.num_classes:
+        old = model.num_classes
+        model.reset_classifier(num_classes)
+        rep.info(
+            f"replaced the {old}-class head with a new, randomly initialised {num_classes}-class head (fine-tuning)"
+            if num_classes
+            else f"removed the {old}-class head (num_classes=0: the model returns pooled features)"
+        )
+    return model, fmt
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    dst_dir: str | os.PathLike,
+    model_name: str | None = None,
+    log: LogFn | None = print,
+    *,
+    num_classes: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
+) -> nn.Module:
+    """Import any supported checkpoint and save it as a vitkit directory (config.json + model.safetensors).
+
+    Args:
+        src: anything `load_model` accepts.
+        dst_dir: output directory; it must not hold another tool's config.json (it would be overwritten).
+        model_name: see `load_model`.
+        log: receives one line per inference (default `print`).
+        num_classes: see `load_model`.
+        img_size: see `load_model`.
+
+    Returns:
+        The loaded model (on the CPU), as saved.
+    """
+    dst = Path(dst_dir)
+    cfg = dst / CONFIG_NAME
+    if cfg.is_file() and not is_native_dir(dst):
+        raise ValueError(
+            f"refusing to write into {dst}: its {CONFIG_NAME} is not a vitkit config and would be replaced"
+        )
+    model, fmt = _load(src, model_name=model_name, num_classes=num_classes, img_size=img_size, log=log)
+    model.save_pretrained(str(dst), converted_from={"path": str(src), "format": fmt})
+    return model

@@ -1,0 +1,326 @@
+"""timm-layout state dicts: infer the architecture from tensor shapes and load strictly.
+
+vitkit's VisionTransformer uses timm's parameter names, so a timm (or vitkit) state dict needs no renaming; the
+work is deciding the architecture. Shapes and key presence decide everything except the number of attention
+heads (q, k and v are one fused matrix whichever way it is split), which comes from a registered model name
+when given and is otherwise guessed as embed_dim // 64 (the head width of every published ViT up to ViT-L).
+
+The Hugging Face and JAX importers map their checkpoints into this layout and finish through `build_vit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitkit.layers import resample_pos_embed
+from vitkit.models.base import Preprocess
+from vitkit.models.registry import create_model, model_family
+from vitkit.models.vit import VisionTransformer, ViTConfig
+from vitkit.weights._log import LogFn, Reporter, as_reporter
+from vitkit.weights.native import load_state_dict_strict
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+# Fields a registered model name must agree on with the checkpoint's shapes (others may differ legitimately:
+# image size, classes, pooling).
+_MUST_AGREE = ("embed_dim", "depth", "patch_size", "in_chans", "mlp_ratio", "qkv_bias", "qk_norm", "class_token",
+               "reg_tokens", "distilled")  # fmt: skip
+
+
+def as_img_size(img_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """(H, W) from an int or a pair; TypeError for anything else."""
+    if isinstance(img_size, int) and not isinstance(img_size, bool):
+        return (img_size, img_size)
+    if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(isinstance(s, int) for s in img_size):
+        return (int(img_size[0]), int(img_size[1]))
+    raise TypeError(f"img_size must be an int or an (height, width) pair of ints, got {img_size!r}")
+
+
+def registered_config(model_name: str) -> ViTConfig:
+    """The config of a registered ViT, without allocating its weights (built on the meta device)."""
+    family = model_family(model_name)  # ValueError with close matches for unknown names
+    if family != "vit":
+        raise ValueError(f"model {model_name!r} is a {family!r} model; these converters build 'vit' models")
+    with torch.device("meta"):
+        return create_model(model_name).cfg
+
+
+def _square_side(n: int) -> int | None:
+    if n <= 0:
+        return None
+    side = math.isqrt(n)
+    return side if side * side == n else None
+
+
+def _native_grid(n_pos: int, n_prefix: int, hints: list[tuple[str, tuple[int, int]]], source: str) -> tuple[int, int]:
+    """The patch grid a position table was trained for.
+
+    Args:
+        n_pos: rows of the table.
+        n_prefix: rows the model expects for class/distillation tokens.
+        hints: (where from, grid) candidates from a model name or img_size, tried first.
+        source: name used in messages.
+    """
+    n_grid = n_pos - n_prefix
+    for _, grid in hints:
+        if grid[0] * grid[1] == n_grid:
+            return grid
+    no_embed_class = (
+        "the class/register tokens carry no position (timm's no_embed_class layout, used by DINOv2 and the *_reg* "
+        "register models, and big_vision's 'tok' pooling); vitkit's VisionTransformer gives the class token a "
+        "position, so this layout isn't supported yet"
+    )
+    if n_prefix and any(g[0] * g[1] == n_pos for _, g in hints):
+        raise ValueError(
+            f"{source}: pos_embed has {n_pos} rows, which cover the patch grid only, but the checkpoint has "
+            f"{n_prefix} class/distillation token(s): {no_embed_class}"
+        )
+    full_side = _square_side(n_pos)
+    if n_prefix and full_side and not _square_side(n_grid):
+        raise ValueError(
+            f"{source}: pos_embed has {n_pos} rows; after {n_prefix} class/distillation row(s) that leaves "
+            f"{n_grid}, not a square grid. If the {n_pos} rows are a {full_side}x{full_side} patch grid, then "
+            f"{no_embed_class}. If the checkpoint's grid is not square, pass img_size= (or model_name=) giving its "
+            "native input size"
+        )
+    side = _square_side(n_grid)
+    if side:
+        return (side, side)
+    tried = "; ".join(f"{where} gives a {g[0]}x{g[1]} grid" for where, g in hints)
+    raise ValueError(
+        f"{source}: pos_embed has {n_grid} grid rows (after {n_prefix} prefix rows), which is not a square grid"
+        + (f" ({tried}, which does not match)" if tried else "")
+        + "; pass model_name= (a registered name) or img_size= giving the checkpoint's native input size"
+    )
+
+
+def infer_vit_config(
+    state: dict[str, torch.Tensor],
+    *,
+    model_name: str | None = None,
+    num_heads: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    source: str = "state dict",
+    log: LogFn | Reporter | None = None,
+) -> tuple[dict[str, Any], tuple[int, int]]:
+    """Decide a ViTConfig from a timm-layout state dict.
+
+    Args:
+        state: timm-layout tensors.
+        model_name: a registered ViT; supplies the head count and image size and must agree with the shapes.
+        num_heads: head count when the caller knows it (the JAX importer reads it from the kernels).
+        img_size: helps pick the native grid of a non-square position table.
+        source: name used in messages.
+        log: receives one line per decision that the shapes alone could not make.
+
+    Returns:
+        ViTConfig keyword arguments (without img_size) and the checkpoint's native patch grid (H', W').
+    """
+    rep = as_reporter(log)
+    if "patch_embed.proj.weight" not in state:
+        raise ValueError(
+            f"{source} is not a timm-layout ViT state dict: it has no 'patch_embed.proj.weight' "
+            f"(first keys: {sorted(state)[:8]})"
+        )
+    proj = state["patch_embed.proj.weight"]
+    if proj.ndim != 4:
+        raise ValueError(f"{source}: patch_embed.proj.weight should be (D, C, p, p), got {tuple(proj.shape)}")
+    D, in_chans, ph, pw = (int(s) for s in proj.shape)
+    if ph != pw:
+        raise ValueError(f"{source}: non-square {ph}x{pw} patches are not supported (ViTConfig.patch_size is one int)")
+
+    blocks = sorted({int(m.group(1)) for k in state if (m := _BLOCK.match(k))})
+    if not blocks or blocks != list(range(len(blocks))):
+        raise ValueError(f"{source}: transformer blocks should be numbered 0..n-1, found {blocks[:20]}")
+    depth = len(blocks)
+    fc1 = state.get("blocks.0.mlp.fc1.weight")
+    if fc1 is None:
+        raise ValueError(f"{source}: no 'blocks.0.mlp.fc1.weight' to read the MLP width from")
+    hidden = int(fc1.shape[0])
+    mlp_ratio = hidden / D
+    if int(D * mlp_ratio) != hidden:
+        raise ValueError(f"{source}: MLP width {hidden} is not reproducible as int({D} * mlp_ratio)")
+
+    class_token = "cls_token" in state
+    distilled = "dist_token" in state
+    reg_tokens = int(state["reg_token"].shape[1]) if "reg_token" in state else 0
+    fc_norm = "fc_norm.weight" in state
+    arch: dict[str, Any] = dict(
+        patch_size=ph,
+        in_chans=in_chans,
+        num_classes=int(state["head.weight"].shape[0]) if "head.weight" in state else 0,
+        embed_dim=D,
+        depth=depth,
+        mlp_ratio=mlp_ratio,
+        qkv_bias="blocks.0.attn.qkv.bias" in state,
+        qk_norm="blocks.0.attn.q_norm.weight" in state,
+        class_token=class_token,
+        reg_tokens=reg_tokens,
+        distilled=distilled,
+        # The norm after pooling (fc_norm) goes with mean pooling, as in timm; without a class token it is the
+        # only pooling there is.
+        pool="avg" if (fc_norm or not class_token) else "token",
+        fc_norm=fc_norm,
+        init_values=1e-5 if "blocks.0.ls1.gamma" in state else None,  # the value is overwritten by the weights
+    )
+    if fc_norm and class_token:
+        rep.info(f"{source}: has fc_norm, so the head reads the mean of the patch tokens (pool='avg')")
+
+    reg = registered_config(model_name) if model_name else None
+    if reg is not None:
+        clash = [f"{f} {arch[f]} (checkpoint) vs {getattr(reg, f)} ({model_name})" for f in _MUST_AGREE
+                 if arch[f] != getattr(reg, f)]  # fmt: skip
+        if clash:
+            raise ValueError(f"{source} does not match model {model_name!r}: " + "; ".join(clash))
+        arch["norm_eps"] = reg.norm_eps
+        if arch["init_values"] is not None and reg.init_values:
+            arch["init_values"] = reg.init_values
+
+    # Heads: the one thing shapes cannot tell.
+    if num_heads is not None:
+        if reg is not None and reg.num_heads != num_heads:
+            raise ValueError(f"{source} has {num_heads} attention heads but {model_name!r} has {reg.num_heads}")
+        arch["num_heads"] = num_heads
+    elif reg is not None:
+        arch["num_heads"] = reg.num_heads
+        rep.info(f"num_heads={reg.num_heads} from model {model_name!r}")
+    else:
+        if D % 64 != 0:
+            raise ValueError(
+                f"{source}: cannot tell the number of attention heads of a {D}-wide model from its weights; "
+                "pass model_name= (a registered name, see vitkit.list_models())"
+            )
+        arch["num_heads"] = D // 64
+        rep.info(
+            f"num_heads={D // 64}: guessed as embed_dim {D} // 64 because the weights cannot tell; "
+            "pass model_name= (a registered name) if the checkpoint uses another head width"
+        )
+
+    hints = []
+    if reg is not None:
+        hints.append((f"model {model_name!r}", (reg.img_size[0] // ph, reg.img_size[1] // ph)))
+    if img_size is not None:
+        size = as_img_size(img_size)
+        hints.append((f"img_size={size}", (size[0] // ph, size[1] // ph)))
+    if "pos_embed" in state:
+        arch["pos_embed"] = "learn"
+        pos = state["pos_embed"]
+        if pos.ndim != 3:
+            raise ValueError(f"{source}: pos_embed should be (1, N, D), got {tuple(pos.shape)}")
+        grid = _native_grid(int(pos.shape[1]), int(class_token) + int(distilled), hints, source)
+    elif reg is not None:
+        # Fixed sin-cos tables are computed, not stored; a name is the only way to know which kind it is.
+        arch["pos_embed"] = reg.pos_embed
+        rep.info(f"no pos_embed in the checkpoint: pos_embed={reg.pos_embed!r} from model {model_name!r}")
+        grid = hints[0][1]
+    else:
+        raise ValueError(
+            f"{source} has no pos_embed: the model uses either fixed sin-cos positions or none, which the weights "
+            "cannot tell apart; pass model_name= (a registered name such as 'vit_small_patch16_224_gap')"
+        )
+    return arch, grid
+
+
+def empty_model(build: Callable[[], nn.Module]) -> nn.Module:
+    """`build()` without its random initialisation, for a strict load that overwrites every tensor anyway.
+
+    The model is built on the meta device and given uninitialised CPU storage, which saves the (slow)
+    truncated-normal init of every weight.
+    """
+    with torch.device("meta"):
+        model = build()
+    model = model.to_empty(device="cpu")
+    # Buffers outside the state dict would stay uninitialised: none exist in the models built here.
+    assert set(dict(model.named_buffers())) <= set(model.state_dict()), "non-persistent buffers need an init"
+    return model
+
+
+def build_vit(
+    arch: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    *,
+    grid: tuple[int, int],
+    img_size: int | tuple[int, int] | None = None,
+    preprocess: Preprocess | None = None,
+    source: str = "state dict",
+    log: LogFn | Reporter | None = None,
+) -> VisionTransformer:
+    """Build a VisionTransformer and load `state` into it strictly, resampling positions for another size.
+
+    Args:
+        arch: ViTConfig fields except img_size.
+        state: timm-layout tensors (not modified).
+        grid: the checkpoint's native patch grid.
+        img_size: input size for the model; None keeps the checkpoint's.
+        preprocess: preprocessing metadata; its input_size is set to the model's.
+        source: name used in error messages.
+        log: receives a line when the position table is resampled.
+    """
+    rep = as_reporter(log)
+    patch = arch["patch_size"]
+    native_size = (grid[0] * patch, grid[1] * patch)
+    target = as_img_size(img_size) if img_size is not None else native_size
+    model = empty_model(lambda: VisionTransformer(ViTConfig(**arch, img_size=target)))
+    state = dict(state)
+    if "pos_embed" in state and model.native_grid != tuple(grid):
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.native_grid, grid, model.num_pos_prefix)
+        rep.info(
+            f"resampled pos_embed from a {grid[0]}x{grid[1]} to a {model.native_grid[0]}x{model.native_grid[1]} "
+            f"grid ({native_size[0]}x{native_size[1]} -> {target[0]}x{target[1]} px)"
+        )
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in state.values() if v.is_floating_point()})
+    if dtypes and dtypes != ["float32"]:
+        rep.info(f"{source}: {'/'.join(dtypes)} tensors loaded into a float32 model")
+    load_state_dict_strict(model, state, source=source)
+    pre = preprocess if preprocess is not None else Preprocess()
+    model.preprocess = dataclasses.replace(pre, input_size=target)
+    return model
+
+
+def from_timm_state_dict(
+    state: dict[str, torch.Tensor],
+    *,
+    model_name: str | None = None,
+    num_heads: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    preprocess: Preprocess | None = None,
+    source: str = "state dict",
+    log: LogFn | Reporter | None = None,
+) -> VisionTransformer:
+    """A ready VisionTransformer from a timm-layout state dict (timm, or vitkit's own `state_dict()`).
+
+    Args:
+        state: timm-layout tensors, already unwrapped (see `vitkit.weights.read_state_dict`).
+        model_name: a registered ViT name; gives the head count (which shapes cannot) and is checked against
+            the shapes.
+        num_heads: head count, when known from elsewhere.
+        img_size: input size for the model; the position table is resampled when it differs from the
+            checkpoint's grid. Also used to recognise a non-square native grid.
+        preprocess: preprocessing metadata; None means ImageNet mean/std (timm's default), logged as assumed.
+        source: name used in messages.
+        log: receives one line per inferred choice (heads, pooling, resampling).
+    """
+    rep = as_reporter(log)
+    if any(k.startswith(("vit.embeddings.", "embeddings.patch_embeddings.")) for k in state):
+        raise ValueError(
+            f"{source} is a Hugging Face transformers state dict; load the directory that holds it together with "
+            "its config.json (the config gives the architecture and LayerNorm epsilon)"
+        )
+    arch, grid = infer_vit_config(
+        state, model_name=model_name, num_heads=num_heads, img_size=img_size, source=source, log=rep
+    )
+    if preprocess is None:
+        rep.info(
+            "a timm state dict stores no preprocessing: assuming ImageNet mean/std, bicubic, crop 0.875 "
+            "(set model.preprocess if the checkpoint was trained otherwise)"
+        )
+    model = build_vit(arch, state, grid=grid, img_size=img_size, preprocess=preprocess, source=source, log=rep)
+    if model_name:
+        model.model_name = model_name
+    return model

@@ -1,0 +1,83 @@
+"""`vitkit convert` and load_model on vitkit directories: bit-exact round trips through save_pretrained."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import vitkit
+from tests.weights.conftest import LABELS, MEAN, hf_file_state, hf_to_timm_reference, image_batch
+from vitkit.cli import main
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_cli_convert_timm_round_trip_is_bit_exact(hf_nano, tmp_path, astronaut, capsys):
+    torch.save(hf_to_timm_reference(hf_file_state(hf_nano[0])), tmp_path / "vit.pth")
+    dst = tmp_path / "out"
+    assert main(["convert", str(tmp_path / "vit.pth"), str(dst), "--model", "vit_nano_patch4_32"]) == 0
+    out = capsys.readouterr().out
+    assert "num_heads=4 from model 'vit_nano_patch4_32'" in out and f"wrote {dst}" in out
+
+    x = image_batch(astronaut, 32)
+    converted = vitkit.load_model(dst)
+    assert torch.equal(
+        logits(converted, x), logits(vitkit.load_model(tmp_path / "vit.pth", model_name="vit_nano_patch4_32"), x)
+    )
+    assert converted.model_name == "vit_nano_patch4_32" and converted.cfg.num_heads == 4
+    config = json.loads((dst / "config.json").read_text())
+    assert config["format"] == "vitkit" and config["converted_from"]["format"] == "timm"
+
+
+def test_cli_convert_hf_keeps_preprocessing(hf_cls, tmp_path, astronaut):
+    pytest.importorskip("transformers")
+    src, hf = hf_cls
+    dst = tmp_path / "out"
+    assert main(["convert", str(src), str(dst)]) == 0
+    converted = vitkit.load_model(dst)
+    assert converted.preprocess.class_names == LABELS and converted.preprocess.mean == pytest.approx(MEAN)
+    assert converted.cfg.norm_eps == 1e-12
+    x = image_batch(astronaut, 32)
+    assert torch.equal(logits(converted, x), logits(vitkit.load_model(src), x))
+    with torch.no_grad():
+        assert (logits(converted, x) - hf(pixel_values=x).logits).abs().max().item() <= 1e-5
+
+
+def test_cli_convert_refuses_malicious_pickle(tmp_path, capsys):
+    import os
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'SENTINEL'}",))
+
+    torch.save({"w": RunsCode()}, tmp_path / "evil.pth")
+    assert main(["convert", str(tmp_path / "evil.pth"), str(tmp_path / "out")]) == 2
+    assert "refusing to unpickle" in capsys.readouterr().err
+    assert not (tmp_path / "SENTINEL").exists() and not (tmp_path / "out").exists()
+
+
+def test_convert_refuses_to_overwrite_a_foreign_config(hf_cls, tmp_path):
+    src, _ = hf_cls
+    with pytest.raises(ValueError, match="refusing to write into .*not a vitkit config"):
+        vitkit.weights.convert_checkpoint(src, src)
+
+
+def test_native_dir_with_img_size_and_num_classes(tmp_path, lines):
+    model = vitkit.VisionTransformer(vitkit.ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2,
+                                                      num_classes=4))  # fmt: skip
+    model.save_pretrained(str(tmp_path / "m"))
+    same = vitkit.load_model(tmp_path / "m")
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(logits(same, x), logits(model, x))
+
+    big = vitkit.load_model(tmp_path / "m", img_size=48, num_classes=2, log=lines)
+    assert big.pos_embed.shape == (1, 1 + 36, 64) and big.preprocess.input_size == (48, 48)
+    assert big.head.out_features == 2
+    assert torch.equal(big.blocks[0].mlp.fc1.weight.data, model.blocks[0].mlp.fc1.weight.data)
+    assert "resampled pos_embed from a 4x4 to a 6x6 grid" in lines.text() and "2-class head" in lines.text()
+    assert logits(big, torch.randn(1, 3, 48, 48)).shape == (1, 2)
