@@ -71,7 +71,16 @@ def test_resample_antialiases_when_shrinking():
     assert (plain - 0.5).abs().max() > 0.15  # without antialiasing it aliases
 
 
+def test_resample_default_bicubic_antialiases_when_shrinking():
+    board = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2
+    pos = torch.cat([torch.zeros(1, 1, 1), board.float().reshape(1, 64, 1)], dim=1)
+    out = resample_pos_embed(pos, (3, 3))
+    torch.testing.assert_close(out[0, 1:, 0], torch.full((9,), 0.5), atol=0.1, rtol=0)
+
+
 def test_resample_errors():
+    with pytest.raises(ValueError, match="interpolation='cubic' is not allowed"):
+        resample_pos_embed(torch.randn(1, 1 + 16, 4), (2, 2), interpolation="cubic")
     with pytest.raises(ValueError, match="not a square"):
         resample_pos_embed(torch.randn(1, 1 + 12, 4), (4, 4))
     with pytest.raises(ValueError, match=r"old_grid \(3, 5\) does not match the 12 grid entries"):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vitkit
+from vitkit.layers import resample_pos_embed
 from vitkit.models.vit import VisionTransformer, ViTConfig
 
 ALL = vitkit.list_models()
@@ -93,24 +94,38 @@ def test_model_contract(name):
     assert model(x).shape == (3, 11)
     model.reset_classifier(0)
     assert model(x).shape == (3, D)
-    assert model.no_weight_decay() <= {n for n, _ in model.named_parameters()}
-    assert isinstance(p, int)
+    expected = {n for n in ("pos_embed", "cls_token", "dist_token", "reg_token") if getattr(model, n) is not None}
+    assert model.no_weight_decay() == expected
+    assert expected <= {n for n, _ in model.named_parameters()}
+    assert p == model.patch_embed.patch_size[0]
 
 
 @pytest.mark.parametrize(
     "name", ["vit_tiny_patch16_224", "vit_small_patch14_224_reg4", "deit_tiny_distilled_patch16_224"]
 )
-def test_grad_checkpointing_same_output_and_gradients(name):
+def test_grad_checkpointing_same_output_and_gradients(name, monkeypatch):
+    import vitkit.models.vit as vit_module
+
     model = tiny(name, num_classes=4).train()
     x = batch(model)
+    calls = []
+    real = vit_module.checkpoint
+    monkeypatch.setattr(vit_module, "checkpoint", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     outs, grads = [], []
     for ckpt in (False, True):
+        calls.clear()
         model.set_grad_checkpointing(ckpt)
         model.zero_grad()
         y, attns = model(x, return_attention=[0])  # checkpointing also covers the attention path
         (y.sum() + attns[0].sum()).backward()
         outs.append(y.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        assert len(calls) == (model.cfg.depth if ckpt else 0)  # every block went through checkpoint()
+    # The other forward paths are checkpointed too.
+    calls.clear()
+    model(x).sum().backward()
+    model.forward_intermediates(x, indices=[-1])[0].sum().backward()
+    assert len(calls) == 2 * model.cfg.depth
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-6, atol=1e-7, msg=n)
@@ -168,6 +183,18 @@ def test_runtime_pos_embed_is_resampled_and_cached():
     assert a is b  # cached
     assert a.shape == (1, 1 + 200, 32)
     torch.testing.assert_close(a[:, :1], model.pos_embed[:, :1])  # class token position untouched
+    torch.testing.assert_close(a, resample_pos_embed(model.pos_embed, (10, 20), (14, 14), 1))  # the one function
+    # A few grids stay cached at once (multi-scale eval), bounded.
+    with torch.no_grad():
+        for g in range(1, 12):
+            model._pos_embed_for((g, g + 1), torch.float32, torch.device("cpu"))
+    assert len(model._pos_cache) == model.POS_CACHE_SIZE
+    # An optimiser step (in-place update) invalidates it.
+    with torch.no_grad():
+        before = model._pos_embed_for((3, 5), torch.float32, torch.device("cpu"))
+        model.pos_embed.add_(1.0)
+        after = model._pos_embed_for((3, 5), torch.float32, torch.device("cpu"))
+    torch.testing.assert_close(after, before + 1.0)
     # Loading new weights invalidates the cache.
     sd = model.state_dict()
     sd["pos_embed"] = torch.randn_like(sd["pos_embed"])
@@ -287,3 +314,65 @@ def test_cli_models_table(capsys):
     out = capsys.readouterr().out
     assert "| vit_tiny_patch16_224 | 5.72M | 1.25 | 224x224 | 14x14 | 197 |" in out
     assert main(["models", "nothing*"]) == 1
+
+
+def test_config_is_copied_not_shared(tmp_path):
+    cfg = ViTConfig(embed_dim=32, depth=1, num_heads=2, patch_size=4, img_size=16, num_classes=5)
+    a, b = VisionTransformer(cfg), VisionTransformer(cfg)
+    a.reset_classifier(9)
+    assert b.cfg.num_classes == 5 and cfg.num_classes == 5
+    b.save_pretrained(tmp_path)
+    assert vitkit.load_model(str(tmp_path)).head.out_features == 5
+
+
+def test_reset_classifier_pool_change_survives_save_load(tmp_path):
+    m = tiny("vit_tiny_patch16_224", num_classes=3).eval()
+    m.reset_classifier(4, pool="avg")
+    x = batch(m)
+    m.save_pretrained(tmp_path)
+    loaded = vitkit.load_model(str(tmp_path)).eval()
+    assert torch.equal(m(x), loaded(x))
+
+
+def test_reset_classifier_keeps_dtype_and_round_trip_keeps_bf16(tmp_path):
+    m = tiny("vit_tiny_patch16_224", num_classes=3).to(torch.bfloat16).eval()
+    m.reset_classifier(7)
+    x = batch(m).bfloat16()
+    assert m(x).shape == (2, 7) and m.head.weight.dtype == torch.bfloat16
+    m.save_pretrained(tmp_path)
+    loaded = vitkit.load_model(str(tmp_path)).eval()
+    assert loaded.head.weight.dtype == torch.bfloat16 and torch.equal(m(x), loaded(x))
+
+
+def test_empty_layer_requests():
+    m = tiny("vit_tiny_patch16_224", num_classes=3).eval()
+    y, attns = m(batch(m), return_attention=[])
+    assert attns == [] and y.shape == (2, 3)
+    with pytest.raises(ValueError, match="selects no block"):
+        m.forward_intermediates(batch(m), indices=[])
+
+
+def test_distilled_requires_token_pool():
+    with pytest.raises(ValueError, match="pool must be 'token', got 'avg'"):
+        ViTConfig(distilled=True, pool="avg")
+
+
+def test_saved_files_are_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        tiny("vit_tiny_patch16_224").save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "m").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
+
+
+def test_save_into_directory_with_other_files_keeps_them(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    tiny("vit_tiny_patch16_224").save_pretrained(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert vitkit.load_model(str(tmp_path)) is not None

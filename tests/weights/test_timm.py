@@ -86,12 +86,12 @@ def test_optional_parts_from_key_presence(tmp_path, lines):
     """Registers, distillation token, qk-norm, layer scale and fc_norm are recognised from the keys they add."""
     src = vitkit.VisionTransformer(
         vitkit.ViTConfig(img_size=16, patch_size=8, embed_dim=64, depth=1, num_heads=1, num_classes=3,
-                         distilled=True, reg_tokens=2, qk_norm=True, init_values=0.1, fc_norm=True, pool="avg")
+                         distilled=True, reg_tokens=2, qk_norm=True, init_values=0.1, fc_norm=True)
     )  # fmt: skip
     torch.save(src.state_dict(), tmp_path / "vit.pth")
     model = vitkit.load_model(tmp_path / "vit.pth", log=lines)
     cfg = model.cfg
-    assert (cfg.distilled, cfg.reg_tokens, cfg.qk_norm, cfg.fc_norm, cfg.pool) == (True, 2, True, True, "avg")
+    assert (cfg.distilled, cfg.reg_tokens, cfg.qk_norm, cfg.fc_norm, cfg.pool) == (True, 2, True, True, "token")
     assert cfg.init_values is not None
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(logits(model, x), logits(src, x))

@@ -43,6 +43,8 @@ def resample_pos_embed(
         num_prefix_tokens: leading entries (class token, distillation token) that carry no grid position.
         interpolation: torch interpolation mode ("bicubic", "bilinear", "nearest").
     """
+    if interpolation not in ("bicubic", "bilinear", "nearest"):
+        raise ValueError(f"interpolation={interpolation!r} is not allowed; choose 'bicubic', 'bilinear' or 'nearest'")
     if pos_embed.ndim != 3:
         raise ValueError(f"position table must be (1, N, D), got shape {tuple(pos_embed.shape)}")
     num_grid = pos_embed.shape[1] - num_prefix_tokens
@@ -58,7 +60,7 @@ def resample_pos_embed(
     new_grid = (int(new_grid[0]), int(new_grid[1]))
     if tuple(old_grid) == new_grid:
         return pos_embed
-    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]  # (1, P, D), (1, H*W, D)
     dim = grid.shape[-1]
     orig_dtype = grid.dtype
     grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).float()  # (1, D, H, W)

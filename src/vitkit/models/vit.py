@@ -10,7 +10,9 @@ also the layout most published checkpoints use, so foreign weights map onto this
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -76,6 +78,14 @@ class ViTConfig:
             raise ValueError("pool='token' needs class_token=True; use pool='avg' for a model without a class token")
         if self.distilled and not self.class_token:
             raise ValueError("distilled=True needs class_token=True (DeiT has both tokens)")
+        if self.distilled and self.pool != "token":
+            raise ValueError(
+                f"distilled=True reads the class and distillation tokens, so pool must be 'token', got {self.pool!r}"
+            )
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.init_values is not None and self.init_values <= 0:
+            raise ValueError(f"init_values must be positive (or None to disable LayerScale), got {self.init_values}")
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate", "head_drop_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -101,17 +111,15 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, cfg: ViTConfig | None = None, **overrides):
         super().__init__()
-        if cfg is None:
-            cfg = ViTConfig(**overrides)
-        elif overrides:
-            cfg = ViTConfig(**{**cfg.__dict__, **overrides})
+        # A private copy: reset_classifier edits the config, and two models must never share one.
+        cfg = ViTConfig(**overrides) if cfg is None else dataclasses.replace(cfg, **overrides)
         self.cfg = cfg
         self.preprocess = Preprocess(input_size=cfg.img_size)
         D = cfg.embed_dim
         self.num_classes = cfg.num_classes
         self.embed_dim = self.num_features = D
         self.grad_checkpointing = False
-        self._pos_cache: dict[tuple, torch.Tensor] = {}
+        self._pos_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # grid -> table, a few recent grids
 
         # Patches -> tokens, plus the extra tokens.
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
@@ -184,39 +192,54 @@ class VisionTransformer(nn.Module):
         return self.num_prefix_tokens + gh * gw
 
     # --- embedding ------------------------------------------------------------------------------------------
+    POS_CACHE_SIZE = 8  # recent grids kept; enough for multi-scale eval without growing without bound
+
+    def _cache_get(self, key: tuple) -> torch.Tensor | None:
+        table = self._pos_cache.get(key)
+        if table is not None:
+            self._pos_cache.move_to_end(key)
+        return table
+
+    def _cache_put(self, key: tuple, table: torch.Tensor) -> torch.Tensor:
+        self._pos_cache[key] = table
+        while len(self._pos_cache) > self.POS_CACHE_SIZE:
+            self._pos_cache.popitem(last=False)
+        return table
+
     def _pos_embed_for(self, grid: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-        """Position table for a patch grid: the learned one, resampled when the grid is not native."""
+        """Position table (1, pos_prefix + H'*W', D) for a patch grid: learned (resampled when not native) or sin-cos."""
         cfg = self.cfg
         if cfg.pos_embed == "none":
             return None
         if cfg.pos_embed == "sincos":
-            # Fixed: computed exactly for any grid; the prefix tokens get a zero position.
+            # Fixed: computed exactly for any grid; the class/distillation tokens get a zero position.
             key = ("sincos", grid, dtype, device)
-            if key not in self._pos_cache:
-                table = sincos_2d(grid, self.embed_dim)
+            table = self._cache_get(key)
+            if table is None:
+                table = sincos_2d(grid, self.embed_dim)  # (H'*W', D)
                 table = torch.cat([table.new_zeros(self.num_pos_prefix, self.embed_dim), table])[None]
-                self._pos_cache[key] = table.to(device=device, dtype=dtype)
-            return self._pos_cache[key]
+                table = self._cache_put(key, table.to(device=device, dtype=dtype))
+            return table
         if grid == self.native_grid:
             return self.pos_embed
         # Resampling is differentiable; cache it only when no gradient can flow, keyed on the table's version
-        # so that loading new weights (an in-place copy) invalidates it.
+        # and storage so that an optimiser step or loading new weights (in-place writes) invalidates it.
         cacheable = not (torch.is_grad_enabled() and self.pos_embed.requires_grad)
         key = ("learn", grid, self.pos_embed._version, self.pos_embed.data_ptr(), dtype, device)
-        if cacheable and key in self._pos_cache:
-            return self._pos_cache[key]
-        table = resample_pos_embed(self.pos_embed, grid, self.native_grid, self.num_pos_prefix)
-        if cacheable:
-            self._pos_cache = {k: v for k, v in self._pos_cache.items() if k[0] != "learn"}  # one grid at a time
-            table = self._pos_cache[key] = table.detach()
+        table = self._cache_get(key) if cacheable else None
+        if table is None:
+            table = resample_pos_embed(self.pos_embed, grid, self.native_grid, self.num_pos_prefix)
+            if cacheable:
+                table = self._cache_put(key, table.detach())
         return table
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, C, H, W) -> tokens (B, prefix + H'*W', D) with positions added."""
-        grid = self.patch_embed.grid_size(x.shape[-2], x.shape[-1]) if x.ndim == 4 else None
-        x = self.patch_embed(x)  # (B, H'*W', D)
+        height, width = x.shape[-2:]
+        x = self.patch_embed(x)  # (B, H'*W', D); raises for a bad shape, size or channel count
+        grid = self.patch_grid(height, width)
         B = x.shape[0]
-        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]  # (B, 1, D) each
         x = torch.cat([*prefix, x], dim=1)  # (B, pos_prefix + H'*W', D)
         pos = self._pos_embed_for(grid, x.dtype, x.device)
         if pos is not None:
@@ -257,6 +280,7 @@ class VisionTransformer(nn.Module):
         self, x: torch.Tensor, return_attention: bool | int | Sequence[int] = False
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Image -> normalised tokens (B, N, D); with `return_attention`, also the requested attention maps."""
+        want = return_attention is not False and return_attention is not None
         attn_layers = set(self._resolve_layers(return_attention))
         x = self.embed(x)
         attns = []
@@ -265,7 +289,7 @@ class VisionTransformer(nn.Module):
             if attn is not None:
                 attns.append(attn)  # (B, heads, N, N)
         x = self.norm(x)
-        return (x, attns) if attn_layers else x
+        return (x, attns) if want else x
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens (B, N, D) -> pooled features (B, D) (or the tokens unchanged for pool='none')."""
@@ -311,7 +335,7 @@ class VisionTransformer(nn.Module):
             x: images (B, C, H, W).
             indices: an int n for the last n blocks, or block indices (negatives from the end); None = all.
             as_maps: return patch tokens as (B, D, H', W') maps (prefix tokens dropped) instead of (B, N, D).
-            norm: apply the final norm to each output.
+            norm: apply the final norm to each output (a no-op for models that norm after pooling, pool='avg').
         """
         depth = len(self.blocks)
         if indices is None:
@@ -322,6 +346,8 @@ class VisionTransformer(nn.Module):
             wanted = list(range(depth - indices, depth))
         else:
             wanted = self._resolve_layers(list(indices))
+            if not wanted:
+                raise ValueError(f"indices={list(indices)!r} selects no block; give an int n (last n) or block indices")
         gh, gw = self.patch_grid(x.shape[-2], x.shape[-1])
         x = self.embed(x)
         outs = []
@@ -344,12 +370,17 @@ class VisionTransformer(nn.Module):
             check_literal("pool", pool, Pool)
             if pool == "token" and not self.cfg.class_token:
                 raise ValueError("pool='token' needs a class token, and this model has none")
+            if self.head_dist is not None and pool != "token":
+                raise ValueError(f"a distilled model pools its two tokens; pool={pool!r} is not possible")
+            # fc_norm=None means "follow pool"; pin it so the saved config still describes these modules.
+            if self.cfg.fc_norm is None:
+                self.cfg.fc_norm = isinstance(self.fc_norm, nn.LayerNorm)
             self.cfg.pool = pool
         self.cfg.num_classes = self.num_classes = num_classes
-        device = next(self.parameters()).device
-        self.head = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        like = dict(device=self.patch_embed.proj.weight.device, dtype=self.patch_embed.proj.weight.dtype)
+        self.head = nn.Linear(self.embed_dim, num_classes, **like) if num_classes > 0 else nn.Identity()
         if self.head_dist is not None:
-            self.head_dist = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
+            self.head_dist = nn.Linear(self.embed_dim, num_classes, **like) if num_classes > 0 else nn.Identity()
         for h in (self.head, self.head_dist):
             if isinstance(h, nn.Linear):
                 nn.init.trunc_normal_(h.weight, std=0.02)
@@ -453,36 +484,19 @@ _register_vit("vit_base_patch4_32", "base", 4, 32, "ViT-B width for 32 px images
 
 
 # The builders from the user's tutorials, as thin aliases over the registry.
-def create_vit_tiny(n_classes: int = 1000, **overrides) -> VisionTransformer:
-    """ViT-Ti/16 at 224 px with `n_classes` outputs."""
-    from vitkit.models.registry import create_model
+def _alias(fn_name: str, registered: str):
+    def create(n_classes: int = 1000, **overrides) -> VisionTransformer:
+        from vitkit.models.registry import create_model
 
-    return create_model("vit_tiny_patch16_224", num_classes=n_classes, **overrides)
+        return create_model(registered, num_classes=n_classes, **overrides)
 
-
-def create_vit_small(n_classes: int = 1000, **overrides) -> VisionTransformer:
-    """ViT-S/16 at 224 px with `n_classes` outputs."""
-    from vitkit.models.registry import create_model
-
-    return create_model("vit_small_patch16_224", num_classes=n_classes, **overrides)
+    create.__name__ = create.__qualname__ = fn_name
+    create.__doc__ = f"`{registered}` with `n_classes` outputs (any other config field may be overridden)."
+    return create
 
 
-def create_vit_base(n_classes: int = 1000, **overrides) -> VisionTransformer:
-    """ViT-B/16 at 224 px with `n_classes` outputs."""
-    from vitkit.models.registry import create_model
-
-    return create_model("vit_base_patch16_224", num_classes=n_classes, **overrides)
-
-
-def create_vit_large(n_classes: int = 1000, **overrides) -> VisionTransformer:
-    """ViT-L/16 at 224 px with `n_classes` outputs."""
-    from vitkit.models.registry import create_model
-
-    return create_model("vit_large_patch16_224", num_classes=n_classes, **overrides)
-
-
-def create_vit_huge(n_classes: int = 1000, **overrides) -> VisionTransformer:
-    """ViT-H/14 at 224 px with `n_classes` outputs."""
-    from vitkit.models.registry import create_model
-
-    return create_model("vit_huge_patch14_224", num_classes=n_classes, **overrides)
+create_vit_tiny = _alias("create_vit_tiny", "vit_tiny_patch16_224")
+create_vit_small = _alias("create_vit_small", "vit_small_patch16_224")
+create_vit_base = _alias("create_vit_base", "vit_base_patch16_224")
+create_vit_large = _alias("create_vit_large", "vit_large_patch16_224")
+create_vit_huge = _alias("create_vit_huge", "vit_huge_patch14_224")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vitkit import __version__
-from vitkit._io import atomic_path, atomic_write_text, resolve_dir
+from vitkit._io import atomic_path, atomic_write_dir, atomic_write_text, resolve_dir
 from vitkit.models.base import Preprocess, config_from_dict, config_to_dict
 from vitkit.models.registry import get_family
 
@@ -36,7 +36,10 @@ def model_config_dict(model: nn.Module, **extra: Any) -> dict[str, Any]:
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, **extra: Any) -> Path:
-    """Write `config.json` and `model.safetensors` into `directory`, each atomically.
+    """Write `config.json` and `model.safetensors` into `directory` so a crash never leaves a torn pair.
+
+    A new directory (or one holding only these two files) is built aside and swapped in whole. A directory
+    holding other files too is updated file by file, each atomically (weights first, then the config).
 
     Args:
         model: a vitkit model (it has `family`, `cfg` and `preprocess`).
@@ -44,12 +47,20 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, **extra: Any
         **extra: additional JSON-serialisable fields stored in config.json (e.g. training info).
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared or non-contiguous storage: store independent contiguous copies.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "producer": f"vitkit {__version__}"})
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(model_config_dict(model, **extra), indent=2) + "\n")
+    config = json.dumps(model_config_dict(model, **extra), indent=2) + "\n"
+
+    def write(into: Path) -> None:
+        with atomic_path(into / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt", "producer": f"vitkit {__version__}"})
+        atomic_write_text(into / CONFIG_NAME, config)
+
+    ours = {CONFIG_NAME, WEIGHTS_NAME}
+    if not directory.exists() or {p.name for p in directory.iterdir()} <= ours:
+        atomic_write_dir(directory, write)
+    else:
+        write(directory)
     return directory
 
 
@@ -88,9 +99,13 @@ def load_native(directory: str | os.PathLike, map_location: str | torch.device =
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
-    state = load_file(str(weights), device=str(map_location))
+    state = load_file(str(weights), device="cpu")
+    # Keep the stored precision: a model saved in bf16 comes back in bf16.
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.float32:
+        model = model.to(dtype)
     load_state_dict_strict(model, state, source=str(weights))
-    return model
+    return model.to(map_location)
 
 
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict") -> None:

@@ -165,7 +165,7 @@ def infer_vit_config(
         distilled=distilled,
         # The norm after pooling (fc_norm) goes with mean pooling, as in timm; without a class token it is the
         # only pooling there is.
-        pool="avg" if (fc_norm or not class_token) else "token",
+        pool="avg" if ((fc_norm and not distilled) or not class_token) else "token",  # DeiT: always its 2 tokens
         fc_norm=fc_norm,
         init_values=1e-5 if "blocks.0.ls1.gamma" in state else None,  # the value is overwritten by the weights
     )
