@@ -1,0 +1,254 @@
+"""Evaluate and predict with a trained checkpoint, preprocessing exactly as training did.
+
+A checkpoint's config.json carries `preprocess` (mean, std, input size, crop fraction, interpolation, class names)
+and a `training` record (data spec, seed, split fractions, decode size), so `evaluate(RUN_DIR)` re-creates the
+run's own held-out test split, and `predict` decodes and normalises images the way the evaluation data was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitkit._io import atomic_write_text, resolve_dir
+from vitkit.train.metrics import confusion_matrix, topk_correct
+
+Split = Literal["train", "val", "test", "all"]
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A model directory for `path`: itself if it is one, else a run directory's best/ (or last/)."""
+    from vitkit.weights.native import CONFIG_NAME
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist")
+    if p.is_dir():
+        if (resolve_dir(p) / CONFIG_NAME).is_file() or (p / CONFIG_NAME).is_file():
+            return p
+        for name in ("best", "last"):
+            if (resolve_dir(p / name) / CONFIG_NAME).is_file():
+                return resolve_dir(p / name)
+        raise ValueError(
+            f"{str(p)!r} is neither a vitkit model directory (config.json) nor a run directory (best/, last/)"
+        )
+    return p  # a foreign checkpoint file: vitkit.load_model decides
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """(model in eval mode on `device`, its config.json's `training` record or {})."""
+    from vitkit import load_model
+
+    directory = resolve_checkpoint(path)
+    model = load_model(str(directory))
+    record: dict[str, Any] = {}
+    cfg_file = directory / "config.json" if directory.is_dir() else None
+    if cfg_file is not None and cfg_file.is_file():
+        record = json.loads(cfg_file.read_text()).get("training") or {}
+    return model.to(device).eval(), record
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    from vitkit.train.distributed import resolve_device
+
+    return resolve_device(device)
+
+
+def _eval_transform(model: nn.Module) -> nn.Module:
+    from vitkit.data.transforms import EvalTransform
+
+    pre = model.preprocess
+    return EvalTransform(pre.input_size, pre.mean, pre.std, pre.crop_fraction, pre.interpolation)
+
+
+def _label_map(model_classes: Sequence[str] | None, data_classes: Sequence[str], num_outputs: int) -> Tensor:
+    """Data label index -> model output index, matching class names (or indices when the model has none)."""
+    if model_classes is None:
+        if len(data_classes) > num_outputs:
+            raise ValueError(f"the data has {len(data_classes)} classes but the model only {num_outputs} outputs")
+        return torch.arange(len(data_classes))
+    missing = [c for c in data_classes if c not in model_classes]
+    if missing:
+        raise ValueError(f"classes {missing} of the data are unknown to the model, which knows {list(model_classes)}")
+    return torch.tensor([list(model_classes).index(c) for c in data_classes])
+
+
+@torch.no_grad()
+def evaluate(
+    checkpoint: str | os.PathLike,
+    data: str | None = None,
+    *,
+    split: Split = "test",
+    batch_size: int = 256,
+    device: str | torch.device | None = "auto",
+    amp: str = "none",
+    seed: int | None = None,
+    out: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Top-1, top-5 and per-class accuracy, loss and confusion matrix of a checkpoint on a data split.
+
+    Args:
+        checkpoint: a run directory (uses best/) or a model directory.
+        data: a vitkit.data spec; None = the data the checkpoint was trained on.
+        split: which split of `data`: train, val, test (the run's held-out split when data and seed match) or all.
+        batch_size: images per forward pass.
+        device: where to run ('auto' = cuda when available).
+        amp: 'none' or 'bf16' autocast.
+        seed: the split seed; None = the training seed from the checkpoint (else 0).
+        out: a directory for eval.json and confusion.png; None writes nothing.
+
+    Returns:
+        {"top1", "top5", "loss", "n", "per_class": {name: {"acc", "n"}}, "confusion": [[...]], "class_names", ...}
+    """
+    from vitkit.data import load_data
+    from vitkit.train.trainer import amp_dtype
+
+    if split not in ("train", "val", "test", "all"):
+        raise ValueError(f"split={split!r} is not allowed; choose one of 'train', 'val', 'test', 'all'")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    dev = _device(device)
+    dtype = amp_dtype(amp, dev)
+    model, record = load_checkpoint(checkpoint, dev)
+    spec = data or record.get("data")
+    if spec is None:
+        raise ValueError(f"{checkpoint} does not record its training data: pass data=... (--data)")
+    same_data = spec == record.get("data")
+    splits = load_data(
+        spec,
+        seed=seed if seed is not None else record.get("seed", 0),
+        val_fraction=record.get("val_fraction", 0.1) if same_data else 0.1,
+        test_fraction=record.get("test_fraction", 0.1) if same_data else 0.1,
+        load_size=record.get("load_size") if same_data else None,
+        shapes_size=record.get("shapes_size", 64),
+    )
+    if split == "all":
+        from vitkit.data.dataset import ImageDataset
+
+        parts = [splits.train, splits.val, splits.test]
+        if all(p.images is not None for p in parts):
+            ds = ImageDataset(
+                labels=torch.cat([p.labels for p in parts]),
+                class_names=splits.class_names,
+                images=torch.cat([p.images for p in parts]),
+            )
+        else:
+            ds = ImageDataset(
+                labels=torch.cat([p.labels for p in parts]),
+                class_names=splits.class_names,
+                paths=sum((p.paths for p in parts), []),
+                load_size=splits.train.load_size,
+            )
+    else:
+        ds = getattr(splits, split)
+    if len(ds) == 0:
+        raise ValueError(f"the {split} split of {spec!r} is empty")
+
+    class_names = model.preprocess.class_names
+    label_map = _label_map(class_names, splits.class_names, model.num_classes).to(dev)
+    names = list(class_names) if class_names is not None else [str(i) for i in range(model.num_classes)]
+    tf = _eval_transform(model).to(dev)
+    from vitkit.train.loader import BatchLoader
+
+    k = len(names)
+    conf = torch.zeros(k, k, dtype=torch.long)
+    loss_sum, hits = 0.0, [0, 0]
+    for x, y in BatchLoader(ds, batch_size):
+        x, y = tf(x.to(dev)), label_map[y.to(dev)]
+        with torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        h = topk_correct(logits, y, (1, 5))
+        hits = [hits[0] + h[0], hits[1] + h[1]]
+        conf += confusion_matrix(logits.argmax(-1).cpu(), y.cpu(), k)
+    n = len(ds)
+    per_class = {
+        names[i]: {"acc": (int(conf[i, i]) / int(conf[i].sum())) if conf[i].sum() else None, "n": int(conf[i].sum())}
+        for i in range(k)
+    }
+    result = {
+        "checkpoint": str(resolve_checkpoint(checkpoint)),
+        "data": spec,
+        "split": split,
+        "n": n,
+        "top1": hits[0] / n,
+        "top5": hits[1] / n,
+        "loss": loss_sum / n,
+        "per_class": per_class,
+        "class_names": names,
+        "confusion": conf.tolist(),
+    }
+    if out is not None:
+        from vitkit.train.plots import plot_confusion
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        plot_confusion(conf, names, out / "confusion.png", title=f"{spec} ({split}): top-1 {result['top1']:.3f}")
+        atomic_write_text(out / "eval.json", json.dumps(result, indent=2) + "\n")
+        result["files"] = {"json": str(out / "eval.json"), "confusion_png": str(out / "confusion.png")}
+    return result
+
+
+def _read_image(path: str, load_size: int | None) -> Tensor:
+    """uint8 (3, H, W): decoded like the training data (square `load_size` for file datasets), else full size."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from vitkit.data.images import load_image, to_rgb
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image {path!r} does not exist")
+    try:
+        if load_size is not None:
+            arr = load_image(path, load_size)
+        else:
+            with Image.open(path) as img:
+                img.load()
+                arr = np.array(to_rgb(ImageOps.exif_transpose(img)), dtype=np.uint8)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read image {path!r}: {e}") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+@torch.no_grad()
+def predict(
+    checkpoint: str | os.PathLike,
+    images: Sequence[str | os.PathLike],
+    *,
+    topk: int = 5,
+    device: str | torch.device | None = "auto",
+) -> list[dict[str, Any]]:
+    """Top-k classes with probabilities for each image file.
+
+    Returns:
+        One {"path", "top": [{"class", "index", "prob"}, ...]} per image, best first.
+    """
+    if not images:
+        raise ValueError("predict needs at least one image path")
+    if topk <= 0:
+        raise ValueError(f"topk must be positive, got {topk}")
+    dev = _device(device)
+    model, record = load_checkpoint(checkpoint, dev)
+    tf = _eval_transform(model).to(dev)
+    data = str(record.get("data") or "")
+    from_files = data.startswith(("folder:", "csv:")) or data.endswith(".csv") or (data and os.path.isdir(data))
+    load_size = record.get("load_size") or (224 if from_files else None)
+    names = model.preprocess.class_names or [str(i) for i in range(model.num_classes)]
+    k = min(topk, len(names))
+    results = []
+    for path in images:
+        x = tf(_read_image(str(path), load_size)[None].to(dev))
+        probs = model(x).float().softmax(-1)[0]
+        p, idx = probs.topk(k)
+        top = [{"class": names[i], "index": int(i), "prob": float(q)} for q, i in zip(p.tolist(), idx.tolist())]
+        results.append({"path": str(path), "top": top})
+    return results

@@ -1,0 +1,207 @@
+"""Optimiser, learning-rate schedule and freezing for ViT training.
+
+AdamW with the two conventions every ViT recipe (DeiT, BEiT, MAE, timm) shares:
+- no weight decay on norms, biases, position embeddings and prefix tokens (decaying them only hurts);
+- optional layer-wise LR decay for fine-tuning: block i gets `lr * layer_decay ** (depth + 1 - (i + 1))`, so layers
+  near the input, which hold the most general features, move least.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameter groups
+# ----------------------------------------------------------------------------------------------------------------
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names of trainable parameters that must not be weight-decayed: 1-d tensors (norms, biases) and the model's
+    `no_weight_decay()` set (position embeddings, class/distillation/register tokens)."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    names = set()
+    for name, p in model.named_parameters():
+        if p.ndim <= 1 or name.endswith(".bias") or name in skip or name.split(".")[-1] in skip:
+            names.add(name)
+    return names
+
+
+def _is_head(model: nn.Module, name: str) -> bool:
+    # The classifier(s): `head` and DeiT's `head_dist`, not the final norm (which shares their layer id).
+    return name.startswith(("head.", "head_dist."))
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    layer_decay: float | None = None,
+    head_lr_mult: float = 1.0,
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups: (weight decay or none) x (LR scale per layer). Frozen parameters are left out.
+
+    Each group carries `lr_scale`, the factor a schedule multiplies the base LR by (see `WarmupCosine.apply`),
+    plus `name` for logging.
+
+    Args:
+        model: a vitkit model (for `layer_decay` it needs `group_matcher(name) -> layer id` and `blocks`).
+        weight_decay: decoupled weight decay for matrices.
+        layer_decay: None (off) or a factor in (0, 1]: layer id l of L+1 gets scale `layer_decay ** (L + 1 - l)`
+            where L = number of blocks, so the head gets 1 and the embeddings `layer_decay ** (L + 1)`.
+        head_lr_mult: extra LR factor on the classifier (useful when fine-tuning a new head).
+    """
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if head_lr_mult <= 0:
+        raise ValueError(f"head_lr_mult must be > 0, got {head_lr_mult}")
+    if layer_decay is not None:
+        if not 0.0 < layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+        if not hasattr(model, "group_matcher") or not hasattr(model, "blocks"):
+            raise TypeError(
+                f"layer_decay needs a model with group_matcher() and blocks; {type(model).__name__} has not"
+            )
+        num_layers = len(model.blocks) + 2  # embeddings, blocks..., head
+    skip = no_decay_names(model)
+    groups: dict[tuple, dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = 0.0 if name in skip else weight_decay
+        scale, layer = 1.0, None
+        if layer_decay is not None:
+            layer = model.group_matcher(name)
+            scale = layer_decay ** (num_layers - 1 - layer)
+        if _is_head(model, name):
+            scale *= head_lr_mult
+        key = (decay, scale, layer)
+        if key not in groups:
+            label = f"{'decay' if decay else 'no_decay'}" + (f"_layer{layer}" if layer is not None else "")
+            groups[key] = {"params": [], "weight_decay": decay, "lr_scale": scale, "name": label, "param_names": []}
+        groups[key]["params"].append(p)
+        groups[key]["param_names"].append(name)
+    if not groups:
+        raise ValueError("the model has no trainable parameters (is everything frozen?)")
+    return list(groups.values())
+
+
+def setup_optimizer_groups(
+    model: nn.Module,
+    lr: float = 1e-4,
+    weight_decay: float = 0.05,
+    layer_decay: float | None = None,
+    head_lr_mult: float = 1.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model, ...)`; each group's `lr` starts at `lr * lr_scale`.
+
+    Args:
+        model: the model to optimise (frozen parameters are skipped).
+        lr: base learning rate (the head's, before `head_lr_mult`).
+        weight_decay: decoupled weight decay; norms, biases, position embeddings and prefix tokens get none.
+        layer_decay: layer-wise LR decay factor, or None.
+        head_lr_mult: LR factor for the classifier.
+        betas: Adam betas.
+        eps: Adam epsilon.
+    """
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    groups = param_groups(model, weight_decay, layer_decay=layer_decay, head_lr_mult=head_lr_mult)
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedule
+# ----------------------------------------------------------------------------------------------------------------
+class WarmupCosine:
+    """Linear warmup then cosine decay, per optimiser step. A pure function of the step, so resuming needs only
+    the step number (no scheduler state to save).
+
+    lr(s) = base * (s + 1) / warmup                                   for s < warmup
+    lr(s) = min + (base - min) * (1 + cos(pi * (s - warmup) / (total - warmup))) / 2   after
+
+    Args:
+        base_lr: peak learning rate, reached at the end of warmup.
+        total_steps: optimiser steps in the whole run.
+        warmup_steps: steps of linear warmup (0 for none).
+        min_lr: floor the cosine decays to.
+    """
+
+    def __init__(self, base_lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0):
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if min_lr < 0 or min_lr > base_lr:
+            raise ValueError(f"min_lr must be in [0, base_lr={base_lr}], got {min_lr}")
+        self.base_lr = float(base_lr)
+        self.total_steps = int(total_steps)
+        self.warmup_steps = min(int(warmup_steps), self.total_steps)
+        self.min_lr = float(min_lr)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            # (s + 1) so the very first step already learns; the last warmup step reaches base_lr.
+            return self.base_lr * (step + 1) / self.warmup_steps
+        decay_steps = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
+        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set every group's LR for `step` (base LR x the group's `lr_scale`); returns the base LR."""
+        lr = self(step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        return lr
+
+    def values(self) -> list[float]:
+        """The LR at every step, for plots."""
+        return [self(s) for s in range(self.total_steps)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Freezing
+# ----------------------------------------------------------------------------------------------------------------
+def _params(*modules_or_params: nn.Module | nn.Parameter | None) -> Iterable[nn.Parameter]:
+    for m in modules_or_params:
+        if m is None:
+            continue
+        if isinstance(m, nn.Parameter):
+            yield m
+        else:
+            yield from m.parameters()
+
+
+def freeze_backbone(model: nn.Module, freeze_layers: int = 8) -> int:
+    """Freeze the patch embedding, position embedding, prefix tokens and the first `freeze_layers` blocks.
+
+    Everything after them (later blocks, final norm, head) stays trainable. Build the optimiser afterwards: frozen
+    parameters are left out of `param_groups`.
+
+    Args:
+        model: a ViT-like model with `patch_embed` and `blocks`.
+        freeze_layers: how many leading blocks to freeze, 0..len(model.blocks).
+
+    Returns:
+        The number of parameters (elements) frozen.
+    """
+    if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
+        raise TypeError(f"freeze_backbone needs a model with patch_embed and blocks; got {type(model).__name__}")
+    depth = len(model.blocks)
+    if isinstance(freeze_layers, bool) or not isinstance(freeze_layers, int) or not 0 <= freeze_layers <= depth:
+        raise ValueError(
+            f"freeze_layers={freeze_layers!r} must be an integer in 0..{depth} (the model has {depth} blocks)"
+        )
+    frozen = 0
+    tokens = [getattr(model, n, None) for n in ("pos_embed", "cls_token", "dist_token", "reg_token")]
+    for p in _params(model.patch_embed, *tokens, *model.blocks[:freeze_layers]):
+        if p.requires_grad:
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen

@@ -1,0 +1,313 @@
+"""`train(config) -> summary`: a whole training run (data, model, Trainer, test, summary), as the CLI runs it.
+
+A run directory holds:
+    config.yaml      the resolved TrainConfig (what `--resume` restarts from)
+    last/  best/     vitkit model dirs + training_state.pt (best = the monitored metric's best epoch)
+    metrics.jsonl    one JSON object per epoch (also metrics.csv)
+    curves.png       loss, accuracy and learning rate
+    summary.json     best_val_acc, test_acc (with best/), wall time, images/s, skipped files ...
+    tensorboard/     with `tensorboard: true`
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from vitkit._io import atomic_write_text, resolve_dir
+from vitkit.train.checkpoint import has_checkpoint, load_weights_into, read_training_state
+from vitkit.train.config import DEFAULT_MODEL, TrainConfig, resolve_config
+from vitkit.train.distributed import DistInfo, barrier, broadcast_object, cleanup_distributed, init_distributed
+from vitkit.train.loader import BatchLoader
+from vitkit.train.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, amp_dtype, seed_everything, unwrap
+
+# Settings that only change how a run executes, not what it computes: these may differ when resuming.
+RESUMABLE_OVERRIDES = ("workers", "progress", "tensorboard", "ckpt_every_steps", "device")
+
+
+def _data_name(spec: str) -> str:
+    kind, _, rest = spec.partition(":")
+    if kind in ("cifar10", "cifar100", "mnist", "fashion-mnist", "shapes"):
+        return kind
+    name = Path(rest if kind in ("folder", "csv") else spec).name or "data"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.removesuffix(".csv"))
+
+
+def default_run_dir(cfg: TrainConfig, root: str | os.PathLike = "runs") -> Path:
+    """runs/<data>-<model>-<YYYYmmdd-HHMMSS>, with a numeric suffix if that already exists."""
+    model = cfg.model or (Path(cfg.pretrained).stem if cfg.pretrained else DEFAULT_MODEL)
+    base = Path(root) / f"{_data_name(cfg.data)}-{model}-{datetime.now():%Y%m%d-%H%M%S}"
+    path, i = base, 2
+    while path.exists():
+        path, i = base.with_name(f"{base.name}-{i}"), i + 1
+    return path
+
+
+def build_model(cfg: TrainConfig, num_classes: int, log: Callable[[str], None]) -> nn.Module:
+    """The model a config asks for: a registered architecture from scratch, or a checkpoint to fine-tune."""
+    from vitkit.models import create_model
+
+    if cfg.pretrained:
+        if cfg.model_args:
+            raise ValueError(f"model_args {cfg.model_args} cannot change the architecture of a pretrained model")
+        from vitkit.weights import load_model
+
+        model = load_model(
+            cfg.pretrained, model_name=cfg.model, num_classes=num_classes, img_size=cfg.img_size, log=log
+        )
+        if getattr(model, "num_classes", num_classes) != num_classes:
+            raise ValueError(f"loading {cfg.pretrained} gave {model.num_classes} classes, expected {num_classes}")
+        return model
+    overrides = dict(cfg.model_args)
+    if cfg.img_size is not None:
+        overrides["img_size"] = cfg.img_size
+    return create_model(cfg.model or DEFAULT_MODEL, num_classes=num_classes, **overrides)
+
+
+def _read_run_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
+    cfg_path = run_dir / "config.yaml"
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"--resume {str(run_dir)!r}: no such run directory")
+    if not cfg_path.is_file():
+        raise FileNotFoundError(
+            f"--resume {str(run_dir)!r}: it has no config.yaml, so it is not a vitkit run directory"
+        )
+    data = yaml.safe_load(cfg_path.read_text()) or {}
+    bad = sorted(k for k, v in overrides.items() if v is not None and k not in RESUMABLE_OVERRIDES and data.get(k) != v)
+    if bad:
+        raise ValueError(
+            f"cannot change {', '.join(bad)} when resuming: {cfg_path} fixes them so the run continues exactly "
+            f"(only {', '.join(RESUMABLE_OVERRIDES)} may change)"
+        )
+    data.update({k: v for k, v in overrides.items() if v is not None and k in RESUMABLE_OVERRIDES})
+    return TrainConfig.from_dict(data)
+
+
+def train(
+    config: TrainConfig | dict[str, Any] | str | os.PathLike | None = None,
+    *,
+    resume: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run a whole training job and return its summary (also written to RUN_DIR/summary.json).
+
+    Works the same alone and under `torchrun` (DDP: logging and files from rank 0 only).
+
+    Args:
+        config: a TrainConfig, a dict of settings, a recipe YAML path, or None for the digits default.
+        resume: a run directory to continue: from its `last/` checkpoint exactly, or from the start (with its saved
+            config.yaml) when it has no checkpoint yet. `config` must then be None.
+        overrides: settings applied on top of `config` (None values ignored), e.g. parsed command-line flags.
+        log: message sink (rank 0); print to stderr by default.
+
+    Returns:
+        The summary dict: status, run_dir, best_val_acc, test_acc, test_top5, wall_time_s, images_per_s,
+        skipped_files ([{path, reason}]), epochs_run, stopped_early, ...
+
+    Raises:
+        ValueError / FileNotFoundError: bad settings or paths, each named.
+        TrainingInterrupted: SIGINT/SIGTERM (RUN_DIR/last saved; `exit_code` is 130/143).
+        NonFiniteLossError: NaN/inf loss (stopped before the bad update; the last good checkpoint is kept).
+    """
+    t0 = time.perf_counter()
+    if resume is not None:
+        if config is not None:
+            raise ValueError("give either a config or resume=RUN_DIR, not both (a resumed run uses its config.yaml)")
+        run_dir = Path(resume)
+        cfg = _read_run_config(run_dir, dict(overrides or {}))
+    elif isinstance(config, TrainConfig):
+        cfg = config.replace(**{k: v for k, v in (overrides or {}).items() if v is not None})
+    else:
+        cfg = resolve_config(config, overrides)
+
+    dist = init_distributed(cfg.device)
+    emit = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    say = (lambda m: emit(m)) if dist.is_main else (lambda m: None)
+    try:
+        amp_dtype(cfg.amp, dist.device)  # fail on an impossible AMP setting before creating anything
+        return _train(cfg, dist, resume, say, t0)
+    finally:
+        cleanup_distributed()
+
+
+def _prepare_run_dir(cfg: TrainConfig, dist: DistInfo, resume: str | os.PathLike | None, say) -> tuple[Path, Any]:
+    """Pick/validate the run directory, write config.yaml; returns (run_dir, training state or None)."""
+    if resume is not None:
+        run_dir = Path(resume)
+        last = run_dir / "last"
+        if has_checkpoint(last):
+            state = read_training_state(last)
+            say(f"resuming {run_dir} from epoch {state['epoch'] + 1}, step {state['step']}")
+            return run_dir, state
+        say(f"{run_dir} has no checkpoint yet: starting it over from its config.yaml")
+        if dist.is_main and (run_dir / "tensorboard").exists():
+            shutil.rmtree(run_dir / "tensorboard")
+        return run_dir, None
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    run_dir = Path(broadcast_object(str(run_dir), dist))  # one timestamp for every process
+    cfg.out = str(run_dir)
+    say(f"run directory: {run_dir}")
+    if dist.is_main:
+        if has_checkpoint(run_dir / "last") or (run_dir / "config.yaml").exists():
+            raise ValueError(
+                f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", _config_yaml(cfg))
+    return run_dir, None
+
+
+def _config_yaml(cfg: TrainConfig) -> str:
+    from vitkit import __version__
+
+    return (
+        f"# resolved vitkit {__version__} training config; resume with: vitkit train --resume {cfg.out}\n"
+        + cfg.to_yaml()
+    )
+
+
+def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str, Any]:
+    from vitkit.data import load_data
+    from vitkit.models.base import Preprocess
+
+    run_dir, state = _prepare_run_dir(cfg, dist, resume, say)
+    seed_everything(cfg.seed)  # the model init (split and data order have their own seeded generators)
+
+    # --- data -----------------------------------------------------------------------------------------------
+    splits = load_data(
+        cfg.data,
+        seed=cfg.seed,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        strict=cfg.strict,
+        load_size=cfg.load_size,
+        shapes_size=cfg.shapes_size,
+    )
+    say(
+        f"data {cfg.data}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images, "
+        f"{splits.num_classes} classes"
+        + (f", {len(splits.skipped)} unreadable files skipped" if splits.skipped else "")
+    )
+
+    # --- model ----------------------------------------------------------------------------------------------
+    model = build_model(cfg, splits.num_classes, say)
+    img_size = tuple(model.cfg.img_size) if hasattr(model, "cfg") else (cfg.img_size, cfg.img_size)
+    # Fine-tuning keeps the normalisation the checkpoint was trained with; from scratch, the data's own statistics.
+    mean, std = (model.preprocess.mean, model.preprocess.std) if cfg.pretrained else (splits.mean, splits.std)
+    model.preprocess = Preprocess(
+        mean=mean,
+        std=std,
+        input_size=img_size,
+        crop_fraction=cfg.crop_fraction,
+        interpolation=cfg.interpolation,
+        class_names=list(splits.class_names),
+    )
+    if state is not None:
+        load_weights_into(model, run_dir / "last")
+    n_params = sum(p.numel() for p in model.parameters())
+    say(
+        f"model {getattr(model, 'model_name', cfg.model)}: {n_params / 1e6:.2f}M parameters at {img_size[0]}x{img_size[1]}"
+        f" on {dist.device}" + (f" x {dist.world_size} processes" if dist.enabled else "")
+    )
+
+    # --- loaders --------------------------------------------------------------------------------------------
+    common = dict(
+        rank=dist.rank,
+        world_size=dist.world_size,
+        workers=cfg.workers,
+        seed=cfg.seed,
+        pin_memory=dist.device.type == "cuda",
+    )
+    train_loader = BatchLoader(splits.train, cfg.batch_size, shuffle=True, drop_last=True, **common)
+    eval_bs = max(cfg.batch_size, 256)
+    val_loader = BatchLoader(splits.val, eval_bs, **common) if len(splits.val) else None
+    test_loader = BatchLoader(splits.test, eval_bs, **common) if len(splits.test) else None
+
+    # --- train ----------------------------------------------------------------------------------------------
+    record = {
+        "data": cfg.data,
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "test_fraction": cfg.test_fraction,
+        "load_size": cfg.load_size,
+        "shapes_size": cfg.shapes_size,
+        "run_dir": str(run_dir),
+    }
+    trainer = Trainer(model, config=cfg, run_dir=run_dir, dist=dist, log=say, checkpoint_extra={"training": record})
+    skipped = [{"path": str(p), "reason": str(r)} for p, r in splits.skipped]
+    summary: dict[str, Any] = {
+        "status": "running",
+        "run_dir": str(run_dir),
+        "data": cfg.data,
+        "model": getattr(model, "model_name", cfg.model),
+        "skipped_files": skipped,
+    }
+    try:
+        trainer.train(train_loader, val_loader, resume_state=state)
+    except (TrainingInterrupted, NonFiniteLossError) as e:
+        summary.update(
+            status="interrupted" if isinstance(e, TrainingInterrupted) else "failed",
+            error=str(e),
+            epochs_run=len(trainer.history),
+            steps=trainer.step,
+        )
+        if dist.is_main:
+            _write_summary(run_dir, summary)
+        raise
+
+    # --- test with the best checkpoint ----------------------------------------------------------------------
+    if trainer.best.get("epoch") is None:  # no validation metric: the final weights are the best we know
+        trainer.save("best")
+    barrier(dist)  # multi-node runs need RUN_DIR on a shared filesystem: every process reads best/ here
+    load_weights_into(unwrap(model), resolve_dir(run_dir / "best"), map_location=dist.device)
+    test = trainer.evaluate(test_loader) if test_loader is not None else {}
+    hist = trainer.history
+    best_epoch = trainer.best.get("epoch")
+    best_row = hist.epochs[best_epoch - 1] if best_epoch else (hist.epochs[-1] if len(hist) else {})
+    acc_key = "ema_acc" if cfg.monitor.startswith("ema_") else "val_acc"
+    train_time = trainer.elapsed()
+    summary.update(
+        status="finished",
+        best_val_acc=best_row.get(acc_key),
+        best_epoch=best_epoch,
+        best_is_ema=cfg.monitor.startswith("ema_"),
+        monitor=cfg.monitor,
+        test_acc=test.get("acc"),
+        test_top5=test.get("top5"),
+        test_loss=test.get("loss"),
+        test_images=test.get("n", 0),
+        final_val_acc=hist.epochs[-1].get("val_acc") if len(hist) else None,
+        epochs_run=len(hist),
+        stopped_early=bool(trainer.best.get("stopped_early")),
+        steps=trainer.step,
+        wall_time_s=time.perf_counter() - t0 + (state or {}).get("elapsed_s", 0.0),
+        train_time_s=train_time,
+        images_per_s=trainer.images_seen / train_time if train_time > 0 else None,
+        num_params=sum(p.numel() for p in model.parameters()),
+        img_size=list(model.preprocess.input_size),
+        class_names=list(splits.class_names),
+        device=str(dist.device),
+        world_size=dist.world_size,
+        amp=cfg.amp,
+        checkpoints={"best": str(run_dir / "best"), "last": str(run_dir / "last")},
+    )
+    if dist.is_main:
+        _write_summary(run_dir, summary)
+    return summary
+
+
+def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    import json
+
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")

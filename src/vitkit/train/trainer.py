@@ -1,0 +1,688 @@
+"""The training loop.
+
+    trainer = Trainer(model, device="cpu", config=TrainConfig(epochs=10), run_dir="runs/demo")
+    history = trainer.train(train_loader, val_loader)
+    history["val_acc"]          # one metric over the epochs
+    history.epochs[-1]          # everything measured in the last epoch
+
+Loaders yield `(images, labels)`. uint8 image batches are augmented (train) or resized and normalised (eval) on
+the training device by `TrainTransform` / `EvalTransform` built from `model.preprocess` and the config; float
+batches are taken as ready model inputs. With a `run_dir`, the trainer writes resumable checkpoints
+(`last/`, `best/`), metrics.jsonl/csv, curves.png and (optionally) TensorBoard events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitkit.train.checkpoint import get_rng_state, has_checkpoint, set_rng_state, write_checkpoint
+from vitkit.train.config import TrainConfig
+from vitkit.train.distributed import DistInfo, all_reduce_max, all_reduce_sum, gather_objects, resolve_device
+from vitkit.train.metrics import History, TensorBoardLogger, topk_correct, write_metric_files
+from vitkit.train.optim import WarmupCosine, freeze_backbone, setup_optimizer_groups
+
+PLOT_EVERY_S = 30.0  # minimum seconds between redraws of RUN_DIR/curves.png
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the weights were not updated with it."""
+
+    def __init__(self, message: str, step: int, epoch: int) -> None:
+        super().__init__(message)
+        self.step = step
+        self.epoch = epoch
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived; the current step was finished and RUN_DIR/last written."""
+
+    def __init__(self, message: str, signum: int, step: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.step = step
+
+    @property
+    def exit_code(self) -> int:
+        """128 + signal number, the shell convention: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.signum
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EMA of the weights
+# ----------------------------------------------------------------------------------------------------------------
+class ModelEma:
+    """Exponential moving average of a model's parameters and buffers, kept in float32 on the training device.
+
+    The decay is warmed up as min(decay, (1 + step) / (10 + step)) so the average is useful in short runs instead
+    of being dominated by the random initialisation for the first ~1/(1 - decay) steps.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        ema = self.module.state_dict()
+        src = model.state_dict()
+        floats = [k for k, v in ema.items() if v.is_floating_point()]
+        torch._foreach_lerp_([ema[k] for k in floats], [src[k].detach() for k in floats], 1.0 - d)
+        for k, v in ema.items():
+            if not v.is_floating_point():
+                v.copy_(src[k])
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every GPU)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for an `amp` setting on `device`, with a clear error where it cannot work."""
+    if amp == "none":
+        return None
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError(
+                f"amp='fp16' needs a CUDA device (it relies on a GradScaler); on {device.type} use amp='bf16'"
+            )
+        return torch.float16
+    if amp == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"amp='bf16' is not supported by {torch.cuda.get_device_name(device)}; use amp='fp16'")
+        return torch.bfloat16
+    raise ValueError(f"amp={amp!r} is not allowed; choose one of 'none', 'bf16', 'fp16'")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside torch.compile and DDP wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def _num_classes(model: nn.Module) -> int:
+    n = getattr(model, "num_classes", None)
+    if not n:
+        raise ValueError("the model has no classifier head (num_classes=0); give it one with reset_classifier(n)")
+    return int(n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------------------
+class Trainer:
+    """Train a classifier with the recipe in `config`.
+
+    Args:
+        model: a vitkit model (or any classifier with `num_classes`; layer decay and freezing need a ViT).
+        device: 'cpu', 'cuda', 'cuda:1', 'auto' ...; None = config.device. Under DDP, `dist.device` wins.
+        config: the recipe (optimiser, schedule, augmentation, AMP, EMA, checkpoints ...); TrainConfig() if None.
+        run_dir: where checkpoints, metrics and plots go; None keeps everything in memory.
+        train_transform: module applied to uint8 train batches; default `TrainTransform` from config + preprocess.
+        eval_transform: module applied to uint8 eval batches; default `EvalTransform` from config + preprocess.
+        dist: process-group info when running under torchrun (see `init_distributed`).
+        log: where messages go (rank 0 only); print to stderr by default.
+        checkpoint_extra: extra JSON fields for the checkpoints' config.json (e.g. a `training` record).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: str | torch.device | None = None,
+        config: TrainConfig | None = None,
+        *,
+        run_dir: str | Path | None = None,
+        train_transform: nn.Module | None = None,
+        eval_transform: nn.Module | None = None,
+        dist: DistInfo | None = None,
+        log: Callable[[str], None] | None = None,
+        checkpoint_extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.cfg = config or TrainConfig()
+        self.dist = dist or DistInfo(device=resolve_device(device if device is not None else self.cfg.device))
+        self.device = self.dist.device
+        self.model = model  # the plain module; `self.train_model` is what the loop calls (maybe compiled / DDP)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.checkpoint_extra = dict(checkpoint_extra or {})
+        self.num_classes = _num_classes(model)
+        self.amp_dtype = amp_dtype(self.cfg.amp, self.device)
+        self.train_transform = train_transform
+        self.eval_transform = eval_transform
+        self.history = History()
+        self.step = 0
+        self._stop_signal: int | None = None
+
+    def log(self, msg: str) -> None:
+        if self.dist.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(msg, file=sys.stderr) if self.cfg.progress else self._log(msg)
+
+    # --- setup ------------------------------------------------------------------------------------------------
+    def _default_transforms(self) -> None:
+        from vitkit.data.transforms import EvalTransform, TrainTransform
+
+        pre = getattr(self.model, "preprocess", None)
+        if pre is None:
+            if self.train_transform is None or self.eval_transform is None:
+                raise ValueError("the model has no `preprocess`; pass train_transform and eval_transform explicitly")
+            return
+        cfg = self.cfg
+        if self.train_transform is None:
+            self.train_transform = TrainTransform(
+                pre.input_size,
+                pre.mean,
+                pre.std,
+                scale=cfg.scale,
+                ratio=cfg.ratio,
+                hflip=cfg.hflip,
+                color_jitter=cfg.color_jitter,
+                auto_augment=cfg.auto_augment,
+                randaug_n=cfg.randaug_n,
+                randaug_m=cfg.randaug_m,
+                random_erasing=cfg.random_erasing,
+                interpolation=pre.interpolation,
+            )
+        if self.eval_transform is None:
+            self.eval_transform = EvalTransform(pre.input_size, pre.mean, pre.std, pre.crop_fraction, pre.interpolation)
+
+    def _setup_model(self) -> None:
+        cfg, model = self.cfg, self.model
+        if cfg.freeze_layers:
+            freeze_backbone(model, cfg.freeze_layers)
+        if cfg.grad_checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise TypeError(f"grad_checkpointing needs set_grad_checkpointing(); {type(model).__name__} has none")
+            model.set_grad_checkpointing(True)
+        model.to(self.device)
+        self._default_transforms()
+        self.train_transform = self.train_transform.to(self.device)
+        self.eval_transform = self.eval_transform.to(self.device)
+        # EMA copies the plain module before any wrapper, so it never sees DDP/compile internals.
+        self.ema = ModelEma(model, cfg.ema_decay) if cfg.ema else None
+        train_model: nn.Module = model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            train_model = DistributedDataParallel(model, device_ids=ids)
+        if cfg.compile:
+            train_model = torch.compile(train_model)
+        self.train_model = train_model
+        self.mixup = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            from vitkit.data.mixing import Mixup
+
+            self.mixup = Mixup(
+                self.num_classes, cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.label_smoothing
+            )
+        self.optimizer = setup_optimizer_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay, cfg.head_lr_mult)
+        # GradScaler only for fp16: bf16 has fp32's exponent range, so its gradients do not underflow.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    # --- state ------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the weights that continuing this run exactly needs (see checkpoint.py)."""
+        return {
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "step": self.step,
+            "seed": self.cfg.seed,
+            "epoch_perm_seed": self.cfg.seed * 1000 + self.epoch,
+            "epoch_accum": dict(self.accum),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            # Every process draws its own augmentation randomness, so each one's RNG is saved.
+            "rng": gather_objects(get_rng_state(), self.dist),
+            "world_size": self.dist.world_size,
+            "history": self.history.to_list(),
+            "best": dict(self.best),
+            "finished": self.finished,
+            "elapsed_s": self.elapsed(),
+            "images_seen": self.images_seen,
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict()` (the weights are loaded separately, into `self.model`)."""
+        self.epoch = int(state["epoch"])
+        self.batches_done = int(state["batches_done"])
+        self.step = int(state["step"])
+        self.accum = dict(state["epoch_accum"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise ValueError("the checkpoint has no EMA weights but this run has ema: true")
+            self.ema.load_state_dict(state["ema"])
+        rng = state["rng"]
+        if len(rng) != self.dist.world_size:
+            self.log(
+                f"note: the checkpoint was written by {len(rng)} process(es), this run has "
+                f"{self.dist.world_size}: data order is unchanged but augmentation randomness will differ"
+            )
+        set_rng_state(rng[self.dist.rank % len(rng)])
+        self.history = History(state["history"])
+        self.best = dict(state["best"])
+        self.finished = bool(state.get("finished", False))
+        self._elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.images_seen = int(state.get("images_seen", 0))
+
+    def elapsed(self) -> float:
+        return self._elapsed_before + (time.perf_counter() - self._t_start)
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def _checkpoint_extra(self) -> dict[str, Any]:
+        training = {**self.checkpoint_extra.get("training", {}), "epoch": self.epoch, "step": self.step}
+        return {**self.checkpoint_extra, "training": training}
+
+    def save(self, name: str = "last", weights: nn.Module | None = None) -> Path | None:
+        """Write RUN_DIR/<name> (weights + training state). Every process must call it (RNG states are gathered)."""
+        weights = weights or self.model
+        # A finite loss can still leave inf/NaN weights behind (e.g. an absurd LR); never let them replace a good
+        # checkpoint.
+        if not all(bool(torch.isfinite(p).all()) for p in weights.parameters()):
+            raise NonFiniteLossError(
+                f"the weights became NaN/inf by step {self.step} (epoch {self.epoch + 1}); not saving them over "
+                f"RUN_DIR/{name}. Try a lower lr (now {self.cfg.lr:g}), warmup_epochs or clip_grad",
+                step=self.step,
+                epoch=self.epoch + 1,
+            )
+        state = self.state_dict()
+        if self.run_dir is None or not self.dist.is_main:
+            return None
+        return write_checkpoint(self.run_dir / name, weights, state, **self._checkpoint_extra())
+
+    # --- signals ----------------------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_signal is not None:  # a second Ctrl-C: stop waiting for the step to finish
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        self.log(
+            f"\nreceived {signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
+            "(send it again to abort immediately)"
+        )
+
+    @contextlib.contextmanager
+    def _signal_handlers(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be installed from the main thread
+            return
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    # --- evaluation -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable, model: nn.Module | None = None) -> dict[str, float]:
+        """Loss (plain cross-entropy), top-1 and top-5 accuracy over a loader, summed across processes."""
+        model = unwrap(model or self.model).to(self.device)
+        was_training = model.training
+        model.eval()
+        if self.eval_transform is None:
+            self._default_transforms()
+            self.eval_transform = self.eval_transform.to(self.device)
+        totals = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 hits, top-5 hits, count
+        for x, y in loader:
+            x, y = self._to_device(x, y)
+            if x.dtype == torch.uint8:
+                x = self.eval_transform(x)
+            with self._autocast():
+                logits = model(x)
+            logits = logits.float()
+            top1, top5 = topk_correct(logits, y, (1, 5))
+            loss = F.cross_entropy(logits, y, reduction="sum")
+            totals = [totals[0] + float(loss), totals[1] + top1, totals[2] + top5, totals[3] + len(y)]
+        model.train(was_training)
+        loss_sum, top1, top5, n = all_reduce_sum(totals, self.dist)
+        if n == 0:
+            return {"loss": float("nan"), "acc": float("nan"), "top5": float("nan"), "n": 0}
+        return {"loss": loss_sum / n, "acc": top1 / n, "top5": top5 / n, "n": int(n)}
+
+    def _to_device(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        nb = self.device.type == "cuda"
+        return x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
+
+    # --- training ---------------------------------------------------------------------------------------------
+    def _batches(self, loader: Iterable, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The loader's batches for `epoch`, from batch `start` on."""
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        if hasattr(loader, "iter_from"):
+            yield from loader.iter_from(start)
+            return
+        # A plain loader: replay and discard the consumed batches. Exact only if the loader's order depends on the
+        # epoch alone (e.g. a DataLoader with a seeded generator that is re-seeded per epoch).
+        for i, batch in enumerate(loader):
+            if i >= start:
+                yield batch
+
+    def _loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        if target.ndim == 2:  # soft targets from Mixup/CutMix (already label-smoothed)
+            from vitkit.data.mixing import soft_target_cross_entropy
+
+            return soft_target_cross_entropy(logits, target)
+        return F.cross_entropy(logits.float(), target, label_smoothing=self.cfg.label_smoothing)
+
+    def train(
+        self,
+        train_loader: Iterable,
+        val_loader: Iterable | None = None,
+        n_epochs: int | None = None,
+        learning_rate: float | None = None,
+        *,
+        resume_state: dict[str, Any] | None = None,
+    ) -> History:
+        """Train for `n_epochs` (default config.epochs) at peak LR `learning_rate` (default config.lr).
+
+        Args:
+            train_loader: yields (images, labels); a `BatchLoader` (set_epoch + iter_from) makes resume exact.
+            val_loader: evaluated after every epoch (val_loss, val_acc, val_top5; ema_* with EMA). Drives the best
+                checkpoint and early stopping; without it, best = the final weights.
+            n_epochs: overrides config.epochs.
+            learning_rate: overrides config.lr.
+            resume_state: a training state from `read_training_state(RUN_DIR/'last')`, whose weights the caller has
+                already loaded into the model: training continues exactly where it stopped.
+
+        Returns:
+            The History (per-epoch dicts in `.epochs`; per-metric lists via `history['val_acc']`).
+
+        Raises:
+            NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+            TrainingInterrupted: SIGINT/SIGTERM; the current step finished and RUN_DIR/last was written.
+        """
+        changes = {}
+        if n_epochs is not None:
+            changes["epochs"] = n_epochs
+        if learning_rate is not None:
+            changes["lr"] = learning_rate
+            changes["min_lr"] = min(self.cfg.min_lr, learning_rate)
+        if changes:
+            self.cfg = self.cfg.replace(**changes)
+        cfg = self.cfg
+        self._setup_model()
+
+        n_batches = len(train_loader)
+        if n_batches == 0:
+            raise ValueError("the training loader yields no batches (is the dataset smaller than one batch?)")
+        steps_per_epoch = math.ceil(n_batches / cfg.accum_steps)
+        self.schedule = WarmupCosine(
+            cfg.lr, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch), cfg.min_lr
+        )
+        self.steps_per_epoch = steps_per_epoch
+
+        # Fresh start or continue: either way the counters below fully describe where we are.
+        self.epoch, self.batches_done, self.step = 0, 0, 0
+        self.accum = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "time_s": 0.0}
+        self.best = {"value": None, "epoch": None, "bad_epochs": 0, "stopped_early": False}
+        self.finished = False
+        self._elapsed_before, self._t_start, self.images_seen = 0.0, time.perf_counter(), 0
+        if resume_state is not None:
+            self.load_state_dict(resume_state)
+        else:
+            seed_everything(cfg.seed + self.dist.rank)  # each process its own augmentation stream
+        tb = None
+        if cfg.tensorboard and self.run_dir is not None and self.dist.is_main:
+            tb = TensorBoardLogger(self.run_dir / "tensorboard", purge_step=self.step if resume_state else None)
+
+        self._stop_signal, self._stop_agreed = None, False
+        self._last_plot = -float("inf")
+        try:
+            with self._signal_handlers():
+                self._train_loop(train_loader, val_loader, n_batches, tb)
+        finally:
+            if tb is not None:
+                tb.close()
+        return self.history
+
+    def _train_loop(self, train_loader: Iterable, val_loader: Iterable | None, n_batches: int, tb) -> None:
+        cfg, model = self.cfg, self.train_model
+        model.train()
+        self.schedule.apply(self.optimizer, self.step)
+        while self.epoch < cfg.epochs and not self.finished:
+            epoch = self.epoch
+            t_epoch = time.perf_counter()
+            bar = self._progress_bar(epoch, n_batches)
+            for x, y in self._batches(train_loader, epoch, self.batches_done):
+                # Micro-batches are grouped into optimiser steps of accum_steps; the last group of an epoch may be
+                # shorter, so each loss is divided by its own group's size to keep the gradient a mean.
+                in_group = self.batches_done % cfg.accum_steps
+                group_size = min(cfg.accum_steps, n_batches - (self.batches_done - in_group))
+                last_in_group = in_group == group_size - 1
+
+                x, y = self._to_device(x, y)
+                if x.dtype == torch.uint8:
+                    x = self.train_transform(x)  # augmentation on the device, on the whole batch
+                target = y
+                if self.mixup is not None:
+                    x, target = self.mixup(x, y)
+                # DDP all-reduces gradients in backward; skip that on all but the last micro-batch of a group.
+                sync = contextlib.nullcontext() if (last_in_group or not self.dist.enabled) else model.no_sync()
+                with sync:
+                    with self._autocast():
+                        logits = model(x)
+                    loss = self._loss(logits, target)
+                    # Check before backward: a NaN must never reach the weights, and all processes must agree to
+                    # stop together (a lone process skipping backward would hang DDP's all-reduce).
+                    loss_value = float(loss.detach())
+                    flags = [0.0 if math.isfinite(loss_value) else 1.0, 1.0 if self._stop_signal else 0.0]
+                    if self.dist.enabled:
+                        flags = all_reduce_max(flags, self.dist)
+                    if flags[0]:
+                        self._non_finite(loss_value, epoch, n_batches)
+                    # Act only on the agreed flag: a signal landing after the all-reduce waits for the next one.
+                    self._stop_agreed = self._stop_agreed or bool(flags[1])
+                    self.scaler.scale(loss / group_size).backward()
+
+                self.batches_done += 1
+                with torch.no_grad():
+                    correct = int((logits.argmax(dim=-1) == y).sum())
+                self.accum["loss_sum"] += loss_value * len(y)
+                self.accum["correct"] += correct
+                self.accum["seen"] += len(y)
+                self.images_seen += len(y) * self.dist.world_size
+
+                if last_in_group:
+                    self._optimizer_step()
+                    if self._stop_agreed:
+                        self._interrupt(bar, t_epoch)
+                    if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0:
+                        self.accum["time_s"] += time.perf_counter() - t_epoch
+                        t_epoch = time.perf_counter()
+                        self.save("last")
+                    if tb is not None:
+                        tb.scalars({"train/loss": loss_value, "train/lr": self.schedule(self.step - 1)}, self.step)
+                self._update_bar(bar, t_epoch)
+            bar.close()
+            self.accum["time_s"] += time.perf_counter() - t_epoch
+            self._end_epoch(val_loader, tb)  # writes RUN_DIR/last
+            stop = [1.0 if self._stop_signal else 0.0]
+            if all_reduce_max(stop, self.dist)[0] and not self.finished:
+                self._interrupt(None, None, save=False)
+        self.finished = True
+
+    def _optimizer_step(self) -> None:
+        cfg = self.cfg
+        if cfg.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.schedule.apply(self.optimizer, self.step)  # the LR for the next step: a pure function of the step
+        if self.ema is not None:
+            self.ema.update(self.model, self.step)
+
+    def _non_finite(self, value: float, epoch: int, n_batches: int) -> None:
+        where = f"step {self.step + 1} (epoch {epoch + 1}, batch {self.batches_done + 1} of {n_batches})"
+        last = self.run_dir / "last" if self.run_dir is not None else None
+        kept = f"the last good checkpoint is {last}" if last and has_checkpoint(last) else "no checkpoint was written"
+        raise NonFiniteLossError(
+            f"loss is {value} at {where}; stopped before updating the weights ({kept}). "
+            f"Try a lower lr (now {self.cfg.lr:g}), warmup_epochs, clip_grad, or amp='none'",
+            step=self.step + 1,
+            epoch=epoch + 1,
+        )
+
+    def _interrupt(self, bar, t_epoch: float | None, save: bool = True) -> None:
+        if bar is not None:
+            bar.close()
+        if t_epoch is not None:
+            self.accum["time_s"] += time.perf_counter() - t_epoch
+        if save:
+            self.save("last")
+        signum = self._stop_signal or signal.SIGTERM  # SIGTERM when only another process was signalled
+        path = self.run_dir / "last" if self.run_dir is not None else None
+        where = f" to {path}" if path else ""
+        raise TrainingInterrupted(
+            f"stopped by {signal.Signals(signum).name} after step {self.step}; saved the run{where}. "
+            f"Continue it with: vitkit train --resume {self.run_dir}",
+            signum=signum,
+            step=self.step,
+        )
+
+    def _end_epoch(self, val_loader: Iterable | None, tb) -> None:
+        cfg, epoch = self.cfg, self.epoch
+        seen, time_s = self.accum["seen"], self.accum["time_s"]
+        train_loss, correct, seen_all = all_reduce_sum([self.accum["loss_sum"], self.accum["correct"], seen], self.dist)
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": self.step,
+            "lr": self.schedule(max(self.step - 1, 0)),
+            "train_loss": train_loss / max(seen_all, 1),
+            "train_acc": correct / max(seen_all, 1),
+        }
+        if val_loader is not None:
+            val = self.evaluate(val_loader, self.model)
+            row.update(val_loss=val["loss"], val_acc=val["acc"], val_top5=val["top5"])
+            if self.ema is not None:
+                ema = self.evaluate(val_loader, self.ema.module)
+                row.update(ema_loss=ema["loss"], ema_acc=ema["acc"], ema_top5=ema["top5"])
+        row["epoch_time_s"] = time_s
+        row["images_per_s"] = seen_all / time_s if time_s > 0 else None
+        row["elapsed_s"] = self.elapsed()
+        self.history.append(row)
+
+        # Best checkpoint and early stopping on the monitored metric.
+        improved = False
+        value = row.get(cfg.monitor)
+        if value is not None:
+            better = (lambda a, b: a < b) if cfg.monitor.endswith("loss") else (lambda a, b: a > b)
+            if self.best["value"] is None or better(value, self.best["value"]):
+                self.best.update(value=value, epoch=epoch + 1, bad_epochs=0)
+                improved = True
+            else:
+                self.best["bad_epochs"] += 1
+        stop_early = bool(cfg.patience) and self.best["bad_epochs"] >= cfg.patience
+        self.best["stopped_early"] = stop_early
+
+        # The state saved describes the start of the next epoch.
+        self.epoch, self.batches_done = epoch + 1, 0
+        self.accum = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "time_s": 0.0}
+        self.finished = stop_early or self.epoch >= cfg.epochs
+        if improved:
+            self.save("best", self.ema.module if cfg.monitor.startswith("ema_") else self.model)
+        self.save("last")
+        if self.dist.is_main:
+            self._report(row, improved, tb)
+        if stop_early:
+            self.log(
+                f"early stopping: {cfg.monitor} has not improved for {cfg.patience} epochs "
+                f"(best {self.best['value']:.4f} at epoch {self.best['epoch']})"
+            )
+
+    def _report(self, row: dict[str, Any], improved: bool, tb) -> None:
+        parts = [
+            f"epoch {row['epoch']}/{self.cfg.epochs}",
+            f"train_loss {row['train_loss']:.4f}",
+            f"train_acc {row['train_acc']:.4f}",
+        ]
+        for k in ("val_loss", "val_acc", "ema_acc"):
+            if row.get(k) is not None:
+                parts.append(f"{k} {row[k]:.4f}")
+        parts.append(f"{row['epoch_time_s']:.1f}s")
+        self.log("  ".join(parts) + ("  *best*" if improved else ""))
+        if self.run_dir is not None:
+            write_metric_files(self.run_dir, self.history)
+            # Drawing the figure costs ~1 s on a small CPU, more than a whole epoch of the digits recipe: redraw it
+            # at most every PLOT_EVERY_S seconds, and always after the last epoch.
+            if self.finished or time.perf_counter() - self._last_plot >= PLOT_EVERY_S:
+                from vitkit.train.plots import plot_curves
+
+                plot_curves(self.history, self.run_dir / "curves.png", self.schedule.values(), self.steps_per_epoch)
+                self._last_plot = time.perf_counter()
+        if tb is not None:
+            tb.scalars({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, self.step)
+
+    # --- progress ---------------------------------------------------------------------------------------------
+    def _progress_bar(self, epoch: int, n_batches: int):
+        from tqdm import tqdm
+
+        return tqdm(
+            total=n_batches,
+            initial=self.batches_done,
+            desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+            unit="batch",
+            disable=not (self.cfg.progress and self.dist.is_main),
+            dynamic_ncols=True,
+            leave=False,
+            file=sys.stderr,
+        )
+
+    def _update_bar(self, bar, t_epoch: float) -> None:
+        if bar.disable:
+            return
+        bar.update(1)
+        seen = max(self.accum["seen"], 1)
+        dt = self.accum["time_s"] + time.perf_counter() - t_epoch
+        bar.set_postfix(
+            loss=f"{self.accum['loss_sum'] / seen:.3f}",
+            acc=f"{self.accum['correct'] / seen:.3f}",
+            lr=f"{self.schedule(self.step):.2e}",
+            img_s=f"{seen * self.dist.world_size / max(dt, 1e-9):.0f}",
+            refresh=False,
+        )

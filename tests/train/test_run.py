@@ -1,0 +1,172 @@
+"""Whole runs in-process: run-directory files, summary fields, checkpoints' preprocessing, eval/predict, restarts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+import vitkit
+from tests.train.conftest import TINY, assert_same_bits, weights
+from vitkit.cli import main
+from vitkit.train import TrainConfig, evaluate, predict, train
+from vitkit.train.checkpoint import has_checkpoint, read_training_state
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("run") / "digits"
+    summary = train({**TINY, "out": str(out), "epochs": 3, "ckpt_every_steps": 20})
+    torch.set_num_threads(threads)
+    return out, summary
+
+
+def test_run_directory_files_and_summary(digits_run):
+    out, summary = digits_run
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["test_acc"] == pytest.approx(summary["test_acc"])
+    for key in ("best_val_acc", "test_acc", "test_top5"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert summary["test_acc"] > 0.3  # 3 epochs of a 2-block ViT on 8x8 digits: far above chance (0.1)
+    assert summary["status"] == "finished" and summary["epochs_run"] == 3 and summary["steps"] == 3 * (1439 // 32)
+    assert summary["wall_time_s"] > 0 and summary["images_per_s"] > 0 and summary["skipped_files"] == []
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert summary["best_val_acc"] == max(r["val_acc"] for r in rows)
+    csv_lines = (out / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("epoch,step,lr,train_loss,train_acc,val_loss,val_acc") and len(csv_lines) == 4
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = TrainConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+    assert saved == TrainConfig.from_dict({**TINY, "out": str(out), "epochs": 3, "ckpt_every_steps": 20})
+    assert has_checkpoint(out / "last") and has_checkpoint(out / "best")
+    assert read_training_state(out / "last")["finished"]
+
+
+def test_checkpoint_carries_preprocessing_and_reproduces_test_acc(digits_run):
+    out, summary = digits_run
+    model = vitkit.load_model(str(out / "best"))
+    pre = model.preprocess
+    assert pre.class_names == [str(i) for i in range(10)]
+    assert pre.input_size == (8, 8) and pre.crop_fraction == 1.0
+    assert 0.2 < pre.mean[0] < 0.4  # digits' own statistics (mostly dark pixels), not ImageNet's 0.485
+    result = evaluate(out, device="cpu")
+    assert result["top1"] == pytest.approx(summary["test_acc"]) and result["n"] == summary["test_images"]
+    assert sum(pc["n"] for pc in result["per_class"].values()) == result["n"]
+    conf = torch.tensor(result["confusion"])
+    assert conf.sum() == result["n"] and conf.trace() / conf.sum() == pytest.approx(result["top1"])
+
+
+def test_eval_and_predict_cli_json(digits_run, tmp_path, capsys):
+    from PIL import Image
+
+    out, summary = digits_run
+    assert main(["eval", "--checkpoint", str(out), "--out", str(tmp_path / "ev"), "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["top1"] == pytest.approx(summary["test_acc"]) and set(result["per_class"]) == set("0123456789")
+    assert (tmp_path / "ev" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["top5"] == pytest.approx(result["top5"])
+
+    from vitkit.data import load_data
+
+    test = load_data("digits", seed=0).test
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"digit{i}.png")
+        Image.fromarray(test.images[i].permute(1, 2, 0).numpy()).save(paths[-1])
+    assert (
+        main(["predict", "--checkpoint", str(out), *map(str, paths), "--topk", "3", "--json", "--device", "cpu"]) == 0
+    )
+    preds = json.loads(capsys.readouterr().out)
+    assert [p["path"] for p in preds] == [str(p) for p in paths]
+    for p in preds:
+        probs = [t["prob"] for t in p["top"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+        assert all(t["class"] in "0123456789" for t in p["top"])
+    # A PNG round trip is lossless, so predict must agree with evaluating the same images in memory.
+    model = vitkit.load_model(str(out / "best")).eval()
+    from vitkit.data.transforms import EvalTransform
+
+    pre = model.preprocess
+    with torch.no_grad():
+        logits = model(
+            EvalTransform(pre.input_size, pre.mean, pre.std, pre.crop_fraction, pre.interpolation)(test.images[:3])
+        )
+    assert [p["top"][0]["index"] for p in preds] == logits.argmax(-1).tolist()
+    assert predict(out, [paths[0]], topk=1, device="cpu")[0]["top"][0]["prob"] == pytest.approx(
+        logits.softmax(-1)[0].max().item(), abs=1e-5
+    )
+
+
+def test_bad_inputs_name_the_value(tmp_path, capsys):
+    assert main(["train", "--epochs", "0"]) == 2
+    assert "epochs must be a positive integer, got 0" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
+    assert f"checkpoint '{tmp_path / 'missing'}' does not exist" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "nope")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    assert main(["train", "--device", "cpu", "--amp", "fp16", "--out", str(tmp_path / "fp16")]) == 2
+    assert "amp='fp16' needs a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "fp16").exists()  # refused before creating anything
+    assert main(["train", "--set", "hflip"]) == 2
+    assert "--set expects KEY=VALUE, got 'hflip'" in capsys.readouterr().err
+    assert main(["train", "--set", "learning_rate=0.1"]) == 2
+    assert "unknown training setting 'learning_rate'" in capsys.readouterr().err
+
+
+def test_out_dir_holding_a_run_is_refused(digits_run):
+    out, _ = digits_run
+    with pytest.raises(ValueError, match="already holds a run; continue it with --resume"):
+        train({**TINY, "out": str(out)})
+
+
+def test_resume_before_first_checkpoint_starts_over(tmp_path, monkeypatch):
+    from vitkit.train.trainer import Trainer
+
+    cfg = {**TINY, "epochs": 1}
+
+    def killed(self, *a, **k):
+        raise RuntimeError("killed before the first checkpoint")
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_train_loop", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            train({**cfg, "out": str(tmp_path / "a")})
+    assert (tmp_path / "a" / "config.yaml").is_file() and not (tmp_path / "a" / "last").exists()
+    resumed = train(resume=tmp_path / "a")
+    fresh = train({**cfg, "out": str(tmp_path / "b")})  # the same seed on the same machine: the same weights
+    assert_same_bits(weights(tmp_path / "a" / "last"), weights(tmp_path / "b" / "last"))
+    assert resumed["test_acc"] == fresh["test_acc"]
+
+
+def test_resume_refuses_changed_settings(digits_run):
+    out, _ = digits_run
+    with pytest.raises(ValueError, match="cannot change lr when resuming"):
+        train(resume=out, overrides={"lr": 0.5})
+
+
+def test_skipped_files_are_listed_in_the_summary(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    g = torch.Generator().manual_seed(0)
+    for k, name in enumerate(["dark", "light"]):
+        (root / name).mkdir(parents=True)
+        for i in range(12):
+            px = (torch.randint(0, 40, (8, 8, 3), generator=g) + 200 * k).to(torch.uint8).numpy()
+            Image.fromarray(px).save(root / name / f"{i}.png")
+    (root / "light" / "broken.png").write_bytes(b"not a png")
+    from vitkit.data import BadImageWarning
+
+    with pytest.warns(BadImageWarning, match="broken.png"):
+        summary = train(
+            {**TINY, "data": str(root), "load_size": 8, "batch_size": 8, "epochs": 1, "out": str(tmp_path / "r")}
+        )
+    assert summary["skipped_files"] == [
+        {"path": str(root / "light" / "broken.png"), "reason": summary["skipped_files"][0]["reason"]}
+    ]
+    assert summary["skipped_files"][0]["reason"]
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["skipped_files"] == summary["skipped_files"]
