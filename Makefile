@@ -36,7 +36,7 @@ lint: $(DEVSTAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
-bench: $(STAMP)
+bench: $(DEVSTAMP)
 	$(BIN)/python benchmarks/models.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/explain.py

@@ -209,8 +209,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--monitor", choices=["val_acc", "val_loss", "ema_acc", "ema_loss"], help="best/early-stop metric")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None, help="TensorBoard events")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other TrainConfig setting, e.g. --set hflip=0 --set model_args='{depth: 4}'")
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other TrainConfig setting, e.g. --set hflip=0 --set model_args='{depth: 4}'",
+    )
     g = p.add_argument_group("data and model")
     g.add_argument("--data", help="digits, shapes[:N], FOLDER, csv:FILE, cifar10:DIR, mnist:DIR ...")
     g.add_argument("--model", help="registered model name (see `vitkit models`)")
@@ -307,7 +312,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    print(f"{r['data']} ({r['split']}, {r['n']} images): top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  loss {r['loss']:.4f}")
+    head = f"{r['data']} ({r['split']}, {r['n']} images)"
+    print(f"{head}: top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  loss {r['loss']:.4f}")
     width = max(len(c) for c in r["per_class"])
     for name, pc in r["per_class"].items():
         acc = "-" if pc["acc"] is None else f"{pc['acc']:.4f}"

@@ -1,0 +1,78 @@
+"""Why a ViT predicts what it does: attention maps, rollout, gradient-based relevance, and faithfulness metrics.
+
+    from vitkit.explain import explain
+    maps = explain(model, images, method="relevance")  # (B, H, W), one map per image
+
+See docs/explain.md for the methods, their definitions and how they compare on the `shapes` data.
+"""
+
+from vitkit.explain.evaluate import (
+    EVAL_METHODS,
+    evaluate_checkpoint,
+    evaluate_explanations,
+    format_table,
+    save_results,
+)
+from vitkit.explain.inputs import load_checkpoint, load_image, prepare_image, resolve_checkpoint
+from vitkit.explain.maps import (
+    HEAD_FUSIONS,
+    METHODS,
+    attention_from_attentions,
+    attention_map,
+    attention_rollout,
+    discard_lowest,
+    explain,
+    forward_with_attention,
+    fuse_heads,
+    grad_rollout,
+    grad_rollout_from_attentions,
+    mean_attention_distance,
+    mean_attention_distance_from_attentions,
+    relevance_from_attentions,
+    relevance_map,
+    rollout_from_attentions,
+)
+from vitkit.explain.metrics import (
+    auc,
+    deletion_auc,
+    energy_in_mask,
+    insertion_auc,
+    perturbation_curves,
+    pointing_game,
+    random_maps,
+)
+
+__all__ = [
+    "EVAL_METHODS",
+    "HEAD_FUSIONS",
+    "METHODS",
+    "attention_from_attentions",
+    "attention_map",
+    "attention_rollout",
+    "auc",
+    "deletion_auc",
+    "discard_lowest",
+    "energy_in_mask",
+    "evaluate_checkpoint",
+    "evaluate_explanations",
+    "explain",
+    "format_table",
+    "forward_with_attention",
+    "fuse_heads",
+    "grad_rollout",
+    "grad_rollout_from_attentions",
+    "insertion_auc",
+    "load_checkpoint",
+    "load_image",
+    "mean_attention_distance",
+    "mean_attention_distance_from_attentions",
+    "perturbation_curves",
+    "pointing_game",
+    "prepare_image",
+    "random_maps",
+    "relevance_from_attentions",
+    "relevance_map",
+    "resolve_checkpoint",
+    "save_results",
+    "rollout_from_attentions",
+]

@@ -1,0 +1,456 @@
+"""Saliency maps for ViT classifiers: raw attention, attention rollout, gradient-weighted rollout, relevance.
+
+Every method runs one forward pass (and at most one backward pass) over a batch and returns one map per image on
+the model's patch grid, shape (B, H', W'), float, on the model's device; `upsample_to=(H, W)` resizes it to pixels.
+
+Token layout is the model's: [class, distillation, registers..., patches...]. Rollout and relevance propagate
+through every token (registers included) and read the class token's row at the patch columns. A pooled model
+without a class token has no single query that makes the decision, so its "class row" is the mean of the patch
+rows, which is what mean pooling feeds the head.
+
+Two layers of API: the `*_from_attentions` functions are pure tensor maths on attention maps you already have (the
+explorer uses them to build every map from one forward pass); `attention_map`, `attention_rollout`,
+`grad_rollout`, `relevance_map` and `explain` take a model and images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Method = Literal["attention", "rollout", "grad-rollout", "relevance"]
+HeadFusion = Literal["mean", "max", "min"]
+METHODS: tuple[str, ...] = get_args(Method)
+HEAD_FUSIONS: tuple[str, ...] = get_args(HeadFusion)
+
+Target = int | Sequence[int] | Tensor | None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------------------------
+def _check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of {', '.join(repr(a) for a in allowed)}")
+
+
+def check_discard_ratio(discard_ratio: float) -> float:
+    """Return `discard_ratio` as a float, or raise a ValueError unless it lies in [0, 1)."""
+    if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)):
+        raise TypeError(f"discard_ratio must be a number in [0, 1), got {discard_ratio!r}")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(
+            f"discard_ratio must be in [0, 1) (the fraction of weights dropped per row), got {discard_ratio}"
+        )
+    return float(discard_ratio)
+
+
+def check_layer(layer: int, depth: int) -> int:
+    """Normalise a layer index (negatives count from the end) or raise a ValueError naming the valid range."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"layer must be an integer, got {layer!r}")
+    if not -depth <= layer < depth:
+        raise ValueError(f"layer {layer} is out of range for a model with {depth} blocks (use -{depth}..{depth - 1})")
+    return layer % depth
+
+
+def check_head(head: int | None, num_heads: int) -> int | None:
+    """Normalise a head index (None = fuse all heads) or raise a ValueError naming the valid range."""
+    if head is None:
+        return None
+    if isinstance(head, bool) or not isinstance(head, int):
+        raise TypeError(f"head must be an integer or None (fuse all heads), got {head!r}")
+    if not -num_heads <= head < num_heads:
+        raise ValueError(
+            f"head {head} is out of range for {num_heads} heads (use -{num_heads}..{num_heads - 1} or None)"
+        )
+    return head % num_heads
+
+
+def _check_model(model: nn.Module) -> None:
+    for attr in ("num_prefix_tokens", "blocks", "patch_grid", "cfg"):
+        if not hasattr(model, attr):
+            raise TypeError(
+                f"{type(model).__name__} is not a ViT-style model (no `{attr}`); the explain methods need a model "
+                "with a token sequence [prefix tokens, patches] and return_attention support"
+            )
+
+
+def _check_images(images: Tensor) -> None:
+    if not isinstance(images, Tensor) or images.ndim != 4:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a normalised float batch (B, C, H, W), got {shape}")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be a normalised float tensor, got dtype {images.dtype} (normalise uint8 first)")
+
+
+def resolve_targets(target: Target, logits: Tensor) -> Tensor:
+    """Class index per image: argmax of `logits` when `target` is None, else `target` broadcast to the batch."""
+    B, C = logits.shape
+    if target is None:
+        return logits.argmax(dim=-1)
+    t = torch.as_tensor(target, device=logits.device).long().reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(B)
+    if t.numel() != B:
+        raise ValueError(f"got {t.numel()} targets for a batch of {B} images (give one, or one per image)")
+    bad = t[(t < 0) | (t >= C)]
+    if bad.numel():
+        raise ValueError(f"target class {int(bad[0])} is out of range for a model with {C} classes (use 0..{C - 1})")
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure maths on attention maps (B, heads, N, N)
+# ----------------------------------------------------------------------------------------------------------------
+def fuse_heads(attn: Tensor, head_fusion: HeadFusion = "mean") -> Tensor:
+    """(B, heads, N, N) -> (B, N, N) by the mean, max or min over heads."""
+    _check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
+    if head_fusion == "mean":
+        return attn.mean(dim=1)
+    if head_fusion == "max":
+        return attn.amax(dim=1)
+    return attn.amin(dim=1)
+
+
+def discard_lowest(attn: Tensor, discard_ratio: float, protect: int | None = 0) -> Tensor:
+    """Zero the lowest `discard_ratio` fraction of each row of (B, N, N), never touching column `protect`.
+
+    Per row, k = floor(discard_ratio * (number of candidate columns)) weights are zeroed, the candidates being
+    every column except `protect` (the class token; None protects nothing). Returns a new tensor.
+    """
+    discard_ratio = check_discard_ratio(discard_ratio)
+    N = attn.shape[-1]
+    cols = torch.arange(N, device=attn.device)
+    if protect is not None:
+        cols = cols[cols != protect]
+    k = int(discard_ratio * cols.numel())
+    if k == 0:
+        return attn.clone()
+    vals = attn[..., cols]  # (B, N, candidates), a copy
+    lowest = vals.topk(k, dim=-1, largest=False).indices
+    vals.scatter_(-1, lowest, 0.0)
+    out = attn.clone()
+    out[..., cols] = vals
+    return out
+
+
+def _read_class_row(matrix: Tensor, num_prefix_tokens: int, has_class_token: bool) -> Tensor:
+    """(B, N, N) token-to-token matrix -> (B, patches): the class token's row (or the mean patch row) at patch columns."""
+    P = num_prefix_tokens
+    if has_class_token:
+        return matrix[:, 0, P:]
+    return matrix[:, P:, P:].mean(dim=1)
+
+
+def _to_grid(flat: Tensor, grid: tuple[int, int]) -> Tensor:
+    return flat.reshape(flat.shape[0], grid[0], grid[1])  # (B, H', W')
+
+
+def attention_from_attentions(
+    attn: Tensor,
+    grid: tuple[int, int],
+    num_prefix_tokens: int,
+    has_class_token: bool = True,
+    head: int | None = None,
+    head_fusion: HeadFusion = "mean",
+) -> Tensor:
+    """Class-token attention of one layer's (B, heads, N, N) map, one head or heads fused -> (B, H', W')."""
+    head = check_head(head, attn.shape[1])
+    a = fuse_heads(attn, head_fusion) if head is None else attn[:, head]  # (B, N, N)
+    return _to_grid(_read_class_row(a, num_prefix_tokens, has_class_token), grid)
+
+
+def _residual_normalise(a: Tensor) -> Tensor:
+    """0.5 * A + 0.5 * I with rows renormalised to sum to one: the attention a token sees through the skip path."""
+    eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
+    a = 0.5 * a + 0.5 * eye
+    return a / a.sum(dim=-1, keepdim=True)
+
+
+def _rollout(fused: Sequence[Tensor], discard_ratio: float, protect: int | None) -> Tensor:
+    """Multiply per-layer (B, N, N) matrices in depth order after discarding and the residual identity."""
+    result = None
+    for a in fused:
+        a = _residual_normalise(discard_lowest(a, discard_ratio, protect))
+        result = a if result is None else a @ result  # later layers act on the output of earlier ones
+    return result
+
+
+def rollout_from_attentions(
+    attns: Sequence[Tensor],
+    grid: tuple[int, int],
+    num_prefix_tokens: int,
+    has_class_token: bool = True,
+    head_fusion: HeadFusion = "mean",
+    discard_ratio: float = 0.0,
+) -> Tensor:
+    """Attention rollout (Abnar & Zuidema 2020) of every layer's (B, heads, N, N) map -> (B, H', W').
+
+    Per layer: fuse heads, discard the lowest `discard_ratio` of each row (never the class column), add the
+    identity for the residual path (0.5 A + 0.5 I, rows renormalised), then multiply the layers in order.
+    """
+    fused = [fuse_heads(a, head_fusion) for a in attns]
+    protect = 0 if has_class_token else None
+    R = _rollout(fused, discard_ratio, protect)
+    return _to_grid(_read_class_row(R, num_prefix_tokens, has_class_token), grid)
+
+
+def grad_rollout_from_attentions(
+    attns: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    grid: tuple[int, int],
+    num_prefix_tokens: int,
+    has_class_token: bool = True,
+    head_fusion: HeadFusion = "mean",
+    discard_ratio: float = 0.0,
+) -> Tensor:
+    """Gradient-weighted rollout: rollout of max(fuse_heads(A * dA), 0) -> (B, H', W').
+
+    The gradient of the target logit with respect to each attention weight keeps the weights that push the
+    target class up; the rest of the recipe is `rollout_from_attentions`.
+    """
+    fused = [fuse_heads(a * g, head_fusion).clamp(min=0) for a, g in zip(attns, grads, strict=True)]
+    protect = 0 if has_class_token else None
+    R = _rollout(fused, discard_ratio, protect)
+    return _to_grid(_read_class_row(R, num_prefix_tokens, has_class_token), grid)
+
+
+def relevance_from_attentions(
+    attns: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    grid: tuple[int, int],
+    num_prefix_tokens: int,
+    has_class_token: bool = True,
+) -> Tensor:
+    """Gradient x attention relevance (Chefer et al. 2021, "Generic Attention-model Explainability") -> (B, H', W').
+
+    R starts as the identity; for each block in order, R = R + mean_heads((dA * A)^+) @ R. The positive part is
+    taken per head before averaging, so heads that argue against the class cannot cancel ones that argue for it.
+    """
+    R = None
+    for a, g in zip(attns, grads, strict=True):
+        cam = (g * a).clamp(min=0).mean(dim=1)  # (B, N, N)
+        if R is None:
+            R = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype).expand_as(cam)
+        R = R + cam @ R
+    return _to_grid(_read_class_row(R, num_prefix_tokens, has_class_token), grid)
+
+
+def mean_attention_distance_from_attentions(
+    attns: Sequence[Tensor], grid: tuple[int, int], patch_size: int, num_prefix_tokens: int, renormalize: bool = True
+) -> Tensor:
+    """Mean attention distance in pixels per layer and head, (layers, heads), averaged over queries and images.
+
+    For each query patch: sum over key patches of attention * distance between the two patch centres, as in the
+    ViT paper (Fig. 7). Prefix tokens are excluded as queries and keys; with `renormalize` the patch-to-patch
+    weights of each query are rescaled to sum to one, so a head that parks its attention on the class token or a
+    register is not mistaken for a local one.
+    """
+    gh, gw = grid
+    P = num_prefix_tokens
+    rows = torch.arange(gh).repeat_interleave(gw)
+    cols = torch.arange(gw).repeat(gh)
+    centres = torch.stack([rows, cols], dim=1).float() * patch_size  # (patches, 2) in pixels
+    dist = torch.cdist(centres, centres)  # (patches, patches)
+    out = []
+    for a in attns:
+        a = a[:, :, P:, P:].float()  # (B, heads, patches, patches)
+        if renormalize:
+            a = a / a.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        d = (a * dist.to(a.device)).sum(dim=-1)  # (B, heads, patches): expected distance per query
+        out.append(d.mean(dim=(0, 2)))  # (heads,)
+    return torch.stack(out)  # (layers, heads)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running the model
+# ----------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` in eval mode (no dropout, no drop path) and restore its previous mode afterwards.
+
+    Explanations of a model in training mode would change from call to call with the dropout masks.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def forward_with_attention(
+    model: nn.Module,
+    images: Tensor,
+    layers: bool | int | Sequence[int] = True,
+    target: Target = None,
+    need_grads: bool = False,
+) -> tuple[Tensor, list[Tensor], list[Tensor] | None, Tensor]:
+    """One forward pass keeping the attention maps, and with `need_grads` one backward pass for their gradients.
+
+    Args:
+        model: a ViT-style classifier (it is run in eval mode).
+        images: normalised float batch (B, C, H, W) on the model's device.
+        layers: which blocks' attention to keep (see the model's `return_attention`).
+        target: class per image for the gradients; None = the predicted class.
+        need_grads: also return d(target logit)/d(attention) for each kept layer.
+
+    Returns:
+        (logits, attentions, gradients or None, targets), everything detached.
+    """
+    _check_model(model)
+    _check_images(images)
+    with eval_mode(model):
+        if not need_grads:
+            with torch.no_grad():
+                logits, attns = model(images, return_attention=layers)
+            return logits, attns, None, resolve_targets(target, logits)
+        with torch.enable_grad():
+            # A leaf that needs a gradient keeps the graph alive even when every parameter is frozen.
+            x = images.detach().clone().requires_grad_(True)
+            logits, attns = model(x, return_attention=layers)
+            targets = resolve_targets(target, logits)
+            # Images are independent in eval mode, so one backward of the summed target logits gives each image
+            # its own gradient. autograd.grad leaves the parameters' .grad untouched.
+            score = logits.gather(1, targets[:, None]).sum()
+            grads = torch.autograd.grad(score, attns)
+    return logits.detach(), [a.detach() for a in attns], [g.detach() for g in grads], targets
+
+
+def _upsample(maps: Tensor, upsample_to: tuple[int, int] | None) -> Tensor:
+    if upsample_to is None:
+        return maps
+    size = (int(upsample_to[0]), int(upsample_to[1]))
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]  # (B, H, W)
+
+
+def _meta(model: nn.Module, images: Tensor) -> tuple[tuple[int, int], int, bool]:
+    grid = tuple(model.patch_grid(images.shape[-2], images.shape[-1]))
+    return grid, int(model.num_prefix_tokens), bool(model.cfg.class_token)
+
+
+def attention_map(
+    model: nn.Module,
+    images: Tensor,
+    layer: int = -1,
+    head: int | None = None,
+    head_fusion: HeadFusion = "mean",
+    upsample_to: tuple[int, int] | None = None,
+) -> Tensor:
+    """Raw attention from the class token (mean patch query for pooled models) of one layer -> (B, H', W').
+
+    Args:
+        model: a ViT-style classifier.
+        images: normalised float batch (B, C, H, W).
+        layer: block index, negatives from the end.
+        head: one head, or None to fuse all heads with `head_fusion`.
+        head_fusion: "mean", "max" or "min" over heads.
+        upsample_to: (H, W) to resize the maps to (bilinear), or None for the patch grid.
+    """
+    _check_model(model)
+    _check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
+    layer = check_layer(layer, len(model.blocks))
+    check_head(head, model.cfg.num_heads)
+    _, attns, _, _ = forward_with_attention(model, images, layers=[layer])
+    grid, P, cls = _meta(model, images)
+    maps = attention_from_attentions(attns[0], grid, P, cls, head=head, head_fusion=head_fusion)
+    return _upsample(maps, upsample_to)
+
+
+def attention_rollout(
+    model: nn.Module,
+    images: Tensor,
+    head_fusion: HeadFusion = "mean",
+    discard_ratio: float = 0.0,
+    upsample_to: tuple[int, int] | None = None,
+) -> Tensor:
+    """Attention rollout over all blocks -> (B, H', W'). See `rollout_from_attentions`."""
+    _check_model(model)
+    _check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
+    check_discard_ratio(discard_ratio)
+    _, attns, _, _ = forward_with_attention(model, images, layers=True)
+    grid, P, cls = _meta(model, images)
+    maps = rollout_from_attentions(attns, grid, P, cls, head_fusion=head_fusion, discard_ratio=discard_ratio)
+    return _upsample(maps, upsample_to)
+
+
+def grad_rollout(
+    model: nn.Module,
+    images: Tensor,
+    target: Target = None,
+    head_fusion: HeadFusion = "mean",
+    discard_ratio: float = 0.0,
+    upsample_to: tuple[int, int] | None = None,
+) -> Tensor:
+    """Gradient-weighted attention rollout for a class (default: the predicted one) -> (B, H', W')."""
+    _check_model(model)
+    _check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
+    check_discard_ratio(discard_ratio)
+    _, attns, grads, _ = forward_with_attention(model, images, layers=True, target=target, need_grads=True)
+    grid, P, cls = _meta(model, images)
+    maps = grad_rollout_from_attentions(
+        attns, grads, grid, P, cls, head_fusion=head_fusion, discard_ratio=discard_ratio
+    )
+    return _upsample(maps, upsample_to)
+
+
+def relevance_map(
+    model: nn.Module, images: Tensor, target: Target = None, upsample_to: tuple[int, int] | None = None
+) -> Tensor:
+    """Chefer et al. gradient x attention relevance for a class (default: the predicted one) -> (B, H', W')."""
+    _check_model(model)
+    _, attns, grads, _ = forward_with_attention(model, images, layers=True, target=target, need_grads=True)
+    grid, P, cls = _meta(model, images)
+    return _upsample(relevance_from_attentions(attns, grads, grid, P, cls), upsample_to)
+
+
+def mean_attention_distance(model: nn.Module, images: Tensor, renormalize: bool = True) -> Tensor:
+    """Mean attention distance in pixels, (layers, heads), averaged over the batch. See the `_from_attentions` form."""
+    _check_model(model)
+    _, attns, _, _ = forward_with_attention(model, images, layers=True)
+    grid, P, _ = _meta(model, images)
+    return mean_attention_distance_from_attentions(attns, grid, model.cfg.patch_size, P, renormalize=renormalize)
+
+
+def explain(
+    model: nn.Module,
+    images: Tensor,
+    method: Method = "rollout",
+    layer: int = -1,
+    head: int | None = None,
+    head_fusion: HeadFusion = "mean",
+    discard_ratio: float = 0.0,
+    target: Target = None,
+    upsample: bool = True,
+) -> Tensor:
+    """Saliency maps for a batch by any method: (B, H, W) at image size with `upsample`, else (B, H', W').
+
+    Args:
+        model: a ViT-style classifier.
+        images: normalised float batch (B, C, H, W) on the model's device.
+        method: "attention" (one layer), "rollout", "grad-rollout" or "relevance".
+        layer: block for "attention".
+        head: head for "attention" (None fuses the heads).
+        head_fusion: "mean" | "max" | "min" over heads, for "attention", "rollout" and "grad-rollout".
+        discard_ratio: fraction of each row's lowest weights dropped, for the two rollouts; in [0, 1).
+        target: class per image for the gradient methods (int, one per image, or None for the prediction).
+        upsample: resize to the image size (bilinear).
+    """
+    _check_choice("method", method, METHODS)
+    _check_images(images)
+    size = tuple(images.shape[-2:]) if upsample else None
+    if method == "attention":
+        return attention_map(model, images, layer=layer, head=head, head_fusion=head_fusion, upsample_to=size)
+    if method == "rollout":
+        return attention_rollout(model, images, head_fusion=head_fusion, discard_ratio=discard_ratio, upsample_to=size)
+    if method == "grad-rollout":
+        return grad_rollout(
+            model, images, target=target, head_fusion=head_fusion, discard_ratio=discard_ratio, upsample_to=size
+        )
+    return relevance_map(model, images, target=target, upsample_to=size)

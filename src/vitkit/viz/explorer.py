@@ -1,0 +1,257 @@
+"""The interactive attention explorer: one self-contained HTML file per call, no network needed to open it.
+
+    from vitkit.viz import write_explorer
+    write_explorer("explorer.html", model, ["cat.jpg"])
+
+The page shows the image under its patch grid. Hovering a patch shows that patch's attention over the image for
+the chosen layer and head (or the mean of the heads); a switch shows the class token's rollout, gradient-weighted
+rollout and relevance maps instead, and the top-5 predictions pick the class those two explain.
+
+Everything the page shows is computed here with one forward and one backward pass per image, and embedded:
+the full attention tensors as uint8 (each query row scaled to its own maximum, which is how the page displays
+it), the class maps as rounded floats, the image as a base64 PNG.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from PIL import Image
+from torch import nn
+
+from vitkit._io import atomic_write_text
+from vitkit.explain.inputs import ImageLike
+from vitkit.explain.maps import (
+    HEAD_FUSIONS,
+    _check_choice,
+    check_discard_ratio,
+    check_layer,
+    forward_with_attention,
+    grad_rollout_from_attentions,
+    relevance_from_attentions,
+    rollout_from_attentions,
+)
+from vitkit.viz._common import model_input
+from vitkit.viz.explorer_template import PAGE, SCRIPT
+
+DEFAULT_MAX_BYTES = 64 * 2**20  # embedded attention per page; beyond this, ask for fewer layers
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _png(image: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", optimize=True)
+    return _b64(buf.getvalue())
+
+
+def _quantise_rows(a: torch.Tensor) -> np.ndarray:
+    """Scale each row (last axis) to its own maximum and round to uint8."""
+    peak = a.amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (a / peak * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def _unit_list(m: torch.Tensor) -> list[float]:
+    """A map scaled to max 1 (negatives clipped) as a short JSON list."""
+    m = m.float().clamp(min=0).flatten()
+    m = m / m.max().clamp_min(1e-12)
+    return [round(float(v), 4) for v in m]
+
+
+def _colormap_lut(name: str = "turbo") -> str:
+    lut = (colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
+    return _b64(lut.tobytes())
+
+
+def _describe(model: nn.Module) -> tuple[str, str]:
+    cfg = model.cfg
+    name = getattr(model, "model_name", None) or type(model).__name__
+    parts = [f"{cfg.depth} blocks x {cfg.num_heads} heads", f"patch {cfg.patch_size}"]
+    prefix = []
+    if cfg.class_token:
+        prefix.append("class")
+    if cfg.distilled:
+        prefix.append("distillation")
+    if cfg.reg_tokens:
+        prefix.append(f"{cfg.reg_tokens} registers")
+    parts.append("prefix tokens: " + (", ".join(prefix) if prefix else "none (mean-pooled)"))
+    query = "class token" if cfg.class_token else "mean of the patch queries"
+    return f"{name}: " + "; ".join(parts), query
+
+
+def image_entry(
+    model: nn.Module,
+    image: ImageLike | torch.Tensor,
+    name: str,
+    layers: Sequence[int],
+    top_k: int = 5,
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+) -> dict[str, Any]:
+    """Everything the page shows for one image (see the module docstring for the encoding)."""
+    img, x = model_input(model, image)
+    with torch.no_grad():
+        logits = model(x)
+    probs = logits.softmax(dim=-1)[0]
+    k = min(top_k, probs.numel())
+    top = probs.topk(k)
+    # One forward + one backward: the image repeated once per explained class, each copy with its own target.
+    batch = x.expand(k, -1, -1, -1)
+    _, attns, grads, _ = forward_with_attention(model, batch, layers=True, target=top.indices, need_grads=True)
+    grid = tuple(model.patch_grid(*x.shape[-2:]))
+    P, cls = model.num_prefix_tokens, bool(model.cfg.class_token)
+    relevance = relevance_from_attentions(attns, grads, grid, P, cls)
+    grad_roll = grad_rollout_from_attentions(
+        attns, grads, grid, P, cls, head_fusion=head_fusion, discard_ratio=discard_ratio
+    )
+    rollout = rollout_from_attentions([a[:1] for a in attns], grid, P, cls, head_fusion, discard_ratio)[0]
+
+    # Raw attention of every kept layer: heads plus their mean, queries = [class query, patches], keys = patches.
+    rows = []
+    for i in layers:
+        a = attns[i][0]  # (heads, N, N)
+        a = torch.cat([a, a.mean(dim=0, keepdim=True)])  # (heads + 1, N, N)
+        patch_rows = a[:, P:, P:]  # (heads + 1, patches, patches)
+        cls_row = a[:, :1, P:] if cls else patch_rows.mean(dim=1, keepdim=True)  # (heads + 1, 1, patches)
+        rows.append(torch.cat([cls_row, patch_rows], dim=1))  # (heads + 1, 1 + patches, patches)
+    quantised = _quantise_rows(torch.stack(rows))  # (layers, heads + 1, 1 + patches, patches) uint8
+
+    names = model.preprocess.class_names
+    targets = []
+    for j, (p, c) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True)):
+        targets.append(
+            {
+                "index": int(c),
+                "name": names[c] if names is not None and c < len(names) else f"class {c}",
+                "prob": round(float(p), 5),
+                "relevance": _unit_list(relevance[j]),
+                "grad_rollout": _unit_list(grad_roll[j]),
+            }
+        )
+    return {
+        "name": str(name),
+        "width": int(img.shape[1]),
+        "height": int(img.shape[0]),
+        "png": _png(img),
+        "attention": _b64(quantised.tobytes()),
+        "rollout": _unit_list(rollout),
+        "targets": targets,
+    }
+
+
+def explorer_data(
+    model: nn.Module,
+    images: Sequence[ImageLike | torch.Tensor],
+    names: Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    top_k: int = 5,
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> dict[str, Any]:
+    """The JSON-ready data behind an explorer page (`render_explorer` turns it into HTML).
+
+    Args:
+        model: a ViT-style classifier (run in eval mode).
+        images: images in any form `prepare_image` takes, or normalised (1, 3, H, W) tensors.
+        names: label of each image on the page (defaults: file names, else "image i").
+        layers: blocks whose raw attention is embedded (rollout and relevance always use every block); None = all.
+        top_k: predictions listed, each with its relevance and gradient-rollout map.
+        head_fusion: head fusion of the rollouts.
+        discard_ratio: discard ratio of the rollouts.
+        max_bytes: refuse to embed more attention than this (bytes, before base64) for all images together.
+    """
+    if not images:
+        raise ValueError("the explorer needs at least one image")
+    _check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
+    check_discard_ratio(discard_ratio)
+    depth, heads = len(model.blocks), model.cfg.num_heads
+    layers = list(range(depth)) if layers is None else sorted({check_layer(i, depth) for i in layers})
+    if names is None:
+        names = [Path(im).name if isinstance(im, (str, os.PathLike)) else f"image {i}" for i, im in enumerate(images)]
+    if len(names) != len(images):
+        raise ValueError(f"{len(names)} names for {len(images)} images")
+    # Size check before any work: (layers, heads + 1, 1 + patches, patches) bytes per image.
+    gh, gw = model.patch_grid(*model.preprocess.input_size)
+    n = gh * gw
+    need = len(images) * len(layers) * (heads + 1) * (n + 1) * n
+    if need > max_bytes:
+        raise ValueError(
+            f"the attention of {len(images)} image(s) x {len(layers)} layers x {heads + 1} heads x {n + 1}x{n} tokens "
+            f"is {need / 2**20:.0f} MiB, over the {max_bytes / 2**20:.0f} MiB limit; choose fewer layers "
+            f"(e.g. layers=[-1]) or fewer images, or raise max_bytes"
+        )
+    description, query = _describe(model)
+    entries = [
+        image_entry(model, im, nm, layers, top_k=top_k, head_fusion=head_fusion, discard_ratio=discard_ratio)
+        for im, nm in zip(images, names, strict=True)
+    ]
+    grids = {(e["height"] // model.cfg.patch_size, e["width"] // model.cfg.patch_size) for e in entries}
+    if len(grids) != 1:
+        raise ValueError(f"all images on one page must share a patch grid, got grids {sorted(grids)}")
+    return {
+        "version": 1,
+        "model": {
+            "description": description,
+            "query_name": query,
+            "layers": layers,
+            "heads": heads,
+            "grid": list(grids.pop()),
+            "patch": int(model.cfg.patch_size),
+            "prefix_tokens": int(model.num_prefix_tokens),
+        },
+        "settings": {"head_fusion": head_fusion, "discard_ratio": discard_ratio},
+        "colormap": _colormap_lut(),
+        "images": entries,
+    }
+
+
+def json_for_script(data: Any) -> str:
+    """JSON that is safe inside a <script> element: no `<`, `>` or `&` (so no `</script>` or `<!--`)."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(ch, esc)
+    return text
+
+
+def render_explorer(data: dict[str, Any], title: str = "vitkit attention explorer") -> str:
+    """The self-contained HTML page for `explorer_data` output."""
+    script_hash = "sha256-" + _b64(hashlib.sha256(SCRIPT.encode("utf-8")).digest())
+    values = {
+        "TITLE": html.escape(title, quote=True),
+        "SCRIPT_HASH": script_hash,
+        "SCRIPT": SCRIPT,
+        "DATA": json_for_script(data),
+    }
+    # One pass, so text inside a substituted value is never itself treated as a placeholder.
+    return re.sub(r"\{\{(TITLE|SCRIPT_HASH|SCRIPT|DATA)\}\}", lambda m: values[m.group(1)], PAGE)
+
+
+def write_explorer(
+    path: str | os.PathLike,
+    model: nn.Module,
+    images: Sequence[ImageLike | torch.Tensor],
+    names: Sequence[str] | None = None,
+    title: str | None = None,
+    **kwargs: Any,
+) -> Path:
+    """Write the explorer for `images` to `path` (atomically) and return the path. See `explorer_data`."""
+    data = explorer_data(model, images, names=names, **kwargs)
+    if title is None:
+        title = "vitkit explorer: " + ", ".join(e["name"] for e in data["images"])
+    atomic_write_text(path, render_explorer(data, title=title))
+    return Path(path)
