@@ -1,8 +1,8 @@
 """vitkit: Vision Transformers on PyTorch.
 
-    import vitkit
-    model = vitkit.create_model("vit_small_patch16_224", num_classes=10)
-    logits, attentions = model(images, return_attention=[-1])
+import vitkit
+model = vitkit.create_model("vit_small_patch16_224", num_classes=10)
+logits, attentions = model(images, return_attention=[-1])
 """
 
 __version__ = "0.1.0"
