@@ -193,7 +193,7 @@ _TRAIN_FLAGS = {
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train a ViT (no arguments: the digits default, ~2 min on CPU)",
+        help="train a ViT (no arguments: the digits default, ~2.5 min on 2 CPU cores)",
         description="Train a ViT. Precedence: built-in defaults < --config recipe < flags < --set. "
         "Without --config, training the default model on digits uses recipes/digits.yaml's settings. "
         "Runs under torchrun for DDP. See docs/train.md.",
