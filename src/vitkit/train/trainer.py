@@ -671,6 +671,8 @@ class Trainer:
             dynamic_ncols=True,
             leave=False,
             file=sys.stderr,
+            # In a log file (CI, `make run | tee`) every redraw is a new chunk of text: redraw every 10 s there.
+            mininterval=0.1 if sys.stderr.isatty() else 10.0,
         )
 
     def _update_bar(self, bar, t_epoch: float) -> None:
