@@ -170,13 +170,21 @@ def test_unknown_arrays_are_listed(tmp_path):
         vitkit.load_model(tmp_path / "vit.npz")
 
 
-def test_class_token_without_position_is_refused(tmp_path):
-    """big_vision 'tok' pooling: a class token added after the positions, so pos_embedding has no row for it."""
+def test_class_token_without_position_gets_a_zero_row(tmp_path, lines):
+    """big_vision 'tok' pooling: a class token added after the positions, so pos_embedding has no row for it.
+
+    vitkit gives the class token a zero position, which is the same function (nothing is added to it)."""
     arrays = make_arrays("big_vision")
     arrays["cls"] = np.zeros((1, 1, D), np.float32)
     np.savez(tmp_path / "vit.npz", **arrays)
-    with pytest.raises(ValueError, match="isn't supported yet"):
+    with pytest.raises(ValueError, match="pass img_size="):  # 16 rows: 4x4 without a class row, or not square
         vitkit.load_model(tmp_path / "vit.npz")
+    model = vitkit.load_model(tmp_path / "vit.npz", img_size=32, log=lines)
+    assert "no_embed_class" in lines.text()
+    pos = model.pos_embed.detach()
+    assert torch.equal(pos[:, :1], torch.zeros(1, 1, D))
+    npz_pos = [v for k, v in arrays.items() if k.endswith("pos_embedding")][0]
+    torch.testing.assert_close(pos[:, 1:], torch.from_numpy(npz_pos).reshape(1, -1, D), rtol=0, atol=0)
 
 
 def test_img_size_resamples_npz_positions(tmp_path, lines):

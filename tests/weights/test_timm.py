@@ -131,14 +131,25 @@ def test_model_name_must_agree_with_the_shapes(nano_state, tmp_path):
         vitkit.load_model(tmp_path / "vit.pth", model_name="vit_nope")
 
 
-def test_positions_without_class_token_row_are_refused(nano_state, tmp_path):
-    """timm's no_embed_class layout (DINOv2, *_reg* models): pos_embed covers the patch grid only."""
-    state = dict(nano_state, pos_embed=nano_state["pos_embed"][:, 1:])
-    save_state(state, tmp_path / "vit.pth")
-    with pytest.raises(ValueError, match="cover the patch grid only.*isn't supported yet"):
-        vitkit.load_model(tmp_path / "vit.pth", model_name="vit_nano_patch4_32")
-    with pytest.raises(ValueError, match="isn't supported yet"):
-        vitkit.load_model(tmp_path / "vit.pth")
+def test_positions_without_class_token_row_get_a_zero_row(tmp_path, lines):
+    """timm's no_embed_class layout (DINOv2, *_reg* models): pos_embed covers the patch grid only.
+
+    The class token then gets a zero position, which computes exactly the same function."""
+    x = torch.randn(2, 3, 32, 32)
+    # By name (4 heads, from the registry), and by size alone (heads guessed as width // 64 = 2, so the source
+    # has 2 heads there).
+    for heads, kwargs in ((4, {"model_name": "vit_nano_patch4_32"}), (2, {"img_size": 32})):
+        src = vitkit.create_model("vit_nano_patch4_32", num_classes=10, num_heads=heads).eval()
+        with torch.no_grad():
+            src.pos_embed[:, :1] = 0  # what "no position for the class token" means in vitkit's layout
+        state = dict(src.state_dict(), pos_embed=src.pos_embed.detach()[:, 1:].clone())  # 64 rows: patches only
+        save_state(state, tmp_path / "vit.pth")
+        with pytest.raises(ValueError, match="pass img_size="):  # 64 rows: 8x8 without a class row, or not square
+            vitkit.load_model(tmp_path / "vit.pth")
+        lines.clear()
+        model = vitkit.load_model(tmp_path / "vit.pth", log=lines, **kwargs).eval()
+        assert "no_embed_class" in lines.text()
+        assert torch.equal(model(x), src(x))
 
 
 def test_non_square_grid_needs_img_size(tmp_path):

@@ -21,7 +21,7 @@ from torch import nn
 
 from vitkit.layers import resample_pos_embed
 from vitkit.models.base import Preprocess
-from vitkit.models.registry import create_model, model_family
+from vitkit.models.registry import create_model, list_models, model_family
 from vitkit.models.vit import VisionTransformer, ViTConfig
 from vitkit.weights._log import LogFn, Reporter, as_reporter
 from vitkit.weights.native import load_state_dict_strict
@@ -74,7 +74,8 @@ def _native_grid(n_pos: int, n_prefix: int, hints: list[tuple[str, tuple[int, in
     no_embed_class = (
         "the class/register tokens carry no position (timm's no_embed_class layout, used by DINOv2 and the *_reg* "
         "register models, and big_vision's 'tok' pooling); vitkit's VisionTransformer gives the class token a "
-        "position, so this layout isn't supported yet"
+        "position; pass img_size= (or model_name=) so vitkit can tell the layout apart and give the class token a "
+        "zero position (the same function)"
     )
     if n_prefix and any(g[0] * g[1] == n_pos for _, g in hints):
         raise ValueError(
@@ -283,6 +284,48 @@ def build_vit(
     return model
 
 
+def _positions_for_prefix_tokens(
+    state: dict[str, torch.Tensor],
+    *,
+    model_name: str | None,
+    img_size: int | tuple[int, int] | None,
+    log: Reporter,
+) -> dict[str, torch.Tensor]:
+    """Give the class/distillation tokens a zero position when the checkpoint's table covers the patches only.
+
+    timm's `no_embed_class` layout (DINOv2, the `*_reg*` register models) adds positions to the patches alone.
+    vitkit's table also has rows for the class and distillation tokens; a zero row there is exactly "no
+    position", so the converted model computes the same function. Returns a new dict; `state` is not modified.
+    """
+    pos = state.get("pos_embed")
+    n_prefix = int("cls_token" in state) + int("dist_token" in state)
+    if pos is None or pos.ndim != 3 or n_prefix == 0:
+        return state
+    n_pos = int(pos.shape[1])
+    patch = state["patch_embed.proj.weight"].shape[-2:] if "patch_embed.proj.weight" in state else None
+    grids = []
+    if patch is not None and model_name and model_name in list_models():
+        with torch.device("meta"):
+            size = create_model(model_name).cfg.img_size
+        grids.append((size[0] // patch[0], size[1] // patch[1]))
+    if patch is not None and img_size is not None:
+        size = as_img_size(img_size)
+        grids.append((size[0] // patch[0], size[1] // patch[1]))
+    if grids:
+        covers_patches_only = any(g[0] * g[1] == n_pos for g in grids)
+    else:
+        # Without a size we could only guess: 9 rows may be a 3x3 grid without a class row or a 2x4 grid with
+        # one. Leave it to the grid inference, which raises and asks for img_size= or model_name=.
+        covers_patches_only = False
+    if not covers_patches_only:
+        return state
+    log.info(
+        f"pos_embed has {n_pos} rows covering the patch grid only (timm's no_embed_class layout): giving the "
+        f"{n_prefix} class/distillation token(s) a zero position, which is the same function"
+    )
+    return {**state, "pos_embed": torch.cat([pos.new_zeros(1, n_prefix, pos.shape[2]), pos], dim=1)}
+
+
 def from_timm_state_dict(
     state: dict[str, torch.Tensor],
     *,
@@ -312,6 +355,7 @@ def from_timm_state_dict(
             f"{source} is a Hugging Face transformers state dict; load the directory that holds it together with "
             "its config.json (the config gives the architecture and LayerNorm epsilon)"
         )
+    state = _positions_for_prefix_tokens(state, model_name=model_name, img_size=img_size, log=rep)
     arch, grid = infer_vit_config(
         state, model_name=model_name, num_heads=num_heads, img_size=img_size, source=source, log=rep
     )
