@@ -170,3 +170,11 @@ def test_skipped_files_are_listed_in_the_summary(tmp_path):
     ]
     assert summary["skipped_files"][0]["reason"]
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["skipped_files"] == summary["skipped_files"]
+
+
+def test_unknown_model_fails_before_any_run_directory_is_written(tmp_path):
+    from vitkit.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", "vit_smal_patch16_224", "--epochs", "1", "--out", str(out)]) == 2
+    assert not out.exists()

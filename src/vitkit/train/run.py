@@ -154,6 +154,10 @@ def _prepare_run_dir(cfg: TrainConfig, dist: DistInfo, resume: str | os.PathLike
         if dist.is_main and (run_dir / "tensorboard").exists():
             shutil.rmtree(run_dir / "tensorboard")
         return run_dir, None
+    if not cfg.pretrained:
+        from vitkit.models.registry import model_family
+
+        model_family(cfg.model or DEFAULT_MODEL)  # an unknown name fails here, before a run directory exists
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     run_dir = Path(broadcast_object(str(run_dir), dist))  # one timestamp for every process
     cfg.out = str(run_dir)
