@@ -21,7 +21,7 @@ from torch import nn
 
 from vitkit.layers import resample_pos_embed
 from vitkit.models.base import Preprocess
-from vitkit.models.registry import create_model, list_models, model_family
+from vitkit.models.registry import create_model, model_family
 from vitkit.models.vit import VisionTransformer, ViTConfig
 from vitkit.weights._log import LogFn, Reporter, as_reporter
 from vitkit.weights.native import load_state_dict_strict
@@ -49,6 +49,19 @@ def registered_config(model_name: str) -> ViTConfig:
         raise ValueError(f"model {model_name!r} is a {family!r} model; these converters build 'vit' models")
     with torch.device("meta"):
         return create_model(model_name).cfg
+
+
+def _grid_hints(
+    reg: ViTConfig | None, model_name: str | None, img_size: int | tuple[int, int] | None, patch: int
+) -> list[tuple[str, tuple[int, int]]]:
+    """Candidate native patch grids, as (where from, grid): a registered model's size, then an explicit img_size."""
+    hints = []
+    if reg is not None:
+        hints.append((f"model {model_name!r}", (reg.img_size[0] // patch, reg.img_size[1] // patch)))
+    if img_size is not None:
+        size = as_img_size(img_size)
+        hints.append((f"img_size={size}", (size[0] // patch, size[1] // patch)))
+    return hints
 
 
 def _square_side(n: int) -> int | None:
@@ -203,12 +216,7 @@ def infer_vit_config(
             "pass model_name= (a registered name) if the checkpoint uses another head width"
         )
 
-    hints = []
-    if reg is not None:
-        hints.append((f"model {model_name!r}", (reg.img_size[0] // ph, reg.img_size[1] // ph)))
-    if img_size is not None:
-        size = as_img_size(img_size)
-        hints.append((f"img_size={size}", (size[0] // ph, size[1] // ph)))
+    hints = _grid_hints(reg, model_name, img_size, ph)
     if "pos_embed" in state:
         arch["pos_embed"] = "learn"
         pos = state["pos_embed"]
@@ -302,17 +310,11 @@ def _positions_for_prefix_tokens(
     if pos is None or pos.ndim != 3 or n_prefix == 0:
         return state
     n_pos = int(pos.shape[1])
-    patch = state["patch_embed.proj.weight"].shape[-2:] if "patch_embed.proj.weight" in state else None
-    grids = []
-    if patch is not None and model_name and model_name in list_models():
-        with torch.device("meta"):
-            size = create_model(model_name).cfg.img_size
-        grids.append((size[0] // patch[0], size[1] // patch[1]))
-    if patch is not None and img_size is not None:
-        size = as_img_size(img_size)
-        grids.append((size[0] // patch[0], size[1] // patch[1]))
-    if grids:
-        covers_patches_only = any(g[0] * g[1] == n_pos for g in grids)
+    proj = state.get("patch_embed.proj.weight")
+    reg = registered_config(model_name) if model_name else None
+    hints = _grid_hints(reg, model_name, img_size, int(proj.shape[-1])) if proj is not None and proj.ndim == 4 else []
+    if hints:
+        covers_patches_only = any(g[0] * g[1] == n_pos for _, g in hints)
     else:
         # Without a size we could only guess: 9 rows may be a 3x3 grid without a class row or a 2x4 grid with
         # one. Leave it to the grid inference, which raises and asks for img_size= or model_name=.
