@@ -87,6 +87,29 @@ def _decode(
     return dataset, not_images + skipped
 
 
+def _decode_and_split(
+    source: Path,
+    paths: list[str],
+    labels: list[int],
+    class_names: list[str],
+    not_images: list[tuple[str, str]],
+    *,
+    load_size: int,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    strict: bool,
+) -> DataSplits:
+    """Decode a flat list of labelled files, report bad ones, and split them per class by `seed`."""
+    in_memory = fits_in_memory(len(paths), load_size)
+    dataset, skipped = _decode(paths, labels, class_names, load_size, strict, in_memory, not_images)
+    report_skipped(skipped, str(source))
+    check_classes_present(dataset, skipped, str(source))
+    train_idx, val_idx, test_idx = stratified_split(dataset.labels, (val_fraction, test_fraction), seed)
+    train, val, test = dataset.subset(train_idx), dataset.subset(val_idx), dataset.subset(test_idx)
+    return DataSplits(train, val, test, class_names, skipped, str(source), IMAGENET_MEAN, IMAGENET_STD)
+
+
 def load_folder(
     root: str | os.PathLike, *, load_size: int, seed: int, val_fraction: float, test_fraction: float, strict: bool
 ) -> DataSplits:
@@ -100,40 +123,36 @@ def load_folder(
     if layout is None:
         class_names, paths, labels, not_images = _list_class_folder(root)
         _check_at_least_two(class_names, root)
-        dataset, skipped = _decode(
-            paths, labels, class_names, load_size, strict, fits_in_memory(len(paths), load_size), not_images
-        )
-        report_skipped(skipped, str(root))
-        check_classes_present(dataset, skipped, str(root))
-        train_idx, val_idx, test_idx = stratified_split(dataset.labels, (val_fraction, test_fraction), seed)
-        train, val, test = dataset.subset(train_idx), dataset.subset(val_idx), dataset.subset(test_idx)
-    else:
-        listed = {split: _list_class_folder(path) for split, path in layout.items()}
-        class_names = listed["train"][0]
-        _check_at_least_two(class_names, layout["train"])
-        for split, (names, *_rest) in listed.items():
-            unknown = sorted(set(names) - set(class_names))
-            if unknown:
-                raise ValueError(f"{layout[split]} has class folders {unknown} that are not in {layout['train']}")
-        total = sum(len(paths) for _names, paths, _labels, _ni in listed.values())
-        in_memory = fits_in_memory(total, load_size)
-        datasets: dict[str, ImageDataset] = {}
-        skipped = []
-        for split, (names, paths, labels, not_images) in listed.items():
-            labels = [class_names.index(names[label]) for label in labels]  # a split may lack some classes
-            datasets[split], bad = _decode(paths, labels, class_names, load_size, strict, in_memory, not_images)
-            skipped += bad
-        report_skipped(skipped, str(root))
-        check_classes_present(datasets["train"], skipped, str(layout["train"]))
-        train = datasets["train"]
-        missing = [s for s in ("val", "test") if s not in datasets]
-        if missing:
-            fractions = [val_fraction if s == "val" else test_fraction for s in missing]
-            train_idx, *carved = stratified_split(train.labels, fractions, seed)
-            for split, idx in zip(missing, carved):
-                datasets[split] = train.subset(idx)
-            train = train.subset(train_idx)
-        val, test = datasets["val"], datasets["test"]
+        return _decode_and_split(
+            root, paths, labels, class_names, not_images,
+            load_size=load_size, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, strict=strict,
+        )  # fmt: skip
+    listed = {split: _list_class_folder(path) for split, path in layout.items()}
+    class_names = listed["train"][0]
+    _check_at_least_two(class_names, layout["train"])
+    for split, (names, *_rest) in listed.items():
+        unknown = sorted(set(names) - set(class_names))
+        if unknown:
+            raise ValueError(f"{layout[split]} has class folders {unknown} that are not in {layout['train']}")
+    total = sum(len(paths) for _names, paths, _labels, _ni in listed.values())
+    in_memory = fits_in_memory(total, load_size)
+    datasets: dict[str, ImageDataset] = {}
+    skipped = []
+    for split, (names, paths, labels, not_images) in listed.items():
+        labels = [class_names.index(names[label]) for label in labels]  # a split may lack some classes
+        datasets[split], bad = _decode(paths, labels, class_names, load_size, strict, in_memory, not_images)
+        skipped += bad
+    report_skipped(skipped, str(root))
+    check_classes_present(datasets["train"], skipped, str(layout["train"]))
+    train = datasets["train"]
+    missing = [s for s in ("val", "test") if s not in datasets]
+    if missing:
+        fractions = [val_fraction if s == "val" else test_fraction for s in missing]
+        train_idx, *carved = stratified_split(train.labels, fractions, seed)
+        for split, idx in zip(missing, carved):
+            datasets[split] = train.subset(idx)
+        train = train.subset(train_idx)
+    val, test = datasets["val"], datasets["test"]
     return DataSplits(train, val, test, class_names, skipped, str(root), IMAGENET_MEAN, IMAGENET_STD)
 
 
@@ -194,11 +213,7 @@ def load_csv(
         else:
             paths.append(path)
             labels.append(index[label])
-    dataset, skipped = _decode(
-        paths, labels, class_names, load_size, strict, fits_in_memory(len(paths), load_size), not_images
-    )
-    report_skipped(skipped, str(csv_path))
-    check_classes_present(dataset, skipped, str(csv_path))
-    train_idx, val_idx, test_idx = stratified_split(dataset.labels, (val_fraction, test_fraction), seed)
-    train, val, test = dataset.subset(train_idx), dataset.subset(val_idx), dataset.subset(test_idx)
-    return DataSplits(train, val, test, class_names, skipped, str(csv_path), IMAGENET_MEAN, IMAGENET_STD)
+    return _decode_and_split(
+        csv_path, paths, labels, class_names, not_images,
+        load_size=load_size, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, strict=strict,
+    )  # fmt: skip
