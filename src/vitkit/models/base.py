@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -75,7 +75,3 @@ def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
         is_tuple = origin is tuple or any(get_origin(a) is tuple for a in get_args(hints.get(key)))
         kwargs[key] = tuple(value) if is_tuple and isinstance(value, list) else value
     return cls(**kwargs)
-
-
-def preprocess_field() -> Any:
-    return field(default_factory=Preprocess)
