@@ -20,6 +20,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -34,7 +35,7 @@ if "MALLOC_MMAP_THRESHOLD_" not in os.environ and sys.platform.startswith("linux
 import torch  # noqa: E402
 
 import vitkit  # noqa: E402
-from vitkit.models.summary import count_gmacs  # noqa: E402
+from vitkit.models.summary import model_row  # noqa: E402
 
 WIDTH = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16)}
 
@@ -219,7 +220,7 @@ def main() -> None:
     for name in args.models:
         torch.manual_seed(0)
         base = vitkit.create_model(name)
-        gflop_per_img = 2 * count_gmacs(vitkit.create_model(name).to("meta"), base.cfg.img_size)
+        gflop_per_img = 2 * model_row(name).gmacs  # counted on the meta device, attention included
         for batch in args.batches:
             x32 = torch.randn(batch, 3, *base.cfg.img_size, device=dev)
             for precision in args.precisions:
@@ -229,8 +230,6 @@ def main() -> None:
                     res = {}
                     for impl in ("vitkit", "transformers"):
                         model = base if impl == "vitkit" else hf_twin(base)
-                        import copy
-
                         fn = runner(copy.deepcopy(model), precision, mode, dev)
                         dt, mem = measure(fn, x, dev, args.min_iters, args.min_seconds)
                         res[impl] = (batch / dt, mem)
