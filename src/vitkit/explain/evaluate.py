@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from vitkit._io import atomic_write_text
-from vitkit.explain.inputs import load_checkpoint, normalize, resolve_checkpoint, training_settings
+from vitkit.explain.inputs import load_checkpoint, normalize
 from vitkit.explain.maps import METHODS, _check_choice, eval_mode, explain
 from vitkit.explain.metrics import (
     deletion_auc,
@@ -22,6 +22,7 @@ from vitkit.explain.metrics import (
     pointing_game,
     random_maps,
 )
+from vitkit.runs import resolve_checkpoint, training_settings
 
 EVAL_METHODS: tuple[str, ...] = (*METHODS, "random")
 

@@ -2,51 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image, ImageOps
 from torch import Tensor, nn
+
+from vitkit.runs import resolve_checkpoint
 
 ImageLike = Any  # a path, a PIL image, a uint8 (H, W, 3) array, or a (3, H, W) tensor (uint8, or float in [0, 1])
 
 _PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """The model directory behind `path`: itself if it is one, else RUN/best, else RUN/last.
-
-    The same rule as `vitkit eval` / `vitkit predict` (it is theirs: `vitkit.train.evaluate.resolve_checkpoint`).
-    """
-    from vitkit.train.evaluate import resolve_checkpoint as resolve
-
-    return Path(resolve(path))
-
-
-def training_settings(checkpoint: str | os.PathLike) -> dict[str, Any]:
-    """The training recipe saved with a checkpoint, if any: RUN/config.yaml, or config.json's training record."""
-    path = Path(checkpoint)
-    for candidate in (path / "config.yaml", path.parent / "config.yaml"):
-        if candidate.is_file():
-            data = yaml.safe_load(candidate.read_text()) or {}
-            return data if isinstance(data, dict) else {}
-    cfg = path / "config.json"
-    if cfg.is_file():
-        training = json.loads(cfg.read_text()).get("training")
-        if isinstance(training, dict):
-            inner = training.get("config")
-            return inner if isinstance(inner, dict) else training
-    return {}
-
-
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Load the model behind a run or model directory (see `resolve_checkpoint`) in eval mode on `device`."""
-    from vitkit import load_model
+    from vitkit.weights import load_model
 
     model = load_model(str(resolve_checkpoint(path)))
     return model.to(device).eval()

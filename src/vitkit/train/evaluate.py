@@ -18,41 +18,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit._io import atomic_write_text, resolve_dir
+from vitkit._io import atomic_write_text
+from vitkit.runs import resolve_checkpoint, training_record
 from vitkit.train.metrics import confusion_matrix, topk_correct
 
 Split = Literal["train", "val", "test", "all"]
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A model directory for `path`: itself if it is one, else a run directory's best/ (or last/)."""
-    from vitkit.weights.native import CONFIG_NAME
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist")
-    if p.is_dir():
-        if (resolve_dir(p) / CONFIG_NAME).is_file() or (p / CONFIG_NAME).is_file():
-            return p
-        for name in ("best", "last"):
-            if (resolve_dir(p / name) / CONFIG_NAME).is_file():
-                return resolve_dir(p / name)
-        raise ValueError(
-            f"{str(p)!r} is neither a vitkit model directory (config.json) nor a run directory (best/, last/)"
-        )
-    return p  # a foreign checkpoint file: vitkit.load_model decides
-
-
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode on `device`, its config.json's `training` record or {})."""
-    from vitkit import load_model
+    from vitkit.weights import load_model
 
     directory = resolve_checkpoint(path)
     model = load_model(str(directory))
-    record: dict[str, Any] = {}
-    cfg_file = directory / "config.json" if directory.is_dir() else None
-    if cfg_file is not None and cfg_file.is_file():
-        record = json.loads(cfg_file.read_text()).get("training") or {}
+    record = training_record(directory) if directory.is_dir() else {}
     return model.to(device).eval(), record
 
 

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitkit.explain.inputs import ImageLike, prepare_image, training_settings
+from vitkit.explain.inputs import ImageLike, prepare_image
 from vitkit.explain.maps import METHODS, _check_choice, explain, mean_attention_distance
+from vitkit.runs import training_settings
 from vitkit.viz.attention import (
     plot_attention_distance,
     plot_attention_grid,

@@ -20,6 +20,11 @@ class Reporter:
     def __init__(self, log: LogFn | None = None):
         self._log = log
 
+    @property
+    def silent(self) -> bool:
+        """True when no callback was given (messages go to the logger, which shows only warnings by default)."""
+        return self._log is None
+
     def info(self, msg: str) -> None:
         if self._log is not None:
             self._log(msg)

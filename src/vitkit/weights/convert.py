@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from vitkit._io import resolve_dir
 from vitkit.layers import resample_pos_embed
+from vitkit.runs import describe_checkpoint, is_run_dir, resolve_checkpoint
 from vitkit.weights._log import LogFn, Reporter, as_reporter
 from vitkit.weights.hf import CONFIG_NAME as HF_CONFIG_NAME
 from vitkit.weights.hf import WEIGHT_FILES as HF_WEIGHT_FILES
@@ -85,6 +87,14 @@ def _load_any(
     rep: Reporter,
 ) -> tuple[nn.Module, SourceFormat]:
     path = resolve_dir(Path(path))
+    if path.is_dir() and not is_native_dir(path) and hf_model_type(path) is None and is_run_dir(path):
+        # A training run: its best checkpoint (else its latest), and say which one was taken.
+        note = describe_checkpoint(path)
+        path = resolve_checkpoint(path)
+        if rep.silent:
+            print(f"vitkit: {note}", file=sys.stderr)
+        else:
+            rep.info(note)
     if path.is_dir():
         return _load_dir(path, model_name, img_size, rep)
     if not path.is_file():
@@ -124,7 +134,8 @@ def load_model(
     """Load a model from a local path, whatever its source; weights are loaded strictly (every key accounted for).
 
     Args:
-        path: a vitkit directory, a Hugging Face ViT directory, a timm-layout `.pth`/`.pt`/`.bin`/`.safetensors`
+        path: a vitkit directory, a training run directory (its best/ checkpoint, else last/; the choice is
+            printed), a Hugging Face ViT directory, a timm-layout `.pth`/`.pt`/`.bin`/`.safetensors`
             file, or a JAX/big_vision `.npz` file. Pickle-based files are read with `weights_only=True`.
         model_name: a registered ViT name (`vitkit.list_models()`) for what shapes cannot decide, chiefly the
             number of attention heads of a timm state dict; checked against the checkpoint's shapes.
