@@ -5,8 +5,7 @@ model = vitkit.create_model("vit_small_patch16_224", num_classes=10)
 logits, attentions = model(images, return_attention=[-1])
 """
 
-__version__ = "0.1.0"
-
+from vitkit._version import __version__
 from vitkit.models import (  # noqa: E402
     VisionTransformer,
     ViTConfig,

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vitkit.layers import capture_attention
 from vitkit.layers import Attention, DropPath, PatchEmbed, drop_path_rates, resample_pos_embed, sincos_2d
 
 
@@ -31,9 +32,11 @@ def test_patch_embed_errors_name_sizes():
 def test_attention_paths_agree_and_probabilities_are_softmax():
     attn = Attention(32, 4, qk_norm=True).eval()
     x = torch.randn(3, 10, 32)
-    fused, none = attn(x)
-    explicit, probs = attn(x, return_attention=True)
-    assert none is None
+    fused = attn(x)
+    with capture_attention(attn) as rec:
+        explicit = attn(x)
+    (probs,) = rec.maps
+    assert isinstance(fused, torch.Tensor) and attn.capture is None  # plain tensors; the slot is cleared on exit
     assert (fused - explicit).abs().max() <= 1e-5
     # Reference computation, by hand.
     q, k, v = attn.qkv(x).reshape(3, 10, 3, 4, 8).permute(2, 0, 3, 1, 4)

@@ -155,10 +155,7 @@ def test_return_attention_selects_layers_and_keeps_others_fused(monkeypatch):
         monkeypatch.setattr(
             blk.attn,
             "forward",
-            lambda x, return_attention=False, i=i, f=orig: (
-                calls.append((i, return_attention)),
-                f(x, return_attention),
-            )[1],
+            lambda x, i=i, f=orig, m=blk.attn: (calls.append((i, m.capture is not None)), f(x))[1],
         )
     _, attns = model(torch.randn(1, 3, 224, 224), return_attention=[1, -1])
     assert len(attns) == 2
@@ -279,8 +276,8 @@ def test_unknown_model_lists_closest():
 
 
 def test_unknown_override_field():
-    with pytest.raises(TypeError, match=r"has no config field\(s\) \['n_layers'\]"):
-        vitkit.create_model("vit_tiny_patch16_224", n_layers=3)
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) \['n_blocks'\].*accepted: .*depth"):
+        vitkit.create_model("vit_tiny_patch16_224", n_blocks=3)
 
 
 @pytest.mark.parametrize(

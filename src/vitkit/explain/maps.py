@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitkit.layers import attention_layers, capture_attention
+
 Method = Literal["attention", "rollout", "grad-rollout", "relevance"]
 HeadFusion = Literal["mean", "max", "min"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -72,12 +74,16 @@ def check_head(head: int | None, num_heads: int) -> int | None:
     return head % num_heads
 
 
-def _check_model(model: nn.Module) -> None:
-    for attr in ("num_prefix_tokens", "blocks", "patch_grid", "cfg"):
+def _check_model(model: nn.Module, purpose: str = "attention maps, rollout and relevance") -> None:
+    """Raise naming the model and what it lacks when it cannot be explained through its attention."""
+    name = getattr(model, "model_name", None) or type(model).__name__
+    if not attention_layers(model):
+        raise TypeError(f"{purpose} need global self-attention; {name} has none")
+    for attr in ("num_prefix_tokens", "patch_grid"):
         if not hasattr(model, attr):
             raise TypeError(
-                f"{type(model).__name__} is not a ViT-style model (no `{attr}`); the explain methods need a model "
-                "with a token sequence [prefix tokens, patches] and return_attention support"
+                f"{purpose} need a token sequence [prefix tokens, patches] (`{attr}` in the model contract); "
+                f"{name} has no `{attr}`"
             )
 
 
@@ -297,7 +303,7 @@ def forward_with_attention(
     Args:
         model: a ViT-style classifier (it is run in eval mode).
         images: normalised float batch (B, C, H, W) on the model's device.
-        layers: which blocks' attention to keep (see the model's `return_attention`).
+        layers: which attention layers to keep (True, an index or indices; see `vitkit.layers.capture_attention`).
         target: class per image for the gradients; None = the predicted class.
         need_grads: also return d(target logit)/d(attention) for each kept layer.
 
@@ -308,13 +314,15 @@ def forward_with_attention(
     _check_images(images)
     with eval_mode(model):
         if not need_grads:
-            with torch.no_grad():
-                logits, attns = model(images, return_attention=layers)
-            return logits, attns, None, resolve_targets(target, logits)
+            with torch.no_grad(), capture_attention(model, layers) as rec:
+                logits = model(images)
+            return logits, rec.maps, None, resolve_targets(target, logits)
         with torch.enable_grad():
             # A leaf that needs a gradient keeps the graph alive even when every parameter is frozen.
             x = images.detach().clone().requires_grad_(True)
-            logits, attns = model(x, return_attention=layers)
+            with capture_attention(model, layers) as rec:
+                logits = model(x)
+            attns = rec.maps
             targets = resolve_targets(target, logits)
             # Images are independent in eval mode, so one backward of the summed target logits gives each image
             # its own gradient. autograd.grad leaves the parameters' .grad untouched.
@@ -332,7 +340,7 @@ def _upsample(maps: Tensor, upsample_to: tuple[int, int] | None) -> Tensor:
 
 def _meta(model: nn.Module, images: Tensor) -> tuple[tuple[int, int], int, bool]:
     grid = tuple(model.patch_grid(images.shape[-2], images.shape[-1]))
-    return grid, int(model.num_prefix_tokens), bool(model.cfg.class_token)
+    return grid, int(model.num_prefix_tokens), bool(getattr(model, "cls_token", None) is not None)
 
 
 def attention_map(

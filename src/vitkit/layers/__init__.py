@@ -2,15 +2,33 @@
 
 from vitkit.layers.attention import Attention
 from vitkit.layers.block import Block
+from vitkit.layers.capture import (
+    AttentionRecorder,
+    attention_layers,
+    capture_attention,
+    resolve_layers,
+    run_with_captures,
+)
+from vitkit.layers.create import get_layer, get_norm, layer_names, register_layer
 from vitkit.layers.drop import DropPath, drop_path_rates
 from vitkit.layers.layer_scale import LayerScale
-from vitkit.layers.mlp import Mlp
+from vitkit.layers.mlp import GluMlp, Mlp
 from vitkit.layers.patch_embed import PatchEmbed, check_image_size
 from vitkit.layers.pos_embed import resample_pos_embed, sincos_2d
 
 __all__ = [
     "Attention",
+    "AttentionRecorder",
     "Block",
+    "GluMlp",
+    "attention_layers",
+    "capture_attention",
+    "get_layer",
+    "get_norm",
+    "layer_names",
+    "register_layer",
+    "resolve_layers",
+    "run_with_captures",
     "DropPath",
     "LayerScale",
     "Mlp",

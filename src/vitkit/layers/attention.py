@@ -1,28 +1,38 @@
-"""Multi-head self-attention with a fused path and an explicit path that exposes the attention probabilities."""
+"""Multi-head self-attention: the fused kernel for normal use, an explicit path only while a map is captured."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Receives (module, probabilities (B, heads, N, N)) while `vitkit.layers.capture_attention` is active.
+CaptureFn = Callable[[nn.Module, torch.Tensor], None]
+
 
 class Attention(nn.Module):
-    """Multi-head self-attention.
+    """Multi-head self-attention over all N tokens (global attention, as in ViT).
 
     The normal path calls `scaled_dot_product_attention`, which picks a fused kernel (flash / memory-efficient on
-    GPU, a blocked kernel on CPU) and never materialises the N x N matrix. When the caller asks for the
-    attention probabilities (`return_attention=True`) the explicit path computes softmax(q k^T / sqrt(d)) so it
-    can be returned; only the layers whose maps were requested pay for it.
+    GPU, a blocked kernel on CPU) and never materialises the N x N matrix. Only while a capture is attached (see
+    `vitkit.layers.capture_attention`, which `model(x, return_attention=...)` uses) does this layer compute
+    softmax(q k^T / sqrt(d)) explicitly and hand the probabilities to the capture; every other layer stays fused.
+    `forward` always returns a plain tensor, so forward hooks and exporters see an ordinary module.
 
     Args:
         dim: token width.
         num_heads: number of heads; dim must be divisible by it.
         qkv_bias: bias on the q, k, v projection (True in ViT/DeiT).
-        qk_norm: LayerNorm on q and k per head (ViT-22B): stabilises training at scale.
+        qk_norm: normalise q and k per head (ViT-22B): stabilises training at scale.
         attn_drop: dropout on attention probabilities.
         proj_drop: dropout after the output projection.
+        norm_layer: the q/k norm (a class called with the head width).
     """
+
+    # An (N x N) map over every token exists, so rollout/relevance can read it; variants without one say False.
+    global_attention = True
 
     def __init__(
         self,
@@ -32,7 +42,7 @@ class Attention(nn.Module):
         qk_norm: bool = False,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        norm_layer: type[nn.Module] = nn.LayerNorm,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
     ):
         super().__init__()
         if dim % num_heads != 0:
@@ -46,20 +56,19 @@ class Attention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.capture: CaptureFn | None = None  # set only inside `capture_attention`
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return (output, attention probabilities or None)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, C) -> tokens (B, N, C)."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
         q, k, v = qkv.unbind(0)  # each (B, h, N, d)
         q, k = self.q_norm(q), self.k_norm(k)
-        attn = None
-        if return_attention:
-            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
-            attn = attn.softmax(dim=-1)
+        if self.capture is not None:
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, N)
+            self.capture(self, attn)
             x = self.attn_drop(attn) @ v  # (B, h, N, d)
         else:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
-        x = self.proj_drop(self.proj(x))
-        return x, attn
+        return self.proj_drop(self.proj(x))

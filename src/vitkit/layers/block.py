@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -12,7 +15,25 @@ from vitkit.layers.mlp import Mlp
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block. Disabled parts (layer scale, drop path) are `nn.Identity`."""
+    """Pre-norm transformer block built from pluggable layers. Disabled parts (layer scale, drop path) are Identity.
+
+    Args:
+        dim: token width.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width / dim.
+        qkv_bias: bias on the q, k, v projection.
+        qk_norm: normalise q and k per head.
+        proj_drop: dropout after the attention projection and inside the MLP.
+        attn_drop: dropout on attention probabilities.
+        drop_path: stochastic-depth rate of this block.
+        init_values: LayerScale initial gain, or None for no LayerScale.
+        norm_layer: norm constructor taking the width (e.g. `partial(nn.LayerNorm, eps=1e-6)`).
+        act_layer: MLP activation constructor.
+        attn_layer: attention class, called as `attn_layer(dim, num_heads, qkv_bias=, qk_norm=, attn_drop=,
+            proj_drop=, norm_layer=, **attn_args)`; it maps (B, N, dim) -> (B, N, dim).
+        mlp_layer: MLP class, called as `mlp_layer(dim, hidden, drop=, act_layer=)`.
+        attn_args: extra keyword arguments for `attn_layer` (variant options).
+    """
 
     def __init__(
         self,
@@ -25,23 +46,33 @@ class Block(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         init_values: float | None = None,
-        norm_eps: float = 1e-6,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        attn_layer: Callable[..., nn.Module] = Attention,
+        mlp_layer: Callable[..., nn.Module] = Mlp,
+        attn_args: dict[str, Any] | None = None,
     ):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(
-            dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, attn_drop=attn_drop, proj_drop=proj_drop
+        self.norm1 = norm_layer(dim)
+        self.attn = attn_layer(
+            dim,
+            num_heads,
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            norm_layer=norm_layer,
+            **(attn_args or {}),
         )
         self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.norm2 = norm_layer(dim)
+        self.mlp = mlp_layer(dim, int(dim * mlp_ratio), drop=proj_drop, act_layer=act_layer)
         self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return (tokens, attention probabilities or None)."""
-        y, attn = self.attn(self.norm1(x), return_attention=return_attention)
-        x = x + self.drop_path1(self.ls1(y))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, dim) -> tokens (B, N, dim)."""
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, attn
+        return x

@@ -1,4 +1,25 @@
-"""What every vitkit classifier shares: preprocessing metadata and config (de)serialisation helpers."""
+"""What every vitkit model family shares: preprocessing metadata, config (de)serialisation and keyword spellings.
+
+The model contract (every family honours it; consumers such as the model table, optimiser groups, freezing,
+resize-on-load, train/eval/predict, explain and viz rely on nothing else):
+
+    family: str                      registry family name ("vit", ...); `cfg` its typed config dataclass
+    preprocess: Preprocess           how inputs must be prepared; saved with the weights
+    num_classes: int                 classifier outputs as the head is now (0 = features only)
+    num_features: int                width of the pooled features
+    forward_features(x)              image (B, C, H, W) -> features (tokens (B, N, D) or maps (B, C, H', W'))
+    forward_head(f, pre_logits=)     features -> logits (B, classes), or pooled features (B, num_features)
+    forward(x) = forward_head(forward_features(x))
+    forward_intermediates(x, indices, as_maps=True) -> [(B, C_i, H_i, W_i)]   any family, any stage/block
+    feature_info: [{num_chs, reduction, module}]                             per stage/block, as timm
+    layer_id(param_name) -> int, num_layer_ids                               layer-wise LR decay, freezing
+    is_classifier(param_name) -> bool                                        head LR multiplier, head reset
+    reset_classifier(num_classes), set_grad_checkpointing(enable), no_weight_decay()
+    describe() -> cfg                the config of the model as it is now (e.g. after `model.head = ...`)
+    adapt_state_dict(state, source_cfg, log)   fit weights saved at another input size (optional)
+    save_pretrained(dir)
+Attention capture is not part of `forward`: see `vitkit.layers.capture_attention`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +27,10 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin
+
+from torch import nn
+
+from vitkit._validate import check_choice
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,11 +67,83 @@ class Preprocess:
             self.class_names = [str(c) for c in self.class_names]
 
 
-def check_literal(name: str, value: Any, literal: Any) -> None:
-    """Raise a ValueError naming `value` and the allowed set when it is not one of a Literal's options."""
-    allowed = get_args(literal)
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; choose one of {', '.join(repr(a) for a in allowed)}")
+check_literal = check_choice  # the one validator (vitkit._validate); this name is kept for the config modules
+
+# Spellings from tutorials and other libraries -> vitkit config field (timm's names). One table for all families.
+KWARG_ALIASES: dict[str, str] = {
+    "n_classes": "num_classes",
+    "n_heads": "num_heads",
+    "heads": "num_heads",
+    "in_channels": "in_chans",
+    "channels": "in_chans",
+    "dropout": "drop_rate",
+    "attention_dropout": "attn_drop_rate",
+    "num_layers": "depth",
+    "n_layers": "depth",
+    "image_size": "img_size",
+    "dim": "embed_dim",
+}
+# Given as an absolute width, stored as a ratio of the embedding width.
+_MLP_DIM_KEYS = ("mlp_dim",)
+
+
+def config_kwargs(config_cls: type, kwargs: dict[str, Any], base: Any = None) -> dict[str, Any]:
+    """Keyword arguments for `config_cls` with the accepted alternative spellings translated.
+
+    Args:
+        config_cls: a family's config dataclass.
+        kwargs: what the user passed, e.g. `{"n_heads": 6, "n_classes": 10, "in_channels": 3}`.
+        base: a config the arguments override (for `mlp_dim`, which needs the embedding width).
+
+    Raises:
+        TypeError: an unknown name, listing the config's fields and the accepted spellings; or the same field
+            given twice under two spellings.
+    """
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    out: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    unknown = []
+    mlp_dim = None
+    for key, value in kwargs.items():
+        if key in _MLP_DIM_KEYS and "mlp_ratio" in fields:
+            mlp_dim = (key, value)
+            continue
+        field_name = key if key in fields else KWARG_ALIASES.get(key)
+        if field_name is None or field_name not in fields:
+            unknown.append(key)
+            continue
+        if field_name in out:
+            raise TypeError(
+                f"{config_cls.__name__}: {source[field_name]!r} and {key!r} both set {field_name!r}; give one"
+            )
+        out[field_name] = value
+        source[field_name] = key
+    if unknown:
+        aliases = sorted(k for k, v in KWARG_ALIASES.items() if v in fields) + list(_MLP_DIM_KEYS)
+        raise TypeError(
+            f"unknown argument(s) {unknown} for {config_cls.__name__}; accepted: {', '.join(sorted(fields))} "
+            f"(also the spellings {', '.join(aliases)})"
+        )
+    if mlp_dim is not None:
+        if "mlp_ratio" in out:
+            raise TypeError(f"{config_cls.__name__}: give {mlp_dim[0]} or mlp_ratio, not both")
+        width = out.get("embed_dim", getattr(base, "embed_dim", None) if base is not None else None)
+        if width is None:
+            width = {f.name: f.default for f in dataclasses.fields(config_cls)}["embed_dim"]
+        out["mlp_ratio"] = float(mlp_dim[1]) / float(width)
+    return out
+
+
+def head_outputs(head: nn.Module | None) -> int | None:
+    """Outputs of a classifier head: a Linear's out_features, 0 for Identity, the last Linear of anything else."""
+    if head is None:
+        return None
+    if isinstance(head, nn.Identity):
+        return 0
+    if isinstance(head, nn.Linear):
+        return head.out_features
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from torch import nn
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _MODEL_FAMILY: dict[str, str] = {}
+_MODEL_PREPROCESS: dict[str, dict[str, Any]] = {}  # name -> default Preprocess fields (mean, std, crop_fraction)
 _FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {}
 
 
@@ -25,14 +26,24 @@ def get_family(name: str) -> tuple[type, type[nn.Module]]:
     return _FAMILIES[name]
 
 
-def register_model(name: str, family: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering `fn(**overrides) -> model` under `name`."""
+def register_model(
+    name: str, family: str, preprocess: dict[str, Any] | None = None
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering `fn(**overrides) -> model` under `name`.
+
+    Args:
+        name: the variant's name (timm's, where timm has it).
+        family: a family declared with `register_family`.
+        preprocess: default `Preprocess` fields for this variant (mean, std, crop_fraction, interpolation), as
+            the weights this name denotes were trained with; the input size always comes from the model's config.
+    """
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _MODELS:
             raise ValueError(f"model name {name!r} is registered twice")
         _MODELS[name] = fn
         _MODEL_FAMILY[name] = family
+        _MODEL_PREPROCESS[name] = dict(preprocess or {})
         return fn
 
     return wrap
@@ -51,16 +62,26 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
         name: a name from `list_models()`.
         **overrides: config fields to change (unknown fields raise TypeError naming them).
     """
+    from vitkit.models.base import Preprocess, config_kwargs
+
     if name not in _MODELS:
         raise _unknown(name)
     config_cls, _ = _FAMILIES[_MODEL_FAMILY[name]]
-    known = set(config_cls.__dataclass_fields__)
-    bad = sorted(set(overrides) - known)
-    if bad:
-        raise TypeError(f"{name} has no config field(s) {bad}; fields are: {', '.join(sorted(known))}")
+    try:
+        overrides = config_kwargs(config_cls, overrides)
+    except TypeError as e:
+        raise TypeError(f"{name}: {e}") from None
     model = _MODELS[name](**overrides)
     model.model_name = name
+    model.preprocess = Preprocess(**{**_MODEL_PREPROCESS[name], "input_size": tuple(model.preprocess.input_size)})
     return model
+
+
+def default_preprocess(name: str) -> dict[str, Any]:
+    """The registered default preprocessing fields of a model name (mean, std, crop_fraction ...)."""
+    if name not in _MODELS:
+        raise _unknown(name)
+    return dict(_MODEL_PREPROCESS[name])
 
 
 def list_models(pattern: str = "*") -> list[str]:

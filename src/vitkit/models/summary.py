@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from vitkit.layers import attention_layers, capture_attention
 from vitkit.models.registry import create_model, list_models
 
 
@@ -18,33 +20,36 @@ class ModelRow:
     gmacs: float | None  # multiply-accumulates for one image at the native size, in billions
     img_size: tuple[int, int]
     grid: tuple[int, int]
-    tokens: int  # sequence length seen by the blocks (prefix tokens + patches)
+    tokens: int | None  # sequence length seen by the blocks (prefix tokens + patches); None for CNNs
 
 
-def count_gmacs(model: nn.Module, img_size: tuple[int, int]) -> float:
+def count_gmacs(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3) -> float:
     """GMACs of one forward pass at `img_size`, counted on the meta device (no memory, no compute).
 
-    The explicit attention path is used so the q k^T and attn @ v matmuls are counted: the flop counter does not
-    see inside every fused attention kernel.
+    Attention layers are captured (`capture_attention`), which runs them on the explicit path so the q k^T and
+    attn @ v matmuls are counted: the flop counter does not see inside every fused attention kernel. Models
+    without global attention (CNNs) are counted as they are.
     """
-    x = torch.empty(1, model.cfg.in_chans, *img_size, device="meta")
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x, return_attention=True)
+    x = torch.empty(1, in_chans, *img_size, device="meta")
+    capture = capture_attention(model, True) if attention_layers(model) else contextlib.nullcontext()
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), capture:
+        model(x)
     return counter.get_total_flops() / 2e9
 
 
 def model_row(name: str, flops: bool = True) -> ModelRow:
     with torch.device("meta"):
         model = create_model(name)
-    size = model.cfg.img_size
-    grid = model.patch_grid(*size)
+    size = tuple(model.preprocess.input_size)
+    reduction = model.feature_info[-1]["reduction"]
+    grid = (size[0] // reduction, size[1] // reduction)  # the last feature map (the patch grid for a ViT)
     return ModelRow(
         name=name,
         params=sum(p.numel() for p in model.parameters()),
-        gmacs=count_gmacs(model, size) if flops else None,
+        gmacs=count_gmacs(model, size, model.cfg.in_chans) if flops else None,
         img_size=size,
         grid=grid,
-        tokens=model.num_tokens(*size),
+        tokens=model.num_tokens(*size) if hasattr(model, "num_tokens") else None,
     )
 
 
@@ -60,6 +65,6 @@ def format_table(rows: list[ModelRow]) -> str:
         gmacs = f"{r.gmacs:.2f}" if r.gmacs is not None else "-"
         lines.append(
             f"| {r.name} | {r.params / 1e6:.2f}M | {gmacs} | {r.img_size[0]}x{r.img_size[1]} "
-            f"| {r.grid[0]}x{r.grid[1]} | {r.tokens} |"
+            f"| {r.grid[0]}x{r.grid[1]} | {r.tokens if r.tokens is not None else '-'} |"
         )
     return "\n".join(lines)

@@ -14,15 +14,36 @@ import dataclasses
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitkit.layers import Block, PatchEmbed, check_image_size, drop_path_rates, resample_pos_embed, sincos_2d
-from vitkit.models.base import Preprocess, check_literal
+from vitkit.layers import (
+    Block,
+    attention_layers,
+    capture_attention,
+    check_image_size,
+    drop_path_rates,
+    get_layer,
+    get_norm,
+    resample_pos_embed,
+    resolve_layers,
+    run_with_captures,
+    sincos_2d,
+)
+from vitkit.models.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INCEPTION_MEAN,
+    INCEPTION_STD,
+    Preprocess,
+    check_literal,
+    config_kwargs,
+    head_outputs,
+)
 from vitkit.models.registry import register_family, register_model
 
 Pool = Literal["token", "avg", "none"]
@@ -58,6 +79,13 @@ class ViTConfig:
     head_drop_rate: float = 0.0  # dropout on the pooled features just before the classifier
     init_values: float | None = None  # LayerScale initial gain; None disables LayerScale (as in ViT/DeiT)
     norm_eps: float = 1e-6  # LayerNorm epsilon: 1e-6 in the JAX/timm models, 1e-12 in transformers' ViT
+    # Pluggable layers, by name (see vitkit.layers.create): names keep config.json plain JSON.
+    attn_layer: str = "mha"  # token mixer; "mha" = global multi-head self-attention with the fused kernel
+    attn_args: dict[str, Any] = field(default_factory=dict)  # options for the attention variant (JSON values)
+    mlp_layer: str = "mlp"  # "mlp" (ViT) or "swiglu" (gated, as in EVA-02 / LLaMA)
+    act_layer: str = "gelu"  # MLP activation; exact GELU as in ViT/BERT
+    norm_layer: str = "layernorm"  # block and final norm; "rmsnorm" drops the mean and bias
+    embed_layer: str = "patch"  # image -> tokens; "patch" = non-overlapping strided convolution
 
     def __post_init__(self) -> None:
         if isinstance(self.img_size, int):
@@ -90,6 +118,11 @@ class ViTConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         check_image_size(self.img_size[0], self.img_size[1], (self.patch_size, self.patch_size))
+        for kind in ("attn", "mlp", "act", "norm", "embed"):
+            get_layer(kind, getattr(self, f"{kind}_layer"))  # a ValueError listing the known names
+        if not isinstance(self.attn_args, dict):
+            raise TypeError(f"attn_args must be a dict of options, got {self.attn_args!r}")
+        self.attn_args = dict(self.attn_args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,25 +137,28 @@ class VisionTransformer(nn.Module):
 
     Args:
         cfg: architecture; `ViTConfig()` (ViT-B/16) when None.
-        **overrides: fields of ViTConfig to change, e.g. `num_classes=10`.
+        **overrides: fields of ViTConfig to change, e.g. `num_classes=10`. The tutorials' spellings are accepted
+            too (`n_classes`, `n_heads`, `in_channels`, `dropout`, `num_layers`, `mlp_dim`, lucidrains'
+            `image_size`/`dim`/`heads`/`channels`); anything else is a TypeError listing the accepted names.
     """
 
     family = "vit"
 
     def __init__(self, cfg: ViTConfig | None = None, **overrides):
         super().__init__()
+        overrides = config_kwargs(ViTConfig, overrides, base=cfg)
         # A private copy: reset_classifier edits the config, and two models must never share one.
         cfg = ViTConfig(**overrides) if cfg is None else dataclasses.replace(cfg, **overrides)
         self.cfg = cfg
         self.preprocess = Preprocess(input_size=cfg.img_size)
         D = cfg.embed_dim
-        self.num_classes = cfg.num_classes
         self.embed_dim = self.num_features = D
         self.grad_checkpointing = False
         self._pos_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # grid -> table, a few recent grids
 
+        norm_layer = get_norm(cfg.norm_layer, cfg.norm_eps)
         # Patches -> tokens, plus the extra tokens.
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
+        self.patch_embed = get_layer("embed", cfg.embed_layer)(cfg.patch_size, cfg.in_chans, D)
         self.native_grid = self.patch_embed.grid_size(*cfg.img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.distilled else None
@@ -135,6 +171,7 @@ class VisionTransformer(nn.Module):
         else:
             self.pos_embed = None
         self.pos_drop = nn.Dropout(cfg.drop_rate)
+        self._pos_src: torch.Tensor | None = None  # the learned table the cached resamples were made from
 
         # The transformer.
         dpr = drop_path_rates(cfg.drop_path_rate, cfg.depth)
@@ -149,20 +186,67 @@ class VisionTransformer(nn.Module):
                 attn_drop=cfg.attn_drop_rate,
                 drop_path=dpr[i],
                 init_values=cfg.init_values,
-                norm_eps=cfg.norm_eps,
+                norm_layer=norm_layer,
+                act_layer=get_layer("act", cfg.act_layer),
+                attn_layer=get_layer("attn", cfg.attn_layer),
+                mlp_layer=get_layer("mlp", cfg.mlp_layer),
+                attn_args=cfg.attn_args,
             )
             for i in range(cfg.depth)
         )
         # With avg pooling the norm moves after pooling (fc_norm), as in BEiT/MAE fine-tuning.
         use_fc_norm = cfg.pool == "avg" if cfg.fc_norm is None else cfg.fc_norm
-        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(D, eps=cfg.norm_eps)
-        self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if use_fc_norm else nn.Identity()
+        self.norm = nn.Identity() if use_fc_norm else norm_layer(D)
+        self.fc_norm = norm_layer(D) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.head_drop_rate)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.head_dist = None
         if cfg.distilled:
             self.head_dist = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.init_weights()
+
+    # --- the head as it is ------------------------------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        # `model.head = nn.Linear(D, 5)` (the tutorials' way to change the class count) must leave a model whose
+        # config, `num_classes` and saved config.json describe the new head; reset_classifier does the same.
+        if name in ("head", "head_dist") and isinstance(value, nn.Module) and "cfg" in self.__dict__:
+            n = head_outputs(value)
+            if n is not None and name == "head":
+                self.cfg.num_classes = n
+                names = self.preprocess.class_names
+                if names is not None and len(names) != n:
+                    self.preprocess.class_names = None
+
+    @property
+    def num_classes(self) -> int:
+        """Outputs of the classifier as it is now (0 without one), whatever was assigned to `head`."""
+        n = head_outputs(self.head)
+        return self.cfg.num_classes if n is None else n
+
+    def describe(self) -> ViTConfig:
+        """The config of the model as it is, for saving: checks that the heads can be rebuilt from it.
+
+        Raises:
+            ValueError: a head that config.json cannot describe (not a Linear from the embedding width, nor
+                Identity), or DeiT heads of different sizes.
+        """
+        for name in ("head", "head_dist"):
+            head = getattr(self, name)
+            if head is None or isinstance(head, nn.Identity):
+                continue
+            if not isinstance(head, nn.Linear) or head.in_features != self.embed_dim or head.bias is None:
+                raise ValueError(
+                    f"model.{name} is {head!r}: a vitkit config can describe a head that is nn.Linear("
+                    f"{self.embed_dim}, classes) with a bias, or nn.Identity(); save this model's state_dict with "
+                    "torch.save instead, or use reset_classifier(classes)"
+                )
+        if self.head_dist is not None and head_outputs(self.head_dist) != head_outputs(self.head):
+            raise ValueError(
+                f"DeiT heads differ: head has {head_outputs(self.head)} outputs, head_dist "
+                f"{head_outputs(self.head_dist)}; assign both (or use reset_classifier) so their logits can be averaged"
+            )
+        return dataclasses.replace(self.cfg, num_classes=self.num_classes)
 
     # --- initialisation -------------------------------------------------------------------------------------
     def init_weights(self) -> None:
@@ -222,15 +306,25 @@ class VisionTransformer(nn.Module):
             return table
         if grid == self.native_grid:
             return self.pos_embed
-        # Resampling is differentiable; cache it only when no gradient can flow, keyed on the table's version
-        # and storage so that an optimiser step or loading new weights (in-place writes) invalidates it.
+        # Resampling is differentiable: cache it only when no gradient can flow. A cached table is served only
+        # while the learned table still equals the copy it was made from: `pos_embed.data.copy_(...)`, optimiser
+        # steps, `load_state_dict` and reassignment all change the values (writes through `.data` do not even bump
+        # the version counter), and one equality check of a (1, N, D) table costs far less than a resample.
         cacheable = not (torch.is_grad_enabled() and self.pos_embed.requires_grad)
-        key = ("learn", grid, self.pos_embed._version, self.pos_embed.data_ptr(), dtype, device)
-        table = self._cache_get(key) if cacheable else None
+        if not cacheable:
+            return resample_pos_embed(self.pos_embed, grid, self.native_grid, self.num_pos_prefix)
+        src = self.pos_embed.detach()
+        if self._pos_src is None or self._pos_src.shape != src.shape or self._pos_src.dtype != src.dtype:
+            fresh = False
+        else:
+            fresh = self._pos_src.device == src.device and torch.equal(self._pos_src, src)
+        if not fresh:
+            self._pos_cache = OrderedDict((k, v) for k, v in self._pos_cache.items() if k[0] != "learn")
+            self._pos_src = src.clone()
+        key = ("learn", grid, dtype, device)
+        table = self._cache_get(key)
         if table is None:
-            table = resample_pos_embed(self.pos_embed, grid, self.native_grid, self.num_pos_prefix)
-            if cacheable:
-                table = self._cache_put(key, table.detach())
+            table = self._cache_put(key, resample_pos_embed(src, grid, self.native_grid, self.num_pos_prefix))
         return table
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -250,46 +344,27 @@ class VisionTransformer(nn.Module):
         return self.pos_drop(x)
 
     # --- transformer ----------------------------------------------------------------------------------------
-    def _run_block(self, i: int, x: torch.Tensor, want_attn: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         blk = self.blocks[i]
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(blk, x, want_attn, use_reentrant=False)
-        return blk(x, want_attn)
-
-    def _resolve_layers(self, layers: bool | int | Sequence[int] | None) -> list[int]:
-        """Normalise a layer request (True = all, int or list, negatives from the end) to sorted indices."""
-        depth = len(self.blocks)
-        if layers is None or layers is False:
-            return []
-        if layers is True:
-            return list(range(depth))
-        if isinstance(layers, int):
-            layers = [layers]
-        out = []
-        for i in layers:
-            if not isinstance(i, int) or isinstance(i, bool):
-                raise TypeError(f"layer indices must be integers, got {i!r}")
-            if not -depth <= i < depth:
-                raise ValueError(
-                    f"layer index {i} is out of range for a model with {depth} blocks (use -{depth}..{depth - 1})"
-                )
-            out.append(i % depth)
-        return sorted(set(out))
+            # The backward pass recomputes the block after any capture context has closed: hand the captures in,
+            # so the recomputation takes the same (explicit) attention path as the forward did.
+            captures = [m.capture for m in attention_layers(blk)]
+            return checkpoint(run_with_captures, blk, captures, x, use_reentrant=False)
+        return blk(x)
 
     def forward_features(
         self, x: torch.Tensor, return_attention: bool | int | Sequence[int] = False
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Image -> normalised tokens (B, N, D); with `return_attention`, also the requested attention maps."""
-        want = return_attention is not False and return_attention is not None
-        attn_layers = set(self._resolve_layers(return_attention))
-        x = self.embed(x)
-        attns = []
-        for i in range(len(self.blocks)):
-            x, attn = self._run_block(i, x, i in attn_layers)  # only requested layers leave the fused path
-            if attn is not None:
-                attns.append(attn)  # (B, heads, N, N)
-        x = self.norm(x)
-        return (x, attns) if want else x
+        if return_attention is False or return_attention is None:
+            x = self.embed(x)
+            for i in range(len(self.blocks)):
+                x = self._run_block(i, x)
+            return self.norm(x)
+        with capture_attention(self, return_attention) as rec:  # only requested layers leave the fused kernel
+            x = self.forward_features(x)
+        return x, rec.maps
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens (B, N, D) -> pooled features (B, D) (or the tokens unchanged for pool='none')."""
@@ -334,7 +409,8 @@ class VisionTransformer(nn.Module):
         Args:
             x: images (B, C, H, W).
             indices: an int n for the last n blocks, or block indices (negatives from the end); None = all.
-            as_maps: return patch tokens as (B, D, H', W') maps (prefix tokens dropped) instead of (B, N, D).
+            as_maps: return patch tokens as (B, D, H', W') maps (prefix tokens dropped) instead of (B, N, D), the
+                form every family gives (see `feature_info`).
             norm: apply the final norm to each output (a no-op for models that norm after pooling, pool='avg').
         """
         depth = len(self.blocks)
@@ -345,14 +421,14 @@ class VisionTransformer(nn.Module):
                 raise ValueError(f"indices={indices} asks for the last n blocks; n must be in 1..{depth}")
             wanted = list(range(depth - indices, depth))
         else:
-            wanted = self._resolve_layers(list(indices))
+            wanted = resolve_layers(list(indices), depth, "block")
             if not wanted:
                 raise ValueError(f"indices={list(indices)!r} selects no block; give an int n (last n) or block indices")
         gh, gw = self.patch_grid(x.shape[-2], x.shape[-1])
         x = self.embed(x)
         outs = []
         for i in range(max(wanted) + 1):  # stop after the last wanted block
-            x, _ = self._run_block(i, x, False)
+            x = self._run_block(i, x)
             if i in wanted:
                 y = self.norm(x) if norm else x
                 if as_maps:
@@ -376,7 +452,7 @@ class VisionTransformer(nn.Module):
             if self.cfg.fc_norm is None:
                 self.cfg.fc_norm = isinstance(self.fc_norm, nn.LayerNorm)
             self.cfg.pool = pool
-        self.cfg.num_classes = self.num_classes = num_classes
+        self.cfg.num_classes = num_classes
         like = dict(device=self.patch_embed.proj.weight.device, dtype=self.patch_embed.proj.weight.dtype)
         self.head = nn.Linear(self.embed_dim, num_classes, **like) if num_classes > 0 else nn.Identity()
         if self.head_dist is not None:
@@ -399,22 +475,61 @@ class VisionTransformer(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def group_matcher(self, name: str) -> int:
-        """Layer id of a parameter for layer-wise LR decay: 0 = embeddings, i+1 = block i, depth+1 = head."""
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """One entry per block, as timm: `num_chs` (channels), `reduction` (stride in pixels), `module` (name)."""
+        return [
+            {"num_chs": self.embed_dim, "reduction": self.cfg.patch_size, "module": f"blocks.{i}"}
+            for i in range(len(self.blocks))
+        ]
+
+    @property
+    def num_layer_ids(self) -> int:
+        """Layer ids run 0 (embeddings) .. depth (last block), then depth + 1 for the final norm and head."""
+        return len(self.blocks) + 2
+
+    def layer_id(self, name: str) -> int:
+        """Layer id of a parameter, for layer-wise LR decay and freezing: 0 = embeddings, i+1 = block i,
+        depth+1 = final norm and head (BEiT's numbering)."""
         if name.startswith(("cls_token", "dist_token", "reg_token", "pos_embed", "patch_embed")):
             return 0
         if name.startswith("blocks."):
             return int(name.split(".")[1]) + 1
         return len(self.blocks) + 1
 
+    def is_classifier(self, name: str) -> bool:
+        """Whether a parameter belongs to a classifier head (`head`, DeiT's `head_dist`), for head LR settings."""
+        return name.startswith(("head.", "head_dist."))
+
+    def adapt_state_dict(self, state: dict[str, torch.Tensor], source_cfg: dict[str, Any], log=None) -> dict:
+        """A state dict saved from this family at another input size, made to fit this model.
+
+        The learned position table is resampled (bicubic, `vitkit.layers.resample_pos_embed`) from the source
+        grid to this model's native grid; everything else must already match.
+        """
+        old = source_cfg["img_size"]
+        old = (old, old) if isinstance(old, int) else tuple(old)
+        patch = int(source_cfg["patch_size"])
+        old_grid = (old[0] // patch, old[1] // patch)
+        if "pos_embed" in state and self.native_grid != old_grid:
+            state = dict(state)
+            state["pos_embed"] = resample_pos_embed(state["pos_embed"], self.native_grid, old_grid, self.num_pos_prefix)
+            if log is not None:
+                log(
+                    f"resampled pos_embed from a {old_grid[0]}x{old_grid[1]} to a "
+                    f"{self.native_grid[0]}x{self.native_grid[1]} grid"
+                )
+        return state
+
     def save_pretrained(self, directory: str, **extra) -> None:
         """Write `config.json` + `model.safetensors` to `directory` (atomically); see `vitkit.load_model`."""
-        from vitkit.weights.native import save_pretrained
+        from vitkit.models.serialization import save_pretrained
 
         save_pretrained(self, directory, **extra)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._pos_cache.clear()
+        self._pos_src = None
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
@@ -440,33 +555,40 @@ def _vit(width: str, patch: int, size: int, **overrides) -> VisionTransformer:
     return VisionTransformer(ViTConfig(**{**cfg, **overrides}))
 
 
-def _register_vit(name: str, width: str, patch: int, size: int, doc: str, **arch) -> None:
+# Default preprocessing of the weights each name denotes (timm's pretrained_cfg): the original JAX/AugReg ViTs
+# normalise to [-1, 1] with a 0.9 centre crop (1.0 at 384 px); DeiT and DINO use the ImageNet statistics.
+JAX_PRE = {"mean": INCEPTION_MEAN, "std": INCEPTION_STD, "crop_fraction": 0.9}
+JAX_PRE_384 = {**JAX_PRE, "crop_fraction": 1.0}
+IMAGENET_PRE = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop_fraction": 0.875}
+
+
+def _register_vit(name: str, width: str, patch: int, size: int, doc: str, pre: dict | None = None, **arch) -> None:
     def builder(**overrides) -> VisionTransformer:
         return _vit(width, patch, size, **{**arch, **overrides})
 
     builder.__name__ = builder.__qualname__ = name
     builder.__doc__ = doc
-    register_model(name, family="vit")(builder)
+    register_model(name, family="vit", preprocess=IMAGENET_PRE if pre is None else pre)(builder)
 
 
 # ImageNet-scale variants.
-_register_vit("vit_tiny_patch16_224", "tiny", 16, 224, "ViT-Ti/16 (DeiT-Ti), 5.7M params.")
-_register_vit("vit_tiny_patch16_384", "tiny", 16, 384, "ViT-Ti/16 at 384 px.")
-_register_vit("vit_small_patch16_224", "small", 16, 224, "ViT-S/16 (DeiT-S), 22M params.")
-_register_vit("vit_small_patch16_384", "small", 16, 384, "ViT-S/16 at 384 px.")
-_register_vit("vit_small_patch32_224", "small", 32, 224, "ViT-S/32.")
+_register_vit("vit_tiny_patch16_224", "tiny", 16, 224, "ViT-Ti/16 (DeiT-Ti), 5.7M params.", pre=JAX_PRE)
+_register_vit("vit_tiny_patch16_384", "tiny", 16, 384, "ViT-Ti/16 at 384 px.", pre=JAX_PRE_384)
+_register_vit("vit_small_patch16_224", "small", 16, 224, "ViT-S/16 (DeiT-S), 22M params.", pre=JAX_PRE)
+_register_vit("vit_small_patch16_384", "small", 16, 384, "ViT-S/16 at 384 px.", pre=JAX_PRE_384)
+_register_vit("vit_small_patch32_224", "small", 32, 224, "ViT-S/32.", pre=JAX_PRE)
 _register_vit("vit_small_patch8_224", "small", 8, 224, "ViT-S/8 (DINO), 784 patches.")
 _register_vit("vit_small_patch14_224_reg4", "small", 14, 224, "ViT-S/14 with 4 registers.", reg_tokens=4)
-_register_vit("vit_base_patch16_224", "base", 16, 224, "ViT-B/16, 86.6M params.")
-_register_vit("vit_base_patch16_384", "base", 16, 384, "ViT-B/16 at 384 px (576 patches).")
-_register_vit("vit_base_patch32_224", "base", 32, 224, "ViT-B/32.")
-_register_vit("vit_base_patch8_224", "base", 8, 224, "ViT-B/8.")
+_register_vit("vit_base_patch16_224", "base", 16, 224, "ViT-B/16, 86.6M params.", pre=JAX_PRE)
+_register_vit("vit_base_patch16_384", "base", 16, 384, "ViT-B/16 at 384 px (576 patches).", pre=JAX_PRE_384)
+_register_vit("vit_base_patch32_224", "base", 32, 224, "ViT-B/32.", pre=JAX_PRE)
+_register_vit("vit_base_patch8_224", "base", 8, 224, "ViT-B/8.", pre=JAX_PRE)
 _register_vit("vit_base_patch16_224_reg4", "base", 16, 224, "ViT-B/16 with 4 registers.", reg_tokens=4)
-_register_vit("vit_large_patch16_224", "large", 16, 224, "ViT-L/16, 304M params.")
-_register_vit("vit_large_patch16_384", "large", 16, 384, "ViT-L/16 at 384 px.")
-_register_vit("vit_large_patch32_224", "large", 32, 224, "ViT-L/32.")
-_register_vit("vit_large_patch14_224", "large", 14, 224, "ViT-L/14.")
-_register_vit("vit_huge_patch14_224", "huge", 14, 224, "ViT-H/14, 631M params.")
+_register_vit("vit_large_patch16_224", "large", 16, 224, "ViT-L/16, 304M params.", pre=JAX_PRE)
+_register_vit("vit_large_patch16_384", "large", 16, 384, "ViT-L/16 at 384 px.", pre=JAX_PRE_384)
+_register_vit("vit_large_patch32_224", "large", 32, 224, "ViT-L/32.", pre=JAX_PRE)
+_register_vit("vit_large_patch14_224", "large", 14, 224, "ViT-L/14.", pre=JAX_PRE)
+_register_vit("vit_huge_patch14_224", "huge", 14, 224, "ViT-H/14, 631M params.", pre=JAX_PRE)
 # Average-pooled, class-token-free variant (as in "Simple ViT" / MAE fine-tuning) with fixed sin-cos positions.
 _register_vit(
     "vit_small_patch16_224_gap", "small", 16, 224, "ViT-S/16, no class token, mean-pooled, sin-cos positions.",
@@ -485,18 +607,61 @@ _register_vit("vit_base_patch4_32", "base", 4, 32, "ViT-B width for 32 px images
 
 # The builders from the user's tutorials, as thin aliases over the registry.
 def _alias(fn_name: str, registered: str):
-    def create(n_classes: int = 1000, **overrides) -> VisionTransformer:
+    def create(n_classes: int | None = None, **overrides) -> VisionTransformer:
         from vitkit.models.registry import create_model
 
-        return create_model(registered, num_classes=n_classes, **overrides)
+        if n_classes is not None:
+            if "num_classes" in overrides and overrides["num_classes"] != n_classes:
+                raise TypeError(f"{fn_name}: n_classes={n_classes} and num_classes={overrides['num_classes']} disagree")
+            overrides["num_classes"] = n_classes
+        return create_model(registered, **overrides)
 
     create.__name__ = create.__qualname__ = fn_name
-    create.__doc__ = f"`{registered}` with `n_classes` outputs (any other config field may be overridden)."
+    create.__doc__ = (
+        f"`{registered}` with `n_classes` (or `num_classes`) outputs; any other config field may be overridden."
+    )
     return create
 
 
-create_vit_tiny = _alias("create_vit_tiny", "vit_tiny_patch16_224")
-create_vit_small = _alias("create_vit_small", "vit_small_patch16_224")
-create_vit_base = _alias("create_vit_base", "vit_base_patch16_224")
-create_vit_large = _alias("create_vit_large", "vit_large_patch16_224")
-create_vit_huge = _alias("create_vit_huge", "vit_huge_patch14_224")
+VIT_SIZES = {  # the sizes create_vit_model understands -> registered name
+    "tiny": "vit_tiny_patch16_224",
+    "small": "vit_small_patch16_224",
+    "base": "vit_base_patch16_224",
+    "large": "vit_large_patch16_224",
+    "huge": "vit_huge_patch14_224",
+}
+create_vit_tiny = _alias("create_vit_tiny", VIT_SIZES["tiny"])
+create_vit_small = _alias("create_vit_small", VIT_SIZES["small"])
+create_vit_base = _alias("create_vit_base", VIT_SIZES["base"])
+create_vit_large = _alias("create_vit_large", VIT_SIZES["large"])
+create_vit_huge = _alias("create_vit_huge", VIT_SIZES["huge"])
+
+
+def create_vit_model(size_or_name: str = "base", **overrides) -> nn.Module:
+    """A ViT by size ("tiny", "small", "base", "large", "huge": patch 16 at 224 px, huge patch 14) or by any
+    registered name (`vitkit.list_models()`), e.g. `create_vit_model("small", n_classes=10)`.
+
+    Raises:
+        ValueError: neither a size nor a registered name (the error lists the sizes and close names).
+    """
+    from vitkit.models.registry import create_model, list_models
+
+    name = VIT_SIZES.get(size_or_name, size_or_name)
+    if name not in list_models():
+        raise ValueError(
+            f"create_vit_model({size_or_name!r}): not a size ({', '.join(VIT_SIZES)}) nor a registered model; "
+            + str(_unknown_hint(size_or_name))
+        )
+    n_classes = overrides.pop("n_classes", None)
+    if n_classes is not None:
+        overrides["num_classes"] = n_classes
+    return create_model(name, **overrides)
+
+
+def _unknown_hint(name: str) -> str:
+    import difflib
+
+    from vitkit.models.registry import list_models
+
+    close = difflib.get_close_matches(name, list_models(), n=5, cutoff=0.5)
+    return f"closest: {', '.join(close)}" if close else "see vitkit.list_models()"

@@ -9,7 +9,6 @@ AdamW with the two conventions every ViT recipe (DeiT, BEiT, MAE, timm) shares:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -31,8 +30,19 @@ def no_decay_names(model: nn.Module) -> set[str]:
 
 
 def _is_head(model: nn.Module, name: str) -> bool:
-    # The classifier(s): `head` and DeiT's `head_dist`, not the final norm (which shares their layer id).
+    # The classifier(s), as the model's contract says (`is_classifier`); not the final norm, which shares their
+    # layer id.
+    if hasattr(model, "is_classifier"):
+        return bool(model.is_classifier(name))
     return name.startswith(("head.", "head_dist."))
+
+
+def require_layer_ids(model: nn.Module, purpose: str) -> int:
+    """The model's number of layer ids; a TypeError naming the model and `purpose` when it has no `layer_id`."""
+    if not hasattr(model, "layer_id") or not hasattr(model, "num_layer_ids"):
+        name = getattr(model, "model_name", None) or type(model).__name__
+        raise TypeError(f"{purpose} needs layer ids (the model contract's layer_id/num_layer_ids); {name} has none")
+    return int(model.num_layer_ids)
 
 
 def param_groups(
@@ -47,7 +57,7 @@ def param_groups(
     plus `name` for logging.
 
     Args:
-        model: a vitkit model (for `layer_decay` it needs `group_matcher(name) -> layer id` and `blocks`).
+        model: a vitkit model (for `layer_decay` it needs the contract's `layer_id(name)` and `num_layer_ids`).
         weight_decay: decoupled weight decay for matrices.
         layer_decay: None (off) or a factor in (0, 1]: layer id l of L+1 gets scale `layer_decay ** (L + 1 - l)`
             where L = number of blocks, so the head gets 1 and the embeddings `layer_decay ** (L + 1)`.
@@ -60,11 +70,7 @@ def param_groups(
     if layer_decay is not None:
         if not 0.0 < layer_decay <= 1.0:
             raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
-        if not hasattr(model, "group_matcher") or not hasattr(model, "blocks"):
-            raise TypeError(
-                f"layer_decay needs a model with group_matcher() and blocks; {type(model).__name__} has not"
-            )
-        num_layers = len(model.blocks) + 2  # embeddings, blocks..., head
+        num_layers = require_layer_ids(model, "layer_decay")  # embeddings, blocks/stages..., head
     skip = no_decay_names(model)
     groups: dict[tuple, dict[str, Any]] = {}
     for name, p in model.named_parameters():
@@ -73,7 +79,7 @@ def param_groups(
         decay = 0.0 if name in skip else weight_decay
         scale, layer = 1.0, None
         if layer_decay is not None:
-            layer = model.group_matcher(name)
+            layer = model.layer_id(name)
             scale = layer_decay ** (num_layers - 1 - layer)
         if _is_head(model, name):
             scale *= head_lr_mult
@@ -168,40 +174,28 @@ class WarmupCosine:
 # ----------------------------------------------------------------------------------------------------------------
 # Freezing
 # ----------------------------------------------------------------------------------------------------------------
-def _params(*modules_or_params: nn.Module | nn.Parameter | None) -> Iterable[nn.Parameter]:
-    for m in modules_or_params:
-        if m is None:
-            continue
-        if isinstance(m, nn.Parameter):
-            yield m
-        else:
-            yield from m.parameters()
-
-
 def freeze_backbone(model: nn.Module, freeze_layers: int = 8) -> int:
-    """Freeze the patch embedding, position embedding, prefix tokens and the first `freeze_layers` blocks.
+    """Freeze the embeddings and the first `freeze_layers` blocks (or stages), by the model's layer ids.
 
-    Everything after them (later blocks, final norm, head) stays trainable. Build the optimiser afterwards: frozen
-    parameters are left out of `param_groups`.
+    Parameters with layer id 0 (patch/position embeddings, prefix tokens, a CNN stem) and ids 1..freeze_layers
+    (the first blocks) stop training; everything after them (later blocks, final norm, head) stays trainable.
+    Build the optimiser afterwards: frozen parameters are left out of `param_groups`.
 
     Args:
-        model: a ViT-like model with `patch_embed` and `blocks`.
-        freeze_layers: how many leading blocks to freeze, 0..len(model.blocks).
+        model: any model with the contract's `layer_id(name)` and `num_layer_ids`.
+        freeze_layers: how many leading blocks to freeze, 0..num_layer_ids - 2.
 
     Returns:
         The number of parameters (elements) frozen.
     """
-    if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
-        raise TypeError(f"freeze_backbone needs a model with patch_embed and blocks; got {type(model).__name__}")
-    depth = len(model.blocks)
+    depth = require_layer_ids(model, "freeze_backbone") - 2  # ids: 0 embeddings, 1..depth blocks, depth+1 head
     if isinstance(freeze_layers, bool) or not isinstance(freeze_layers, int) or not 0 <= freeze_layers <= depth:
         raise ValueError(
             f"freeze_layers={freeze_layers!r} must be an integer in 0..{depth} (the model has {depth} blocks)"
         )
     frozen = 0
-    tokens = [getattr(model, n, None) for n in ("pos_embed", "cls_token", "dist_token", "reg_token")]
-    for p in _params(model.patch_embed, *tokens, *model.blocks[:freeze_layers]):
-        if p.requires_grad:
+    for name, p in model.named_parameters():
+        if model.layer_id(name) <= freeze_layers and p.requires_grad:
             p.requires_grad_(False)
             frozen += p.numel()
     return frozen

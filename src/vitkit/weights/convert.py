@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from vitkit._io import resolve_dir
-from vitkit.layers import resample_pos_embed
+from vitkit.models.serialization import match_state_dtype, read_config, read_safetensors
 from vitkit.runs import describe_checkpoint, is_run_dir, resolve_checkpoint
 from vitkit.weights._log import LogFn, Reporter, as_reporter
 from vitkit.weights.hf import CONFIG_NAME as HF_CONFIG_NAME
@@ -40,22 +39,17 @@ SourceFormat = Literal["vitkit", "hf", "jax", "timm"]
 
 
 def _load_native_resized(directory: Path, img_size: int | tuple[int, int], rep: Reporter) -> nn.Module:
-    """A vitkit directory loaded for another input size, its position table resampled before the strict load."""
-    config = json.loads((directory / CONFIG_NAME).read_text())
-    if config.get("family") != "vit":
-        raise ValueError(f"img_size is supported for 'vit' models only; {directory} holds a {config.get('family')!r}")
-    arch = config["architecture"]
-    patch = int(arch["patch_size"])
-    old = as_img_size(arch["img_size"])
+    """A vitkit directory loaded for another input size; the family fits the weights (`adapt_state_dict`)."""
+    config = read_config(directory / CONFIG_NAME)
     model = empty_model(lambda: model_from_config(config, img_size=as_img_size(img_size)))
-    state = load_file(str(directory / WEIGHTS_NAME), device="cpu")
-    old_grid = (old[0] // patch, old[1] // patch)
-    if "pos_embed" in state and model.native_grid != old_grid:
-        state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.native_grid, old_grid, model.num_pos_prefix)
-        rep.info(
-            f"resampled pos_embed from a {old_grid[0]}x{old_grid[1]} to a "
-            f"{model.native_grid[0]}x{model.native_grid[1]} grid"
+    if not hasattr(model, "adapt_state_dict"):
+        raise ValueError(
+            f"img_size: {type(model).__name__} ({config.get('model_name') or config.get('family')}) cannot adapt "
+            "its weights to another input size (it has no adapt_state_dict); load it at its own size"
         )
+    state = read_safetensors(directory / WEIGHTS_NAME)
+    state = model.adapt_state_dict(state, config["architecture"], log=rep.info)
+    model = match_state_dtype(model, state)  # bf16/fp16 directories stay bf16/fp16 at any size
     load_state_dict_strict(model, state, source=str(directory / WEIGHTS_NAME))
     model.preprocess.input_size = tuple(model.cfg.img_size)
     return model
@@ -64,6 +58,8 @@ def _load_native_resized(directory: Path, img_size: int | tuple[int, int], rep: 
 def _load_dir(
     directory: Path, model_name: str | None, img_size: int | tuple[int, int] | None, rep: Reporter
 ) -> tuple[nn.Module, SourceFormat]:
+    if (directory / CONFIG_NAME).is_file():
+        read_config(directory / CONFIG_NAME)  # a truncated config.json is named as such, not "not a model dir"
     if is_native_dir(directory):
         if model_name:
             rep.info(f"model_name={model_name!r} ignored: {directory} has its own config")

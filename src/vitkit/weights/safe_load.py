@@ -20,8 +20,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from vitkit.weights._log import LogFn, Reporter, as_reporter
 
@@ -85,7 +83,10 @@ def read_torch(path: str | os.PathLike) -> Any:
             "re-save just its state dict (or a .safetensors file) from an environment you trust"
         ) from None
     except Exception as e:  # the restricted unpickler fails in many ways on damaged files; none ran any code
-        raise ValueError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise ValueError(
+            f"cannot read {path} as a PyTorch checkpoint: the file is incomplete or corrupt, or not a checkpoint "
+            f"({type(e).__name__}: {e})"
+        ) from None
 
 
 def _weights_only_reason(msg: str) -> str:
@@ -104,10 +105,9 @@ def _weights_only_reason(msg: str) -> str:
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a `.safetensors` file, on the CPU."""
-    try:
-        return load_file(str(path), device="cpu")
-    except SafetensorError as e:
-        raise ValueError(f"cannot read {path} as a safetensors file: {e}") from None
+    from vitkit.models.serialization import read_safetensors as _read
+
+    return _read(path)
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -116,13 +116,21 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         data = np.load(path, allow_pickle=False)
     except ValueError as e:
         raise ValueError(f"cannot read {path} as an .npz archive: {e}") from None
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise ValueError(
+            f"{path} is incomplete or corrupt: not a readable .npz archive ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError(f"{path} holds a single array, not an .npz archive of named arrays")
     with data:
         try:
             return {k: data[k] for k in data.files}
         except ValueError as e:  # "Object arrays cannot be loaded when allow_pickle=False"
+            if "pickle" not in str(e).lower():
+                raise ValueError(f"{path} is incomplete or corrupt ({e})") from None
             raise ValueError(f"refusing to load {path}: it contains pickled object arrays ({e})") from None
+        except (zipfile.BadZipFile, EOFError, OSError) as e:
+            raise ValueError(f"{path} is incomplete or corrupt ({type(e).__name__}: {e})") from None
 
 
 def unwrap_state_dict(

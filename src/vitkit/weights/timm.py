@@ -22,6 +22,7 @@ from torch import nn
 from vitkit.layers import resample_pos_embed
 from vitkit.models.base import Preprocess
 from vitkit.models.registry import create_model, model_family
+from vitkit.models.serialization import match_state_dtype
 from vitkit.models.vit import VisionTransformer, ViTConfig
 from vitkit.weights._log import LogFn, Reporter, as_reporter
 from vitkit.weights.native import load_state_dict_strict
@@ -283,9 +284,7 @@ def build_vit(
             f"resampled pos_embed from a {grid[0]}x{grid[1]} to a {model.native_grid[0]}x{model.native_grid[1]} "
             f"grid ({native_size[0]}x{native_size[1]} -> {target[0]}x{target[1]} px)"
         )
-    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in state.values() if v.is_floating_point()})
-    if dtypes and dtypes != ["float32"]:
-        rep.info(f"{source}: {'/'.join(dtypes)} tensors loaded into a float32 model")
+    model = match_state_dtype(model, state, source=source, log=rep.info)
     load_state_dict_strict(model, state, source=source)
     pre = preprocess if preprocess is not None else Preprocess()
     model.preprocess = dataclasses.replace(pre, input_size=target)

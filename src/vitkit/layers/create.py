@@ -1,0 +1,71 @@
+"""Layers chosen by name: the one small table that turns the names in a config into layer classes.
+
+Configs store names ("mha", "layernorm", "gelu" ...) so that `config.json` stays plain JSON; models call the
+`get_*` functions below. New variants (the attention zoo, other MLPs and patch embeddings) register here with
+`register_layer(kind, name, factory)` and become usable from every model and from the command line.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from vitkit.layers.attention import Attention
+from vitkit.layers.mlp import GluMlp, Mlp
+from vitkit.layers.patch_embed import PatchEmbed
+
+LAYER_KINDS = ("attn", "mlp", "norm", "act", "embed")
+
+_TABLE: dict[str, dict[str, Callable[..., Any]]] = {
+    "attn": {"mha": Attention},
+    "mlp": {"mlp": Mlp, "swiglu": functools.partial(GluMlp, act_layer=nn.SiLU)},
+    "norm": {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm},
+    "act": {
+        "gelu": nn.GELU,
+        "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"),
+        "relu": nn.ReLU,
+        "silu": nn.SiLU,
+    },
+    "embed": {"patch": PatchEmbed},
+}
+
+
+def register_layer(kind: str, name: str, factory: Callable[..., Any]) -> None:
+    """Make `factory` available under `name` for configs (e.g. `register_layer("attn", "linear", LinearAttention)`).
+
+    Raises:
+        ValueError: an unknown kind, or a name already taken.
+    """
+    table = _table(kind)
+    if name in table:
+        raise ValueError(f"{kind} layer {name!r} is registered twice")
+    table[name] = factory
+
+
+def layer_names(kind: str) -> list[str]:
+    """Names accepted for one kind of layer, e.g. `layer_names("attn")`."""
+    return list(_table(kind))
+
+
+def get_layer(kind: str, name: str) -> Callable[..., Any]:
+    """The class (or factory) registered as `name` for `kind`; a ValueError lists the allowed names."""
+    table = _table(kind)
+    if name not in table:
+        raise ValueError(
+            f"{kind}_layer={name!r} is not a known {kind} layer; choose one of {', '.join(map(repr, table))}"
+        )
+    return table[name]
+
+
+def get_norm(name: str, eps: float) -> Callable[[int], nn.Module]:
+    """A norm constructor taking only the width, with `eps` bound."""
+    return functools.partial(get_layer("norm", name), eps=eps)
+
+
+def _table(kind: str) -> dict[str, Callable[..., Any]]:
+    if kind not in _TABLE:
+        raise ValueError(f"unknown layer kind {kind!r}; kinds are {', '.join(LAYER_KINDS)}")
+    return _TABLE[kind]
