@@ -13,6 +13,7 @@ from vitkit.models import (  # noqa: E402
     create_vit_base,
     create_vit_huge,
     create_vit_large,
+    create_vit_model,
     create_vit_small,
     create_vit_tiny,
     list_models,
@@ -21,7 +22,10 @@ from vitkit.weights import load_native, save_pretrained  # noqa: E402
 
 
 def load_model(path: str, **kwargs):
-    """Load a model from a local path: a vitkit directory, or a foreign checkpoint (see vitkit.weights)."""
+    """Load a model from a local path: a vitkit model or run directory, or a foreign checkpoint (see vitkit.weights).
+
+    A run directory (from `vitkit train`) loads its best/ checkpoint, else last/, and says which on stderr.
+    """
     from vitkit.weights import load_model as _load
 
     return _load(path, **kwargs)
@@ -35,6 +39,7 @@ __all__ = [
     "create_vit_base",
     "create_vit_huge",
     "create_vit_large",
+    "create_vit_model",
     "create_vit_small",
     "create_vit_tiny",
     "list_models",

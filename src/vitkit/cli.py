@@ -365,7 +365,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vitkit import __version__
+    from vitkit._version import __version__
 
     parser = argparse.ArgumentParser(prog="vitkit", description="Vision Transformers: train, inspect, convert.")
     parser.add_argument("--version", action="version", version=f"vitkit {__version__}")

@@ -7,6 +7,7 @@ from vitkit.models.vit import (  # noqa: I001  (registers the ViT family)
     create_vit_base,
     create_vit_huge,
     create_vit_large,
+    create_vit_model,
     create_vit_small,
     create_vit_tiny,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "create_vit_base",
     "create_vit_huge",
     "create_vit_large",
+    "create_vit_model",
     "create_vit_small",
     "create_vit_tiny",
     "get_family",

@@ -236,8 +236,11 @@ class VisionTransformer(nn.Module):
             if head is None or isinstance(head, nn.Identity):
                 continue
             if not isinstance(head, nn.Linear) or head.in_features != self.embed_dim or head.bias is None:
+                what = type(head).__name__
+                if isinstance(head, nn.Linear):
+                    what += f"({head.in_features}, {head.out_features}, bias={head.bias is not None})"
                 raise ValueError(
-                    f"model.{name} is {head!r}: a vitkit config can describe a head that is nn.Linear("
+                    f"model.{name} is {what}: a vitkit config can describe a head that is nn.Linear("
                     f"{self.embed_dim}, classes) with a bias, or nn.Identity(); save this model's state_dict with "
                     "torch.save instead, or use reset_classifier(classes)"
                 )
