@@ -4,8 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitkit.layers import capture_attention
-from vitkit.layers import Attention, DropPath, PatchEmbed, drop_path_rates, resample_pos_embed, sincos_2d
+from vitkit.layers import (
+    Attention,
+    DropPath,
+    PatchEmbed,
+    capture_attention,
+    drop_path_rates,
+    resample_pos_embed,
+    sincos_2d,
+)
 
 
 def test_patch_embed_is_linear_projection_of_flattened_patches():
