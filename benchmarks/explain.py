@@ -2,7 +2,8 @@
 
 For each model (random weights; the cost does not depend on them) and batch: the best wall time of
   - a plain forward (fused attention everywhere) under no_grad,
-  - forward with return_attention for the last layer, and for every layer,
+  - forward inside a `capture_attention` context for every layer, and forward with return_attention (which uses
+    that context) for the last layer and for every layer,
   - each saliency method (attention, rollout, grad-rollout, relevance) through `vitkit.explain.explain`,
     without upsampling,
 printed as a markdown table with the ratio to the plain forward.
@@ -24,6 +25,7 @@ import torch
 
 import vitkit
 from vitkit.explain import METHODS, explain
+from vitkit.layers import capture_attention
 
 
 def _once(fn: Callable[[], object], device: torch.device) -> float:
@@ -50,8 +52,17 @@ def bench_model(name: str, batch: int, repeats: int, device: torch.device) -> li
 
         return run
 
+    def captured(layers):
+        def run():
+            with torch.no_grad(), capture_attention(model, layers) as rec:
+                model(x)
+            return rec.maps
+
+        return run
+
     variants = {
         "forward (fused attention)": forward(False),
+        "capture_attention context, all layers": captured(True),
         "forward + attention of 1 layer": forward([-1]),
         "forward + attention of all layers": forward(True),
         **{f"explain {m}": (lambda m=m: explain(model, x, m, upsample=False)) for m in METHODS},
