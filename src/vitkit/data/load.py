@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from vitkit.data.cifar import load_cifar
@@ -13,6 +12,7 @@ from vitkit.data.dataset import DataSplits, ImageDataset, channel_stats, check_f
 from vitkit.data.digits import DIGITS_CLASSES, load_digits_images
 from vitkit.data.folders import load_csv, load_folder
 from vitkit.data.idx import FASHION_MNIST_CLASSES, MNIST_CLASSES, load_idx_dataset
+from vitkit.data.images import resize_center_crop
 from vitkit.data.shapes import SHAPE_CLASSES, make_shapes
 
 DEFAULT_FILE_LOAD_SIZE = 224
@@ -47,18 +47,13 @@ def _parse_spec(spec: str) -> tuple[str, str | None]:
     raise ValueError(f"unknown data spec {spec!r}: not a known source and no such path exists\n{SPEC_FORMS}")
 
 
-def _resize_images(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> (N, 3, size, size): shorter side to `size` (bicubic, antialiased), centre crop."""
-    n, _, h, w = images.shape
-    if (h, w) == (size, size):
+def _resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> (N, 3, size, size) through the same decode-size step as image files."""
+    if tuple(images.shape[2:]) == (size, size):
         return images
-    new_h, new_w = max(size, round(h * size / min(h, w))), max(size, round(w * size / min(h, w)))
-    top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
-    out = torch.empty((n, 3, size, size), dtype=torch.uint8)
-    for start in range(0, n, chunk):
-        x = images[start : start + chunk].float()
-        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-        out[start : start + chunk] = x[:, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
+    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
+    for i, img in enumerate(images):
+        out[i] = torch.from_numpy(resize_center_crop(img.permute(1, 2, 0).numpy(), size)).permute(2, 0, 1)
     return out
 
 

@@ -19,33 +19,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit._io import atomic_write_text
-from vitkit.runs import resolve_checkpoint, training_record
+from vitkit.runs import resolve_checkpoint
 from vitkit.train.metrics import confusion_matrix, topk_correct
 
 Split = Literal["train", "val", "test", "all"]
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """(model in eval mode on `device`, its config.json's `training` record or {})."""
-    from vitkit.weights import load_model
+    """(model in eval mode on `device`, its config.json's `training` record or {}); see `load_eval_model`."""
+    from vitkit.data.inference import load_eval_model
 
-    directory = resolve_checkpoint(path)
-    model = load_model(str(directory))
-    record = training_record(directory) if directory.is_dir() else {}
-    return model.to(device).eval(), record
+    return load_eval_model(path, device)
 
 
 def _device(device: str | torch.device | None) -> torch.device:
     from vitkit.train.distributed import resolve_device
 
     return resolve_device(device)
-
-
-def _eval_transform(model: nn.Module) -> nn.Module:
-    from vitkit.data.transforms import EvalTransform
-
-    pre = model.preprocess
-    return EvalTransform(pre.input_size, pre.mean, pre.std, pre.crop_fraction, pre.interpolation)
 
 
 def _label_map(model_classes: Sequence[str] | None, data_classes: Sequence[str], num_outputs: int) -> Tensor:
@@ -88,6 +78,7 @@ def evaluate(
         {"top1", "top5", "loss", "n", "per_class": {name: {"acc", "n"}}, "confusion": [[...]], "class_names", ...}
     """
     from vitkit.data import load_data
+    from vitkit.data.inference import eval_transform
     from vitkit.train.trainer import amp_dtype
 
     if split not in ("train", "val", "test", "all"):
@@ -134,7 +125,7 @@ def evaluate(
     class_names = model.preprocess.class_names
     label_map = _label_map(class_names, splits.class_names, model.num_classes).to(dev)
     names = list(class_names) if class_names is not None else [str(i) for i in range(model.num_classes)]
-    tf = _eval_transform(model).to(dev)
+    tf = eval_transform(model)
     from vitkit.train.loader import BatchLoader
 
     k = len(names)
@@ -177,27 +168,6 @@ def evaluate(
     return result
 
 
-def _read_image(path: str, load_size: int | None) -> Tensor:
-    """uint8 (3, H, W): decoded like the training data (square `load_size` for file datasets), else full size."""
-    import numpy as np
-    from PIL import Image, ImageOps
-
-    from vitkit.data.images import load_image, to_rgb
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"image {path!r} does not exist")
-    try:
-        if load_size is not None:
-            arr = load_image(path, load_size)
-        else:
-            with Image.open(path) as img:
-                img.load()
-                arr = np.array(to_rgb(ImageOps.exif_transpose(img)), dtype=np.uint8)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read image {path!r}: {e}") from None
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
 @torch.no_grad()
 def predict(
     checkpoint: str | os.PathLike,
@@ -215,17 +185,19 @@ def predict(
         raise ValueError("predict needs at least one image path")
     if topk <= 0:
         raise ValueError(f"topk must be positive, got {topk}")
+    from vitkit.data.inference import prepare_image
     dev = _device(device)
-    model, record = load_checkpoint(checkpoint, dev)
-    tf = _eval_transform(model).to(dev)
-    data = str(record.get("data") or "")
-    from_files = data.startswith(("folder:", "csv:")) or data.endswith(".csv") or (data and os.path.isdir(data))
-    load_size = record.get("load_size") or (224 if from_files else None)
+    model, _record = load_checkpoint(checkpoint, dev)
     names = model.preprocess.class_names or [str(i) for i in range(model.num_classes)]
     k = min(topk, len(names))
     results = []
     for path in images:
-        x = tf(_read_image(str(path), load_size)[None].to(dev))
+        try:
+            _crop, x = prepare_image(str(path), model)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image {str(path)!r} does not exist") from None
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
         probs = model(x).float().softmax(-1)[0]
         p, idx = probs.topk(k)
         top = [{"class": names[i], "index": int(i), "prob": float(q)} for q, i in zip(p.tolist(), idx.tolist())]

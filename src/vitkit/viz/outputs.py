@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitkit.explain.inputs import ImageLike, prepare_image
+from vitkit.data.images import ImageLike
+from vitkit.data.inference import prepare_image, prepare_images
 from vitkit.explain.maps import METHODS, _check_choice, explain, mean_attention_distance
 from vitkit.runs import training_settings
 from vitkit.viz.attention import (
@@ -73,8 +74,7 @@ def save_explanations(
     _check_choice("method", method, METHODS)
     if not images:
         raise ValueError("no images to explain")
-    crops, xs = zip(*(prepare_image(im, model) for im in images), strict=True)
-    x = torch.cat(xs)
+    crops, x = prepare_images(images, model)
     maps = explain(
         model, x, method=method, layer=layer, head=head, head_fusion=head_fusion, discard_ratio=discard_ratio,
         target=target, upsample=False,
@@ -151,7 +151,7 @@ def save_visualization(
     elif kind == "attention-distance":
         sources = list(images_for_distance or ([image] if image is not None else []))
         if sources:
-            x = torch.cat([prepare_image(im, model)[1] for im in sources])
+            x = prepare_images(sources, model)[1]
             what = f"{len(sources)} image(s)"
         else:
             H, W = model.preprocess.input_size
