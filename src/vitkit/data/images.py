@@ -43,6 +43,35 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
+def list_image_files(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Image files named by `paths`, where a folder stands for every image file under it.
+
+    A folder is walked recursively and its files are sorted by path; hidden entries (a leading dot) and files
+    without an image extension (`IMAGE_EXTENSIONS`) are skipped. A file given by name is kept whatever its
+    extension, so the decoder says what is wrong with it.
+
+    Raises:
+        FileNotFoundError: A path that does not exist.
+        ValueError: A folder with no image file under it.
+    """
+    files: list[str] = []
+    for path in paths:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            found = []
+            for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                found += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".") and is_image_file(f)]
+            if not found:
+                raise ValueError(f"folder {path!r} has no image files (supported: {', '.join(IMAGE_EXTENSIONS)})")
+            files += sorted(found)
+        elif os.path.exists(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"image {path!r} does not exist")
+    return files
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL image to 8-bit RGB: transparency is composited on white, 16/32-bit values are rescaled."""
     mode = img.mode

@@ -62,7 +62,7 @@ def evaluate(
     seed: int | None = None,
     out: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Top-1, top-5 and per-class accuracy, loss and confusion matrix of a checkpoint on a data split.
+    """Top-1, top-5 (over 5 classes only) and per-class accuracy, loss and confusion matrix of a checkpoint on a split.
 
     Args:
         checkpoint: a run directory (uses best/) or a model directory.
@@ -75,7 +75,8 @@ def evaluate(
         out: a directory for eval.json and confusion.png; None writes nothing.
 
     Returns:
-        {"top1", "top5", "loss", "n", "per_class": {name: {"acc", "n"}}, "confusion": [[...]], "class_names", ...}
+        {"top1", "top5", "loss", "n", "per_class": {name: {"acc", "n"}}, "confusion": [[...]], "class_names", ...};
+        "top5" is None when the model has 5 classes or fewer (every label is then in the top 5).
     """
     from vitkit.data import load_data
     from vitkit.data.inference import eval_transform
@@ -90,7 +91,7 @@ def evaluate(
     model, record = load_checkpoint(checkpoint, dev)
     spec = data or record.get("data")
     if spec is None:
-        raise ValueError(f"{checkpoint} does not record its training data: pass data=... (--data)")
+        raise ValueError(f"{checkpoint} does not record its training data: pass data=...")
     same_data = spec == record.get("data")
     splits = load_data(
         spec,
@@ -129,16 +130,17 @@ def evaluate(
     from vitkit.train.loader import BatchLoader
 
     k = len(names)
+    # Top-5 says something only when there are more than 5 classes: with 5 or fewer every label is in the top 5.
+    ks = (1, 5) if k > 5 else (1,)
     conf = torch.zeros(k, k, dtype=torch.long)
-    loss_sum, hits = 0.0, [0, 0]
+    loss_sum, hits = 0.0, [0] * len(ks)
     for x, y in BatchLoader(ds, batch_size):
         x, y = tf(x.to(dev)), label_map[y.to(dev)]
         with torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
             logits = model(x)
         logits = logits.float()
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        h = topk_correct(logits, y, (1, 5))
-        hits = [hits[0] + h[0], hits[1] + h[1]]
+        hits = [a + b for a, b in zip(hits, topk_correct(logits, y, ks), strict=True)]
         conf += confusion_matrix(logits.argmax(-1).cpu(), y.cpu(), k)
     n = len(ds)
     per_class = {
@@ -151,7 +153,7 @@ def evaluate(
         "split": split,
         "n": n,
         "top1": hits[0] / n,
-        "top5": hits[1] / n,
+        "top5": hits[1] / n if len(ks) > 1 else None,
         "loss": loss_sum / n,
         "per_class": per_class,
         "class_names": names,
@@ -178,14 +180,29 @@ def predict(
 ) -> list[dict[str, Any]]:
     """Top-k classes with probabilities for each image file.
 
+    Args:
+        checkpoint: A run directory (uses best/) or a model directory.
+        images: Image files and/or folders; a folder stands for every image file under it (recursively, sorted by
+            path, hidden files and non-image files skipped; see `vitkit.data.images.list_image_files`).
+        topk: How many classes to list per image.
+        device: Where to run ('auto' = cuda when available).
+
     Returns:
         One {"path", "top": [{"class", "index", "prob"}, ...]} per image, best first.
+
+    Raises:
+        FileNotFoundError: A path that does not exist.
+        ValueError: No paths, a folder without image files, or a file that cannot be decoded.
     """
+    from vitkit.data.images import list_image_files
+
     if not images:
         raise ValueError("predict needs at least one image path")
+    images = list_image_files(images)
     if topk <= 0:
         raise ValueError(f"topk must be positive, got {topk}")
     from vitkit.data.inference import prepare_image
+
     dev = _device(device)
     model, _record = load_checkpoint(checkpoint, dev)
     names = model.preprocess.class_names or [str(i) for i in range(model.num_classes)]

@@ -34,6 +34,7 @@ VISUALIZATIONS = (
     "receptive-fields",
 )
 NEEDS_IMAGE = ("patches", "augment", "attention-grid")
+TARGET_METHODS = ("grad-rollout", "relevance")  # the methods whose map depends on the class explained
 
 
 def parse_target(target: str | int | None, class_names: Sequence[str] | None, num_classes: int) -> int | None:
@@ -70,8 +71,17 @@ def save_explanations(
     """Write `<image stem>_<method>.png` overlays into `out_dir`; returns (path, one-line description) per image.
 
     Images are preprocessed with the model's settings and explained in one batch.
+
+    Raises:
+        ValueError: An unknown method, no images, or a `target` for a method that does not depend on a class
+            (attention, rollout): only grad-rollout and relevance explain a chosen class.
     """
     _check_choice("method", method, METHODS)
+    if target is not None and method not in TARGET_METHODS:
+        raise ValueError(
+            f"target={target} has no effect on method={method!r}, which shows the same map whatever the class; "
+            f"the methods that explain a chosen class are {', '.join(TARGET_METHODS)}"
+        )
     if not images:
         raise ValueError("no images to explain")
     crops, x = prepare_images(images, model)
@@ -91,7 +101,7 @@ def save_explanations(
         explained = pred if target is None else int(target)
         what = method if method != "attention" else f"attention layer {layer} head {'mean' if head is None else head}"
         title = f"{what}; predicted {label} ({float(probs[i, pred]):.1%})"
-        if method in ("grad-rollout", "relevance"):
+        if method in TARGET_METHODS:
             title += f"; explaining {names[explained] if names else f'class {explained}'}"
         path = out_dir / f"{_stem(image, i)}_{method}.png"
         plot_attention_overlay(crop, maps[i], title=title, save_path=path)
