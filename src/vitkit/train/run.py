@@ -155,8 +155,7 @@ def _resume_state(cfg: TrainConfig, dist: DistInfo, run_dir: Path, say) -> Any:
                 f"--pretrained {run_dir / 'best'})"
             )
         else:
-            batch = f", batch {state['batches_done'] + 1}" if state.get("batches_done") else ""
-            say(f"resuming {run_dir} at epoch {done + 1} of {cfg.epochs}{batch} (step {state['step']})")
+            say(f"resuming {run_dir} from epoch {done + 1}, step {state['step']} ({cfg.epochs} epochs in all)")
         return state
     say(f"{run_dir} has no checkpoint yet: starting it over from its config.yaml")
     if dist.is_main and (run_dir / "tensorboard").exists():
