@@ -105,6 +105,7 @@ def test_cli_message_translation_table():
         == "bad file (pass --no-strict to skip bad files)"
     )
     assert cli_message("pass data=... to choose", "eval") == "pass --data to choose"
+    assert cli_message("load_size=8 does not apply", "train") == "--set load_size=8 does not apply"
     assert cli_message("method='rollout' and num_heads=2", "explain") == "--method rollout and num_heads=2"
     assert cli_message("model_name= is unknown here", "models") == "model_name= is unknown here"
 

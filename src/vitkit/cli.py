@@ -416,6 +416,8 @@ def cli_message(text: str, command: str) -> str:
 
     def flag(m: re.Match) -> str:
         name, value = flags[m.group(1)], m.group(2)
+        if name.startswith("--set "):  # a TrainConfig field without a flag of its own: --set KEY=VALUE
+            return f"{name}={value if value not in ('', '...') else 'VALUE'}"
         if value in ("", "..."):
             return name
         if value in ("True", "False") and name.startswith("--") and " " not in name:

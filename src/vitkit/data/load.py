@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -51,10 +52,11 @@ def _resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> (N, 3, size, size) through the same decode-size step as image files."""
     if tuple(images.shape[2:]) == (size, size):
         return images
-    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
-    for i, img in enumerate(images):
-        out[i] = torch.from_numpy(resize_center_crop(img.permute(1, 2, 0).numpy(), size)).permute(2, 0, 1)
-    return out
+    hwc = images.permute(0, 2, 3, 1).numpy()  # (N, H, W, 3) view
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for i in range(len(images)):
+        out[i] = resize_center_crop(hwc[i], size)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
 def _in_memory_splits(
