@@ -16,7 +16,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -219,7 +219,7 @@ def _describe_split_gaps(splits: Any, say) -> None:
             say(f"the {name} split has no images of {len(missing)} class(es) with too few images to spare one: {shown}")
 
 
-def _config_yaml(cfg: TrainConfig, notes: list[str] = ()) -> str:
+def _config_yaml(cfg: TrainConfig, notes: Sequence[str] = ()) -> str:
     from vitkit import __version__
 
     return (
