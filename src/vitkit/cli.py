@@ -6,7 +6,9 @@ Each command is a pair: `_add_<name>(subparsers)` declares its arguments and `_c
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 
@@ -53,8 +55,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             raise ValueError(f"--img-size takes one or two numbers (H or H W), got {args.img_size}")
         img_size = tuple(args.img_size) if len(args.img_size) == 2 else (args.img_size[0],) * 2
     model = convert_checkpoint(
-        args.src, args.dst, model_name=args.model, log=print, num_classes=args.num_classes, img_size=img_size
-    )
+        args.src, args.dst, model_name=args.model, log=_printer("convert"), num_classes=args.num_classes,
+        img_size=img_size,
+    )  # fmt: skip
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.dst} ({n:,} parameters)")
     return 0
@@ -75,7 +78,10 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head", type=int, default=None, help="head for --method attention (default: fuse all heads)")
     p.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="how heads are fused")
     p.add_argument("--discard-ratio", type=float, default=0.0, help="rollouts: drop this share of each row, in [0, 1)")
-    p.add_argument("--target", default=None, help="class index or name to explain (default: the predicted class)")
+    p.add_argument(
+        "--target", default=None, help="class index or name to explain, for grad-rollout and relevance (default: the "
+        "predicted class); attention and rollout show the same map for every class and refuse it",
+    )  # fmt: skip
     p.add_argument("--out", default=None, metavar="DIR", help="write <image>_<method>.png overlays here")
     p.add_argument("--html", default=None, metavar="FILE", help="write the interactive explorer (one HTML file)")
     p.add_argument("--html-layers", type=int, nargs="+", default=None, help="layers embedded in the explorer (all)")
@@ -101,7 +107,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             print(line)
     if args.html is not None:
         path = write_explorer(args.html, model, args.images, layers=args.html_layers, **common)
-        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, self-contained)")
+        print(f"wrote {path} ({human_size(path.stat().st_size)}, self-contained)")
     return 0
 
 
@@ -270,7 +276,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume and args.config:
         raise ValueError("--resume uses the run's own config.yaml; do not combine it with --config")
     try:
-        summary = train(args.config, resume=args.resume, overrides=overrides)
+        summary = train(args.config, resume=args.resume, overrides=overrides, log=_printer("train", sys.stderr))
     except TrainingInterrupted as e:
         print(f"vitkit train: {e}", file=sys.stderr)
         return e.exit_code
@@ -313,7 +319,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(r, indent=2))
         return 0
     head = f"{r['data']} ({r['split']}, {r['n']} images)"
-    print(f"{head}: top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  loss {r['loss']:.4f}")
+    top5 = f"  top-5 {r['top5']:.4f}" if r["top5"] is not None else ""  # None with 5 classes or fewer
+    print(f"{head}: top-1 {r['top1']:.4f}{top5}  loss {r['loss']:.4f}")
     width = max(len(c) for c in r["per_class"])
     for name, pc in r["per_class"].items():
         acc = "-" if pc["acc"] is None else f"{pc['acc']:.4f}"
@@ -326,7 +333,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="top-k classes with probabilities for image files")
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|MODEL_DIR")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="image files or folders (every image under a folder, recursively, "
+        "sorted by path; non-image files are skipped)",
+    )  # fmt: skip
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print JSON (one object per image)")
@@ -364,6 +374,90 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Messages: library errors and logs name Python arguments; on the command line they name the flags.
+# ----------------------------------------------------------------------------------------------------------------
+# Per command: library argument -> the flag that sets it.
+_ARG_FLAGS: dict[str, dict[str, str]] = {
+    "convert": {"model_name": "--model", "img_size": "--img-size", "num_classes": "--num-classes"},
+    "train": {
+        "model_name": "--model", "img_size": "--img-size", "num_classes": "--set num_classes", "data": "--data",
+        "batch_size": "--batch-size", "strict": "--strict", "pretrained": "--pretrained", "epochs": "--epochs",
+        "load_size": "--set load_size", "model_args": "--set model_args",
+    },
+    "eval": {"data": "--data", "split": "--split", "batch_size": "--batch-size", "device": "--device"},
+    "predict": {"topk": "--topk", "device": "--device"},
+    "explain": {
+        "target": "--target", "method": "--method", "layer": "--layer", "head": "--head",
+        "head_fusion": "--head-fusion", "discard_ratio": "--discard-ratio", "layers": "--html-layers",
+    },
+    "visualize": {"kind": "KIND", "image": "IMAGE"},
+    "explain-eval": {
+        "data": "--data", "count": "--count", "methods": "--methods", "batch_size": "--batch-size",
+        "max_steps": "--max-steps", "layer": "--layer", "head_fusion": "--head-fusion",
+        "discard_ratio": "--discard-ratio",
+    },
+}  # fmt: skip
+_PYTHON_NAMES = {"vitkit.list_models()": "`vitkit models`"}
+
+
+def cli_message(text: str, command: str) -> str:
+    """`text` with the library arguments of `command` written as its flags: `pass model_name=` -> `pass --model`.
+
+    `arg=` and `arg=...` become the bare flag, `arg=value` becomes `flag value` (a tuple `(16, 16)` becomes
+    `16 16`, a quoted string loses its quotes), and `strict=False` style booleans become `--no-strict`.
+    """
+    for name, cli in _PYTHON_NAMES.items():
+        text = text.replace(name, cli)
+    flags = _ARG_FLAGS.get(command)
+    if not flags:
+        return text
+    pattern = r"(?<![\w.-])(" + "|".join(map(re.escape, flags)) + r")=(\([^)]*\)|'[^']*'|\.\.\.|[^\s,;)]*)"
+
+    def flag(m: re.Match) -> str:
+        name, value = flags[m.group(1)], m.group(2)
+        if name.startswith("--set "):  # a TrainConfig field without a flag of its own: --set KEY=VALUE
+            return f"{name}={value if value not in ('', '...') else 'VALUE'}"
+        if value in ("", "..."):
+            return name
+        if value in ("True", "False") and name.startswith("--") and " " not in name:
+            return name if value == "True" else "--no-" + name[2:]
+        if value.startswith("("):
+            value = " ".join(v.strip() for v in value[1:-1].split(",") if v.strip())
+        return f"{name} {value.strip(chr(39))}"
+
+    return re.sub(pattern, flag, text)
+
+
+def _printer(command: str, file=None) -> Callable[[str], None]:
+    """A log sink that prints library messages with flags in place of argument names."""
+    return lambda message: print(cli_message(str(message), command), file=file or sys.stdout, flush=True)
+
+
+def human_size(num_bytes: int) -> str:
+    """A file size for people: '812 B', '39 KB', '4.2 MB', '1.3 GB' (decimal units)."""
+    if num_bytes < 1000:
+        return f"{num_bytes} B"
+    for unit, scale in (("KB", 1e3), ("MB", 1e6), ("GB", 1e9)):
+        if num_bytes < 1000 * scale or unit == "GB":
+            value = num_bytes / scale
+            return f"{value:.0f} {unit}" if value >= 10 else f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def _show_warning(command: str, default: Callable) -> Callable:
+    """warnings.showwarning for the CLI: vitkit's bad-image warnings as one clean line, others unchanged."""
+    from vitkit.data.dataset import BadImageWarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, BadImageWarning):
+            print(f"vitkit {command}: warning: {cli_message(str(message), command)}", file=sys.stderr, flush=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vitkit._version import __version__
 
@@ -382,14 +476,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():  # restores warnings.showwarning on the way out
+            warnings.showwarning = _show_warning(args.command, warnings.showwarning)
+            return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError) as e:
         # User errors: one clear line, no traceback. Set VITKIT_DEBUG=1 for the traceback.
         import os
 
         if os.environ.get("VITKIT_DEBUG"):
             raise
-        print(f"vitkit {args.command}: error: {e}", file=sys.stderr)
+        print(f"vitkit {args.command}: error: {cli_message(str(e), args.command)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -178,3 +178,86 @@ def test_unknown_model_fails_before_any_run_directory_is_written(tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--model", "vit_smal_patch16_224", "--epochs", "1", "--out", str(out)]) == 2
     assert not out.exists()
+
+
+def _small_folder(root, per_class: int = 32, classes=("dark", "mid", "light")):
+    """A folder of 8x8 PNGs, `per_class` per class, each class its own brightness level."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            px = (torch.randint(0, 40, (8, 8, 3), generator=g) + 100 * k).to(torch.uint8).numpy()
+            Image.fromarray(px).save(root / name / f"{i}.png")
+    return root
+
+
+def test_a_folder_smaller_than_one_batch_trains_with_a_fitted_batch_size(tmp_path):
+    root = _small_folder(tmp_path / "imgs")  # 96 images: 78 train / 9 val / 9 test, fewer than the default 128
+    cfg = {k: v for k, v in TINY.items() if k != "batch_size"}
+    assert TrainConfig().batch_size == 128
+    messages = []
+    out = tmp_path / "run"
+    summary = train({**cfg, "data": str(root), "load_size": 8, "epochs": 1, "out": str(out)}, log=messages.append)
+    assert summary["status"] == "finished" and summary["steps"] == 1
+    assert summary["split_sizes"] == {"train": 78, "val": 9, "test": 9}
+    assert summary["batch_size"] == 78 and summary["batch_size_requested"] == 128
+    assert any("batch_size lowered from 128 to 78" in m for m in messages), messages
+    config_text = (out / "config.yaml").read_text()
+    assert "# batch_size lowered from 128 to 78" in config_text
+    assert yaml.safe_load(config_text)["batch_size"] == 78
+
+
+def test_tiny_classes_leave_validation_empty_and_say_so(tmp_path):
+    root = _small_folder(tmp_path / "imgs", per_class=2, classes=("a", "b"))  # too few to hold any out
+    messages = []
+    summary = train(
+        {**TINY, "data": str(root), "load_size": 8, "epochs": 1, "out": str(tmp_path / "run")}, log=messages.append
+    )
+    assert summary["split_sizes"] == {"train": 4, "val": 0, "test": 0} and summary["batch_size"] == 4
+    assert summary["test_acc"] is None and summary["best_val_acc"] is None
+    text = "\n".join(messages)
+    assert "validation split is empty" in text and "best/ holds the final weights" in text
+    assert "test split is empty" in text
+
+
+@pytest.mark.filterwarnings("ignore::vitkit.data.BadImageWarning")
+@pytest.mark.parametrize(
+    "layout, error",
+    [
+        ({"a": 3, "b": 0}, "class folder .*b has no images"),
+        ({"only": 3}, "need at least 2 classes"),
+        ({"a": 3, "b": -2}, r"class\(es\) \['b'\] .* have no readable images"),
+    ],
+)
+def test_a_bad_data_spec_leaves_no_run_directory(tmp_path, monkeypatch, layout, error):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for name, count in layout.items():
+        (root / name).mkdir(parents=True)
+        for i in range(abs(count)):
+            if count > 0:
+                Image.fromarray(torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()).save(root / name / f"{i}.png")
+            else:
+                (root / name / f"{i}.png").write_bytes(b"not a png")  # unreadable
+    monkeypatch.chdir(tmp_path)  # the default run directory would be ./runs/...
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=error):
+        train({**TINY, "data": str(root), "load_size": 8, "epochs": 1, "out": str(out)})
+    assert not out.exists()
+    with pytest.raises(ValueError, match="does not exist"):
+        train({**TINY, "data": f"folder:{tmp_path / 'missing'}", "epochs": 1})
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resuming_a_finished_run_says_so(digits_run):
+    out, summary = digits_run
+    messages = []
+    again = train(resume=out, log=messages.append)
+    text = "\n".join(messages)
+    assert f"{out} is already finished (3 of 3 epochs, all epochs done): nothing left to train" in text
+    assert "re-testing best/ and rewriting summary.json" in text
+    assert "epoch 4" not in text and "resuming" not in text
+    assert again["epochs_run"] == 3 and again["test_acc"] == pytest.approx(summary["test_acc"])

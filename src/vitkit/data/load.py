@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from vitkit.data.cifar import load_cifar
@@ -13,6 +13,7 @@ from vitkit.data.dataset import DataSplits, ImageDataset, channel_stats, check_f
 from vitkit.data.digits import DIGITS_CLASSES, load_digits_images
 from vitkit.data.folders import load_csv, load_folder
 from vitkit.data.idx import FASHION_MNIST_CLASSES, MNIST_CLASSES, load_idx_dataset
+from vitkit.data.images import resize_center_crop
 from vitkit.data.shapes import SHAPE_CLASSES, make_shapes
 
 DEFAULT_FILE_LOAD_SIZE = 224
@@ -47,19 +48,15 @@ def _parse_spec(spec: str) -> tuple[str, str | None]:
     raise ValueError(f"unknown data spec {spec!r}: not a known source and no such path exists\n{SPEC_FORMS}")
 
 
-def _resize_images(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> (N, 3, size, size): shorter side to `size` (bicubic, antialiased), centre crop."""
-    n, _, h, w = images.shape
-    if (h, w) == (size, size):
+def _resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> (N, 3, size, size) through the same decode-size step as image files."""
+    if tuple(images.shape[2:]) == (size, size):
         return images
-    new_h, new_w = max(size, round(h * size / min(h, w))), max(size, round(w * size / min(h, w)))
-    top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
-    out = torch.empty((n, 3, size, size), dtype=torch.uint8)
-    for start in range(0, n, chunk):
-        x = images[start : start + chunk].float()
-        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-        out[start : start + chunk] = x[:, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
-    return out
+    hwc = images.permute(0, 2, 3, 1).numpy()  # (N, H, W, 3) view
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for i in range(len(images)):
+        out[i] = resize_center_crop(hwc[i], size)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
 def _in_memory_splits(

@@ -252,10 +252,14 @@ class EvalTransform(nn.Module):
             return short, max(short, int(short * width / height))
         return max(short, int(short * height / width)), short
 
-    def forward(self, x: Tensor) -> Tensor:
+    def resize_crop(self, x: Tensor) -> Tensor:
+        """The resize and centre crop alone: uint8 or 0..1 float (B, 3, H, W) -> float (B, 3, h, w) on 0..1."""
         x = to_unit_float(x)
         new_h, new_w = self.resized_shape(x.shape[2], x.shape[3])
         x = _resize(x, (new_h, new_w), self.interpolation)
         crop_h, crop_w = self.img_size
         top, left = int(round((new_h - crop_h) / 2)), int(round((new_w - crop_w) / 2))
-        return self.normalize(x[:, :, top : top + crop_h, left : left + crop_w])
+        return x[:, :, top : top + crop_h, left : left + crop_w]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.normalize(self.resize_crop(x))

@@ -13,7 +13,7 @@ from vitkit.explain.evaluate import (
     format_table,
     save_results,
 )
-from vitkit.explain.inputs import load_checkpoint, load_image, prepare_image, resolve_checkpoint
+from vitkit.explain.inputs import decode_image, load_checkpoint, prepare_image, resolve_checkpoint
 from vitkit.explain.maps import (
     HEAD_FUSIONS,
     METHODS,
@@ -51,6 +51,7 @@ __all__ = [
     "attention_rollout",
     "auc",
     "deletion_auc",
+    "decode_image",
     "discard_lowest",
     "energy_in_mask",
     "evaluate_checkpoint",
@@ -63,7 +64,6 @@ __all__ = [
     "grad_rollout_from_attentions",
     "insertion_auc",
     "load_checkpoint",
-    "load_image",
     "mean_attention_distance",
     "mean_attention_distance_from_attentions",
     "perturbation_curves",

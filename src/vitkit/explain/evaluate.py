@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from vitkit._io import atomic_write_text
-from vitkit.explain.inputs import load_checkpoint, normalize
+from vitkit.data.transforms import Normalize, to_unit_float
+from vitkit.explain.inputs import load_checkpoint
 from vitkit.explain.maps import METHODS, _check_choice, eval_mode, explain
 from vitkit.explain.metrics import (
     deletion_auc,
@@ -181,7 +182,7 @@ def evaluate_checkpoint(
     splits = load_data(spec, seed=seed, shapes_size=size, **fractions)
     test = splits.test
     n = min(count, len(test))
-    images = normalize(test.images[:n], model.preprocess.mean, model.preprocess.std)
+    images = Normalize(model.preprocess.mean, model.preprocess.std)(to_unit_float(test.images[:n]))
     results = evaluate_explanations(
         model, images, test.masks[:n], test.labels[:n], methods=methods, batch_size=batch_size,
         max_steps=max_steps, seed=seed, method_kwargs=method_kwargs, log=log,

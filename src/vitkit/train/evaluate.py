@@ -19,33 +19,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit._io import atomic_write_text
-from vitkit.runs import resolve_checkpoint, training_record
+from vitkit.runs import resolve_checkpoint
 from vitkit.train.metrics import confusion_matrix, topk_correct
 
 Split = Literal["train", "val", "test", "all"]
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """(model in eval mode on `device`, its config.json's `training` record or {})."""
-    from vitkit.weights import load_model
+    """(model in eval mode on `device`, its config.json's `training` record or {}); see `load_eval_model`."""
+    from vitkit.data.inference import load_eval_model
 
-    directory = resolve_checkpoint(path)
-    model = load_model(str(directory))
-    record = training_record(directory) if directory.is_dir() else {}
-    return model.to(device).eval(), record
+    return load_eval_model(path, device)
 
 
 def _device(device: str | torch.device | None) -> torch.device:
     from vitkit.train.distributed import resolve_device
 
     return resolve_device(device)
-
-
-def _eval_transform(model: nn.Module) -> nn.Module:
-    from vitkit.data.transforms import EvalTransform
-
-    pre = model.preprocess
-    return EvalTransform(pre.input_size, pre.mean, pre.std, pre.crop_fraction, pre.interpolation)
 
 
 def _label_map(model_classes: Sequence[str] | None, data_classes: Sequence[str], num_outputs: int) -> Tensor:
@@ -72,7 +62,7 @@ def evaluate(
     seed: int | None = None,
     out: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Top-1, top-5 and per-class accuracy, loss and confusion matrix of a checkpoint on a data split.
+    """Top-1, top-5 (over 5 classes only) and per-class accuracy, loss and confusion matrix of a checkpoint on a split.
 
     Args:
         checkpoint: a run directory (uses best/) or a model directory.
@@ -85,9 +75,11 @@ def evaluate(
         out: a directory for eval.json and confusion.png; None writes nothing.
 
     Returns:
-        {"top1", "top5", "loss", "n", "per_class": {name: {"acc", "n"}}, "confusion": [[...]], "class_names", ...}
+        {"top1", "top5", "loss", "n", "per_class": {name: {"acc", "n"}}, "confusion": [[...]], "class_names", ...};
+        "top5" is None when the model has 5 classes or fewer (every label is then in the top 5).
     """
     from vitkit.data import load_data
+    from vitkit.data.inference import eval_transform
     from vitkit.train.trainer import amp_dtype
 
     if split not in ("train", "val", "test", "all"):
@@ -99,7 +91,7 @@ def evaluate(
     model, record = load_checkpoint(checkpoint, dev)
     spec = data or record.get("data")
     if spec is None:
-        raise ValueError(f"{checkpoint} does not record its training data: pass data=... (--data)")
+        raise ValueError(f"{checkpoint} does not record its training data: pass data=...")
     same_data = spec == record.get("data")
     splits = load_data(
         spec,
@@ -134,20 +126,21 @@ def evaluate(
     class_names = model.preprocess.class_names
     label_map = _label_map(class_names, splits.class_names, model.num_classes).to(dev)
     names = list(class_names) if class_names is not None else [str(i) for i in range(model.num_classes)]
-    tf = _eval_transform(model).to(dev)
+    tf = eval_transform(model)
     from vitkit.train.loader import BatchLoader
 
     k = len(names)
+    # Top-5 says something only when there are more than 5 classes: with 5 or fewer every label is in the top 5.
+    ks = (1, 5) if k > 5 else (1,)
     conf = torch.zeros(k, k, dtype=torch.long)
-    loss_sum, hits = 0.0, [0, 0]
+    loss_sum, hits = 0.0, [0] * len(ks)
     for x, y in BatchLoader(ds, batch_size):
         x, y = tf(x.to(dev)), label_map[y.to(dev)]
         with torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
             logits = model(x)
         logits = logits.float()
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        h = topk_correct(logits, y, (1, 5))
-        hits = [hits[0] + h[0], hits[1] + h[1]]
+        hits = [a + b for a, b in zip(hits, topk_correct(logits, y, ks), strict=True)]
         conf += confusion_matrix(logits.argmax(-1).cpu(), y.cpu(), k)
     n = len(ds)
     per_class = {
@@ -160,7 +153,7 @@ def evaluate(
         "split": split,
         "n": n,
         "top1": hits[0] / n,
-        "top5": hits[1] / n,
+        "top5": hits[1] / n if len(ks) > 1 else None,
         "loss": loss_sum / n,
         "per_class": per_class,
         "class_names": names,
@@ -177,27 +170,6 @@ def evaluate(
     return result
 
 
-def _read_image(path: str, load_size: int | None) -> Tensor:
-    """uint8 (3, H, W): decoded like the training data (square `load_size` for file datasets), else full size."""
-    import numpy as np
-    from PIL import Image, ImageOps
-
-    from vitkit.data.images import load_image, to_rgb
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"image {path!r} does not exist")
-    try:
-        if load_size is not None:
-            arr = load_image(path, load_size)
-        else:
-            with Image.open(path) as img:
-                img.load()
-                arr = np.array(to_rgb(ImageOps.exif_transpose(img)), dtype=np.uint8)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read image {path!r}: {e}") from None
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
 @torch.no_grad()
 def predict(
     checkpoint: str | os.PathLike,
@@ -208,24 +180,41 @@ def predict(
 ) -> list[dict[str, Any]]:
     """Top-k classes with probabilities for each image file.
 
+    Args:
+        checkpoint: A run directory (uses best/) or a model directory.
+        images: Image files and/or folders; a folder stands for every image file under it (recursively, sorted by
+            path, hidden files and non-image files skipped; see `vitkit.data.images.list_image_files`).
+        topk: How many classes to list per image.
+        device: Where to run ('auto' = cuda when available).
+
     Returns:
         One {"path", "top": [{"class", "index", "prob"}, ...]} per image, best first.
+
+    Raises:
+        FileNotFoundError: A path that does not exist.
+        ValueError: No paths, a folder without image files, or a file that cannot be decoded.
     """
+    from vitkit.data.images import list_image_files
+
     if not images:
         raise ValueError("predict needs at least one image path")
+    images = list_image_files(images)
     if topk <= 0:
         raise ValueError(f"topk must be positive, got {topk}")
+    from vitkit.data.inference import prepare_image
+
     dev = _device(device)
-    model, record = load_checkpoint(checkpoint, dev)
-    tf = _eval_transform(model).to(dev)
-    data = str(record.get("data") or "")
-    from_files = data.startswith(("folder:", "csv:")) or data.endswith(".csv") or (data and os.path.isdir(data))
-    load_size = record.get("load_size") or (224 if from_files else None)
+    model, _record = load_checkpoint(checkpoint, dev)
     names = model.preprocess.class_names or [str(i) for i in range(model.num_classes)]
     k = min(topk, len(names))
     results = []
     for path in images:
-        x = tf(_read_image(str(path), load_size)[None].to(dev))
+        try:
+            _crop, x = prepare_image(str(path), model)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image {str(path)!r} does not exist") from None
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
         probs = model(x).float().softmax(-1)[0]
         p, idx = probs.topk(k)
         top = [{"class": names[i], "index": int(i), "prob": float(q)} for q, i in zip(p.tolist(), idx.tolist())]

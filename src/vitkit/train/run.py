@@ -16,7 +16,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -141,42 +141,90 @@ def train(
         cleanup_distributed()
 
 
-def _prepare_run_dir(cfg: TrainConfig, dist: DistInfo, resume: str | os.PathLike | None, say) -> tuple[Path, Any]:
-    """Pick/validate the run directory, write config.yaml; returns (run_dir, training state or None)."""
-    if resume is not None:
-        run_dir = Path(resume)
-        last = run_dir / "last"
-        if has_checkpoint(last):
-            state = read_training_state(last)
-            say(f"resuming {run_dir} from epoch {state['epoch'] + 1}, step {state['step']}")
-            return run_dir, state
-        say(f"{run_dir} has no checkpoint yet: starting it over from its config.yaml")
-        if dist.is_main and (run_dir / "tensorboard").exists():
-            shutil.rmtree(run_dir / "tensorboard")
-        return run_dir, None
+def _resume_state(cfg: TrainConfig, dist: DistInfo, run_dir: Path, say) -> Any:
+    """The training state to continue `run_dir` from (None: start it over from its config.yaml), said in the log."""
+    last = run_dir / "last"
+    if has_checkpoint(last):
+        state = read_training_state(last)
+        done = int(state["epoch"])
+        if state.get("finished") or (done >= cfg.epochs and not state.get("batches_done")):
+            why = "stopped early" if (state.get("best") or {}).get("stopped_early") else "all epochs done"
+            say(
+                f"{run_dir} is already finished ({done} of {cfg.epochs} epochs, {why}): nothing left to train; "
+                "re-testing best/ and rewriting summary.json (to train longer, start a new run, e.g. "
+                f"--pretrained {run_dir / 'best'})"
+            )
+        else:
+            say(f"resuming {run_dir} from epoch {done + 1}, step {state['step']} ({cfg.epochs} epochs in all)")
+        return state
+    say(f"{run_dir} has no checkpoint yet: starting it over from its config.yaml")
+    if dist.is_main and (run_dir / "tensorboard").exists():
+        shutil.rmtree(run_dir / "tensorboard")
+    return None
+
+
+def _new_run_dir(cfg: TrainConfig, dist: DistInfo) -> Path:
+    """The directory a new run will write (not created yet), refused when it already holds a run."""
     if not cfg.pretrained:
         from vitkit.models.registry import model_family
 
         model_family(cfg.model or DEFAULT_MODEL)  # an unknown name fails here, before a run directory exists
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     run_dir = Path(broadcast_object(str(run_dir), dist))  # one timestamp for every process
-    cfg.out = str(run_dir)
-    say(f"run directory: {run_dir}")
-    if dist.is_main:
-        if has_checkpoint(run_dir / "last") or (run_dir / "config.yaml").exists():
-            raise ValueError(
-                f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out"
+    if has_checkpoint(run_dir / "last") or (run_dir / "config.yaml").exists():
+        raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    return run_dir
+
+
+def _fit_batch_size(cfg: TrainConfig, train_images: int, dist: DistInfo, say) -> tuple[TrainConfig, str | None]:
+    """Lower the batch size to the training split when the split is smaller than one batch.
+
+    Training drops the last incomplete batch, so a split smaller than `batch_size` would give no step at all. The
+    largest batch that still gives one full batch per epoch is the split itself (rounded down to a multiple of the
+    number of processes). Returns the config to train with and the note saying so (None when unchanged).
+    """
+    if train_images >= cfg.batch_size:
+        return cfg, None
+    fitted = train_images - train_images % dist.world_size
+    if fitted == 0:
+        raise ValueError(
+            f"the training split has {train_images} image(s), fewer than the {dist.world_size} processes: "
+            "add images or lower val_fraction/test_fraction"
+        )
+    note = (
+        f"batch_size lowered from {cfg.batch_size} to {fitted}: the training split has only {train_images} images "
+        "(one optimiser step per epoch; set --batch-size to choose a smaller one)"
+    )
+    say(note)
+    return cfg.replace(batch_size=fitted), note
+
+
+def _describe_split_gaps(splits: Any, say) -> None:
+    """Say when validation or test is empty, or lacks classes that have too few images to hold one out."""
+    for name, ds in (("validation", splits.val), ("test", splits.test)):
+        if len(ds) == 0:
+            consequence = (
+                "no validation metric, so best/ holds the final weights"
+                if name == "validation"
+                else "no test accuracy will be measured"
             )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", _config_yaml(cfg))
-    return run_dir, None
+            say(
+                f"the {name} split is empty (its fraction is 0 or every class is too small to spare one): {consequence}"
+            )
+            continue
+        present = set(ds.labels.unique().tolist())
+        missing = [c for i, c in enumerate(splits.class_names) if i not in present]
+        if missing:
+            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            say(f"the {name} split has no images of {len(missing)} class(es) with too few images to spare one: {shown}")
 
 
-def _config_yaml(cfg: TrainConfig) -> str:
+def _config_yaml(cfg: TrainConfig, notes: Sequence[str] = ()) -> str:
     from vitkit import __version__
 
     return (
         f"# resolved vitkit {__version__} training config; resume with: vitkit train --resume {cfg.out}\n"
+        + "".join(f"# {note}\n" for note in notes)
         + cfg.to_yaml()
     )
 
@@ -185,7 +233,14 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
     from vitkit.data import load_data
     from vitkit.models.base import Preprocess
 
-    run_dir, state = _prepare_run_dir(cfg, dist, resume, say)
+    # Everything that can fail on the settings or the data runs before a new run directory is created, so a start
+    # that fails leaves nothing behind.
+    if resume is not None:
+        run_dir = Path(resume)
+        state = _resume_state(cfg, dist, run_dir, say)
+    else:
+        run_dir, state = _new_run_dir(cfg, dist), None
+        cfg.out = str(run_dir)
     seed_everything(cfg.seed)  # the model init (split and data order have their own seeded generators)
 
     # --- data -----------------------------------------------------------------------------------------------
@@ -203,6 +258,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
         f"{splits.num_classes} classes"
         + (f", {len(splits.skipped)} unreadable files skipped" if splits.skipped else "")
     )
+    _describe_split_gaps(splits, say)
+    requested_batch_size = cfg.batch_size
+    cfg, batch_note = _fit_batch_size(cfg, len(splits.train), dist, say)
 
     # --- model ----------------------------------------------------------------------------------------------
     model = build_model(cfg, splits.num_classes, say)
@@ -249,6 +307,12 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
         "run_dir": str(run_dir),
     }
     trainer = Trainer(model, config=cfg, run_dir=run_dir, dist=dist, log=say, checkpoint_extra={"training": record})
+    if resume is None:
+        say(f"run directory: {run_dir}")
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.yaml", _config_yaml(cfg, [batch_note] if batch_note else []))
+        barrier(dist)
     skipped = [{"path": str(p), "reason": str(r)} for p, r in splits.skipped]
     summary: dict[str, Any] = {
         "status": "running",
@@ -256,6 +320,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
         "data": cfg.data,
         "model": getattr(model, "model_name", cfg.model),
         "skipped_files": skipped,
+        "batch_size": cfg.batch_size,
+        "batch_size_requested": requested_batch_size,
+        "split_sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
     }
     try:
         trainer.train(train_loader, val_loader, resume_state=state)

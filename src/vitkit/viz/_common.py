@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from vitkit.explain.inputs import ImageLike, load_image, prepare_image
+from vitkit.data.images import ImageLike, decode_image
+from vitkit.data.inference import prepare_image
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -33,7 +34,7 @@ def finish(fig: Figure, save_path: str | os.PathLike | None, dpi: int = 120) -> 
 
 def to_hwc(image: ImageLike | Tensor) -> np.ndarray:
     """A displayable uint8 (H, W, 3) array from any image input (tensors: (3, H, W), uint8 or float in [0, 1])."""
-    return np.array(load_image(image), dtype=np.uint8)  # a writable copy
+    return decode_image(image)
 
 
 def unnormalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:

@@ -10,7 +10,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from vitkit.explain.inputs import ImageLike
+from vitkit.data.images import ImageLike
 from vitkit.explain.maps import (
     METHODS,
     attention_from_attentions,

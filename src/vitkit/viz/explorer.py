@@ -32,7 +32,7 @@ from PIL import Image
 from torch import nn
 
 from vitkit._io import atomic_write_text
-from vitkit.explain.inputs import ImageLike
+from vitkit.data.images import ImageLike
 from vitkit.explain.maps import (
     HEAD_FUSIONS,
     _check_choice,

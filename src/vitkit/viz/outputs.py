@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitkit.explain.inputs import ImageLike, prepare_image
+from vitkit.data.images import ImageLike
+from vitkit.data.inference import prepare_image, prepare_images
 from vitkit.explain.maps import METHODS, _check_choice, explain, mean_attention_distance
 from vitkit.runs import training_settings
 from vitkit.viz.attention import (
@@ -33,6 +34,7 @@ VISUALIZATIONS = (
     "receptive-fields",
 )
 NEEDS_IMAGE = ("patches", "augment", "attention-grid")
+TARGET_METHODS = ("grad-rollout", "relevance")  # the methods whose map depends on the class explained
 
 
 def parse_target(target: str | int | None, class_names: Sequence[str] | None, num_classes: int) -> int | None:
@@ -69,12 +71,20 @@ def save_explanations(
     """Write `<image stem>_<method>.png` overlays into `out_dir`; returns (path, one-line description) per image.
 
     Images are preprocessed with the model's settings and explained in one batch.
+
+    Raises:
+        ValueError: An unknown method, no images, or a `target` for a method that does not depend on a class
+            (attention, rollout): only grad-rollout and relevance explain a chosen class.
     """
     _check_choice("method", method, METHODS)
+    if target is not None and method not in TARGET_METHODS:
+        raise ValueError(
+            f"target={target} has no effect on method={method!r}, which shows the same map whatever the class; "
+            f"the methods that explain a chosen class are {', '.join(TARGET_METHODS)}"
+        )
     if not images:
         raise ValueError("no images to explain")
-    crops, xs = zip(*(prepare_image(im, model) for im in images), strict=True)
-    x = torch.cat(xs)
+    crops, x = prepare_images(images, model)
     maps = explain(
         model, x, method=method, layer=layer, head=head, head_fusion=head_fusion, discard_ratio=discard_ratio,
         target=target, upsample=False,
@@ -91,7 +101,7 @@ def save_explanations(
         explained = pred if target is None else int(target)
         what = method if method != "attention" else f"attention layer {layer} head {'mean' if head is None else head}"
         title = f"{what}; predicted {label} ({float(probs[i, pred]):.1%})"
-        if method in ("grad-rollout", "relevance"):
+        if method in TARGET_METHODS:
             title += f"; explaining {names[explained] if names else f'class {explained}'}"
         path = out_dir / f"{_stem(image, i)}_{method}.png"
         plot_attention_overlay(crop, maps[i], title=title, save_path=path)
@@ -151,7 +161,7 @@ def save_visualization(
     elif kind == "attention-distance":
         sources = list(images_for_distance or ([image] if image is not None else []))
         if sources:
-            x = torch.cat([prepare_image(im, model)[1] for im in sources])
+            x = prepare_images(sources, model)[1]
             what = f"{len(sources)} image(s)"
         else:
             H, W = model.preprocess.input_size

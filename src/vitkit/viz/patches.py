@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 
-from vitkit.explain.inputs import ImageLike
+from vitkit.data.images import ImageLike
 from vitkit.layers import check_image_size, sincos_2d
 from vitkit.viz._common import finish, hide_ticks, new_figure, to_hwc
 

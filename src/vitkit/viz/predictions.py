@@ -11,7 +11,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from vitkit.explain.inputs import ImageLike
+from vitkit.data.images import ImageLike
 from vitkit.viz._common import finish, hide_ticks, new_figure, to_hwc, unnormalize
 
 
