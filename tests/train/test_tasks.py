@@ -150,6 +150,10 @@ def test_a_task_without_labels_trains_and_resumes_exactly(tmp_path):
     assert_same_bits(ref.ema.state_dict(), trainer.ema.state_dict())
     assert _no_time(resumed.epochs) == _no_time(history.epochs)
 
+    # A classification trainer refuses to continue the toy task's run.
+    with pytest.raises(ValueError, match="the checkpoint is of a Reconstruct run; this trainer's task is Classif"):
+        Trainer(tiny_model(), "cpu", TrainConfig(**TOY)).train(ImagesOnly(56, 8), resume_state=state)
+
 
 def test_monitor_must_be_a_metric_of_the_task():
     cfg = TrainConfig(**{**TOY, "monitor": "val_acc"})

@@ -239,6 +239,7 @@ class Trainer:
             "step": self.step,
             "seed": self.cfg.seed,
             "epoch_perm_seed": self.cfg.seed * 1000 + self.epoch,
+            "task": type(self.task).__name__,
             "epoch_accum": dict(self.accum),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -255,7 +256,14 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a `state_dict()` (the weights are loaded separately, into `self.model`)."""
+        """Restore a `state_dict()` (the weights are loaded separately, into `self.model`).
+
+        Raises:
+            ValueError: the state was written by a run of another task (states from before tasks are classification).
+        """
+        task = state.get("task", "ClassificationTask")
+        if task != type(self.task).__name__:
+            raise ValueError(f"the checkpoint is of a {task} run; this trainer's task is {type(self.task).__name__}")
         self.epoch = int(state["epoch"])
         self.batches_done = int(state["batches_done"])
         self.step = int(state["step"])
