@@ -365,7 +365,7 @@ class Trainer:
         return self.task.eval_metrics(dict(zip(keys, totals, strict=True)))
 
     # --- training ---------------------------------------------------------------------------------------------
-    def _batches(self, loader: Iterable, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def _batches(self, loader: Iterable, epoch: int, start: int) -> Iterator[Any]:
         """The loader's batches for `epoch`, from batch `start` on."""
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
@@ -459,7 +459,7 @@ class Trainer:
         return {"loss_sum": 0.0, **dict.fromkeys(self.task.train_sum_keys, 0.0), "seen": 0.0, "time_s": 0.0}
 
     def _check_monitor(self) -> None:
-        prefix, _, metric = self.cfg.monitor.partition("_")
+        metric = self.cfg.monitor.partition("_")[2]  # val_acc -> acc
         if metric not in self.task.metrics:
             allowed = [f"{p}_{m}" for p in ("val", "ema") for m in self.task.metrics]
             raise ValueError(
