@@ -22,10 +22,13 @@ sum of per-batch numbers (e.g. mAP) needs its own reduction, which is a change t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from vitkit.train.config import TrainConfig
 
 Batch = dict[str, Tensor]  # named fields, e.g. {"image": (B, C, H, W), "label": (B,)}
 
@@ -57,7 +60,7 @@ class Task:
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model this task cannot train (called when the Trainer is built). Default: accept any."""
 
-    def setup(self, model: nn.Module, config: Any, device: torch.device) -> None:
+    def setup(self, model: nn.Module, config: TrainConfig, device: torch.device) -> None:
         """Build what depends on the model, the recipe and the device (transforms, mixing). Called at the start
         of every `Trainer.train` and before an evaluation that comes first. Must not draw random numbers: the run
         is seeded after it."""

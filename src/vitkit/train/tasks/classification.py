@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitkit.train.config import TrainConfig
 from vitkit.train.losses import classification_loss
 from vitkit.train.metrics import topk_correct
 from vitkit.train.tasks.base import Batch, Task, to_device
@@ -51,7 +52,7 @@ class ClassificationTask(Task):
             raise ValueError("the model has no classifier head (num_classes=0); give it one with reset_classifier(n)")
         self.num_classes = int(n)
 
-    def setup(self, model: nn.Module, config: Any, device: torch.device) -> None:
+    def setup(self, model: nn.Module, config: TrainConfig, device: torch.device) -> None:
         self.check_model(model)
         self._default_transforms(model, config)
         self.train_transform = self.train_transform.to(device)
@@ -71,7 +72,7 @@ class ClassificationTask(Task):
                 config.label_smoothing,
             )
 
-    def _default_transforms(self, model: nn.Module, cfg: Any) -> None:
+    def _default_transforms(self, model: nn.Module, cfg: TrainConfig) -> None:
         from vitkit.data.transforms import EvalTransform, TrainTransform
 
         pre = getattr(model, "preprocess", None)
