@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitkit.data import EvalTransform, Mixup, TrainTransform, smooth_one_hot, soft_target_cross_entropy
+from vitkit.data import EvalTransform, Mixup, TrainTransform, smooth_one_hot
 from vitkit.data.transforms import sample_crop_boxes
+from vitkit.train.losses import soft_target_cross_entropy
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 

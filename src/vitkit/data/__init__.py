@@ -7,7 +7,7 @@ train_tf = TrainTransform(32, splits.mean, splits.std)
 
 from vitkit.data.dataset import IMAGENET_MEAN, IMAGENET_STD, BadImageWarning, DataSplits, ImageDataset
 from vitkit.data.load import SPEC_FORMS, get_data_loaders, load_data
-from vitkit.data.mixing import Mixup, smooth_one_hot, soft_target_cross_entropy
+from vitkit.data.mixing import Mixup, smooth_one_hot
 from vitkit.data.shapes import SHAPE_CLASSES
 from vitkit.data.transforms import EvalTransform, TrainTransform
 
@@ -25,5 +25,4 @@ __all__ = [
     "get_data_loaders",
     "load_data",
     "smooth_one_hot",
-    "soft_target_cross_entropy",
 ]

@@ -1,4 +1,5 @@
-"""Mixup / CutMix on batches, label smoothing, and the soft-target loss they need (the DeiT recipe).
+"""Mixup / CutMix on batches and label smoothing (the DeiT recipe); the soft-target loss they need lives in
+`vitkit.train.losses.soft_target_cross_entropy`.
 
 Both mixes pair image i with image B-1-i (the batch flipped), so no permutation has to be drawn, and draw one
 mixing weight per batch from Beta(alpha, alpha) with the global torch RNG (`torch.manual_seed` repeats a run).
@@ -7,7 +8,6 @@ mixing weight per batch from Beta(alpha, alpha) with the global torch RNG (`torc
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -25,13 +25,6 @@ def smooth_one_hot(y: Tensor, num_classes: int, smoothing: float = 0.0) -> Tenso
     off = smoothing / num_classes
     target = torch.full((len(y), num_classes), off, dtype=torch.float32, device=y.device)
     return target.scatter_(1, y.long().view(-1, 1), 1.0 - smoothing + off)
-
-
-def soft_target_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """Mean over the batch of -sum_k target_k * log_softmax(logits)_k, for soft (mixed / smoothed) targets."""
-    if logits.shape != target.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must have the same shape")
-    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
 def cutmix_box(height: int, width: int, lam: float) -> tuple[int, int, int, int]:

@@ -15,15 +15,18 @@ from vitkit.train.loader import BatchLoader, epoch_permutation
 from vitkit.train.metrics import History
 from vitkit.train.optim import WarmupCosine, freeze_backbone, param_groups, setup_optimizer_groups
 from vitkit.train.run import train
+from vitkit.train.tasks import ClassificationTask, Task
 from vitkit.train.trainer import ModelEma, NonFiniteLossError, Trainer, TrainingInterrupted
 
 __all__ = [
     "DIGITS_RECIPE",
     "BatchLoader",
+    "ClassificationTask",
     "DistInfo",
     "History",
     "ModelEma",
     "NonFiniteLossError",
+    "Task",
     "TrainConfig",
     "Trainer",
     "TrainingInterrupted",

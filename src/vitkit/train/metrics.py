@@ -19,9 +19,10 @@ from vitkit._io import atomic_write_text
 class History:
     """Per-epoch metrics of a run, readable both ways.
 
-    `history.epochs` is the list of per-epoch dicts (epoch, step, lr, train_loss, train_acc, val_loss, val_acc,
-    val_top5, ema_loss, ema_acc, epoch_time_s, images_per_s ...); `history["val_acc"]` is the list of one metric
-    over the epochs (None where an epoch lacks it). Iterating yields the per-epoch dicts.
+    `history.epochs` is the list of per-epoch dicts: epoch, step, lr, train_loss, the task's train_* columns, its
+    val_* / ema_* metrics, epoch_time_s, images_per_s, elapsed_s (for classification train_acc, val_loss, val_acc,
+    val_top5 with more than 5 classes, ema_loss ...); `history["val_acc"]` is the list of one metric over the epochs
+    (None where an epoch lacks it). Iterating yields the per-epoch dicts.
     """
 
     def __init__(self, epochs: list[dict[str, Any]] | None = None) -> None:

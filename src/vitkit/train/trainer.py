@@ -5,9 +5,10 @@
     history["val_acc"]          # one metric over the epochs
     history.epochs[-1]          # everything measured in the last epoch
 
-Loaders yield `(images, labels)`. uint8 image batches are augmented (train) or resized and normalised (eval) on
-the training device by `TrainTransform` / `EvalTransform` built from `model.preprocess` and the config; float
-batches are taken as ready model inputs. With a `run_dir`, the trainer writes resumable checkpoints
+The loop knows nothing of labels or accuracy: a `Task` (vitkit.train.tasks) turns what the loaders yield into
+batch fields and owns the loss, the metrics and evaluation. The default, `ClassificationTask`, takes loaders of
+`(images, labels)`: uint8 image batches are augmented (train) or resized and normalised (eval) on the training
+device; float batches are taken as ready model inputs. With a `run_dir`, the trainer writes resumable checkpoints
 (`last/`, `best/`), metrics.jsonl/csv, curves.png and (optionally) TensorBoard events.
 """
 
@@ -25,14 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.train.checkpoint import get_rng_state, has_checkpoint, set_rng_state, write_checkpoint
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import DistInfo, all_reduce_max, all_reduce_sum, gather_objects, resolve_device
-from vitkit.train.metrics import History, TensorBoardLogger, topk_correct, write_metric_files
+from vitkit.train.metrics import History, TensorBoardLogger, write_metric_files
 from vitkit.train.optim import WarmupCosine, freeze_backbone, setup_optimizer_groups
+from vitkit.train.tasks import ClassificationTask, Task
 
 PLOT_EVERY_S = 30.0  # minimum seconds between redraws of RUN_DIR/curves.png
 
@@ -132,29 +133,29 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def _num_classes(model: nn.Module) -> int:
-    n = getattr(model, "num_classes", None)
-    if not n:
-        raise ValueError("the model has no classifier head (num_classes=0); give it one with reset_classifier(n)")
-    return int(n)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------------------------------------------
 class Trainer:
-    """Train a classifier with the recipe in `config`.
+    """Train a model on a task (classification by default) with the recipe in `config`.
 
     Args:
-        model: a vitkit model (or any classifier with `num_classes`; layer decay and freezing need a ViT).
+        model: a vitkit model (the task may ask more, e.g. `num_classes`; layer decay and freezing need a ViT;
+            checkpoints need `save_pretrained`).
         device: 'cpu', 'cuda', 'cuda:1', 'auto' ...; None = config.device. Under DDP, `dist.device` wins.
         config: the recipe (optimiser, schedule, augmentation, AMP, EMA, checkpoints ...); TrainConfig() if None.
         run_dir: where checkpoints, metrics and plots go; None keeps everything in memory.
-        train_transform: module applied to uint8 train batches; default `TrainTransform` from config + preprocess.
-        eval_transform: module applied to uint8 eval batches; default `EvalTransform` from config + preprocess.
+        train_transform: for the default classification task: module applied to uint8 train batches (default
+            `TrainTransform` from config + preprocess). Give a custom task its transforms directly.
+        eval_transform: likewise for uint8 eval batches (default `EvalTransform` from preprocess).
         dist: process-group info when running under torchrun (see `init_distributed`).
         log: where messages go (rank 0 only); print to stderr by default.
         checkpoint_extra: extra JSON fields for the checkpoints' config.json (e.g. a `training` record).
+        task: what is learned: batch fields, loss, metrics, evaluation (see `vitkit.train.tasks`); None =
+            `ClassificationTask(train_transform, eval_transform)`.
+
+    Raises:
+        TypeError: transforms given together with a task.
     """
 
     def __init__(
@@ -169,7 +170,14 @@ class Trainer:
         dist: DistInfo | None = None,
         log: Callable[[str], None] | None = None,
         checkpoint_extra: dict[str, Any] | None = None,
+        task: Task | None = None,
     ) -> None:
+        if task is not None and (train_transform is not None or eval_transform is not None):
+            raise TypeError(
+                f"train_transform/eval_transform configure the default classification task; with "
+                f"task={type(task).__name__}(...) give the task its transforms"
+            )
+        self.task = task if task is not None else ClassificationTask(train_transform, eval_transform)
         self.cfg = config or TrainConfig()
         self.dist = dist or DistInfo(device=resolve_device(device if device is not None else self.cfg.device))
         self.device = self.dist.device
@@ -177,10 +185,9 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.checkpoint_extra = dict(checkpoint_extra or {})
-        self.num_classes = _num_classes(model)
+        self.task.check_model(model)
         self.amp_dtype = amp_dtype(self.cfg.amp, self.device)
-        self.train_transform = train_transform
-        self.eval_transform = eval_transform
+        self._task_ready = False
         self.history = History()
         self.step = 0
         self._stop_signal: int | None = None
@@ -192,33 +199,6 @@ class Trainer:
             tqdm.write(msg, file=sys.stderr) if self.cfg.progress else self._log(msg)
 
     # --- setup ------------------------------------------------------------------------------------------------
-    def _default_transforms(self) -> None:
-        from vitkit.data.transforms import EvalTransform, TrainTransform
-
-        pre = getattr(self.model, "preprocess", None)
-        if pre is None:
-            if self.train_transform is None or self.eval_transform is None:
-                raise ValueError("the model has no `preprocess`; pass train_transform and eval_transform explicitly")
-            return
-        cfg = self.cfg
-        if self.train_transform is None:
-            self.train_transform = TrainTransform(
-                pre.input_size,
-                pre.mean,
-                pre.std,
-                scale=cfg.scale,
-                ratio=cfg.ratio,
-                hflip=cfg.hflip,
-                color_jitter=cfg.color_jitter,
-                auto_augment=cfg.auto_augment,
-                randaug_n=cfg.randaug_n,
-                randaug_m=cfg.randaug_m,
-                random_erasing=cfg.random_erasing,
-                interpolation=pre.interpolation,
-            )
-        if self.eval_transform is None:
-            self.eval_transform = EvalTransform(pre.input_size, pre.mean, pre.std, pre.crop_fraction, pre.interpolation)
-
     def _setup_model(self) -> None:
         cfg, model = self.cfg, self.model
         if cfg.freeze_layers:
@@ -228,9 +208,8 @@ class Trainer:
                 raise TypeError(f"grad_checkpointing needs set_grad_checkpointing(); {type(model).__name__} has none")
             model.set_grad_checkpointing(True)
         model.to(self.device)
-        self._default_transforms()
-        self.train_transform = self.train_transform.to(self.device)
-        self.eval_transform = self.eval_transform.to(self.device)
+        self.task.setup(model, cfg, self.device)
+        self._task_ready = True
         # EMA copies the plain module before any wrapper, so it never sees DDP/compile internals.
         self.ema = ModelEma(model, cfg.ema_decay) if cfg.ema else None
         train_model: nn.Module = model
@@ -242,13 +221,6 @@ class Trainer:
         if cfg.compile:
             train_model = torch.compile(train_model)
         self.train_model = train_model
-        self.mixup = None
-        if cfg.mixup > 0 or cfg.cutmix > 0:
-            from vitkit.data.mixing import Mixup
-
-            self.mixup = Mixup(
-                self.num_classes, cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.label_smoothing
-            )
         self.optimizer = setup_optimizer_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay, cfg.head_lr_mult)
         # GradScaler only for fp16: bf16 has fp32's exponent range, so its gradients do not underflow.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -267,6 +239,7 @@ class Trainer:
             "step": self.step,
             "seed": self.cfg.seed,
             "epoch_perm_seed": self.cfg.seed * 1000 + self.epoch,
+            "task": type(self.task).__name__,
             "epoch_accum": dict(self.accum),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -283,7 +256,14 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a `state_dict()` (the weights are loaded separately, into `self.model`)."""
+        """Restore a `state_dict()` (the weights are loaded separately, into `self.model`).
+
+        Raises:
+            ValueError: the state was written by a run of another task (states from before tasks are classification).
+        """
+        task = state.get("task", "ClassificationTask")
+        if task != type(self.task).__name__:
+            raise ValueError(f"the checkpoint is of a {task} run; this trainer's task is {type(self.task).__name__}")
         self.epoch = int(state["epoch"])
         self.batches_done = int(state["batches_done"])
         self.step = int(state["step"])
@@ -356,37 +336,36 @@ class Trainer:
 
     # --- evaluation -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, loader: Iterable, model: nn.Module | None = None) -> dict[str, float]:
-        """Loss (plain cross-entropy), top-1 and top-5 accuracy over a loader, summed across processes."""
+    def evaluate(self, loader: Iterable, model: nn.Module | None = None) -> dict[str, Any]:
+        """The task's metrics over a loader, summed across processes: for classification
+        {"loss" (plain cross-entropy), "acc", "top5" (None with 5 classes or fewer), "n"}.
+
+        Args:
+            loader: yields what the task's `eval_batch` takes (classification: (images, labels)).
+            model: the model to evaluate (e.g. the EMA copy); default the trained one.
+        """
         model = unwrap(model or self.model).to(self.device)
         was_training = model.training
         model.eval()
-        if self.eval_transform is None:
-            self._default_transforms()
-            self.eval_transform = self.eval_transform.to(self.device)
-        totals = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 hits, top-5 hits, count
-        for x, y in loader:
-            x, y = self._to_device(x, y)
-            if x.dtype == torch.uint8:
-                x = self.eval_transform(x)
+        if not self._task_ready:
+            self.task.setup(self.model, self.cfg, self.device)
+            self._task_ready = True
+        # Fixed keys in a fixed order: every process all-reduces the same list, even one whose shard was empty.
+        keys = (*self.task.eval_sum_keys, "n")
+        sums = dict.fromkeys(keys, 0.0)
+        for raw in loader:
+            batch = self.task.eval_batch(raw)
             with self._autocast():
-                logits = model(x)
-            logits = logits.float()
-            top1, top5 = topk_correct(logits, y, (1, 5))
-            loss = F.cross_entropy(logits, y, reduction="sum")
-            totals = [totals[0] + float(loss), totals[1] + top1, totals[2] + top5, totals[3] + len(y)]
+                out = self.task.forward(model, batch)
+            for k, v in self.task.eval_sums(out, batch).items():
+                sums[k] += v
+            sums["n"] += self.task.batch_size(batch)
         model.train(was_training)
-        loss_sum, top1, top5, n = all_reduce_sum(totals, self.dist)
-        if n == 0:
-            return {"loss": float("nan"), "acc": float("nan"), "top5": float("nan"), "n": 0}
-        return {"loss": loss_sum / n, "acc": top1 / n, "top5": top5 / n, "n": int(n)}
-
-    def _to_device(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        nb = self.device.type == "cuda"
-        return x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
+        totals = all_reduce_sum([sums[k] for k in keys], self.dist)
+        return self.task.eval_metrics(dict(zip(keys, totals, strict=True)))
 
     # --- training ---------------------------------------------------------------------------------------------
-    def _batches(self, loader: Iterable, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def _batches(self, loader: Iterable, epoch: int, start: int) -> Iterator[Any]:
         """The loader's batches for `epoch`, from batch `start` on."""
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
@@ -398,13 +377,6 @@ class Trainer:
         for i, batch in enumerate(loader):
             if i >= start:
                 yield batch
-
-    def _loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        if target.ndim == 2:  # soft targets from Mixup/CutMix (already label-smoothed)
-            from vitkit.data.mixing import soft_target_cross_entropy
-
-            return soft_target_cross_entropy(logits, target)
-        return F.cross_entropy(logits.float(), target, label_smoothing=self.cfg.label_smoothing)
 
     def train(
         self,
@@ -418,9 +390,11 @@ class Trainer:
         """Train for `n_epochs` (default config.epochs) at peak LR `learning_rate` (default config.lr).
 
         Args:
-            train_loader: yields (images, labels); a `BatchLoader` (set_epoch + iter_from) makes resume exact.
-            val_loader: evaluated after every epoch (val_loss, val_acc, val_top5; ema_* with EMA). Drives the best
-                checkpoint and early stopping; without it, best = the final weights.
+            train_loader: yields what the task takes (classification: (images, labels)); a loader with set_epoch
+                and iter_from (e.g. `BatchLoader`) makes resume exact.
+            val_loader: evaluated after every epoch: val_<metric> for each of the task's metrics (classification:
+                val_loss, val_acc, val_top5), ema_* too with EMA. Drives the best checkpoint and early stopping;
+                without it, best = the final weights.
             n_epochs: overrides config.epochs.
             learning_rate: overrides config.lr.
             resume_state: a training state from `read_training_state(RUN_DIR/'last')`, whose weights the caller has
@@ -430,6 +404,7 @@ class Trainer:
             The History (per-epoch dicts in `.epochs`; per-metric lists via `history['val_acc']`).
 
         Raises:
+            ValueError: config.monitor is not one of the task's metrics (checked when there is a val_loader).
             NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
             TrainingInterrupted: SIGINT/SIGTERM; the current step finished and RUN_DIR/last was written.
         """
@@ -442,6 +417,8 @@ class Trainer:
         if changes:
             self.cfg = self.cfg.replace(**changes)
         cfg = self.cfg
+        if val_loader is not None:
+            self._check_monitor()
         self._setup_model()
 
         n_batches = len(train_loader)
@@ -455,7 +432,7 @@ class Trainer:
 
         # Fresh start or continue: either way the counters below fully describe where we are.
         self.epoch, self.batches_done, self.step = 0, 0, 0
-        self.accum = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "time_s": 0.0}
+        self.accum = self._zero_accum()
         self.best = {"value": None, "epoch": None, "bad_epochs": 0, "stopped_early": False}
         self.finished = False
         self._elapsed_before, self._t_start, self.images_seen = 0.0, time.perf_counter(), 0
@@ -477,33 +454,41 @@ class Trainer:
                 tb.close()
         return self.history
 
+    def _zero_accum(self) -> dict[str, float]:
+        """The epoch's running sums: the loop's (loss, samples, time) and the task's (e.g. correct)."""
+        return {"loss_sum": 0.0, **dict.fromkeys(self.task.train_sum_keys, 0.0), "seen": 0.0, "time_s": 0.0}
+
+    def _check_monitor(self) -> None:
+        metric = self.cfg.monitor.partition("_")[2]  # val_acc -> acc
+        if metric not in self.task.metrics:
+            allowed = [f"{p}_{m}" for p in ("val", "ema") for m in self.task.metrics]
+            raise ValueError(
+                f"monitor={self.cfg.monitor!r} is not a metric of {type(self.task).__name__}, which reports "
+                f"{allowed}; set monitor (e.g. to {self.task.monitor!r})"
+            )
+
     def _train_loop(self, train_loader: Iterable, val_loader: Iterable | None, n_batches: int, tb) -> None:
-        cfg, model = self.cfg, self.train_model
+        cfg, model, task = self.cfg, self.train_model, self.task
         model.train()
         self.schedule.apply(self.optimizer, self.step)
         while self.epoch < cfg.epochs and not self.finished:
             epoch = self.epoch
             t_epoch = time.perf_counter()
             bar = self._progress_bar(epoch, n_batches)
-            for x, y in self._batches(train_loader, epoch, self.batches_done):
+            for raw in self._batches(train_loader, epoch, self.batches_done):
                 # Micro-batches are grouped into optimiser steps of accum_steps; the last group of an epoch may be
                 # shorter, so each loss is divided by its own group's size to keep the gradient a mean.
                 in_group = self.batches_done % cfg.accum_steps
                 group_size = min(cfg.accum_steps, n_batches - (self.batches_done - in_group))
                 last_in_group = in_group == group_size - 1
 
-                x, y = self._to_device(x, y)
-                if x.dtype == torch.uint8:
-                    x = self.train_transform(x)  # augmentation on the device, on the whole batch
-                target = y
-                if self.mixup is not None:
-                    x, target = self.mixup(x, y)
+                batch = task.train_batch(raw)  # fields on the device, augmented and mixed
                 # DDP all-reduces gradients in backward; skip that on all but the last micro-batch of a group.
                 sync = contextlib.nullcontext() if (last_in_group or not self.dist.enabled) else model.no_sync()
                 with sync:
                     with self._autocast():
-                        logits = model(x)
-                    loss = self._loss(logits, target)
+                        out = task.forward(model, batch)
+                    loss = task.loss(out, batch)
                     # Check before backward: a NaN must never reach the weights, and all processes must agree to
                     # stop together (a lone process skipping backward would hang DDP's all-reduce).
                     loss_value = float(loss.detach())
@@ -517,12 +502,14 @@ class Trainer:
                     self.scaler.scale(loss / group_size).backward()
 
                 self.batches_done += 1
+                n = task.batch_size(batch)
                 with torch.no_grad():
-                    correct = int((logits.argmax(dim=-1) == y).sum())
-                self.accum["loss_sum"] += loss_value * len(y)
-                self.accum["correct"] += correct
-                self.accum["seen"] += len(y)
-                self.images_seen += len(y) * self.dist.world_size
+                    sums = task.train_sums(out, batch)
+                self.accum["loss_sum"] += loss_value * n
+                for k in task.train_sum_keys:
+                    self.accum[k] += sums[k]
+                self.accum["seen"] += n
+                self.images_seen += n * self.dist.world_size
 
                 if last_in_group:
                     self._optimizer_step()
@@ -587,21 +574,24 @@ class Trainer:
 
     def _end_epoch(self, val_loader: Iterable | None, tb) -> None:
         cfg, epoch = self.cfg, self.epoch
-        seen, time_s = self.accum["seen"], self.accum["time_s"]
-        train_loss, correct, seen_all = all_reduce_sum([self.accum["loss_sum"], self.accum["correct"], seen], self.dist)
+        time_s = self.accum["time_s"]
+        keys = ("loss_sum", *self.task.train_sum_keys, "seen")
+        sums = dict(zip(keys, all_reduce_sum([self.accum[k] for k in keys], self.dist), strict=True))
+        seen_all = sums["seen"]
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": self.step,
             "lr": self.schedule(max(self.step - 1, 0)),
-            "train_loss": train_loss / max(seen_all, 1),
-            "train_acc": correct / max(seen_all, 1),
+            "train_loss": sums["loss_sum"] / max(seen_all, 1),
+            **{f"train_{k}": v for k, v in self.task.train_metrics(sums).items()},
         }
         if val_loader is not None:
+            # A metric that does not apply (None, e.g. top-5 of 3 classes) is left out of the row altogether.
             val = self.evaluate(val_loader, self.model)
-            row.update(val_loss=val["loss"], val_acc=val["acc"], val_top5=val["top5"])
+            row.update({f"val_{k}": v for k, v in val.items() if k != "n" and v is not None})
             if self.ema is not None:
                 ema = self.evaluate(val_loader, self.ema.module)
-                row.update(ema_loss=ema["loss"], ema_acc=ema["acc"], ema_top5=ema["top5"])
+                row.update({f"ema_{k}": v for k, v in ema.items() if k != "n" and v is not None})
         row["epoch_time_s"] = time_s
         row["images_per_s"] = seen_all / time_s if time_s > 0 else None
         row["elapsed_s"] = self.elapsed()
@@ -611,7 +601,8 @@ class Trainer:
         improved = False
         value = row.get(cfg.monitor)
         if value is not None:
-            better = (lambda a, b: a < b) if cfg.monitor.endswith("loss") else (lambda a, b: a > b)
+            higher = self.task.higher_is_better(cfg.monitor.partition("_")[2])
+            better = (lambda a, b: a > b) if higher else (lambda a, b: a < b)
             if self.best["value"] is None or better(value, self.best["value"]):
                 self.best.update(value=value, epoch=epoch + 1, bad_epochs=0)
                 improved = True
@@ -622,7 +613,7 @@ class Trainer:
 
         # The state saved describes the start of the next epoch.
         self.epoch, self.batches_done = epoch + 1, 0
-        self.accum = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "time_s": 0.0}
+        self.accum = self._zero_accum()
         self.finished = stop_early or self.epoch >= cfg.epochs
         if improved:
             self.save("best", self.ema.module if cfg.monitor.startswith("ema_") else self.model)
@@ -636,12 +627,8 @@ class Trainer:
             )
 
     def _report(self, row: dict[str, Any], improved: bool, tb) -> None:
-        parts = [
-            f"epoch {row['epoch']}/{self.cfg.epochs}",
-            f"train_loss {row['train_loss']:.4f}",
-            f"train_acc {row['train_acc']:.4f}",
-        ]
-        for k in ("val_loss", "val_acc", "ema_acc"):
+        parts = [f"epoch {row['epoch']}/{self.cfg.epochs}", f"train_loss {row['train_loss']:.4f}"]
+        for k in self.task.log_metrics:
             if row.get(k) is not None:
                 parts.append(f"{k} {row[k]:.4f}")
         parts.append(f"{row['epoch_time_s']:.1f}s")
@@ -683,7 +670,7 @@ class Trainer:
         dt = self.accum["time_s"] + time.perf_counter() - t_epoch
         bar.set_postfix(
             loss=f"{self.accum['loss_sum'] / seen:.3f}",
-            acc=f"{self.accum['correct'] / seen:.3f}",
+            **self.task.progress(self.accum),
             lr=f"{self.schedule(self.step):.2e}",
             img_s=f"{seen * self.dist.world_size / max(dt, 1e-9):.0f}",
             refresh=False,

@@ -1,0 +1,106 @@
+"""Moving classification into a Task changed no number: a fixed classification run (every source of randomness on:
+random crops and flips, Mixup/CutMix, label smoothing, EMA, accumulation, clipping, warmup) reproduces the history
+and the final weights that the loop gave before the refactoring, bit for bit.
+
+tests/train/expected/classification_reference.json was written by the pre-Task trainer (commit "tests/train:
+record the classification reference") with `python -m tests.train.test_task_invariance --write`. The float ops are
+the same in the same order, so on the torch version that wrote it the check is exact; another torch version may
+pick other kernels, and then the history is compared to 1e-5 and the weights are not compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.train.conftest import tiny_model, toy_dataset
+from vitkit.train import BatchLoader, TrainConfig, Trainer
+
+EXPECTED = Path(__file__).parent / "expected" / "classification_reference.json"
+TIME_KEYS = ("epoch_time_s", "images_per_s", "elapsed_s")
+CONFIG = dict(
+    epochs=2,
+    lr=3e-3,
+    min_lr=1e-5,
+    warmup_epochs=0.5,
+    weight_decay=0.05,
+    label_smoothing=0.1,
+    mixup=0.8,
+    cutmix=1.0,
+    mixup_prob=0.9,
+    ema=True,
+    ema_decay=0.9,
+    accum_steps=2,
+    clip_grad=1.0,
+    scale=(0.5, 1.0),
+    hflip=0.5,
+    crop_fraction=1.0,
+    progress=False,
+    seed=0,
+)
+
+
+def _digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_reference() -> dict:
+    """The fixed run: 10 classes (so top-5 is meaningful), 2 epochs of 7 micro-batches (accumulated in pairs, the
+    last pair short), on one thread."""
+    from vitkit.models.base import Preprocess
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ds = toy_dataset(112, num_classes=10)
+        torch.manual_seed(0)
+        model = tiny_model(num_classes=10)
+        model.preprocess = Preprocess(
+            mean=(0.3,) * 3, std=(0.3,) * 3, input_size=(8, 8), crop_fraction=1.0, class_names=ds.class_names
+        )
+        trainer = Trainer(model, "cpu", TrainConfig(**CONFIG))
+        history = trainer.train(BatchLoader(ds, 16, shuffle=True, drop_last=True), BatchLoader(ds, 48))
+        test = trainer.evaluate(BatchLoader(ds, 48))
+    finally:
+        torch.set_num_threads(threads)
+    rows = [{k: v for k, v in row.items() if k not in TIME_KEYS} for row in history.epochs]
+    return {
+        "torch": torch.__version__,
+        "history": rows,
+        "evaluate": test,
+        "weights_sha256": _digest(model.state_dict()),
+        "ema_sha256": _digest(trainer.ema.module.state_dict()),
+        "weight_sums": {k: float(v.double().sum()) for k, v in model.state_dict().items()},
+    }
+
+
+def test_classification_numbers_are_unchanged_by_the_task_refactoring():
+    expected = json.loads(EXPECTED.read_text())
+    got = run_reference()
+    assert [list(r) for r in got["history"]] == [list(r) for r in expected["history"]]  # same columns, same order
+    assert set(got["evaluate"]) == {"loss", "acc", "top5", "n"}
+    if got["torch"] == expected["torch"]:
+        assert got["history"] == expected["history"]
+        assert got["evaluate"] == expected["evaluate"]
+        assert got["weights_sha256"] == expected["weights_sha256"]
+        assert got["ema_sha256"] == expected["ema_sha256"]
+    else:  # other kernels: the same numbers up to float rounding
+        for g, e in zip(got["history"], expected["history"], strict=True):
+            for k in e:
+                assert g[k] == e[k] if isinstance(e[k], int) else abs(g[k] - e[k]) < 1e-5, (k, g[k], e[k])
+        for k, v in expected["weight_sums"].items():
+            assert abs(got["weight_sums"][k] - v) < 1e-4 * max(1.0, abs(v)), k
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
+    EXPECTED.parent.mkdir(exist_ok=True)
+    EXPECTED.write_text(json.dumps(run_reference(), indent=1) + "\n")
+    print(f"wrote {EXPECTED}")
