@@ -11,6 +11,13 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 
+# Choices come from the Literals of the library's configs, so the CLI and the library never disagree.
+from vitkit._validate import choices
+from vitkit.explain.maps import HeadFusion, Method
+from vitkit.train.config import Amp, AutoAugment, Monitor
+from vitkit.train.evaluate import Split
+from vitkit.viz.outputs import VISUALIZATIONS
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # vitkit models [PATTERN]
@@ -66,7 +73,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # vitkit explain IMAGE... --checkpoint RUN [--method M] [--layer L] [--head H] [--target C] --out DIR [--html FILE]
 # ----------------------------------------------------------------------------------------------------------------
-_EXPLAIN_METHODS = ["attention", "rollout", "grad-rollout", "relevance"]  # vitkit.explain.METHODS (checked there)
+_EXPLAIN_METHODS = list(choices(Method))
 
 
 def _add_explain(sub: argparse._SubParsersAction) -> None:
@@ -76,7 +83,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="rollout", choices=_EXPLAIN_METHODS, help="saliency method (default rollout)")
     p.add_argument("--layer", type=int, default=-1, help="block for --method attention (default -1, the last)")
     p.add_argument("--head", type=int, default=None, help="head for --method attention (default: fuse all heads)")
-    p.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="how heads are fused")
+    p.add_argument("--head-fusion", default="mean", choices=choices(HeadFusion), help="how heads are fused")
     p.add_argument("--discard-ratio", type=float, default=0.0, help="rollouts: drop this share of each row, in [0, 1)")
     p.add_argument(
         "--target", default=None, help="class index or name to explain, for grad-rollout and relevance (default: the "
@@ -114,8 +121,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # vitkit visualize KIND [IMAGE] --checkpoint RUN --out DIR
 # ----------------------------------------------------------------------------------------------------------------
-_VISUALIZATIONS = ["patches", "filters", "pos-embed", "augment", "attention-distance", "attention-grid"]
-_VISUALIZATIONS += ["receptive-fields"]  # vitkit.viz.outputs.VISUALIZATIONS (checked there)
+_VISUALIZATIONS = list(VISUALIZATIONS)
 
 
 def _add_visualize(sub: argparse._SubParsersAction) -> None:
@@ -154,7 +160,7 @@ def _add_explain_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, default=64, help="deletion/insertion steps per curve")
     p.add_argument("--seed", type=int, default=None, help="data seed (default: the run's)")
     p.add_argument("--layer", type=int, default=-1, help="block for the attention method")
-    p.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="head fusion")
+    p.add_argument("--head-fusion", default="mean", choices=choices(HeadFusion), help="head fusion")
     p.add_argument("--discard-ratio", type=float, default=0.0, help="rollouts' discard ratio, in [0, 1)")
     p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/results.json and DIR/results.md")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
@@ -212,7 +218,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     g.add_argument("--ckpt-every-steps", type=int, metavar="N", help="also checkpoint every N optimiser steps")
     g.add_argument("--patience", type=int, metavar="EPOCHS", help="early stopping patience (0 = off)")
-    g.add_argument("--monitor", choices=["val_acc", "val_loss", "ema_acc", "ema_loss"], help="best/early-stop metric")
+    g.add_argument("--monitor", choices=choices(Monitor), help="best/early-stop metric")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None, help="TensorBoard events")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
     g.add_argument(
@@ -244,9 +250,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--label-smoothing", type=float)
     g.add_argument("--mixup", type=float, metavar="ALPHA", help="Mixup alpha (0 = off)")
     g.add_argument("--cutmix", type=float, metavar="ALPHA", help="CutMix alpha (0 = off)")
-    g.add_argument("--auto-augment", choices=["none", "randaugment", "trivialaugment"])
+    g.add_argument("--auto-augment", choices=choices(AutoAugment))
     g = p.add_argument_group("speed and memory")
-    g.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast dtype (fp16 needs CUDA)")
+    g.add_argument("--amp", choices=choices(Amp), help="autocast dtype (fp16 needs CUDA)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="EMA of the weights")
@@ -300,7 +306,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="top-1/top-5/per-class accuracy and a confusion matrix of a checkpoint")
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|MODEL_DIR", help="a run (uses best/) or model dir")
     p.add_argument("--data", help="data spec (default: the data the checkpoint was trained on)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--split", default="test", choices=choices(Split))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", metavar="DIR", help="write eval.json and confusion.png here")
@@ -447,7 +453,7 @@ def human_size(num_bytes: int) -> str:
 
 def _show_warning(command: str, default: Callable) -> Callable:
     """warnings.showwarning for the CLI: vitkit's bad-image warnings as one clean line, others unchanged."""
-    from vitkit.data.dataset import BadImageWarning
+    from vitkit.data.images import BadImageWarning
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         if issubclass(category, BadImageWarning):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import vitkit.data.images as images_module
+import vitkit.data.files as files_module
 from vitkit.data import IMAGENET_MEAN, BadImageWarning, get_data_loaders, load_data
 
 SIZE = 16
@@ -157,7 +157,7 @@ def test_train_val_test_subfolders_are_used(tmp_path: Path, writers) -> None:
 def test_lazy_dataset_matches_in_memory(mixed_folder: Path, monkeypatch) -> None:
     with pytest.warns(BadImageWarning):
         eager = load_data(str(mixed_folder), load_size=SIZE, seed=3)
-    monkeypatch.setattr(images_module, "IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(files_module, "IN_MEMORY_BYTES", 0)
     with pytest.warns(BadImageWarning):
         lazy = load_data(str(mixed_folder), load_size=SIZE, seed=3)
     assert lazy.train.images is None and lazy.train.paths == eager.train.paths

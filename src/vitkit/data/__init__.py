@@ -5,7 +5,8 @@ splits = load_data("digits")
 train_tf = TrainTransform(32, splits.mean, splits.std)
 """
 
-from vitkit.data.dataset import IMAGENET_MEAN, IMAGENET_STD, BadImageWarning, DataSplits, ImageDataset
+from vitkit.data.dataset import IMAGENET_MEAN, IMAGENET_STD, DataSplits, ImageDataset
+from vitkit.data.images import BadImageWarning
 from vitkit.data.load import SPEC_FORMS, get_data_loaders, load_data
 from vitkit.data.mixing import Mixup, smooth_one_hot
 from vitkit.data.shapes import SHAPE_CLASSES

@@ -10,12 +10,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vitkit.data.images import BadImageWarning, load_image
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class BadImageWarning(UserWarning):
-    """An image file could not be decoded and was skipped (or, lazily, replaced by a black image)."""
 
 
 @dataclass(eq=False)
@@ -122,8 +120,6 @@ class ImageDataset(torch.utils.data.Dataset):
 def _decode_or_black(path: str, size: int) -> Tensor:
     # Files are validated when the dataset is built, so this only fails if one changed since: a DataLoader worker
     # must not die mid-epoch for that, so warn (naming the file) and hand back a black image instead.
-    from vitkit.data.images import load_image  # local import: images.py imports this module
-
     try:
         return torch.from_numpy(load_image(path, size)).permute(2, 0, 1).contiguous()
     except Exception as e:  # any decoder failure means the same thing here

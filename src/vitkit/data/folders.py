@@ -7,14 +7,8 @@ import os
 from pathlib import Path
 
 from vitkit.data.dataset import IMAGENET_MEAN, IMAGENET_STD, DataSplits, ImageDataset, stratified_split
-from vitkit.data.images import (
-    IMAGE_EXTENSIONS,
-    check_classes_present,
-    decode_files,
-    fits_in_memory,
-    is_image_file,
-    report_skipped,
-)
+from vitkit.data.files import check_classes_present, decode_files, fits_in_memory, report_skipped
+from vitkit.data.images import IMAGE_EXTENSIONS, is_image_file
 
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 

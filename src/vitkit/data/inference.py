@@ -5,9 +5,9 @@ Two steps, both shared with training:
 
 1. `decode_image` (the one decoder), then, for a run trained on image files (folders, CSVs) or with an explicit
    `load_size`, the run's decode-size step `resize_center_crop(image, load_size)`: what `load_data` did to every
-   train/val/test image of that run. The size comes from the checkpoint's training record (`eval_load_size`) and
-   travels with the model as the attribute `model.eval_load_size` (set by `load_eval_model`; absent or None means
-   no decode-size step, as for a model built in a notebook).
+   train/val/test image of that run. The size is saved with the weights as `model.preprocess.load_size` (older
+   checkpoints: `load_eval_model` derives it from the training record with `eval_load_size`); None means no
+   decode-size step, as for a model built in a notebook.
 2. `EvalTransform` built from `model.preprocess` (`eval_transform`): resize to input size / crop fraction, centre
    crop, normalise. `evaluate` applies the same module to whole batches of the decoded split.
 """
@@ -26,8 +26,6 @@ from vitkit.data.images import ImageLike, decode_image, resize_center_crop
 from vitkit.data.load import DEFAULT_FILE_LOAD_SIZE, _parse_spec
 from vitkit.data.transforms import EvalTransform
 from vitkit.runs import resolve_checkpoint, training_record
-
-LOAD_SIZE_ATTR = "eval_load_size"  # the model attribute that carries the run's decode size
 
 
 def eval_load_size(record: dict[str, Any]) -> int | None:
@@ -60,14 +58,15 @@ def load_eval_model(checkpoint: str | os.PathLike, device: str | torch.device = 
         device: Where to put the model.
 
     Returns:
-        (model in eval mode on `device` with `model.eval_load_size` set, its training record or {}).
+        (model in eval mode on `device` with `model.preprocess.load_size` set, its training record or {}).
     """
     from vitkit.weights import load_model
 
     directory = resolve_checkpoint(checkpoint)
     model = load_model(str(directory))
     record = training_record(directory) if directory.is_dir() else {}
-    setattr(model, LOAD_SIZE_ATTR, eval_load_size(record))
+    if model.preprocess.load_size is None:  # checkpoints written before load_size was saved in preprocess
+        model.preprocess.load_size = eval_load_size(record)
     return model.to(device).eval(), record
 
 
@@ -86,7 +85,7 @@ def _device(model: nn.Module) -> torch.device:
 def decode_for_model(image: ImageLike, model: nn.Module) -> Tensor:
     """Step 1 for one image: decode, then the run's decode-size step; uint8 (3, H, W) on the CPU."""
     array = decode_image(image)
-    size = getattr(model, LOAD_SIZE_ATTR, None)
+    size = model.preprocess.load_size
     if size is not None:
         array = resize_center_crop(array, int(size))
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
@@ -97,7 +96,7 @@ def prepare_image(image: ImageLike, model: nn.Module) -> tuple[np.ndarray, Tenso
 
     Args:
         image: Anything `decode_image` takes (path, PIL image, array, tensor).
-        model: A vitkit model; its `preprocess` and `eval_load_size` decide the steps.
+        model: A vitkit model; its `preprocess` (including `load_size`) decides the steps.
 
     Returns:
         (the uint8 (h, w, 3) crop the model sees, for display; the normalised float (1, 3, h, w) input on the

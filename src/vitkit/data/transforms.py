@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import Literal
 
 import kornia.augmentation as K
 import torch
@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from kornia.augmentation.auto import RandAugment, TrivialAugment
 from torch import Tensor, nn
 
-Interpolation = Literal["bicubic", "bilinear", "nearest"]
+from vitkit._validate import check_choice
+from vitkit.models.base import Interpolation
+
 AutoAugmentPolicy = Literal["none", "randaugment", "trivialaugment"]
 # kornia's RandAugment/TrivialAugment draw one sequence of operations per call; applying them to groups of this
 # many images gives each group its own draw, close to the per-image choice of the original papers.
@@ -40,12 +42,6 @@ def _size_pair(img_size: int | Sequence[int]) -> tuple[int, int]:
     if min(pair) <= 0:
         raise ValueError(f"img_size must be positive, got {img_size!r}")
     return pair
-
-
-def _check_choice(name: str, value: str, options: type) -> None:
-    allowed = get_args(options)
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
 def _check_unit(name: str, value: float) -> None:
@@ -170,8 +166,8 @@ class TrainTransform(nn.Module):
         _check_unit("random_erasing", random_erasing)
         if color_jitter < 0:
             raise ValueError(f"color_jitter must be >= 0, got {color_jitter}")
-        _check_choice("auto_augment", auto_augment, AutoAugmentPolicy)
-        _check_choice("interpolation", interpolation, Interpolation)
+        check_choice("auto_augment", auto_augment, AutoAugmentPolicy)
+        check_choice("interpolation", interpolation, Interpolation)
         self.interpolation = interpolation
         self.flip = K.RandomHorizontalFlip(p=hflip) if hflip > 0 else nn.Identity()
         self.jitter = (
@@ -236,7 +232,7 @@ class EvalTransform(nn.Module):
         self.img_size = _size_pair(img_size)
         if not 0.0 < crop_fraction <= 1.0:
             raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
-        _check_choice("interpolation", interpolation, Interpolation)
+        check_choice("interpolation", interpolation, Interpolation)
         self.crop_fraction = crop_fraction
         self.interpolation = interpolation
         # The same rounding as timm: floor(224 / 0.875) == 256.

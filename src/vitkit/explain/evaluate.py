@@ -13,9 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from vitkit._io import atomic_write_text
+from vitkit._validate import check_choice
 from vitkit.data.transforms import Normalize, to_unit_float
 from vitkit.explain.inputs import load_checkpoint
-from vitkit.explain.maps import METHODS, _check_choice, eval_mode, explain
+from vitkit.explain.maps import METHODS, eval_mode, explain
 from vitkit.explain.metrics import (
     deletion_auc,
     energy_in_mask,
@@ -71,7 +72,7 @@ def evaluate_explanations(
         "pointing_patch" first dilate the mask by half a patch side and by one patch side (in pixels).
     """
     for m in methods:
-        _check_choice("method", m, EVAL_METHODS)
+        check_choice("method", m, EVAL_METHODS)
     if len(images) != len(masks) or (labels is not None and len(labels) != len(images)):
         n_labels = "no" if labels is None else len(labels)
         raise ValueError(f"{len(images)} images, {len(masks)} masks and {n_labels} labels must match in number")

@@ -21,6 +21,6 @@ __all__ = ["ImageLike", "decode_image", "load_checkpoint", "prepare_image", "pre
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Load the model behind a run or model directory (see `resolve_checkpoint`) in eval mode on `device`.
 
-    The model carries its run's decode size (`model.eval_load_size`), so `prepare_image` matches `predict`.
+    The model carries its run's decode size (`model.preprocess.load_size`), so `prepare_image` matches `predict`.
     """
     return load_eval_model(path, device)[0]

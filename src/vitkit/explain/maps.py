@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitkit._validate import check_choice
 from vitkit.layers import attention_layers, capture_attention
 
 Method = Literal["attention", "rollout", "grad-rollout", "relevance"]
@@ -36,11 +37,6 @@ Target = int | Sequence[int] | Tensor | None
 # ----------------------------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------------------------
-def _check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; choose one of {', '.join(repr(a) for a in allowed)}")
-
-
 def check_discard_ratio(discard_ratio: float) -> float:
     """Return `discard_ratio` as a float, or raise a ValueError unless it lies in [0, 1)."""
     if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)):
@@ -116,7 +112,7 @@ def resolve_targets(target: Target, logits: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 def fuse_heads(attn: Tensor, head_fusion: HeadFusion = "mean") -> Tensor:
     """(B, heads, N, N) -> (B, N, N) by the mean, max or min over heads."""
-    _check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
+    check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
     if head_fusion == "mean":
         return attn.mean(dim=1)
     if head_fusion == "max":
@@ -362,7 +358,7 @@ def attention_map(
         upsample_to: (H, W) to resize the maps to (bilinear), or None for the patch grid.
     """
     _check_model(model)
-    _check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
+    check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
     layer = check_layer(layer, len(model.blocks))
     check_head(head, model.cfg.num_heads)
     _, attns, _, _ = forward_with_attention(model, images, layers=[layer])
@@ -380,7 +376,7 @@ def attention_rollout(
 ) -> Tensor:
     """Attention rollout over all blocks -> (B, H', W'). See `rollout_from_attentions`."""
     _check_model(model)
-    _check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
+    check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
     check_discard_ratio(discard_ratio)
     _, attns, _, _ = forward_with_attention(model, images, layers=True)
     grid, P, cls = _meta(model, images)
@@ -398,7 +394,7 @@ def grad_rollout(
 ) -> Tensor:
     """Gradient-weighted attention rollout for a class (default: the predicted one) -> (B, H', W')."""
     _check_model(model)
-    _check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
+    check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
     check_discard_ratio(discard_ratio)
     _, attns, grads, _ = forward_with_attention(model, images, layers=True, target=target, need_grads=True)
     grid, P, cls = _meta(model, images)
@@ -450,7 +446,7 @@ def explain(
         target: class per image for the gradient methods (int, one per image, or None for the prediction).
         upsample: resize to the image size (bilinear).
     """
-    _check_choice("method", method, METHODS)
+    check_choice("method", method, METHODS)
     _check_images(images)
     size = tuple(images.shape[-2:]) if upsample else None
     if method == "attention":

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit.explain.maps import Target, _check_choice, eval_mode, resolve_targets
+from vitkit._validate import check_choice
+from vitkit.explain.maps import Target, eval_mode, resolve_targets
 
 Mode = Literal["deletion", "insertion"]
 Baseline = Literal["zeros", "blur"]
@@ -84,8 +85,8 @@ def perturbation_curves(
     Returns:
         (fractions (S,), probabilities (B, S)): the share of patches changed at each step and the curve.
     """
-    _check_choice("mode", mode, ("deletion", "insertion"))
-    _check_choice("baseline", baseline, ("zeros", "blur"))
+    check_choice("mode", mode, ("deletion", "insertion"))
+    check_choice("baseline", baseline, ("zeros", "blur"))
     B, C, H, W = images.shape
     grid = tuple(model.patch_grid(H, W))
     sal = patch_saliency(saliency.to(images.device), grid).flatten(1)  # (B, patches)

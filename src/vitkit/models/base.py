@@ -51,6 +51,9 @@ class Preprocess:
     crop_fraction: float = 0.875  # eval: resize the short side to size / crop_fraction, then centre-crop
     interpolation: Interpolation = "bicubic"  # resize filter used in training and eval
     class_names: list[str] | None = None  # label i's name, in training order
+    # Decode step before eval: image files were decoded with the short side resized to this and a square centre crop
+    # (file datasets, `load_size`); None = images are used at their own size (digits, CIFAR, a notebook model).
+    load_size: int | None = None
 
     def __post_init__(self) -> None:
         self.mean = tuple(float(v) for v in self.mean)
@@ -65,6 +68,9 @@ class Preprocess:
         check_literal("interpolation", self.interpolation, Interpolation)
         if self.class_names is not None:
             self.class_names = [str(c) for c in self.class_names]
+        if self.load_size is not None:
+            if isinstance(self.load_size, bool) or not isinstance(self.load_size, int) or self.load_size <= 0:
+                raise ValueError(f"load_size must be a positive integer or None, got {self.load_size!r}")
 
 
 check_literal = check_choice  # the one validator (vitkit._validate); this name is kept for the config modules

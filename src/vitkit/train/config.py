@@ -17,13 +17,12 @@ from typing import Any, Literal
 
 import yaml
 
-from vitkit.models.base import check_literal, config_from_dict, config_to_dict
+from vitkit.data.transforms import AutoAugmentPolicy as AutoAugment
+from vitkit.models.base import Interpolation, check_literal, config_from_dict, config_to_dict
 
 DEFAULT_MODEL = "vit_nano_patch4_32"  # a 1.2M-parameter ViT that trains on CPU in minutes
 Amp = Literal["none", "bf16", "fp16"]
 Monitor = Literal["val_acc", "val_loss", "ema_acc", "ema_loss"]
-AutoAugment = Literal["none", "randaugment", "trivialaugment"]
-Interpolation = Literal["bicubic", "bilinear", "nearest"]
 
 
 @dataclass

@@ -25,6 +25,7 @@ import yaml
 from torch import nn
 
 from vitkit._io import atomic_write_text, resolve_dir
+from vitkit.data.inference import eval_load_size
 from vitkit.train.checkpoint import has_checkpoint, load_weights_into, read_training_state
 from vitkit.train.config import DEFAULT_MODEL, TrainConfig, resolve_config
 from vitkit.train.distributed import DistInfo, barrier, broadcast_object, cleanup_distributed, init_distributed
@@ -220,7 +221,7 @@ def _describe_split_gaps(splits: Any, say) -> None:
 
 
 def _config_yaml(cfg: TrainConfig, notes: Sequence[str] = ()) -> str:
-    from vitkit import __version__
+    from vitkit._version import __version__
 
     return (
         f"# resolved vitkit {__version__} training config; resume with: vitkit train --resume {cfg.out}\n"
@@ -264,7 +265,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
 
     # --- model ----------------------------------------------------------------------------------------------
     model = build_model(cfg, splits.num_classes, say)
-    img_size = tuple(model.cfg.img_size) if hasattr(model, "cfg") else (cfg.img_size, cfg.img_size)
+    img_size = tuple(model.preprocess.input_size)  # the contract: every model states its input size
     # Fine-tuning keeps the normalisation the checkpoint was trained with; from scratch, the data's own statistics.
     mean, std = (model.preprocess.mean, model.preprocess.std) if cfg.pretrained else (splits.mean, splits.std)
     model.preprocess = Preprocess(
@@ -274,6 +275,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
         crop_fraction=cfg.crop_fraction,
         interpolation=cfg.interpolation,
         class_names=list(splits.class_names),
+        load_size=eval_load_size({"data": cfg.data, "load_size": cfg.load_size}),  # predict/explain decode alike
     )
     if state is not None:
         load_weights_into(model, run_dir / "last")

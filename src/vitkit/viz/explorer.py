@@ -32,10 +32,10 @@ from PIL import Image
 from torch import nn
 
 from vitkit._io import atomic_write_text
+from vitkit._validate import check_choice
 from vitkit.data.images import ImageLike
 from vitkit.explain.maps import (
     HEAD_FUSIONS,
-    _check_choice,
     check_discard_ratio,
     check_layer,
     forward_with_attention,
@@ -177,7 +177,7 @@ def explorer_data(
     """
     if not images:
         raise ValueError("the explorer needs at least one image")
-    _check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
+    check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
     check_discard_ratio(discard_ratio)
     depth, heads = len(model.blocks), model.cfg.num_heads
     layers = list(range(depth)) if layers is None else sorted({check_layer(i, depth) for i in layers})

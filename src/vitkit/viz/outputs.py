@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitkit._validate import check_choice
 from vitkit.data.images import ImageLike
 from vitkit.data.inference import prepare_image, prepare_images
-from vitkit.explain.maps import METHODS, _check_choice, explain, mean_attention_distance
+from vitkit.explain.maps import METHODS, explain, mean_attention_distance
 from vitkit.runs import training_settings
 from vitkit.viz.attention import (
     plot_attention_distance,
@@ -76,7 +77,7 @@ def save_explanations(
         ValueError: An unknown method, no images, or a `target` for a method that does not depend on a class
             (attention, rollout): only grad-rollout and relevance explain a chosen class.
     """
-    _check_choice("method", method, METHODS)
+    check_choice("method", method, METHODS)
     if target is not None and method not in TARGET_METHODS:
         raise ValueError(
             f"target={target} has no effect on method={method!r}, which shows the same map whatever the class; "
@@ -139,7 +140,7 @@ def save_visualization(
         checkpoint: the model's directory, to read the training recipe for "augment".
         images_for_distance: images to average the attention distance over; random noise when none are given.
     """
-    _check_choice("kind", kind, VISUALIZATIONS)
+    check_choice("kind", kind, VISUALIZATIONS)
     if model is None and kind != "receptive-fields":
         raise ValueError(f"visualize {kind} needs a model")
     if kind in NEEDS_IMAGE and image is None:
