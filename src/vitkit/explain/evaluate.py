@@ -24,6 +24,7 @@ from vitkit.explain.metrics import (
     pointing_game,
     random_maps,
 )
+from vitkit.models.base import token_patch_size
 from vitkit.runs import resolve_checkpoint, training_settings
 
 EVAL_METHODS: tuple[str, ...] = (*METHODS, "random")
@@ -78,7 +79,7 @@ def evaluate_explanations(
         raise ValueError(f"{len(images)} images, {len(masks)} masks and {n_labels} labels must match in number")
     device = next(model.parameters()).device
     kwargs = dict(method_kwargs or {})
-    patch = int(model.cfg.patch_size)
+    patch = token_patch_size(model)
     grid = tuple(model.patch_grid(images.shape[-2], images.shape[-1]))
     gen = torch.Generator().manual_seed(seed)
 

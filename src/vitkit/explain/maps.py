@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from vitkit._validate import check_choice
 from vitkit.layers import attention_layers, capture_attention
+from vitkit.models.base import has_class_token, token_patch_size
 
 Method = Literal["attention", "rollout", "grad-rollout", "relevance"]
 HeadFusion = Literal["mean", "max", "min"]
@@ -336,7 +337,7 @@ def _upsample(maps: Tensor, upsample_to: tuple[int, int] | None) -> Tensor:
 
 def _meta(model: nn.Module, images: Tensor) -> tuple[tuple[int, int], int, bool]:
     grid = tuple(model.patch_grid(images.shape[-2], images.shape[-1]))
-    return grid, int(model.num_prefix_tokens), bool(getattr(model, "cls_token", None) is not None)
+    return grid, int(model.num_prefix_tokens), has_class_token(model)
 
 
 def attention_map(
@@ -359,8 +360,9 @@ def attention_map(
     """
     _check_model(model)
     check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
-    layer = check_layer(layer, len(model.blocks))
-    check_head(head, model.cfg.num_heads)
+    attn_layers = attention_layers(model)
+    layer = check_layer(layer, len(attn_layers))
+    check_head(head, attn_layers[layer].num_heads)
     _, attns, _, _ = forward_with_attention(model, images, layers=[layer])
     grid, P, cls = _meta(model, images)
     maps = attention_from_attentions(attns[0], grid, P, cls, head=head, head_fusion=head_fusion)
@@ -419,7 +421,7 @@ def mean_attention_distance(model: nn.Module, images: Tensor, renormalize: bool 
     _check_model(model)
     _, attns, _, _ = forward_with_attention(model, images, layers=True)
     grid, P, _ = _meta(model, images)
-    return mean_attention_distance_from_attentions(attns, grid, model.cfg.patch_size, P, renormalize=renormalize)
+    return mean_attention_distance_from_attentions(attns, grid, token_patch_size(model), P, renormalize=renormalize)
 
 
 def explain(

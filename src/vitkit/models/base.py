@@ -140,6 +140,24 @@ def config_kwargs(config_cls: type, kwargs: dict[str, Any], base: Any = None) ->
     return out
 
 
+def model_label(model: nn.Module) -> str:
+    """The registered name of a model, else its class name: how errors and figures name it."""
+    return getattr(model, "model_name", None) or type(model).__name__
+
+
+def token_patch_size(model: nn.Module) -> int:
+    """Pixels per token side of a token model (the stride of its token grid, from `feature_info`)."""
+    info = getattr(model, "feature_info", None)
+    if not info:
+        raise TypeError(f"{model_label(model)} has no feature_info (the model contract), so no token grid")
+    return int(info[-1]["reduction"])
+
+
+def has_class_token(model: nn.Module) -> bool:
+    """Whether the model's first token is a class token (explanations read its attention row)."""
+    return getattr(model, "cls_token", None) is not None
+
+
 def head_outputs(head: nn.Module | None) -> int | None:
     """Outputs of a classifier head: a Linear's out_features, 0 for Identity, the last Linear of anything else."""
     if head is None:

@@ -19,6 +19,8 @@ from vitkit.explain.maps import (
     explain,
     forward_with_attention,
 )
+from vitkit.layers import attention_layers
+from vitkit.models.base import has_class_token
 from vitkit.viz._common import finish, hide_ticks, model_input, new_figure, scale01, to_hwc, upsample_map
 from vitkit.viz.predictions import draw_topk
 
@@ -77,12 +79,13 @@ def plot_attention_grid(
         overlay: draw each map over the image instead of alone.
         save_path: where to write the figure, or None.
     """
-    depth, num_heads = len(model.blocks), model.cfg.num_heads
+    attn_layers = attention_layers(model)
+    depth, num_heads = len(attn_layers), (attn_layers[0].num_heads if attn_layers else 0)
     layers = list(range(depth)) if layers is None else [check_layer(i, depth) for i in layers]
     heads = list(range(num_heads)) if heads is None else [check_head(h, num_heads) for h in heads]
     img, x = model_input(model, image)
     _, attns, _, _ = forward_with_attention(model, x, layers=layers)
-    grid, P, cls = tuple(model.patch_grid(*x.shape[-2:])), model.num_prefix_tokens, model.cfg.class_token
+    grid, P, cls = tuple(model.patch_grid(*x.shape[-2:])), model.num_prefix_tokens, has_class_token(model)
     cols = len(heads) + 1
     fig = new_figure(1.4 * cols + 0.6, 1.4 * len(layers) * grid[0] / grid[1] + 0.6)
     axes = np.asarray(fig.subplots(len(layers), cols, squeeze=False))
@@ -207,7 +210,7 @@ class AttentionVisualizer:
             hide_ticks(ax)
         draw_topk(axes[3], probs, self.model.preprocess.class_names, k=top_k)
         if method == "attention":
-            depth = len(self.model.blocks)
+            depth = len(attention_layers(self.model))
             head = "mean of heads" if head_idx is None else f"head {head_idx}"
             fig.suptitle(f"attention, layer {layer_idx % depth} of {depth}, {head}")
         else:

@@ -43,6 +43,8 @@ from vitkit.explain.maps import (
     relevance_from_attentions,
     rollout_from_attentions,
 )
+from vitkit.layers import attention_layers
+from vitkit.models.base import has_class_token, model_label, token_patch_size
 from vitkit.viz._common import model_input
 from vitkit.viz.explorer_template import PAGE, SCRIPT
 
@@ -78,18 +80,19 @@ def _colormap_lut(name: str = "turbo") -> str:
 
 
 def _describe(model: nn.Module) -> tuple[str, str]:
-    cfg = model.cfg
-    name = getattr(model, "model_name", None) or type(model).__name__
-    parts = [f"{cfg.depth} blocks x {cfg.num_heads} heads", f"patch {cfg.patch_size}"]
+    layers = attention_layers(model)
+    name = model_label(model)
+    parts = [f"{len(layers)} blocks x {layers[0].num_heads} heads", f"patch {token_patch_size(model)}"]
     prefix = []
-    if cfg.class_token:
+    if has_class_token(model):
         prefix.append("class")
-    if cfg.distilled:
+    if getattr(model, "dist_token", None) is not None:
         prefix.append("distillation")
-    if cfg.reg_tokens:
-        prefix.append(f"{cfg.reg_tokens} registers")
+    registers = getattr(model, "reg_token", None)
+    if registers is not None:
+        prefix.append(f"{registers.shape[1]} registers")
     parts.append("prefix tokens: " + (", ".join(prefix) if prefix else "none (mean-pooled)"))
-    query = "class token" if cfg.class_token else "mean of the patch queries"
+    query = "class token" if has_class_token(model) else "mean of the patch queries"
     return f"{name}: " + "; ".join(parts), query
 
 
@@ -113,7 +116,7 @@ def image_entry(
     batch = x.expand(k, -1, -1, -1)
     _, attns, grads, _ = forward_with_attention(model, batch, layers=True, target=top.indices, need_grads=True)
     grid = tuple(model.patch_grid(*x.shape[-2:]))
-    P, cls = model.num_prefix_tokens, bool(model.cfg.class_token)
+    P, cls = model.num_prefix_tokens, has_class_token(model)
     relevance = relevance_from_attentions(attns, grads, grid, P, cls)
     grad_roll = grad_rollout_from_attentions(
         attns, grads, grid, P, cls, head_fusion=head_fusion, discard_ratio=discard_ratio
@@ -179,7 +182,8 @@ def explorer_data(
         raise ValueError("the explorer needs at least one image")
     check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
     check_discard_ratio(discard_ratio)
-    depth, heads = len(model.blocks), model.cfg.num_heads
+    attn_layers = attention_layers(model)
+    depth, heads = len(attn_layers), attn_layers[0].num_heads
     layers = list(range(depth)) if layers is None else sorted({check_layer(i, depth) for i in layers})
     if names is None:
         names = [Path(im).name if isinstance(im, (str, os.PathLike)) else f"image {i}" for i, im in enumerate(images)]
@@ -200,7 +204,8 @@ def explorer_data(
         image_entry(model, im, nm, layers, top_k=top_k, head_fusion=head_fusion, discard_ratio=discard_ratio)
         for im, nm in zip(images, names, strict=True)
     ]
-    grids = {(e["height"] // model.cfg.patch_size, e["width"] // model.cfg.patch_size) for e in entries}
+    patch = token_patch_size(model)
+    grids = {(e["height"] // patch, e["width"] // patch) for e in entries}
     if len(grids) != 1:
         raise ValueError(f"all images on one page must share a patch grid, got grids {sorted(grids)}")
     return {
@@ -211,7 +216,7 @@ def explorer_data(
             "layers": layers,
             "heads": heads,
             "grid": list(grids.pop()),
-            "patch": int(model.cfg.patch_size),
+            "patch": patch,
             "prefix_tokens": int(model.num_prefix_tokens),
         },
         "settings": {"head_fusion": head_fusion, "discard_ratio": discard_ratio},

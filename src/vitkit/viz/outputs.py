@@ -14,6 +14,7 @@ from vitkit._validate import check_choice
 from vitkit.data.images import ImageLike
 from vitkit.data.inference import prepare_image, prepare_images
 from vitkit.explain.maps import METHODS, explain, mean_attention_distance
+from vitkit.models.base import token_patch_size
 from vitkit.runs import training_settings
 from vitkit.viz.attention import (
     plot_attention_distance,
@@ -148,7 +149,7 @@ def save_visualization(
     path = Path(out_dir) / f"{kind}.png"
     if kind == "patches":
         crop, _ = prepare_image(image, model)
-        plot_patch_grid(crop, model.cfg.patch_size, save_path=path)
+        plot_patch_grid(crop, token_patch_size(model), save_path=path)
     elif kind == "filters":
         plot_patch_embedding_filters(model, save_path=path)
     elif kind == "pos-embed":
@@ -171,10 +172,10 @@ def save_visualization(
             what = "8 noise images"
         d = mean_attention_distance(model, x)
         grid = tuple(model.patch_grid(*x.shape[-2:]))
-        ref = uniform_attention_distance(grid, model.cfg.patch_size)
+        ref = uniform_attention_distance(grid, token_patch_size(model))
         plot_attention_distance(d, reference=ref, title=f"mean attention distance over {what}", save_path=path)
     else:
         # With a model, measure it at the depths it has (1, 2, 4, 8 ... up to its depth).
-        depths = [1, 2, 4, 8] if model is None else sorted({d for d in (1, 2, 4, 8) if d <= len(model.blocks)})
+        depths = [1, 2, 4, 8] if model is None else sorted({d for d in (1, 2, 4, 8) if d <= len(model.feature_info)})
         compare_receptive_fields(depths=depths, model=model, save_path=path)
     return path

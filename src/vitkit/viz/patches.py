@@ -12,6 +12,7 @@ from torch import nn
 
 from vitkit.data.images import ImageLike
 from vitkit.layers import check_image_size, sincos_2d
+from vitkit.models.base import model_label
 from vitkit.viz._common import finish, hide_ticks, new_figure, to_hwc
 
 
@@ -102,6 +103,8 @@ def plot_patch_embedding_filters(
 
 def position_table(model: nn.Module) -> tuple[torch.Tensor, tuple[int, int]]:
     """The patch rows of the model's position embedding at its native grid: ((H'*W', D), (H', W'))."""
+    if not hasattr(model, "native_grid") or not hasattr(model.cfg, "pos_embed"):
+        raise TypeError(f"the position-embedding figure needs a ViT position table; {model_label(model)} has none")
     grid = tuple(model.native_grid)
     kind = model.cfg.pos_embed
     if kind == "learn":

@@ -104,8 +104,8 @@ def compare_receptive_fields(
     depths = sorted({int(d) for d in depths})
     if not depths or depths[0] < 1:
         raise ValueError(f"depths must be positive layer counts, got {list(depths)}")
-    if model is not None and max(depths) > len(model.blocks):
-        raise ValueError(f"depth {max(depths)} asked of a model with {len(model.blocks)} blocks")
+    if model is not None and max(depths) > len(model.feature_info):
+        raise ValueError(f"depth {max(depths)} asked of a model with {len(model.feature_info)} blocks")
     cnn = cnn_effective_fields(depths, size=size)
     vit = vit_effective_fields(depths, model=model, size=size)
     fig = new_figure(2.3 * len(depths) + 4.5, 5.2)
