@@ -10,6 +10,26 @@ import sys
 from collections.abc import Callable, Sequence
 
 
+def _threads_arg(text: str):
+    """argparse type for --threads: "auto" or a positive integer (vitkit.threads)."""
+    from vitkit.threads import parse_threads
+
+    try:
+        return parse_threads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _set_threads(setting) -> None:
+    """Choose the CPU thread count at a command's entry and say which on stderr (stdout may be JSON)."""
+    from vitkit.threads import set_threads
+
+    set_threads(setting, log=lambda m: print(m, file=sys.stderr))
+
+
+_THREADS_HELP = "CPU threads: N, or auto (default): the CPUs idle at the start (see docs/train.md)"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # vitkit models [PATTERN]
 # ----------------------------------------------------------------------------------------------------------------
@@ -80,6 +100,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--html", default=None, metavar="FILE", help="write the interactive explorer (one HTML file)")
     p.add_argument("--html-layers", type=int, nargs="+", default=None, help="layers embedded in the explorer (all)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=_threads_arg, default="auto", metavar="N|auto", help=_THREADS_HELP)
     p.set_defaults(func=_cmd_explain)
 
 
@@ -90,6 +111,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     if args.out is None and args.html is None:
         raise ValueError("nothing to write: give --out DIR for overlay images and/or --html FILE for the explorer")
+    _set_threads(args.threads)
     model = load_checkpoint(args.checkpoint, device=args.device)
     target = parse_target(args.target, model.preprocess.class_names, model.num_classes)
     common = dict(head_fusion=args.head_fusion, discard_ratio=args.discard_ratio)
@@ -186,7 +208,7 @@ _TRAIN_FLAGS = {
     "layer_decay": "layer_decay", "head_lr_mult": "head_lr_mult", "freeze_layers": "freeze_layers",
     "accum_steps": "accum_steps", "clip_grad": "clip_grad", "patience": "patience", "monitor": "monitor",
     "strict": "strict", "tensorboard": "tensorboard", "workers": "workers", "device": "device",
-    "ckpt_every_steps": "ckpt_every_steps", "progress": "progress",
+    "ckpt_every_steps": "ckpt_every_steps", "progress": "progress", "threads": "threads",
 }  # fmt: skip
 
 
@@ -240,6 +262,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--cutmix", type=float, metavar="ALPHA", help="CutMix alpha (0 = off)")
     g.add_argument("--auto-augment", choices=["none", "randaugment", "trivialaugment"])
     g = p.add_argument_group("speed and memory")
+    g.add_argument("--threads", type=_threads_arg, metavar="N|auto", help=_THREADS_HELP)
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast dtype (fp16 needs CUDA)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
@@ -297,6 +320,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=_threads_arg, default="auto", metavar="N|auto", help=_THREADS_HELP)
     p.add_argument("--out", metavar="DIR", help="write eval.json and confusion.png here")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(func=_cmd_eval)
@@ -307,8 +331,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from vitkit.train import evaluate
 
+    _set_threads(args.threads)
     r = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, device=args.device,
-                 out=args.out)  # fmt: skip
+                 out=args.out, threads=None)  # fmt: skip
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -329,6 +354,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=_threads_arg, default="auto", metavar="N|auto", help=_THREADS_HELP)
     p.add_argument("--json", action="store_true", help="print JSON (one object per image)")
     p.set_defaults(func=_cmd_predict)
 
@@ -338,7 +364,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from vitkit.train import predict
 
-    results = predict(args.checkpoint, args.images, topk=args.topk, device=args.device)
+    _set_threads(args.threads)
+    results = predict(args.checkpoint, args.images, topk=args.topk, device=args.device, threads=None)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

@@ -25,6 +25,8 @@ import yaml
 from torch import nn
 
 from vitkit._io import atomic_write_text, resolve_dir
+from vitkit.runs import training_record
+from vitkit.threads import set_threads
 from vitkit.train.checkpoint import has_checkpoint, load_weights_into, read_training_state
 from vitkit.train.config import DEFAULT_MODEL, TrainConfig, resolve_config
 from vitkit.train.distributed import DistInfo, barrier, broadcast_object, cleanup_distributed, init_distributed
@@ -32,7 +34,7 @@ from vitkit.train.loader import BatchLoader
 from vitkit.train.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, amp_dtype, seed_everything, unwrap
 
 # Settings that only change how a run executes, not what it computes: these may differ when resuming.
-RESUMABLE_OVERRIDES = ("workers", "progress", "tensorboard", "ckpt_every_steps", "device")
+RESUMABLE_OVERRIDES = ("workers", "progress", "tensorboard", "ckpt_every_steps", "device", "threads")
 
 
 def _data_name(spec: str) -> str:
@@ -186,6 +188,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
     from vitkit.models.base import Preprocess
 
     run_dir, state = _prepare_run_dir(cfg, dist, resume, say)
+    # Before any work: float reductions depend on the count, so a resumed run keeps the one it recorded.
+    recorded = training_record(run_dir / "last").get("threads") if state is not None else None
+    threads = set_threads(cfg.threads, recorded=recorded, log=say)
     seed_everything(cfg.seed)  # the model init (split and data order have their own seeded generators)
 
     # --- data -----------------------------------------------------------------------------------------------
@@ -247,6 +252,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
         "load_size": cfg.load_size,
         "shapes_size": cfg.shapes_size,
         "run_dir": str(run_dir),
+        "threads": threads.count,
     }
     trainer = Trainer(model, config=cfg, run_dir=run_dir, dist=dist, log=say, checkpoint_extra={"training": record})
     skipped = [{"path": str(p), "reason": str(r)} for p, r in splits.skipped]
@@ -256,6 +262,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
         "data": cfg.data,
         "model": getattr(model, "model_name", cfg.model),
         "skipped_files": skipped,
+        "threads": threads.to_dict(),
     }
     try:
         trainer.train(train_loader, val_loader, resume_state=state)
