@@ -44,7 +44,7 @@ class Availability:
 
     cpus: int  # CPUs this process may run on (its affinity mask)
     cap: int  # most threads worth using: min(cpus, cgroup quota, physical cores = torch's default count)
-    free: float  # CPUs' worth of idle time on those CPUs during the sample window (0 .. cpus)
+    free: float | None  # CPUs' worth of idle time on those CPUs in the sample window (0 .. cpus); None: not measured
 
 
 @dataclass(frozen=True)
@@ -112,14 +112,16 @@ def physical_cores() -> int:
 
     This is the count torch starts with when no environment variable says otherwise (cpuinfo's cores).
     """
-    logical = os.cpu_count() or 1
     try:
         with open("/proc/cpuinfo") as f:
-            text = f.read()
+            return _count_cores(f.read(), os.cpu_count() or 1)
     except OSError:
-        return logical
+        return os.cpu_count() or 1
+
+
+def _count_cores(cpuinfo: str, logical: int) -> int:
     cores, phys = set(), "0"
-    for line in text.splitlines():
+    for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
         if key == "physical id":
@@ -144,33 +146,40 @@ def _cgroup_cpus() -> int | None:
     ):
         try:
             with open(path) as f:
-                parts = f.read().split()
+                text = f.read()
             if period_path is not None:
                 with open(period_path) as f:
-                    parts.append(f.read().strip())
+                    text += " " + f.read()
         except OSError:
             continue
-        if len(parts) < 2 or parts[0] in ("max", "-1"):
-            return None
-        try:
-            quota, period = int(parts[0]), int(parts[1])
-        except ValueError:
-            return None
-        return max(1, math.ceil(quota / period)) if quota > 0 and period > 0 else None
+        return _quota_cpus(text)
     return None
+
+
+def _quota_cpus(text: str) -> int | None:
+    """CPUs of a "QUOTA PERIOD" pair (cgroup v2 cpu.max; v1 joined the same way), rounded up; None = no limit."""
+    parts = text.split()
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):  # "max 100000": no limit
+        return None
+    return max(1, math.ceil(quota / period)) if quota > 0 and period > 0 else None
 
 
 def _cpu_times(cpus: set[int]) -> tuple[float, float] | None:
     """(idle, total) clock ticks summed over `cpus` from /proc/stat; None where /proc/stat is unreadable."""
     try:
         with open("/proc/stat") as f:
-            lines = f.read().splitlines()
+            return _parse_cpu_times(f.read(), cpus)
     except OSError:
         return None
+
+
+def _parse_cpu_times(stat: str, cpus: set[int]) -> tuple[float, float]:
     idle = total = 0.0
-    for line in lines:
+    for line in stat.splitlines():
         name, _, rest = line.partition(" ")
-        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+        if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
             continue
         # user nice system idle iowait irq softirq steal (guest time is already inside user): stolen time is busy
         v = [float(x) for x in rest.split()[:8]]
@@ -180,28 +189,30 @@ def _cpu_times(cpus: set[int]) -> tuple[float, float] | None:
 
 
 def measure_availability(window_s: float = 0.2) -> Availability:
-    """Sample how many of this process's CPUs are idle over `window_s` seconds.
+    """Sample how many of this process's CPUs are idle over `window_s` seconds (skipped when the cap is 1).
 
     Our own CPU time in the window (e.g. OpenMP threads still spinning after earlier work) counts as free, since
-    it is ours to reassign. Without /proc/stat (not Linux) every allowed CPU counts as free: torch's default.
+    it is ours to reassign. Without /proc/stat (not Linux) nothing is measured and auto means the cap.
     """
     cpus = _affinity()
     quota = _cgroup_cpus()
     cap = max(1, min(len(cpus), quota or len(cpus), physical_cores()))
     before, own0, t0 = _cpu_times(cpus), time.process_time(), time.monotonic()
     if before is None or cap == 1:
-        return Availability(cpus=len(cpus), cap=cap, free=float(len(cpus)))
+        return Availability(cpus=len(cpus), cap=cap, free=None)
     time.sleep(window_s)
     after, own1, t1 = _cpu_times(cpus), time.process_time(), time.monotonic()
     if after is None or after[1] <= before[1]:
-        return Availability(cpus=len(cpus), cap=cap, free=float(len(cpus)))
+        return Availability(cpus=len(cpus), cap=cap, free=None)
     idle_share = (after[0] - before[0]) / (after[1] - before[1])  # of all the allowed CPUs' time
     own = (own1 - own0) / max(t1 - t0, 1e-9)  # CPUs' worth of our own time
     return Availability(cpus=len(cpus), cap=cap, free=min(float(len(cpus)), idle_share * len(cpus) + own))
 
 
 def auto_threads(avail: Availability) -> int:
-    """Idle CPUs rounded to the nearest whole one (half up), between 1 and the cap."""
+    """Idle CPUs rounded to the nearest whole one (half up), between 1 and the cap (the cap when not measured)."""
+    if avail.free is None:
+        return avail.cap
     return max(1, min(avail.cap, math.floor(avail.free + 0.5)))
 
 
@@ -210,6 +221,19 @@ def _torch_defaults(env: tuple[str, int] | None) -> set[int]:
     if env is not None:
         return {env[1]}
     return {physical_cores(), os.cpu_count() or 1}
+
+
+def _explicit_choice(
+    setting: ThreadSetting, env: tuple[str, int] | None, current: int, applied: int | None
+) -> ThreadChoice | None:
+    """Rules 1-3: the setting, an earlier torch.set_num_threads, the environment; None when none applies."""
+    if setting != "auto":
+        return ThreadChoice(setting, "setting", f"threads setting {setting}")
+    if current != applied and current not in _torch_defaults(env):
+        return ThreadChoice(current, "torch", f"torch.set_num_threads({current}) called before; kept")
+    if env is not None:
+        return ThreadChoice(env[1], "env", f"{env[0]}={env[1]}")
+    return None
 
 
 def choose_threads(
@@ -236,25 +260,26 @@ def choose_threads(
         ValueError: a bad setting, recorded count or environment variable, naming the value.
     """
     setting = "auto" if setting is None else check_threads(setting)
-    if recorded is not None:
-        check_threads(recorded, "the recorded thread count")
+    if recorded is not None and (isinstance(recorded, bool) or not isinstance(recorded, int) or recorded < 1):
+        raise ValueError(f"the recorded thread count must be a positive integer, got {recorded!r}")
     env = env_threads(environ)
     current = torch.get_num_threads() if current is None else current
     applied = _applied if applied is None else applied
-    if setting != "auto":
-        return ThreadChoice(setting, "setting", f"threads setting {setting}")
-    if current != applied and current not in _torch_defaults(env):
-        return ThreadChoice(current, "torch", f"torch.set_num_threads({current}) called before; kept")
-    if env is not None:
-        return ThreadChoice(env[1], "env", f"{env[0]}={env[1]}")
+    explicit = _explicit_choice(setting, env, current, applied)
+    if explicit is not None:
+        if recorded is not None and recorded != explicit.count:
+            note = f"; the run recorded {recorded}, so it will not continue bit-exactly"
+            explicit = ThreadChoice(explicit.count, explicit.source, explicit.reason + note)
+        return explicit
     if recorded is not None:
         return ThreadChoice(recorded, "recorded", "the count this run recorded, so it resumes bit-exactly")
     if availability is None:
         availability = measure_availability
     avail = availability() if callable(availability) else availability
     count = auto_threads(avail)
-    capped = f", at most {avail.cap} (quota or physical cores)" if avail.cap < avail.cpus else ""
-    return ThreadChoice(count, "auto", f"auto: {avail.free:.1f} of {avail.cpus} CPUs idle{capped}")
+    idle = "load not measured" if avail.free is None else f"{avail.free:.1f} of {avail.cpus} CPUs idle"
+    capped = f", at most {avail.cap} (cgroup quota or physical cores)" if avail.cap < avail.cpus else ""
+    return ThreadChoice(count, "auto", f"auto: {idle}{capped}")
 
 
 def set_threads(
