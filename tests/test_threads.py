@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+import vitkit
 from vitkit import threads
 from vitkit.threads import Availability, ThreadChoice, choose_threads, set_threads
 
@@ -187,7 +189,7 @@ def test_set_threads_applies_logs_and_keeps_a_users_count(monkeypatch):
 
 
 # --- a run records its choice and resumes with it ------------------------------------------------------------
-def test_run_says_records_and_resumes_with_its_thread_count(tmp_path, monkeypatch):
+def test_run_says_records_and_resumes_with_its_thread_count(tmp_path, monkeypatch, capsys):
     from tests.train.conftest import TINY
     from vitkit.runs import training_record
     from vitkit.train import train
@@ -213,3 +215,17 @@ def test_run_says_records_and_resumes_with_its_thread_count(tmp_path, monkeypatc
     resumed = train(resume=out, overrides={"threads": 2}, log=log.append)
     assert resumed["threads"]["count"] == 2 and resumed["threads"]["source"] == "setting"
     assert "threads: 2 (threads setting 2; the run recorded 1, so it will not continue bit-exactly)" in log
+
+    # eval / predict say their choice on stderr, so that --json output on stdout stays pure JSON.
+    from vitkit.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--threads", "1", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[0] == "threads: 1 (threads setting 1)"
+    assert json.loads(captured.out)["n"] == summary["test_images"]
+    image = str(Path(vitkit.__file__).parent / "assets" / "chelsea.jpg")
+    assert main(["predict", "--checkpoint", str(out), image, "--json"]) == 0  # auto on the simulated idle machine
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[0] == "threads: 2 (auto: 2.0 of 2 CPUs idle)"
+    assert json.loads(captured.out)[0]["path"] == image and torch.get_num_threads() == 2
