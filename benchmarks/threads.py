@@ -119,29 +119,32 @@ class BusyProcesses:
         self.procs = []
 
 
-def run_phase(name: str, epochs: int, repeats: int, workdir: Path, log) -> dict[str, list[dict]]:
-    results: dict[str, list[dict]] = {label: [] for label in CONFIGS}
+def run_phase(name: str, epochs: int, repeats: int, workdir: Path, log, results: dict[str, list[dict]]) -> None:
+    """Fill `results` (label -> runs) as the runs finish, so an interrupted benchmark still reports them."""
+    results.update({label: [] for label in CONFIGS})
     labels = list(CONFIGS)
     for rep in range(repeats):
         order = labels[rep % len(labels) :] + labels[: rep % len(labels)]  # rotate who goes first
         for label in order:
             r = train_once(epochs, CONFIGS[label], workdir)
             results[label].append(r)
-            log(
-                f"[{name} {rep + 1}/{repeats}] {label}: {r['wall_s']:.1f} s wall, {r['train_s']:.1f} s train, {r['line']}"
-            )
-    return results
+            where = f"[{name} {rep + 1}/{repeats}] {label}"
+            log(f"{where}: {r['wall_s']:.1f} s wall, {r['train_s']:.1f} s train, {r['line']}")
 
 
 def table(phases: dict[str, dict[str, list[dict]]]) -> list[str]:
     rows = [
-        "| machine | threads setting | chose | wall s (median) | wall s (all runs) | train s (median) | vs best fixed |",
+        "| load | threads setting | chose | wall s (median) | wall s (all runs) | train s (median) | vs best fixed |",
         "|---|---|---|---:|---|---:|---:|",
     ]
     ratios = {}
     for phase, results in phases.items():
+        results = {label: rs for label, rs in results.items() if rs}
         med = {label: statistics.median(r["wall_s"] for r in rs) for label, rs in results.items()}
-        best_fixed = min(v for label, v in med.items() if label != "default (auto)")
+        fixed = [v for label, v in med.items() if label != "default (auto)"]
+        if not fixed or "default (auto)" not in med:
+            continue
+        best_fixed = min(fixed)
         for label, rs in results.items():
             chose = "/".join(str(c) for c in sorted({r["threads"] for r in rs}))
             walls = ", ".join(f"{r['wall_s']:.1f}" for r in rs)
@@ -181,14 +184,19 @@ def main() -> int:
         f"load average before: {loadavg()}",
     ]
     mm = {"idle": [matmul_gflops(1), matmul_gflops(0)]}
-    phases = {}
-    with tempfile.TemporaryDirectory(prefix="vitkit-threads-") as tmp:
-        workdir = Path(tmp)
-        phases["idle"] = run_phase("idle", args.epochs, args.repeats, workdir, log)
-        busy = f"busy ({args.busy} CPU-bound processes)"
-        with BusyProcesses(args.busy):
-            mm[busy] = [matmul_gflops(1), matmul_gflops(0)]
-            phases[busy] = run_phase("busy", args.epochs, args.repeats, workdir, log)
+    phases: dict[str, dict[str, list[dict]]] = {"idle": {}}
+    busy = f"busy ({args.busy} CPU-bound processes)"
+    interrupted = False
+    try:
+        with tempfile.TemporaryDirectory(prefix="vitkit-threads-") as tmp:
+            workdir = Path(tmp)
+            run_phase("idle", args.epochs, args.repeats, workdir, log, phases["idle"])
+            with BusyProcesses(args.busy):
+                mm[busy] = [matmul_gflops(1), matmul_gflops(0)]
+                phases[busy] = {}
+                run_phase("busy", args.epochs, args.repeats, workdir, log, phases[busy])
+    except (KeyboardInterrupt, SystemExit):  # report what finished; the busy processes are gone already
+        interrupted = True
     header.append(f"load average after: {loadavg()}")
     print(f"\n## Thread count on an idle and a busy machine (`benchmarks/threads.py --epochs {args.epochs} "
           f"--repeats {args.repeats} --busy {args.busy}`)\n")  # fmt: skip
@@ -203,6 +211,9 @@ def main() -> int:
     )
     print("\n".join(table(phases)))
     print(f"\n(whole benchmark: {time.perf_counter() - t_start:.0f} s)")
+    if interrupted:
+        print("INTERRUPTED: the table holds only the runs that finished")
+        return 130
     return 0
 
 
