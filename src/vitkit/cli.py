@@ -19,6 +19,26 @@ from vitkit.train.evaluate import Split
 from vitkit.viz.outputs import VISUALIZATIONS
 
 
+def _threads_arg(text: str):
+    """argparse type for --threads: "auto" or a positive integer (vitkit.threads)."""
+    from vitkit.threads import parse_threads
+
+    try:
+        return parse_threads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _set_threads(setting) -> None:
+    """Choose the CPU thread count at a command's entry and say which on stderr (stdout may be JSON)."""
+    from vitkit.threads import set_threads
+
+    set_threads(setting, log=lambda m: print(m, file=sys.stderr))
+
+
+_THREADS_HELP = "CPU threads: N, or auto (default): the CPUs idle at the start (see docs/train.md)"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # vitkit models [PATTERN]
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,6 +113,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--html", default=None, metavar="FILE", help="write the interactive explorer (one HTML file)")
     p.add_argument("--html-layers", type=int, nargs="+", default=None, help="layers embedded in the explorer (all)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=_threads_arg, default="auto", metavar="N|auto", help=_THREADS_HELP)
     p.set_defaults(func=_cmd_explain)
 
 
@@ -103,6 +124,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     if args.out is None and args.html is None:
         raise ValueError("nothing to write: give --out DIR for overlay images and/or --html FILE for the explorer")
+    _set_threads(args.threads)
     model = load_checkpoint(args.checkpoint, device=args.device)
     target = parse_target(args.target, model.preprocess.class_names, model.num_classes)
     common = dict(head_fusion=args.head_fusion, discard_ratio=args.discard_ratio)
@@ -198,7 +220,7 @@ _TRAIN_FLAGS = {
     "layer_decay": "layer_decay", "head_lr_mult": "head_lr_mult", "freeze_layers": "freeze_layers",
     "accum_steps": "accum_steps", "clip_grad": "clip_grad", "patience": "patience", "monitor": "monitor",
     "strict": "strict", "tensorboard": "tensorboard", "workers": "workers", "device": "device",
-    "ckpt_every_steps": "ckpt_every_steps", "progress": "progress",
+    "ckpt_every_steps": "ckpt_every_steps", "progress": "progress", "threads": "threads",
 }  # fmt: skip
 
 
@@ -252,6 +274,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--cutmix", type=float, metavar="ALPHA", help="CutMix alpha (0 = off)")
     g.add_argument("--auto-augment", choices=choices(AutoAugment))
     g = p.add_argument_group("speed and memory")
+    g.add_argument("--threads", type=_threads_arg, metavar="N|auto", help=_THREADS_HELP)
     g.add_argument("--amp", choices=choices(Amp), help="autocast dtype (fp16 needs CUDA)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
@@ -309,6 +332,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=choices(Split))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=_threads_arg, default="auto", metavar="N|auto", help=_THREADS_HELP)
     p.add_argument("--out", metavar="DIR", help="write eval.json and confusion.png here")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(func=_cmd_eval)
@@ -319,8 +343,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from vitkit.train import evaluate
 
+    _set_threads(args.threads)
     r = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, device=args.device,
-                 out=args.out)  # fmt: skip
+                 out=args.out, threads=None)  # fmt: skip
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -345,6 +370,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=_threads_arg, default="auto", metavar="N|auto", help=_THREADS_HELP)
     p.add_argument("--json", action="store_true", help="print JSON (one object per image)")
     p.set_defaults(func=_cmd_predict)
 
@@ -354,7 +380,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from vitkit.train import predict
 
-    results = predict(args.checkpoint, args.images, topk=args.topk, device=args.device)
+    _set_threads(args.threads)
+    results = predict(args.checkpoint, args.images, topk=args.topk, device=args.device, threads=None)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

@@ -19,6 +19,7 @@ import yaml
 
 from vitkit.data.transforms import AutoAugmentPolicy as AutoAugment
 from vitkit.models.base import Interpolation, check_literal, config_from_dict, config_to_dict
+from vitkit.threads import ThreadSetting, check_threads
 
 DEFAULT_MODEL = "vit_nano_patch4_32"  # a 1.2M-parameter ViT that trains on CPU in minutes
 Amp = Literal["none", "bf16", "fp16"]
@@ -83,6 +84,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (slow first steps; pays off on long GPU runs)
     ema: bool = False  # keep an exponential moving average of the weights, evaluated alongside (ema_acc)
     ema_decay: float = 0.999  # EMA decay per optimiser step (warmed up as min(decay, (1+s)/(10+s)))
+    threads: ThreadSetting = "auto"  # CPU intra-op threads: N, or auto = the CPUs idle at the start (vitkit.threads)
     seed: int = 0  # seeds the split, init, data order and augmentation: same seed + machine = same weights
 
     # --- run --------------------------------------------------------------------------------------------------
@@ -101,6 +103,7 @@ class TrainConfig:
         check_literal("monitor", self.monitor, Monitor)
         check_literal("auto_augment", self.auto_augment, AutoAugment)
         check_literal("interpolation", self.interpolation, Interpolation)
+        check_threads(self.threads)
         _positive_int("epochs", self.epochs)
         _positive_int("batch_size", self.batch_size)
         _positive_int("accum_steps", self.accum_steps)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from vitkit._io import atomic_write_text
 from vitkit.runs import resolve_checkpoint
+from vitkit.threads import ThreadSetting, set_threads
 from vitkit.train.metrics import confusion_matrix, topk_correct
 
 Split = Literal["train", "val", "test", "all"]
@@ -61,6 +62,7 @@ def evaluate(
     amp: str = "none",
     seed: int | None = None,
     out: str | os.PathLike | None = None,
+    threads: ThreadSetting | None = "auto",
 ) -> dict[str, Any]:
     """Top-1, top-5 (over 5 classes only) and per-class accuracy, loss and confusion matrix of a checkpoint on a split.
 
@@ -73,6 +75,8 @@ def evaluate(
         amp: 'none' or 'bf16' autocast.
         seed: the split seed; None = the training seed from the checkpoint (else 0).
         out: a directory for eval.json and confusion.png; None writes nothing.
+        threads: CPU intra-op threads: N, "auto" (vitkit.threads decides from the idle CPUs) or None to keep
+            torch's current count (the CLI has set it already).
 
     Returns:
         {"top1", "top5", "loss", "n", "per_class": {name: {"acc", "n"}}, "confusion": [[...]], "class_names", ...};
@@ -86,6 +90,8 @@ def evaluate(
         raise ValueError(f"split={split!r} is not allowed; choose one of 'train', 'val', 'test', 'all'")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if threads is not None:
+        set_threads(threads)
     dev = _device(device)
     dtype = amp_dtype(amp, dev)
     model, record = load_checkpoint(checkpoint, dev)
@@ -177,6 +183,7 @@ def predict(
     *,
     topk: int = 5,
     device: str | torch.device | None = "auto",
+    threads: ThreadSetting | None = "auto",
 ) -> list[dict[str, Any]]:
     """Top-k classes with probabilities for each image file.
 
@@ -186,6 +193,7 @@ def predict(
             path, hidden files and non-image files skipped; see `vitkit.data.images.list_image_files`).
         topk: How many classes to list per image.
         device: Where to run ('auto' = cuda when available).
+        threads: CPU intra-op threads as in `evaluate` (None keeps torch's current count).
 
     Returns:
         One {"path", "top": [{"class", "index", "prob"}, ...]} per image, best first.
@@ -203,6 +211,8 @@ def predict(
         raise ValueError(f"topk must be positive, got {topk}")
     from vitkit.data.inference import prepare_image
 
+    if threads is not None:
+        set_threads(threads)
     dev = _device(device)
     model, _record = load_checkpoint(checkpoint, dev)
     names = model.preprocess.class_names or [str(i) for i in range(model.num_classes)]

@@ -26,6 +26,8 @@ from torch import nn
 
 from vitkit._io import atomic_write_text, resolve_dir
 from vitkit.data.inference import eval_load_size
+from vitkit.runs import training_record
+from vitkit.threads import set_threads
 from vitkit.train.checkpoint import has_checkpoint, load_weights_into, read_training_state
 from vitkit.train.config import DEFAULT_MODEL, TrainConfig, resolve_config
 from vitkit.train.distributed import DistInfo, barrier, broadcast_object, cleanup_distributed, init_distributed
@@ -33,7 +35,7 @@ from vitkit.train.loader import BatchLoader
 from vitkit.train.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, amp_dtype, seed_everything, unwrap
 
 # Settings that only change how a run executes, not what it computes: these may differ when resuming.
-RESUMABLE_OVERRIDES = ("workers", "progress", "tensorboard", "ckpt_every_steps", "device")
+RESUMABLE_OVERRIDES = ("workers", "progress", "tensorboard", "ckpt_every_steps", "device", "threads")
 
 
 def _data_name(spec: str) -> str:
@@ -242,6 +244,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
     else:
         run_dir, state = _new_run_dir(cfg, dist), None
         cfg.out = str(run_dir)
+    # Before any work: float reductions depend on the count, so a resumed run keeps the one it recorded.
+    recorded = training_record(run_dir / "last").get("threads") if state is not None else None
+    threads = set_threads(cfg.threads, recorded=recorded, log=say)
     seed_everything(cfg.seed)  # the model init (split and data order have their own seeded generators)
 
     # --- data -----------------------------------------------------------------------------------------------
@@ -307,6 +312,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
         "load_size": cfg.load_size,
         "shapes_size": cfg.shapes_size,
         "run_dir": str(run_dir),
+        "threads": threads.count,
     }
     trainer = Trainer(model, config=cfg, run_dir=run_dir, dist=dist, log=say, checkpoint_extra={"training": record})
     if resume is None:
@@ -325,6 +331,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
         "batch_size": cfg.batch_size,
         "batch_size_requested": requested_batch_size,
         "split_sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+        "threads": threads.to_dict(),
     }
     try:
         trainer.train(train_loader, val_loader, resume_state=state)
