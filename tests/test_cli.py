@@ -138,3 +138,36 @@ def test_explorer_size_is_human_readable(model_dir, tmp_path, capsys):
     assert f"wrote {page} ({human_size(size)}, self-contained)" in out
     assert re.search(r"\(\d+(\.\d)? KB, self-contained\)", out) and "MiB" not in out
     assert [human_size(n) for n in (512, 39_400, 4_250_000, 2_000_000_000)] == ["512 B", "39 KB", "4.2 MB", "2.0 GB"]
+
+
+def test_predict_takes_one_path_as_a_string_not_as_letters(model_dir, tmp_path):
+    from vitkit.data.images import list_image_files
+    from vitkit.train import predict
+
+    folder = tmp_path / "photos"
+    for rel in ("a.png", "sub/b.png"):
+        _png(folder / rel, 50)
+    assert (
+        list_image_files(str(folder))
+        == list_image_files([folder])
+        == [str(folder / "a.png"), str(folder / "sub/b.png")]
+    )
+    assert [r["path"] for r in predict(model_dir, str(folder), device="cpu")] == list_image_files(folder)
+
+
+def test_target_without_overlays_is_refused(model_dir, tmp_path, capsys):
+    image = tmp_path / "x.png"
+    _png(image, 100)
+    args = ["explain", str(image), "--checkpoint", str(model_dir), "--method", "relevance", "--target", "light"]
+    assert main([*args, "--html", str(tmp_path / "e.html")]) == 2
+    assert "--target light applies to the --out overlays" in capsys.readouterr().err
+    assert not (tmp_path / "e.html").exists()
+
+
+def test_train_messages_name_every_setting_as_a_flag():
+    assert cli_message("device='foo' is not allowed", "train") == "--device foo is not allowed"
+    assert cli_message("freeze_layers=5 must be an integer", "train") == "--freeze-layers 5 must be an integer"
+    assert cli_message("monitor='ema_acc' needs ema: true", "train") == "--monitor ema_acc needs ema: true"
+    assert cli_message("set load_size=48", "train") == "set --set load_size=48"
+    # not a training setting: left alone rather than turned into a `--set num_classes` that does not exist
+    assert cli_message("the head has num_classes=0", "train") == "the head has num_classes=0"

@@ -6,6 +6,7 @@ Each command is a pair: `_add_<name>(subparsers)` declares its arguments and `_c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 import warnings
@@ -14,7 +15,7 @@ from collections.abc import Callable, Sequence
 # Choices come from the Literals of the library's configs, so the CLI and the library never disagree.
 from vitkit._validate import choices
 from vitkit.explain.maps import HeadFusion, Method
-from vitkit.train.config import Amp, AutoAugment, Monitor
+from vitkit.train.config import Amp, AutoAugment, Monitor, TrainConfig
 from vitkit.train.evaluate import Split
 from vitkit.viz.outputs import VISUALIZATIONS
 
@@ -124,6 +125,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     if args.out is None and args.html is None:
         raise ValueError("nothing to write: give --out DIR for overlay images and/or --html FILE for the explorer")
+    if args.target is not None and args.out is None:
+        raise ValueError(
+            f"--target {args.target} applies to the --out overlays; the --html explorer explains every top-5 class "
+            "(click one), so give --out DIR or drop --target"
+        )
     _set_threads(args.threads)
     model = load_checkpoint(args.checkpoint, device=args.device)
     target = parse_target(args.target, model.preprocess.class_names, model.num_classes)
@@ -413,10 +419,11 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 # Per command: library argument -> the flag that sets it.
 _ARG_FLAGS: dict[str, dict[str, str]] = {
     "convert": {"model_name": "--model", "img_size": "--img-size", "num_classes": "--num-classes"},
+    # Every TrainConfig field: its own flag where it has one (_TRAIN_FLAGS), else --set FIELD.
     "train": {
-        "model_name": "--model", "img_size": "--img-size", "num_classes": "--set num_classes", "data": "--data",
-        "batch_size": "--batch-size", "strict": "--strict", "pretrained": "--pretrained", "epochs": "--epochs",
-        "load_size": "--set load_size", "model_args": "--set model_args",
+        "model_name": "--model",
+        **{f.name: f"--set {f.name}" for f in dataclasses.fields(TrainConfig)},
+        **{field: "--" + flag.replace("_", "-") for flag, field in _TRAIN_FLAGS.items()},
     },
     "eval": {"data": "--data", "split": "--split", "batch_size": "--batch-size", "device": "--device"},
     "predict": {"topk": "--topk", "device": "--device"},

@@ -189,6 +189,12 @@ def test_every_entry_point_feeds_the_model_the_training_pipelines_input(files, t
     result = evaluate(checkpoint, split="all", device="cpu", batch_size=64)
     assert result["n"] == len(paths)
     _assert_rows_equal(capture.take(), training, "evaluate")
+    # The same files in another folder: the model's saved decode size still applies (not the folder default).
+    import shutil
+
+    shutil.copytree(folder, tmp_path / "copy")
+    evaluate(checkpoint, str(tmp_path / "copy"), split="all", device="cpu", batch_size=64)
+    _assert_rows_equal(capture.take(), training, "evaluate on a copy of the folder")
     for where, rows in _entry_point_inputs(capture, checkpoint, paths, tmp_path / "out").items():
         _assert_rows_equal(rows, training, where)
 

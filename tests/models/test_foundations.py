@@ -147,6 +147,43 @@ def test_unknown_or_conflicting_spellings_list_the_accepted_names():
         vitkit.create_vit_tiny(n_classes=3, num_classes=4)
 
 
+def test_mlp_dim_is_resolved_against_the_variants_own_width():
+    m = vitkit.create_model("vit_small_patch16_224", mlp_dim=1536, depth=1)
+    assert (m.cfg.mlp_ratio, m.blocks[0].mlp.fc1.out_features) == (4.0, 1536)
+    assert vitkit.create_vit_small(mlp_dim=768, depth=1).blocks[0].mlp.fc1.out_features == 768
+    with pytest.raises(TypeError, match="n_classes=10 and num_classes=5 disagree"):
+        vitkit.create_vit_model("small", n_classes=10, num_classes=5)
+
+
+def test_head_weight_reassignment_is_seen(tmp_path):
+    model = tiny(num_classes=10)
+    model.head.weight = nn.Parameter(torch.randn(5, 32))
+    model.head.bias = nn.Parameter(torch.zeros(5))
+    assert model.num_classes == 5
+    model.save_pretrained(tmp_path / "m")
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(vitkit.load_model(tmp_path / "m").eval()(x), model(x))
+
+
+def test_a_forward_in_another_thread_during_a_capture_is_not_recorded():
+    import threading
+
+    model = tiny(num_classes=3)
+    xa, xb = torch.randn(1, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain_b = model(xb)
+        out = {}
+        with capture_attention(model, [-1]) as rec:
+            t = threading.Thread(target=lambda: out.update(b=model(xb)))
+            t.start()
+            t.join()
+            with pytest.raises(RuntimeError, match="no attention was recorded"):
+                _ = rec.maps  # the other thread's forward is not ours
+            model(xa)
+        assert rec.maps[0].shape[0] == 1  # the capturing thread's own batch
+    torch.testing.assert_close(out["b"], plain_b)
+
+
 def test_create_vit_model_by_size_or_name():
     assert vitkit.create_vit_model("small", n_classes=3, **TINY).model_name == "vit_small_patch16_224"
     assert vitkit.create_vit_model("deit_tiny_distilled_patch16_224", **TINY).head_dist is not None

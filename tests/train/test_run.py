@@ -109,7 +109,7 @@ def test_bad_inputs_name_the_value(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "nope")]) == 2
     assert "no such run directory" in capsys.readouterr().err
     assert main(["train", "--device", "cpu", "--amp", "fp16", "--out", str(tmp_path / "fp16")]) == 2
-    assert "amp='fp16' needs a CUDA device" in capsys.readouterr().err
+    assert "--amp fp16 needs a CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "fp16").exists()  # refused before creating anything
     assert main(["train", "--set", "hflip"]) == 2
     assert "--set expects KEY=VALUE, got 'hflip'" in capsys.readouterr().err

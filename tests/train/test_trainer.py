@@ -236,3 +236,18 @@ def test_tensorboard_events_and_clear_error_when_missing(tmp_path, monkeypatch):
         Trainer(model, "cpu", TrainConfig(**FAST, epochs=1, tensorboard=True), run_dir=tmp_path / "b").train(
             *_loaders(ds)
         )
+
+
+def test_model_dependent_settings_fail_when_the_trainer_is_built(tmp_path):
+    from torch import nn
+
+    from tests.train.conftest import tiny_model
+    from vitkit.train import TrainConfig, Trainer
+
+    with pytest.raises(ValueError, match=r"freeze_layers=5 must be an integer in 0\.\.2"):
+        Trainer(tiny_model(), "cpu", TrainConfig(freeze_layers=5))
+    model = tiny_model()
+    model.head = nn.Sequential(nn.Linear(model.embed_dim, 4), nn.ReLU(), nn.Linear(4, 10))
+    with pytest.raises(ValueError, match="model.head is Sequential"):
+        Trainer(model, "cpu", TrainConfig(), run_dir=tmp_path / "run")
+    Trainer(model, "cpu", TrainConfig())  # without a run directory nothing is saved: allowed

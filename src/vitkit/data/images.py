@@ -39,8 +39,8 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_image_files(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """Image files named by `paths`, where a folder stands for every image file under it.
+def list_image_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Image files named by `paths` (one path or several), where a folder stands for every image file under it.
 
     A folder is walked recursively and its files are sorted by path; hidden entries (a leading dot) and files
     without an image extension (`IMAGE_EXTENSIONS`) are skipped. A file given by name is kept whatever its
@@ -50,12 +50,14 @@ def list_image_files(paths: Sequence[str | os.PathLike]) -> list[str]:
         FileNotFoundError: A path that does not exist.
         ValueError: A folder with no image file under it.
     """
+    if isinstance(paths, (str, bytes, os.PathLike)):  # one path, not a sequence of one-letter paths
+        paths = [paths]
     files: list[str] = []
     for path in paths:
         path = os.fspath(path)
         if os.path.isdir(path):
             found = []
-            for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+            for dirpath, dirnames, filenames in os.walk(path):
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 found += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".") and is_image_file(f)]
             if not found:

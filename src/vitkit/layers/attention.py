@@ -64,9 +64,10 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
         q, k, v = qkv.unbind(0)  # each (B, h, N, d)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.capture is not None:
+        capture = self.capture  # read once: another thread may close its capture meanwhile
+        if capture is not None:
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, N)
-            self.capture(self, attn)
+            capture(self, attn)
             x = self.attn_drop(attn) @ v  # (B, h, N, d)
         else:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)

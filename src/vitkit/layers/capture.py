@@ -7,11 +7,16 @@
 Only the requested layers leave the fused attention kernel while the context is open; the others, and every call
 outside the context, run exactly as before. Blocks and attention modules return plain tensors, so forward hooks,
 `torch.export` and ONNX see an ordinary model.
+
+The capture is state of the model's modules while the context is open: a forward of the same model in another
+thread meanwhile runs the requested layers on the explicit path too (same outputs) but is not recorded; only the
+thread that opened the context records. Two captures of one model at once (nested or from two threads) are refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -58,10 +63,12 @@ class AttentionRecorder:
     def __init__(self, layers: list[int]) -> None:
         self.layers = layers
         self._maps: dict[int, torch.Tensor] = {}
+        self._thread = threading.get_ident()
 
     def _slot(self, index: int):
         def record(module: nn.Module, attn: torch.Tensor) -> None:
-            self._maps[index] = attn
+            if threading.get_ident() == self._thread:  # another thread's forward of the same model: not ours
+                self._maps[index] = attn
 
         return record
 

@@ -165,9 +165,9 @@ def head_outputs(head: nn.Module | None) -> int | None:
     if isinstance(head, nn.Identity):
         return 0
     if isinstance(head, nn.Linear):
-        return head.out_features
+        return int(head.weight.shape[0])  # the weight, not out_features: `head.weight = Parameter(...)` resizes it
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].out_features if linears else None
+    return int(linears[-1].weight.shape[0]) if linears else None
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -68,7 +68,7 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
         raise _unknown(name)
     config_cls, _ = _FAMILIES[_MODEL_FAMILY[name]]
     try:
-        overrides = config_kwargs(config_cls, overrides)
+        config_kwargs(config_cls, overrides)  # unknown names fail here, naming the model; the family translates
     except TypeError as e:
         raise TypeError(f"{name}: {e}") from None
     model = _MODELS[name](**overrides)

@@ -555,7 +555,8 @@ WIDTHS = {  # name: (embed_dim, depth, num_heads)
 def _vit(width: str, patch: int, size: int, **overrides) -> VisionTransformer:
     dim, depth, heads = WIDTHS[width]
     cfg = dict(embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch, img_size=size)
-    return VisionTransformer(ViTConfig(**{**cfg, **overrides}))
+    base = ViTConfig(**cfg)  # spellings such as mlp_dim are resolved against this variant's width
+    return VisionTransformer(base, **overrides)
 
 
 # Default preprocessing of the weights each name denotes (timm's pretrained_cfg): the original JAX/AugReg ViTs
@@ -657,6 +658,10 @@ def create_vit_model(size_or_name: str = "base", **overrides) -> nn.Module:
         )
     n_classes = overrides.pop("n_classes", None)
     if n_classes is not None:
+        if "num_classes" in overrides and overrides["num_classes"] != n_classes:
+            raise TypeError(
+                f"create_vit_model: n_classes={n_classes} and num_classes={overrides['num_classes']} disagree"
+            )
         overrides["num_classes"] = n_classes
     return create_model(name, **overrides)
 

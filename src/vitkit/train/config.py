@@ -85,7 +85,7 @@ class TrainConfig:
     ema: bool = False  # keep an exponential moving average of the weights, evaluated alongside (ema_acc)
     ema_decay: float = 0.999  # EMA decay per optimiser step (warmed up as min(decay, (1+s)/(10+s)))
     threads: ThreadSetting = "auto"  # CPU intra-op threads: N, or auto = the CPUs idle at the start (vitkit.threads)
-    seed: int = 0  # seeds the split, init, data order and augmentation: same seed + machine = same weights
+    seed: int = 0  # same seed + machine + thread count = same weights (pin `threads`)
 
     # --- run --------------------------------------------------------------------------------------------------
     out: str | None = None  # run directory; None = runs/<data>-<model>-<timestamp>

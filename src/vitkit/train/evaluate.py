@@ -104,7 +104,8 @@ def evaluate(
         seed=seed if seed is not None else record.get("seed", 0),
         val_fraction=record.get("val_fraction", 0.1) if same_data else 0.1,
         test_fraction=record.get("test_fraction", 0.1) if same_data else 0.1,
-        load_size=record.get("load_size") if same_data else None,
+        # The decode size saved with the model (predict and explain use it too), whatever folder is evaluated.
+        load_size=model.preprocess.load_size or (record.get("load_size") if same_data else None),
         shapes_size=record.get("shapes_size", 64),
     )
     if split == "all":

@@ -174,6 +174,16 @@ class WarmupCosine:
 # ----------------------------------------------------------------------------------------------------------------
 # Freezing
 # ----------------------------------------------------------------------------------------------------------------
+def check_freeze_layers(model: nn.Module, freeze_layers: int) -> int:
+    """Raise naming the value when `freeze_layers` does not fit the model; returns the model's block count."""
+    depth = require_layer_ids(model, "freeze_backbone") - 2  # ids: 0 embeddings, 1..depth blocks, depth+1 head
+    if isinstance(freeze_layers, bool) or not isinstance(freeze_layers, int) or not 0 <= freeze_layers <= depth:
+        raise ValueError(
+            f"freeze_layers={freeze_layers!r} must be an integer in 0..{depth} (the model has {depth} blocks)"
+        )
+    return depth
+
+
 def freeze_backbone(model: nn.Module, freeze_layers: int = 8) -> int:
     """Freeze the embeddings and the first `freeze_layers` blocks (or stages), by the model's layer ids.
 
@@ -188,11 +198,7 @@ def freeze_backbone(model: nn.Module, freeze_layers: int = 8) -> int:
     Returns:
         The number of parameters (elements) frozen.
     """
-    depth = require_layer_ids(model, "freeze_backbone") - 2  # ids: 0 embeddings, 1..depth blocks, depth+1 head
-    if isinstance(freeze_layers, bool) or not isinstance(freeze_layers, int) or not 0 <= freeze_layers <= depth:
-        raise ValueError(
-            f"freeze_layers={freeze_layers!r} must be an integer in 0..{depth} (the model has {depth} blocks)"
-        )
+    check_freeze_layers(model, freeze_layers)
     frozen = 0
     for name, p in model.named_parameters():
         if model.layer_id(name) <= freeze_layers and p.requires_grad:

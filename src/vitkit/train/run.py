@@ -382,6 +382,14 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
         amp=cfg.amp,
         checkpoints={"best": str(run_dir / "best"), "last": str(run_dir / "last")},
     )
+    if state is not None and state.get("finished") and (run_dir / "summary.json").is_file():
+        # Resuming a finished run only re-tests best/: the training it did is described by its own summary.
+        import json
+
+        before = json.loads((run_dir / "summary.json").read_text())
+        for key in ("wall_time_s", "train_time_s", "images_per_s", "batch_size_requested", "batch_size"):
+            if key in before:
+                summary[key] = before[key]
     if dist.is_main:
         _write_summary(run_dir, summary)
     return summary

@@ -32,7 +32,13 @@ from vitkit.train.checkpoint import get_rng_state, has_checkpoint, set_rng_state
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import DistInfo, all_reduce_max, all_reduce_sum, gather_objects, resolve_device
 from vitkit.train.metrics import History, TensorBoardLogger, write_metric_files
-from vitkit.train.optim import WarmupCosine, freeze_backbone, setup_optimizer_groups
+from vitkit.train.optim import (
+    WarmupCosine,
+    check_freeze_layers,
+    freeze_backbone,
+    require_layer_ids,
+    setup_optimizer_groups,
+)
 from vitkit.train.tasks import ClassificationTask, Task
 
 PLOT_EVERY_S = 30.0  # minimum seconds between redraws of RUN_DIR/curves.png
@@ -186,11 +192,25 @@ class Trainer:
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.checkpoint_extra = dict(checkpoint_extra or {})
         self.task.check_model(model)
+        self._check_model_settings()
         self.amp_dtype = amp_dtype(self.cfg.amp, self.device)
         self._task_ready = False
         self.history = History()
         self.step = 0
         self._stop_signal: int | None = None
+
+    def _check_model_settings(self) -> None:
+        """Settings that depend on the model, checked when the Trainer is built (before a run directory exists,
+        and not after an epoch): freezing, layer decay, checkpointing, and a model its checkpoints can describe."""
+        cfg, model = self.cfg, self.model
+        if cfg.freeze_layers:
+            check_freeze_layers(model, cfg.freeze_layers)
+        if cfg.layer_decay is not None:
+            require_layer_ids(model, "layer_decay")
+        if cfg.grad_checkpointing and not hasattr(model, "set_grad_checkpointing"):
+            raise TypeError(f"grad_checkpointing needs set_grad_checkpointing(); {type(model).__name__} has none")
+        if self.run_dir is not None and hasattr(model, "describe"):
+            model.describe()  # a head config.json cannot describe fails now, not at the first checkpoint
 
     def log(self, msg: str) -> None:
         if self.dist.is_main:
