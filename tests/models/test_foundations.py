@@ -19,7 +19,7 @@ from vitkit.layers.attention import Attention
 from vitkit.models.vit import VisionTransformer
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
-ALL = vitkit.list_models()
+ALL = [n for n in vitkit.list_models() if vitkit.models.registry.model_family(n) == "vit"]
 
 
 def tiny(name="vit_tiny_patch16_224", **kw):

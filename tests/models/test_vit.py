@@ -9,7 +9,7 @@ import vitkit
 from vitkit.layers import resample_pos_embed
 from vitkit.models.vit import VisionTransformer, ViTConfig
 
-ALL = vitkit.list_models()
+ALL = [n for n in vitkit.list_models() if vitkit.models.registry.model_family(n) == "vit"]  # ViT-specific tests
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
 
 
