@@ -140,25 +140,6 @@ def config_kwargs(config_cls: type, kwargs: dict[str, Any], base: Any = None) ->
     return out
 
 
-class ContractMixin:
-    """Shared parts of the contract for families whose head is one `nn.Linear` (or Identity) named `head`/`fc`.
-
-    A family class inherits `(ContractMixin, nn.Module)` and provides `cfg` (its config dataclass with a
-    `num_classes` field), `family`, `preprocess` and the model-specific methods; this mixin gives `describe()` and
-    `save_pretrained()`.
-    """
-
-    def describe(self):
-        """The config of the model as it is now (the head's current size), for saving."""
-        return dataclasses.replace(self.cfg, num_classes=self.num_classes)
-
-    def save_pretrained(self, directory, **extra) -> None:
-        """Write `config.json` + `model.safetensors` to `directory` (atomically); see `vitkit.load_model`."""
-        from vitkit.models.serialization import save_pretrained
-
-        save_pretrained(self, directory, **extra)
-
-
 def model_label(model: nn.Module) -> str:
     """The registered name of a model, else its class name: how errors and figures name it."""
     return getattr(model, "model_name", None) or type(model).__name__
