@@ -46,7 +46,7 @@ def model_row(name: str, flops: bool = True) -> ModelRow:
     return ModelRow(
         name=name,
         params=sum(p.numel() for p in model.parameters()),
-        gmacs=count_gmacs(model, size, model.cfg.in_chans) if flops else None,
+        gmacs=count_gmacs(model, size, getattr(model.cfg, "in_chans", 3)) if flops else None,
         img_size=size,
         grid=grid,
         tokens=model.num_tokens(*size) if hasattr(model, "num_tokens") else None,

@@ -71,10 +71,18 @@ def build_model(cfg: TrainConfig, num_classes: int, log: Callable[[str], None]) 
         if getattr(model, "num_classes", num_classes) != num_classes:
             raise ValueError(f"loading {cfg.pretrained} gave {model.num_classes} classes, expected {num_classes}")
         return model
+    from vitkit.models.registry import get_family, model_family
+
+    name = cfg.model or DEFAULT_MODEL
     overrides = dict(cfg.model_args)
-    if cfg.img_size is not None:
+    # Token models build their position table for the size; size-agnostic families (CNNs) only record it.
+    sized = "img_size" in get_family(model_family(name))[0].__dataclass_fields__
+    if cfg.img_size is not None and sized:
         overrides["img_size"] = cfg.img_size
-    return create_model(cfg.model or DEFAULT_MODEL, num_classes=num_classes, **overrides)
+    model = create_model(name, num_classes=num_classes, **overrides)
+    if cfg.img_size is not None and not sized:
+        model.preprocess.input_size = (cfg.img_size, cfg.img_size)
+    return model
 
 
 def _read_run_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
