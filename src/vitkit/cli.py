@@ -102,12 +102,14 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--checkpoint", required=True, metavar="RUN", help="run dir (RUN/best, else RUN/last) or model dir")
     p.add_argument("--method", default="rollout", choices=_EXPLAIN_METHODS, help="saliency method (default rollout)")
-    p.add_argument("--layer", type=int, default=-1, help="block for --method attention (default -1, the last)")
+    p.add_argument(
+        "--layer", type=int, default=None, help="block for --method attention (default -1, the last); stage for gradcam"
+    )
     p.add_argument("--head", type=int, default=None, help="head for --method attention (default: fuse all heads)")
     p.add_argument("--head-fusion", default="mean", choices=choices(HeadFusion), help="how heads are fused")
     p.add_argument("--discard-ratio", type=float, default=0.0, help="rollouts: drop this share of each row, in [0, 1)")
     p.add_argument(
-        "--target", default=None, help="class index or name to explain, for grad-rollout and relevance (default: the "
+        "--target", default=None, help="class index or name to explain, for grad-rollout, relevance and gradcam (default: the "
         "predicted class); attention and rollout show the same map for every class and refuse it",
     )  # fmt: skip
     p.add_argument("--out", default=None, metavar="DIR", help="write <image>_<method>.png overlays here")

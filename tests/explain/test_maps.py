@@ -257,7 +257,7 @@ def test_discard_never_touches_the_class_column():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(method="gradcam"), "method='gradcam'.*'attention'"),
+        (dict(method="gradcam2"), "method='gradcam2'.*'attention'"),
         (dict(method="attention", layer=2), "layer 2 is out of range.*2 blocks"),
         (dict(method="attention", layer=-3), "layer -3 is out of range"),
         (dict(method="attention", head=2), "head 2 is out of range for 2 heads"),

@@ -27,7 +27,7 @@ from vitkit._validate import check_choice
 from vitkit.layers import attention_layers, capture_attention
 from vitkit.models.base import has_class_token, token_patch_size
 
-Method = Literal["attention", "rollout", "grad-rollout", "relevance"]
+Method = Literal["attention", "rollout", "grad-rollout", "relevance", "gradcam"]
 HeadFusion = Literal["mean", "max", "min"]
 METHODS: tuple[str, ...] = get_args(Method)
 HEAD_FUSIONS: tuple[str, ...] = get_args(HeadFusion)
@@ -428,7 +428,7 @@ def explain(
     model: nn.Module,
     images: Tensor,
     method: Method = "rollout",
-    layer: int = -1,
+    layer: int | None = None,
     head: int | None = None,
     head_fusion: HeadFusion = "mean",
     discard_ratio: float = 0.0,
@@ -438,10 +438,11 @@ def explain(
     """Saliency maps for a batch by any method: (B, H, W) at image size with `upsample`, else (B, H', W').
 
     Args:
-        model: a ViT-style classifier.
+        model: a classifier of the contract: any family for "gradcam", global self-attention for the others.
         images: normalised float batch (B, C, H, W) on the model's device.
-        method: "attention" (one layer), "rollout", "grad-rollout" or "relevance".
-        layer: block for "attention".
+        method: "attention" (one layer), "rollout", "grad-rollout", "relevance" or "gradcam" (Grad-CAM).
+        layer: block for "attention" (None = the last); stage (`feature_info` index) for "gradcam" (None = its
+            default, see `vitkit.explain.gradcam.default_gradcam_layer`).
         head: head for "attention" (None fuses the heads).
         head_fusion: "mean" | "max" | "min" over heads, for "attention", "rollout" and "grad-rollout".
         discard_ratio: fraction of each row's lowest weights dropped, for the two rollouts; in [0, 1).
@@ -452,7 +453,12 @@ def explain(
     _check_images(images)
     size = tuple(images.shape[-2:]) if upsample else None
     if method == "attention":
+        layer = -1 if layer is None else layer
         return attention_map(model, images, layer=layer, head=head, head_fusion=head_fusion, upsample_to=size)
+    if method == "gradcam":
+        from vitkit.explain.gradcam import grad_cam
+
+        return grad_cam(model, images, target=target, layer=layer, upsample_to=size)
     if method == "rollout":
         return attention_rollout(model, images, head_fusion=head_fusion, discard_ratio=discard_ratio, upsample_to=size)
     if method == "grad-rollout":

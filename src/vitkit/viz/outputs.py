@@ -36,7 +36,7 @@ VISUALIZATIONS = (
     "receptive-fields",
 )
 NEEDS_IMAGE = ("patches", "augment", "attention-grid")
-TARGET_METHODS = ("grad-rollout", "relevance")  # the methods whose map depends on the class explained
+TARGET_METHODS = ("grad-rollout", "relevance", "gradcam")  # the methods whose map depends on the class explained
 
 
 def parse_target(target: str | int | None, class_names: Sequence[str] | None, num_classes: int) -> int | None:
@@ -64,7 +64,7 @@ def save_explanations(
     images: Sequence[ImageLike],
     out_dir: str | os.PathLike,
     method: str = "rollout",
-    layer: int = -1,
+    layer: int | None = None,
     head: int | None = None,
     head_fusion: str = "mean",
     discard_ratio: float = 0.0,
@@ -76,7 +76,7 @@ def save_explanations(
 
     Raises:
         ValueError: An unknown method, no images, or a `target` for a method that does not depend on a class
-            (attention, rollout): only grad-rollout and relevance explain a chosen class.
+            (attention, rollout): only grad-rollout, relevance and gradcam explain a chosen class.
     """
     check_choice("method", method, METHODS)
     if target is not None and method not in TARGET_METHODS:
@@ -101,7 +101,11 @@ def save_explanations(
         pred = int(probs[i].argmax())
         label = names[pred] if names else f"class {pred}"
         explained = pred if target is None else int(target)
-        what = method if method != "attention" else f"attention layer {layer} head {'mean' if head is None else head}"
+        what = (
+            method
+            if method != "attention"
+            else f"attention layer {-1 if layer is None else layer} head {'mean' if head is None else head}"
+        )
         title = f"{what}; predicted {label} ({float(probs[i, pred]):.1%})"
         if method in TARGET_METHODS:
             title += f"; explaining {names[explained] if names else f'class {explained}'}"

@@ -1,0 +1,104 @@
+"""Grad-CAM (Selvaraju et al. 2017) for any model of the contract: CNNs, ViTs, hierarchical transformers.
+
+    cam = grad_cam(model, images, target=None, layer=None)      # (B, H', W') on the chosen stage's grid
+
+The feature map A of one stage (a `feature_info` entry, read by a forward hook on the module it names) is weighted
+per channel by the spatial mean of d(target logit)/dA, summed over channels and clipped at zero:
+
+    cam = relu( sum_c  mean_xy(dy/dA_c)  *  A_c )
+
+The stage output may come as NCHW maps (CNNs), NHWC maps (Swin-style stages) or tokens (B, N, C) with prefix tokens
+(ViTs): it is brought to (B, C, H', W') by its `num_chs`. For a ViT whose head reads the class token the default
+stage is the second to last block: after the last block only the class token reaches the head, so the patch tokens
+of the last block have no gradient (the usual choice, as in pytorch-grad-cam's ViT recipe).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitkit.explain.maps import Target, _check_images, _upsample, eval_mode, resolve_targets
+from vitkit.models.base import has_class_token, model_label
+
+
+def default_gradcam_layer(model: nn.Module) -> int:
+    """-2 for class-token models with more than one block (see the module docstring), else -1 (the last stage)."""
+    info = _feature_info(model)
+    return -2 if has_class_token(model) and len(info) > 1 else -1
+
+
+def _feature_info(model: nn.Module) -> list[dict]:
+    info = getattr(model, "feature_info", None)
+    if not info:
+        raise TypeError(
+            f"Grad-CAM needs feature_info (the model contract) to find a stage; {model_label(model)} has none"
+        )
+    return list(info)
+
+
+def _as_maps(a: Tensor, channels: int, model: nn.Module, image_hw: tuple[int, int]) -> Tensor:
+    """A stage output as (B, C, H', W'): NCHW kept, NHWC permuted, tokens stripped of prefix tokens and gridded."""
+    if a.ndim == 4 and a.shape[1] == channels:
+        return a
+    if a.ndim == 4 and a.shape[-1] == channels:
+        return a.permute(0, 3, 1, 2)  # (B, C, H', W')
+    if a.ndim == 3 and a.shape[-1] == channels and hasattr(model, "patch_grid"):
+        gh, gw = model.patch_grid(*image_hw)
+        P = int(getattr(model, "num_prefix_tokens", 0))
+        return a[:, P:].transpose(1, 2).reshape(a.shape[0], channels, gh, gw)  # (B, C, H', W')
+    raise ValueError(
+        f"Grad-CAM cannot read a {tuple(a.shape)} stage output of {model_label(model)} as {channels}-channel maps"
+    )
+
+
+def grad_cam(
+    model: nn.Module,
+    images: Tensor,
+    target: Target = None,
+    layer: int | None = None,
+    upsample_to: tuple[int, int] | None = None,
+) -> Tensor:
+    """Grad-CAM maps of a batch.
+
+    Args:
+        model: any classifier with `feature_info` (stage channels, strides and module names).
+        images: normalised float batch (B, C, H, W) on the model's device.
+        target: class per image (int, one per image, or None for the predicted class).
+        layer: index into `feature_info` (negatives from the end); None = `default_gradcam_layer(model)`.
+        upsample_to: (H, W) to resize the maps to (bilinear), or None for the stage's grid.
+
+    Returns:
+        (B, H', W') non-negative maps (or (B, H, W) with `upsample_to`), detached.
+
+    Raises:
+        TypeError: the model has no feature_info.
+        ValueError: a layer index out of range, naming the allowed range.
+    """
+    _check_images(images)
+    info = _feature_info(model)
+    layer = default_gradcam_layer(model) if layer is None else layer
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -len(info) <= layer < len(info):
+        raise ValueError(f"layer={layer!r} is out of range for {len(info)} stages (use -{len(info)}..{len(info) - 1})")
+    stage = info[layer]
+    module = dict(model.named_modules()).get(stage["module"])
+    if module is None:
+        raise ValueError(f"feature_info names module {stage['module']!r}, which {model_label(model)} does not have")
+    seen: list[Tensor] = []
+    hook = module.register_forward_hook(lambda m, inputs, out: seen.append(out if isinstance(out, Tensor) else out[0]))
+    try:
+        with eval_mode(model), torch.enable_grad():
+            logits = model(images.detach())
+            targets = resolve_targets(target, logits)
+            activation = seen[-1]
+            score = logits.gather(1, targets[:, None]).sum()  # images are independent in eval mode
+            (grad,) = torch.autograd.grad(score, activation)
+    finally:
+        hook.remove()
+    hw = (images.shape[-2], images.shape[-1])
+    a = _as_maps(activation.detach().float(), stage["num_chs"], model, hw)  # (B, C, H', W')
+    g = _as_maps(grad.float(), stage["num_chs"], model, hw)
+    weights = g.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+    cam = F.relu((weights * a).sum(dim=1))  # (B, H', W')
+    return _upsample(cam, upsample_to)
