@@ -23,6 +23,7 @@ from vitkit.weights._log import LogFn, Reporter, as_reporter
 from vitkit.weights.hf import CONFIG_NAME as HF_CONFIG_NAME
 from vitkit.weights.hf import WEIGHT_FILES as HF_WEIGHT_FILES
 from vitkit.weights.hf import from_hf_state_dict, hf_model_type, load_hf_vit, looks_like_hf_state_dict
+from vitkit.weights.hf_families import load_hf_family
 from vitkit.weights.jax import load_jax_npz
 from vitkit.weights.native import (
     CONFIG_NAME,
@@ -66,10 +67,12 @@ def _load_dir(
         if img_size is None:
             return load_native(directory), "vitkit"
         return _load_native_resized(directory, img_size, rep), "vitkit"
-    if hf_model_type(directory) is not None:
+    if (model_type := hf_model_type(directory)) is not None:
         if model_name:
             rep.info(f"model_name={model_name!r} ignored: {directory}/{HF_CONFIG_NAME} gives the architecture")
-        return load_hf_vit(directory, img_size=img_size, log=rep), "hf"
+        if model_type == "vit":
+            return load_hf_vit(directory, img_size=img_size, log=rep), "hf"
+        return load_hf_family(directory, img_size=img_size, log=rep), "hf"
     raise ValueError(
         f"{directory} is neither a vitkit model directory ({CONFIG_NAME} with format 'vitkit') nor a Hugging Face "
         f"model directory ({HF_CONFIG_NAME} with a model_type)"
