@@ -11,8 +11,11 @@ from vitkit.models.vit import (  # noqa: I001  (registers the ViT family)
     create_vit_small,
     create_vit_tiny,
 )
+from vitkit.models.swin import SwinConfig, SwinTransformer  # registers the Swin family
 
 __all__ = [
+    "SwinConfig",
+    "SwinTransformer",
     "VisionTransformer",
     "ViTConfig",
     "create_model",
