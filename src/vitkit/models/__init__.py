@@ -1,6 +1,7 @@
 """Model families and the registry. Importing this package registers every variant."""
 
 from vitkit.models.registry import create_model, get_family, list_models, register_family, register_model
+from vitkit.models.swin import SwinConfig, SwinTransformer  # registers the Swin family
 from vitkit.models.vit import (  # noqa: I001  (registers the ViT family)
     VisionTransformer,
     ViTConfig,
@@ -11,7 +12,6 @@ from vitkit.models.vit import (  # noqa: I001  (registers the ViT family)
     create_vit_small,
     create_vit_tiny,
 )
-from vitkit.models.swin import SwinConfig, SwinTransformer  # registers the Swin family
 
 __all__ = [
     "SwinConfig",
