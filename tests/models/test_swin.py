@@ -221,3 +221,21 @@ def test_converter_refuses_unknown_keys_and_types():
         hf_swin_to_timm({}, {"model_type": "swinv2"})
     with pytest.raises(ValueError, match="unknown transformers Swin keys"):
         hf_swin_to_timm({"swin.foo.bar": torch.zeros(1)}, {"model_type": "swin"})
+
+
+def test_assigning_a_linear_head_keeps_pooling_and_saves(tmp_path):
+    """`model.head = nn.Linear(C, 3)` (the tutorials' way) keeps the pooled head and timm's `head.fc` keys."""
+    import vitkit
+
+    model = _tiny()
+    model.head = torch.nn.Linear(model.num_features, 3)
+    assert model.num_classes == 3 and "head.fc.weight" in model.state_dict()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (1, 3)
+    model.save_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(vitkit.load_model(tmp_path / "m").eval()(x), y)
+    with pytest.raises(ValueError, match="reset_classifier"):
+        model.head = torch.nn.Linear(7, 3)

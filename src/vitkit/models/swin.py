@@ -334,9 +334,25 @@ class SwinTransformer(ContractMixin, nn.Module):
         self.head = SwinHead(self.num_features, cfg.num_classes, cfg.drop_rate)
         self.init_weights()
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # `model.head = nn.Linear(C, 5)` (the tutorials' way to change the class count) becomes that Linear inside
+        # a pooling head, so the model still pools, keeps timm's `head.fc` keys and saves a config that rebuilds it.
+        if name == "head" and isinstance(value, (nn.Linear, nn.Identity)) and "cfg" in self.__dict__:
+            if isinstance(value, nn.Linear) and (value.in_features != self.num_features or value.bias is None):
+                raise ValueError(
+                    f"model.head = {value}: a Swin head is nn.Linear({self.num_features}, classes) with a bias "
+                    "(or nn.Identity()); use reset_classifier(classes) for a fresh one"
+                )
+            head = SwinHead(self.num_features, 0, self.cfg.drop_rate)
+            head.fc = value
+            value = head
+        super().__setattr__(name, value)
+        if name == "head" and "cfg" in self.__dict__:
+            self.cfg.num_classes = self.num_classes
+
     @property
     def num_classes(self) -> int:
-        """Outputs of the classifier as it is now (0 without one), whatever was assigned to `head.fc`."""
+        """Outputs of the classifier as it is now (0 without one), whatever was assigned to `head` or `head.fc`."""
         n = head_outputs(self.head.fc) if isinstance(self.head, SwinHead) else head_outputs(self.head)
         return self.cfg.num_classes if n is None else n
 
