@@ -377,11 +377,17 @@ class SwinTransformer(ContractMixin, nn.Module):
                 x = blk(x)
         return x
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Image (B, C, H, W), any size -> normed last-stage map (B, num_features, ceil(H/32), ceil(W/32))."""
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.cfg.in_chans:
             raise ValueError(f"expected images (B, {self.cfg.in_chans}, H, W), got shape {tuple(x.shape)}")
-        x = self.patch_embed(x)  # (B, H/4, W/4, D)
+        return self.patch_embed(x)  # (B, ceil(H/p), ceil(W/p), D)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, C, H, W), any size -> normed last-stage map (B, num_features, H', W').
+
+        H' = ceil(H / reduction) with the last stage's `feature_info` reduction (32 for every registered variant).
+        """
+        x = self._embed(x)
         for i in range(len(self.layers)):
             x = self._run_stage(i, x)  # (B, H_i, W_i, C_i)
         return self.norm(x).permute(0, 3, 1, 2)  # (B, C, H', W')
@@ -416,7 +422,7 @@ class SwinTransformer(ContractMixin, nn.Module):
             wanted = resolve_layers(list(indices), n, "stage")
             if not wanted:
                 raise ValueError(f"indices={list(indices)!r} selects no stage; give an int n (last n) or stage indices")
-        x = self.patch_embed(x)
+        x = self._embed(x)
         outs = []
         for i in range(max(wanted) + 1):
             x = self._run_stage(i, x)
