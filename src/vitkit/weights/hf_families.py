@@ -80,3 +80,13 @@ def load_hf_family(
     pre = preprocess_from_hf(preprocessor, config, model.num_classes, rep, model_size=size)
     model.preprocess = Preprocess(**{**pre.__dict__, "input_size": size})
     return model
+
+
+# --- the families whose transformers directories vitkit reads ------------------------------------------------------
+def _register_builtin() -> None:
+    from vitkit.weights.hf_swin import hf_swin_to_timm
+
+    register_hf_family("swin", "swin", hf_swin_to_timm)
+
+
+_register_builtin()

@@ -1,0 +1,31 @@
+"""transformers directories of the non-ViT families load through `vitkit.load_model` (dispatch on model_type)."""
+
+import json
+
+import pytest
+import torch
+
+import vitkit
+from tests.models.test_swin import _hf_model as swin_hf_model
+
+
+def test_swin_directory_loads_through_load_model_with_the_same_logits(tmp_path):
+    hf = swin_hf_model(tmp_path, "hf_swin")
+    lines = []
+    model = vitkit.load_model(tmp_path / "hf_swin", log=lines.append).eval()
+    assert model.family == "swin" and model.num_classes == 7 and model.preprocess.input_size == (64, 64)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (model(x) - hf(pixel_values=x).logits).abs().max().item() <= 1e-5
+    # A native copy round-trips bit-exactly.
+    vitkit.weights.convert_checkpoint(tmp_path / "hf_swin", tmp_path / "native", log=None)
+    with torch.no_grad():
+        assert torch.equal(vitkit.load_model(tmp_path / "native").eval()(x), model(x))
+
+
+def test_unsupported_model_types_list_the_supported_ones(tmp_path):
+    d = tmp_path / "bert"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match=r"model_type='bert' is not supported; .*'vit', .*'swin'"):
+        vitkit.load_model(d)
