@@ -1,6 +1,7 @@
 """Model families and the registry. Importing this package registers every variant."""
 
 from vitkit.models.registry import create_model, get_family, list_models, register_family, register_model
+from vitkit.models.resnet import ResNet, ResNetConfig  # noqa: I001  (registers the ResNet family)
 from vitkit.models.vit import (  # noqa: I001  (registers the ViT family)
     VisionTransformer,
     ViTConfig,
@@ -13,6 +14,8 @@ from vitkit.models.vit import (  # noqa: I001  (registers the ViT family)
 )
 
 __all__ = [
+    "ResNet",
+    "ResNetConfig",
     "VisionTransformer",
     "ViTConfig",
     "create_model",
