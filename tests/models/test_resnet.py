@@ -28,9 +28,7 @@ def test_contract_tiny_non_square(name, tmp_path):
     check_contract(model, (64, 96), tmp_path)
 
 
-@pytest.mark.parametrize(
-    "name, params", [("resnet18", 11_689_512), ("resnet34", 21_797_672), ("resnet50", 25_557_032)]
-)
+@pytest.mark.parametrize("name, params", [("resnet18", 11_689_512), ("resnet34", 21_797_672), ("resnet50", 25_557_032)])
 def test_parameter_counts_exact(name, params):
     with torch.device("meta"):
         model = create_model(name)
@@ -118,9 +116,7 @@ def _random_hf(layer_type: str, hidden: list[int], embed: int, classifier: bool 
     from transformers import ResNetForImageClassification, ResNetModel
 
     torch.manual_seed(0)
-    cfg = HFConfig(
-        embedding_size=embed, hidden_sizes=hidden, depths=[1, 2, 1, 1], layer_type=layer_type, num_labels=6
-    )
+    cfg = HFConfig(embedding_size=embed, hidden_sizes=hidden, depths=[1, 2, 1, 1], layer_type=layer_type, num_labels=6)
     hf = (ResNetForImageClassification if classifier else ResNetModel)(cfg).eval()
     # Random BN affine parameters and statistics, so a swapped mean/var or weight/bias cannot pass unnoticed.
     with torch.no_grad():
@@ -150,7 +146,9 @@ def _converted(hf, tmp_path) -> ResNet:
     return model
 
 
-@pytest.mark.parametrize("layer_type, hidden, embed", [("basic", [8, 16, 24, 32], 8), ("bottleneck", [16, 32, 48, 64], 8)])
+@pytest.mark.parametrize(
+    "layer_type, hidden, embed", [("basic", [8, 16, 24, 32], 8), ("bottleneck", [16, 32, 48, 64], 8)]
+)
 def test_parity_with_transformers(layer_type, hidden, embed, tmp_path):
     """Logits of a random transformers ResNet, converted from its on-disk keys, match to max |delta| <= 1e-5 (fp32,
     eval mode) at the native 224x224 and at 97x130 (non-square, not a multiple of 32)."""
