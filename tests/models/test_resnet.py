@@ -10,9 +10,10 @@ from torch import nn
 
 from tests.models.contract import check_contract
 from vitkit.models import ResNet, ResNetConfig, create_model, list_models
+from vitkit.models.registry import model_family
 from vitkit.weights.hf_resnet import hf_resnet_to_timm
 
-RESNETS = list_models("resnet*")
+RESNETS = [n for n in list_models() if model_family(n) == "resnet"]
 # A tiny instance of any variant: one block per stage, narrow widths (the block type stays the variant's).
 TINY = dict(depths=(1, 1, 1, 1), widths=(4, 8, 8, 16), stem_width=8)
 
@@ -103,6 +104,10 @@ def test_bad_inputs_named():
         ResNetConfig(depths=(1, 1), widths=(8,))
     with pytest.raises(ValueError, match="num_classes"):
         model.reset_classifier(-1)
+    model.preprocess.class_names = [str(i) for i in range(1000)]
+    model.fc = nn.Linear(16, 5)  # the tutorials' way: config, class count and class names follow
+    assert (model.num_classes, model.cfg.num_classes, model.preprocess.class_names) == (5, 5, None)
+    assert model.describe().num_classes == 5
     model.fc = nn.Sequential(nn.Linear(16, 4))
     with pytest.raises(ValueError, match="model.fc is Sequential"):
         model.describe()

@@ -229,6 +229,18 @@ class ResNet(ContractMixin, nn.Module):
         return [getattr(self, name) for name in self.stage_names]
 
     # --- the head as it is ------------------------------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        # `model.fc = nn.Linear(C, 5)` (the tutorials' way to change the class count) must leave a config and
+        # class names that describe the new head, as reset_classifier does.
+        if name == "fc" and isinstance(value, nn.Module) and "cfg" in self.__dict__:
+            n = head_outputs(value)
+            if n is not None:
+                self.cfg.num_classes = n
+                names = self.preprocess.class_names
+                if names is not None and len(names) != n:
+                    self.preprocess.class_names = None
+
     @property
     def num_classes(self) -> int:
         """Outputs of the classifier as it is now (0 without one), whatever was assigned to `fc`."""
