@@ -192,3 +192,9 @@ def test_converter_refuses_what_it_cannot_map():
         hf_resnet_to_timm(head, {"id2label": {"0": "a", "1": "b"}})
     arch, out = hf_resnet_to_timm(state, {"embedding_size": 8})
     assert arch["num_classes"] == 0 and set(out) == {"conv1.weight"}
+    from transformers import ResNetConfig as HFConfig
+
+    arch, _ = hf_resnet_to_timm(state, HFConfig(embedding_size=8, layer_type="basic", hidden_sizes=[8, 16, 24, 32]))
+    assert (arch["stem_width"], arch["block"], arch["widths"]) == (8, "basic", (8, 16, 24, 32))
+    with pytest.raises(TypeError, match="config must be config.json as a dict"):
+        hf_resnet_to_timm(state, "config.json")

@@ -54,7 +54,7 @@ def _rename(key: str) -> str | None:
 
 
 def hf_resnet_to_timm(
-    state: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+    state: Mapping[str, torch.Tensor], config: Mapping[str, Any] | Any
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Convert a transformers ResNet checkpoint (as saved on disk) to `ResNet` config fields and timm keys.
 
@@ -63,7 +63,7 @@ def hf_resnet_to_timm(
             of a `ResNetModel` (keys `embedder.*`, `encoder.*`; no classifier, so `num_classes=0`).
         config: the directory's `config.json` as a dict (`layer_type`, `depths`, `hidden_sizes`,
             `embedding_size`, `num_channels`, `hidden_act`, `downsample_in_first_stage`,
-            `downsample_in_bottleneck`, `id2label`).
+            `downsample_in_bottleneck`, `id2label`), or a transformers `ResNetConfig` object.
 
     Returns:
         `(arch, state)`: keyword arguments for `ResNetConfig` (block, depths, widths, stem_width, in_chans,
@@ -74,7 +74,12 @@ def hf_resnet_to_timm(
         ValueError: a variant vitkit's ResNet does not build (stride in the 1x1 convolution, a strided first
             stage, an activation other than ReLU, bottleneck widths not divisible by 4), keys this converter does
             not understand (listed), or a classifier whose size disagrees with the config's labels.
+        TypeError: a config that is neither a dict nor a transformers config.
     """
+    if not isinstance(config, Mapping) and hasattr(config, "to_dict"):  # a transformers ResNetConfig object
+        config = config.to_dict()
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be config.json as a dict (or a transformers ResNetConfig), got {config!r}")
     layer_type = config.get("layer_type", "bottleneck")
     if layer_type not in ("basic", "bottleneck"):
         raise ValueError(f"layer_type={layer_type!r} is not a ResNet block; choose one of 'basic', 'bottleneck'")
