@@ -39,12 +39,16 @@ def check_contract(model: nn.Module, size: tuple[int, int], tmp_path=None, num_c
     heads = [name for name in ids if model.is_classifier(name)]
     assert heads and all(ids[h] == model.num_layer_ids - 1 for h in heads)
     # Every parameter gets a gradient.
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
     model.train()
     model.zero_grad()
     model(x).float().sum().backward()
     missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
     model.eval()
+    with torch.no_grad():  # the training-mode pass moved BatchNorm statistics; the checks below compare with y
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
     # Gradient checkpointing: same output.
     model.set_grad_checkpointing(True)
     with torch.enable_grad():

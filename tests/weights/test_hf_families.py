@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vitkit
+from tests.models.test_resnet import _random_hf as resnet_random_hf
 from tests.models.test_swin import _hf_model as swin_hf_model
 
 
@@ -23,9 +24,19 @@ def test_swin_directory_loads_through_load_model_with_the_same_logits(tmp_path):
         assert torch.equal(vitkit.load_model(tmp_path / "native").eval()(x), model(x))
 
 
+def test_resnet_directory_loads_through_load_model_with_the_same_logits(tmp_path):
+    hf = resnet_random_hf("bottleneck", [16, 32, 48, 64], 8)
+    hf.save_pretrained(tmp_path / "hf_resnet")
+    model = vitkit.load_model(tmp_path / "hf_resnet").eval()
+    assert model.family == "resnet" and model.num_classes == 6
+    x = torch.randn(2, 3, 97, 130)
+    with torch.no_grad():
+        assert (model(x) - hf(pixel_values=x).logits).abs().max().item() <= 1e-5
+
+
 def test_unsupported_model_types_list_the_supported_ones(tmp_path):
     d = tmp_path / "bert"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ValueError, match=r"model_type='bert' is not supported; .*'vit', .*'swin'"):
+    with pytest.raises(ValueError, match=r"model_type='bert' is not supported; .*'vit', 'resnet', 'swin'"):
         vitkit.load_model(d)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit.explain.maps import Target, _check_images, _upsample, eval_mode, resolve_targets
+from vitkit.explain._common import Target, _check_images, _upsample, eval_mode, resolve_targets
 from vitkit.models.base import has_class_token, model_label
 
 

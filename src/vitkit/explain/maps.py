@@ -15,15 +15,15 @@ explorer uses them to build every map from one forward pass); `attention_map`, `
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Literal, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit._validate import check_choice
+from vitkit.explain._common import Target, _check_images, _upsample, eval_mode, resolve_targets
+from vitkit.explain.gradcam import grad_cam
 from vitkit.layers import attention_layers, capture_attention
 from vitkit.models.base import has_class_token, token_patch_size
 
@@ -31,8 +31,6 @@ Method = Literal["attention", "rollout", "grad-rollout", "relevance", "gradcam"]
 HeadFusion = Literal["mean", "max", "min"]
 METHODS: tuple[str, ...] = get_args(Method)
 HEAD_FUSIONS: tuple[str, ...] = get_args(HeadFusion)
-
-Target = int | Sequence[int] | Tensor | None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,30 +80,6 @@ def _check_model(model: nn.Module, purpose: str = "attention maps, rollout and r
                 f"{purpose} need a token sequence [prefix tokens, patches] (`{attr}` in the model contract); "
                 f"{name} has no `{attr}`"
             )
-
-
-def _check_images(images: Tensor) -> None:
-    if not isinstance(images, Tensor) or images.ndim != 4:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"images must be a normalised float batch (B, C, H, W), got {shape}")
-    if not images.is_floating_point():
-        raise TypeError(f"images must be a normalised float tensor, got dtype {images.dtype} (normalise uint8 first)")
-
-
-def resolve_targets(target: Target, logits: Tensor) -> Tensor:
-    """Class index per image: argmax of `logits` when `target` is None, else `target` broadcast to the batch."""
-    B, C = logits.shape
-    if target is None:
-        return logits.argmax(dim=-1)
-    t = torch.as_tensor(target, device=logits.device).long().reshape(-1)
-    if t.numel() == 1:
-        t = t.expand(B)
-    if t.numel() != B:
-        raise ValueError(f"got {t.numel()} targets for a batch of {B} images (give one, or one per image)")
-    bad = t[(t < 0) | (t >= C)]
-    if bad.numel():
-        raise ValueError(f"target class {int(bad[0])} is out of range for a model with {C} classes (use 0..{C - 1})")
-    return t
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -274,20 +248,6 @@ def mean_attention_distance_from_attentions(
 # ----------------------------------------------------------------------------------------------------------------
 # Running the model
 # ----------------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run `model` in eval mode (no dropout, no drop path) and restore its previous mode afterwards.
-
-    Explanations of a model in training mode would change from call to call with the dropout masks.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
 def forward_with_attention(
     model: nn.Module,
     images: Tensor,
@@ -326,13 +286,6 @@ def forward_with_attention(
             score = logits.gather(1, targets[:, None]).sum()
             grads = torch.autograd.grad(score, attns)
     return logits.detach(), [a.detach() for a in attns], [g.detach() for g in grads], targets
-
-
-def _upsample(maps: Tensor, upsample_to: tuple[int, int] | None) -> Tensor:
-    if upsample_to is None:
-        return maps
-    size = (int(upsample_to[0]), int(upsample_to[1]))
-    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]  # (B, H, W)
 
 
 def _meta(model: nn.Module, images: Tensor) -> tuple[tuple[int, int], int, bool]:
@@ -456,8 +409,6 @@ def explain(
         layer = -1 if layer is None else layer
         return attention_map(model, images, layer=layer, head=head, head_fusion=head_fusion, upsample_to=size)
     if method == "gradcam":
-        from vitkit.explain.gradcam import grad_cam
-
         return grad_cam(model, images, target=target, layer=layer, upsample_to=size)
     if method == "rollout":
         return attention_rollout(model, images, head_fusion=head_fusion, discard_ratio=discard_ratio, upsample_to=size)

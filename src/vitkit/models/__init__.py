@@ -1,8 +1,8 @@
 """Model families and the registry. Importing this package registers every variant."""
 
-from vitkit.models.registry import create_model, get_family, list_models, register_family, register_model
-from vitkit.models.swin import SwinConfig, SwinTransformer  # registers the Swin family
-from vitkit.models.vit import (  # noqa: I001  (registers the ViT family)
+# Import order = registration order = the order `vitkit models` lists the families in (hence noqa: I001).
+from vitkit.models.registry import create_model, get_family, list_models, register_family, register_model  # noqa: I001
+from vitkit.models.vit import (
     VisionTransformer,
     ViTConfig,
     create_vit_base,
@@ -12,8 +12,12 @@ from vitkit.models.vit import (  # noqa: I001  (registers the ViT family)
     create_vit_small,
     create_vit_tiny,
 )
+from vitkit.models.swin import SwinConfig, SwinTransformer
+from vitkit.models.resnet import ResNet, ResNetConfig
 
 __all__ = [
+    "ResNet",
+    "ResNetConfig",
     "SwinConfig",
     "SwinTransformer",
     "VisionTransformer",
