@@ -1,5 +1,6 @@
 """Model families and the registry. Importing this package registers every variant."""
 
+from vitkit.models.convnext import ConvNeXt, ConvNeXtConfig  # registers the ConvNeXt family
 from vitkit.models.registry import create_model, get_family, list_models, register_family, register_model
 from vitkit.models.vit import (  # noqa: I001  (registers the ViT family)
     VisionTransformer,
@@ -13,6 +14,8 @@ from vitkit.models.vit import (  # noqa: I001  (registers the ViT family)
 )
 
 __all__ = [
+    "ConvNeXt",
+    "ConvNeXtConfig",
     "VisionTransformer",
     "ViTConfig",
     "create_model",
