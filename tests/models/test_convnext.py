@@ -248,3 +248,83 @@ def test_cli_models_table(capsys):
     out = capsys.readouterr().out
     assert "| convnext_tiny | 28.59M | 4.46 |" in out and "| convnext_base | 88.59M |" in out
     assert "| 7x7 |" in out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torchvision layout (torchvision is not installed: its ConvNeXt is transcribed below from
+# torchvision/models/convnext.py, module for module, so the state dict has its exact keys and shapes)
+# --------------------------------------------------------------------------------------------------------------
+class _TvLayerNorm2d(nn.LayerNorm):
+    def forward(self, x):
+        return nn.functional.layer_norm(
+            x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps
+        ).permute(0, 3, 1, 2)
+
+
+class _TvPermute(nn.Module):
+    def __init__(self, dims):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return x.permute(*self.dims)
+
+
+class _TvCNBlock(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim, bias=True),
+            _TvPermute([0, 2, 3, 1]),
+            nn.LayerNorm(dim, eps=1e-6),
+            nn.Linear(dim, 4 * dim),
+            nn.GELU(),
+            nn.Linear(4 * dim, dim),
+            _TvPermute([0, 3, 1, 2]),
+        )
+        self.layer_scale = nn.Parameter(torch.randn(dim, 1, 1) * 0.5)
+
+    def forward(self, x):
+        return self.layer_scale * self.block(x) + x
+
+
+class _TvConvNeXt(nn.Module):
+    def __init__(self, settings, num_classes):  # settings: [(in, out or None, blocks)]
+        super().__init__()
+        stem = nn.Sequential(nn.Conv2d(3, settings[0][0], 4, stride=4), _TvLayerNorm2d(settings[0][0], eps=1e-6))
+        layers = [stem]
+        for cin, cout, n in settings:
+            layers.append(nn.Sequential(*[_TvCNBlock(cin) for _ in range(n)]))
+            if cout is not None:
+                layers.append(nn.Sequential(_TvLayerNorm2d(cin, eps=1e-6), nn.Conv2d(cin, cout, 2, stride=2)))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        last = settings[-1][0]
+        self.classifier = nn.Sequential(_TvLayerNorm2d(last, eps=1e-6), nn.Flatten(1), nn.Linear(last, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.avgpool(self.features(x)))
+
+
+def test_torchvision_layout_matches_its_forward():
+    """torchvision keys -> timm keys: logits equal the transcribed torchvision forward to 1e-5 (fp32) at 224x224
+    and 96x160, with every norm and layer scale randomised."""
+    from vitkit.weights.torchvision_convnext import looks_like_torchvision_convnext, torchvision_convnext_to_timm
+
+    tv = _TvConvNeXt([(8, 16, 1), (16, 24, 1), (24, 32, 2), (32, None, 1)], num_classes=6).eval()
+    with torch.no_grad():
+        for p in tv.parameters():
+            p.add_(torch.randn_like(p) * (0.2 if p.ndim == 1 else 0.1))
+    state = tv.state_dict()
+    assert looks_like_torchvision_convnext(state)
+    arch, timm_state = torchvision_convnext_to_timm(state)
+    assert arch["depths"] == (1, 1, 2, 1) and arch["dims"] == (8, 16, 24, 32) and arch["num_classes"] == 6
+    model = ConvNeXt(**arch).eval()
+    model.load_state_dict(timm_state, strict=True)
+    for size in ((224, 224), (96, 160)):
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            ref, out = tv(x), model(x)
+        assert ref.abs().max() > 0.1 and (out - ref).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="features.1.0.block.4.weight"):
+        torchvision_convnext_to_timm({**state, "features.1.0.block.4.weight": torch.zeros(1)})
