@@ -90,6 +90,10 @@ def test_forward_intermediates_indices_and_tokens():
     assert torch.equal(picked[0], every[0]) and torch.equal(picked[1], every[3])
     assert torch.equal(every[-1], feats)
     assert torch.equal(tokens[0], feats.flatten(2).transpose(1, 2))  # (B, H'*W', C)
+    y = model.stem(x)
+    for stage in model.stages:  # a stage called on its own runs the same path
+        y = stage(y)
+    assert torch.equal(y, feats)
     with pytest.raises(ValueError, match="1..4"):
         model.forward_intermediates(x, indices=5)
     with pytest.raises(ValueError, match="out of range"):

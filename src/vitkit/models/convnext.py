@@ -150,6 +150,14 @@ class ConvNeXtStage(nn.Module):
             self.downsample = nn.Identity()
         self.blocks = nn.ModuleList(ConvNeXtBlock(out_chs, drop_path=drop_paths[j], **block) for j in range(depth))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chs, H, W) -> (B, out_chs, H / 2, W / 2) (or the same size for stage 0); the model's own path
+        (`ConvNeXt._run_stage`) does the same with optional per-block gradient checkpointing."""
+        x = self.downsample(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
 
 class NormLinearHead(nn.Module):
     """Global average pool -> LayerNorm -> dropout -> Linear (timm's `NormMlpClassifierHead` without hidden layer)."""
