@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vitkit
+from tests.models.test_convnext import _hf_model as convnext_hf_model
 from tests.models.test_resnet import _random_hf as resnet_random_hf
 from tests.models.test_swin import _hf_model as swin_hf_model
 
@@ -34,9 +35,18 @@ def test_resnet_directory_loads_through_load_model_with_the_same_logits(tmp_path
         assert (model(x) - hf(pixel_values=x).logits).abs().max().item() <= 1e-5
 
 
+def test_convnext_directory_loads_through_load_model_with_the_same_logits(tmp_path):
+    hf, _, _ = convnext_hf_model(tmp_path)
+    model = vitkit.load_model(tmp_path / "hf").eval()
+    assert model.family == "convnext" and model.num_classes == 5
+    x = torch.randn(2, 3, 100, 150)
+    with torch.no_grad():
+        assert (model(x) - hf(pixel_values=x).logits).abs().max().item() <= 1e-5
+
+
 def test_unsupported_model_types_list_the_supported_ones(tmp_path):
     d = tmp_path / "bert"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ValueError, match=r"model_type='bert' is not supported; .*'vit', 'resnet', 'swin'"):
+    with pytest.raises(ValueError, match=r"model_type='bert' is not supported; .*'vit', 'convnext', 'resnet', 'swin'"):
         vitkit.load_model(d)

@@ -13,6 +13,7 @@ from vitkit.layers.create import get_layer, get_norm, layer_names, register_laye
 from vitkit.layers.drop import DropPath, drop_path_rates
 from vitkit.layers.layer_scale import LayerScale
 from vitkit.layers.mlp import GluMlp, Mlp
+from vitkit.layers.norm import LayerNorm2d
 from vitkit.layers.patch_embed import PatchEmbed, check_image_size
 from vitkit.layers.pos_embed import resample_pos_embed, sincos_2d
 
@@ -30,6 +31,7 @@ __all__ = [
     "resolve_layers",
     "run_with_captures",
     "DropPath",
+    "LayerNorm2d",
     "LayerScale",
     "Mlp",
     "PatchEmbed",

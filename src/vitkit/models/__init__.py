@@ -13,9 +13,12 @@ from vitkit.models.vit import (
     create_vit_tiny,
 )
 from vitkit.models.swin import SwinConfig, SwinTransformer
+from vitkit.models.convnext import ConvNeXt, ConvNeXtConfig
 from vitkit.models.resnet import ResNet, ResNetConfig
 
 __all__ = [
+    "ConvNeXt",
+    "ConvNeXtConfig",
     "ResNet",
     "ResNetConfig",
     "SwinConfig",

@@ -111,7 +111,7 @@ def config_kwargs(config_cls: type, kwargs: dict[str, Any], base: Any = None) ->
     unknown = []
     mlp_dim = None
     for key, value in kwargs.items():
-        if key in _MLP_DIM_KEYS and "mlp_ratio" in fields:
+        if key in _MLP_DIM_KEYS and "mlp_ratio" in fields and "embed_dim" in fields:
             mlp_dim = (key, value)
             continue
         field_name = key if key in fields else KWARG_ALIASES.get(key)
@@ -125,7 +125,8 @@ def config_kwargs(config_cls: type, kwargs: dict[str, Any], base: Any = None) ->
         out[field_name] = value
         source[field_name] = key
     if unknown:
-        aliases = sorted(k for k, v in KWARG_ALIASES.items() if v in fields) + list(_MLP_DIM_KEYS)
+        aliases = sorted(k for k, v in KWARG_ALIASES.items() if v in fields)
+        aliases += list(_MLP_DIM_KEYS) if {"mlp_ratio", "embed_dim"} <= fields else []
         raise TypeError(
             f"unknown argument(s) {unknown} for {config_cls.__name__}; accepted: {', '.join(sorted(fields))} "
             f"(also the spellings {', '.join(aliases)})"

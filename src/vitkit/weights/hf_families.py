@@ -84,9 +84,11 @@ def load_hf_family(
 
 # --- the families whose transformers directories vitkit reads ------------------------------------------------------
 def _register_builtin() -> None:
+    from vitkit.weights.hf_convnext import hf_convnext_to_timm
     from vitkit.weights.hf_resnet import hf_resnet_to_timm
     from vitkit.weights.hf_swin import hf_swin_to_timm
 
+    register_hf_family("convnext", "convnext", hf_convnext_to_timm)
     register_hf_family("resnet", "resnet", hf_resnet_to_timm)
     register_hf_family("swin", "swin", hf_swin_to_timm)
 
