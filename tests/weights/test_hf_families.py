@@ -50,3 +50,19 @@ def test_unsupported_model_types_list_the_supported_ones(tmp_path):
     (d / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match=r"model_type='bert' is not supported; .*'vit', 'convnext', 'resnet', 'swin'"):
         vitkit.load_model(d)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_tiny", "swin_tiny_patch4_window7_224"])
+def test_timm_state_dicts_of_every_family_load_by_name(tmp_path, name):
+    # A model of the registered architecture with a 7-class head, saved as a plain timm-layout state dict.
+    src = vitkit.create_model(name, num_classes=7).eval()
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    model = vitkit.load_model(tmp_path / "w.pth", model_name=name).eval()
+    assert model.num_classes == 7
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), src(x))
+    fc = next(n for n, p in src.named_parameters() if src.is_classifier(n) and p.ndim == 2).rsplit(".", 1)[0]
+    headless = {k: v for k, v in src.state_dict().items() if not k.startswith(fc + ".")}  # e.g. keeps head.norm
+    torch.save(headless, tmp_path / "features.pth")
+    assert vitkit.load_model(tmp_path / "features.pth", model_name=name).num_classes == 0

@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 from vitkit._io import resolve_dir
+from vitkit.models.registry import model_family
 from vitkit.models.serialization import match_state_dtype, read_config, read_safetensors
 from vitkit.runs import describe_checkpoint, is_run_dir, resolve_checkpoint
 from vitkit.weights._log import LogFn, Reporter, as_reporter
+from vitkit.weights.families import from_family_state_dict
 from vitkit.weights.hf import CONFIG_NAME as HF_CONFIG_NAME
 from vitkit.weights.hf import WEIGHT_FILES as HF_WEIGHT_FILES
 from vitkit.weights.hf import from_hf_state_dict, hf_model_type, load_hf_vit, looks_like_hf_state_dict
@@ -109,6 +111,8 @@ def _load_any(
         rep.info(f"{path} belongs to the model directory {parent}; loading that")
         return _load_dir(parent, model_name, img_size, rep)
     state = read_state_dict(path, log=rep)
+    if model_name and model_family(model_name) != "vit":  # ResNet, ConvNeXt, Swin: timm/torchvision layouts
+        return from_family_state_dict(state, model_name, source=str(path), rep=rep), "timm"
     if looks_like_hf_state_dict(state):
         if hf_model_type(parent) is None:
             raise ValueError(

@@ -158,9 +158,11 @@ def official_swin_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
     Drops the stored `relative_position_index` / `attn_mask` buffers, moves `layers.i.downsample` (end of stage
     i) to `layers.{i+1}.downsample`, and renames `head.*` to `head.fc.*`. A state dict already in the current
-    layout (it has `head.fc.*` keys) is returned with only the buffers dropped.
+    layout (no downsample in stage 0) is returned with only the buffers dropped.
     """
-    current = any(k.startswith("head.fc.") for k in state)
+    # The official layout puts a downsample at the end of stage 0; the current one has none in stage 0. (Keyed on
+    # the stages, not the head, so that headless checkpoints are told apart too.)
+    current = not any(k.startswith("layers.0.downsample.") for k in state)
     out = {}
     for key, value in state.items():
         if key.endswith(_DROPPED):

@@ -1,0 +1,43 @@
+"""timm and torchvision state dicts of the families beyond ViT (ResNet, ConvNeXt, Swin), by registered name.
+
+The families keep timm's parameter names, so a timm state dict loads as it is; the layouts that differ are
+renamed first: the official Swin `.pth` (and timm < 0.9: downsample at the end of a stage, stored index and mask
+buffers) and torchvision's ConvNeXt. torchvision's ResNet keys are timm's. The architecture comes from
+`model_name`; the head is resized to the checkpoint's class count (0 for a headless checkpoint).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vitkit.models.registry import create_model, model_family
+from vitkit.models.serialization import load_state_dict_strict, match_state_dtype
+from vitkit.weights._log import Reporter
+from vitkit.weights.hf_swin import official_swin_to_timm
+from vitkit.weights.torchvision_convnext import looks_like_torchvision_convnext, torchvision_convnext_to_timm
+
+
+def from_family_state_dict(state: dict[str, torch.Tensor], model_name: str, *, source: str, rep: Reporter) -> nn.Module:
+    """A registered non-ViT model loaded strictly from a timm-layout (or renamed) state dict.
+
+    Raises:
+        ValueError: keys or shapes that do not fit `model_name`, listed.
+    """
+    family = model_family(model_name)
+    if family == "swin":
+        state = official_swin_to_timm(state)
+    elif family == "convnext" and looks_like_torchvision_convnext(state):
+        _, state = torchvision_convnext_to_timm(state)
+        rep.info(f"{source}: torchvision ConvNeXt layout, renamed to timm's")
+    model = create_model(model_name)
+    # The classifier's matrix (a head may also hold a norm, as ConvNeXt's does).
+    heads = [n for n, p in model.named_parameters() if model.is_classifier(n) and p.ndim == 2]
+    if heads and heads[0] not in state:
+        model.reset_classifier(0)
+        rep.info(f"{source}: no classifier weights ({heads[0]}): loaded as a feature extractor (num_classes=0)")
+    elif heads and state[heads[0]].shape[0] != model.num_classes:
+        model.reset_classifier(int(state[heads[0]].shape[0]))
+    model = match_state_dtype(model, state, source=source, log=rep.info)
+    load_state_dict_strict(model, state, source=source)
+    return model
