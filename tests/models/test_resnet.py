@@ -198,3 +198,18 @@ def test_converter_refuses_what_it_cannot_map():
     assert (arch["stem_width"], arch["block"], arch["widths"]) == (8, "basic", (8, 16, 24, 32))
     with pytest.raises(TypeError, match="config must be config.json as a dict"):
         hf_resnet_to_timm(state, "config.json")
+
+
+def test_freezing_keeps_batchnorm_statistics_of_frozen_stages():
+    from vitkit.train.optim import freeze_backbone
+
+    model = create_model("resnet18", num_classes=3, widths=(8, 16, 24, 32), stem_width=8).train()
+    freeze_backbone(model, 1)  # stem and layer1
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model.train()
+    model(torch.randn(4, 3, 64, 64)).sum().backward()
+    after = model.state_dict()
+    for k, v in before.items():
+        frozen = k.startswith(("bn1.", "layer1."))
+        assert torch.equal(after[k], v) == frozen, k
+    assert model.layer2[0].bn1.training and not model.layer1[0].bn1.training

@@ -189,6 +189,8 @@ def freeze_backbone(model: nn.Module, freeze_layers: int = 8) -> int:
 
     Parameters with layer id 0 (patch/position embeddings, prefix tokens, a CNN stem) and ids 1..freeze_layers
     (the first blocks) stop training; everything after them (later blocks, final norm, head) stays trainable.
+    BatchNorm layers whose parameters are all frozen also keep their running statistics and normalise with them
+    in training (as timm's FrozenBatchNorm2d).
     Build the optimiser afterwards: frozen parameters are left out of `param_groups`.
 
     Args:
@@ -204,4 +206,18 @@ def freeze_backbone(model: nn.Module, freeze_layers: int = 8) -> int:
         if model.layer_id(name) <= freeze_layers and p.requires_grad:
             p.requires_grad_(False)
             frozen += p.numel()
+    # A frozen BatchNorm must also stop learning its statistics (timm's FrozenBatchNorm2d): it normalises with its
+    # running mean and variance even while the rest of the model trains. A pre-hook keeps it in eval mode whatever
+    # `model.train()` sets; the module and its state dict keys stay the same, so checkpoints load either way.
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in module.parameters()
+        ):
+            if not getattr(module, "_vitkit_frozen", False):
+                module.register_forward_pre_hook(_keep_eval)
+                module._vitkit_frozen = True
     return frozen
+
+
+def _keep_eval(module: nn.Module, inputs: tuple) -> None:
+    module.training = False
