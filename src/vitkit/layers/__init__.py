@@ -6,6 +6,7 @@ from vitkit.layers.capture import (
     AttentionRecorder,
     attention_layers,
     capture_attention,
+    resolve_intermediates,
     resolve_layers,
     run_with_captures,
 )
@@ -28,7 +29,9 @@ __all__ = [
     "get_norm",
     "layer_names",
     "register_layer",
+    "resolve_intermediates",
     "resolve_layers",
+    "resolve_intermediates",
     "run_with_captures",
     "DropPath",
     "LayerNorm2d",

@@ -53,6 +53,25 @@ def resolve_layers(layers: bool | int | Sequence[int] | None, depth: int, what: 
     return sorted(set(out))
 
 
+def resolve_intermediates(indices: int | Sequence[int] | None, depth: int, what: str = "block") -> list[int]:
+    """The `indices` argument of every `forward_intermediates`: None = all, an int n = the last n, or indices
+    (negatives from the end); returns sorted non-negative indices.
+
+    Raises:
+        ValueError: an n outside 1..depth, an index out of range, or a request that selects nothing.
+    """
+    if indices is None:
+        return list(range(depth))
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 1 <= indices <= depth:
+            raise ValueError(f"indices={indices} asks for the last n {what}s; n must be in 1..{depth}")
+        return list(range(depth - indices, depth))
+    wanted = resolve_layers(list(indices), depth, what)
+    if not wanted:
+        raise ValueError(f"indices={list(indices)!r} selects no {what}; give an int n (last n) or {what} indices")
+    return wanted
+
+
 class AttentionRecorder:
     """What `capture_attention` yields: the latest map of each requested layer.
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitkit.layers import DropPath, LayerNorm2d, Mlp, drop_path_rates, get_layer, resolve_layers
+from vitkit.layers import DropPath, LayerNorm2d, Mlp, drop_path_rates, get_layer, resolve_intermediates
 from vitkit.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocess, config_kwargs, head_outputs
 from vitkit.models.contract import ContractMixin
 from vitkit.models.registry import register_family, register_model
@@ -286,16 +286,7 @@ class ConvNeXt(ContractMixin, nn.Module):
             ValueError: an n outside 1..stages, or a stage index out of range.
         """
         depth = len(self.stages)
-        if indices is None:
-            wanted = list(range(depth))
-        elif isinstance(indices, int) and not isinstance(indices, bool):
-            if not 1 <= indices <= depth:
-                raise ValueError(f"indices={indices} asks for the last n stages; n must be in 1..{depth}")
-            wanted = list(range(depth - indices, depth))
-        else:
-            wanted = resolve_layers(list(indices), depth, "stage")
-            if not wanted:
-                raise ValueError(f"indices={list(indices)!r} selects no stage; give an int n (last n) or stage indices")
+        wanted = resolve_intermediates(indices, depth, "stage")
         self._check_input(x)
         x = self.stem(x)
         outs = []

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitkit.layers import DropPath, drop_path_rates, resolve_layers
+from vitkit.layers import DropPath, drop_path_rates, resolve_intermediates
 from vitkit.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocess, check_literal, config_kwargs, head_outputs
 from vitkit.models.contract import ContractMixin
 from vitkit.models.registry import register_family, register_model
@@ -332,16 +332,7 @@ class ResNet(ContractMixin, nn.Module):
             ValueError: an index outside the stages, or an int n outside 1..num_stages.
         """
         n = len(self.stage_names)
-        if indices is None:
-            wanted = list(range(n))
-        elif isinstance(indices, int) and not isinstance(indices, bool):
-            if not 1 <= indices <= n:
-                raise ValueError(f"indices={indices} asks for the last n stages; n must be in 1..{n}")
-            wanted = list(range(n - indices, n))
-        else:
-            wanted = resolve_layers(list(indices), n, "stage")
-            if not wanted:
-                raise ValueError(f"indices={list(indices)!r} selects no stage; give an int n (last n) or stage indices")
+        wanted = resolve_intermediates(indices, n, "stage")
         x = self.forward_stem(x)
         outs = []
         for i, stage in enumerate(self.stages[: max(wanted) + 1]):  # stop after the last wanted stage

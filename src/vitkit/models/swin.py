@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitkit.layers import DropPath, Mlp, drop_path_rates, get_layer, get_norm, resolve_layers
+from vitkit.layers import DropPath, Mlp, drop_path_rates, get_layer, get_norm, resolve_intermediates
 from vitkit.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocess, config_kwargs, head_outputs
 from vitkit.models.contract import ContractMixin
 from vitkit.models.registry import register_family, register_model
@@ -412,16 +412,7 @@ class SwinTransformer(ContractMixin, nn.Module):
             norm: apply the final norm to the last stage's output (the only stage it was trained on).
         """
         n = len(self.layers)
-        if indices is None:
-            wanted = list(range(n))
-        elif isinstance(indices, int) and not isinstance(indices, bool):
-            if not 1 <= indices <= n:
-                raise ValueError(f"indices={indices} asks for the last n stages; n must be in 1..{n}")
-            wanted = list(range(n - indices, n))
-        else:
-            wanted = resolve_layers(list(indices), n, "stage")
-            if not wanted:
-                raise ValueError(f"indices={list(indices)!r} selects no stage; give an int n (last n) or stage indices")
+        wanted = resolve_intermediates(indices, n, "stage")
         x = self._embed(x)
         outs = []
         for i in range(max(wanted) + 1):

@@ -30,7 +30,7 @@ from vitkit.layers import (
     get_layer,
     get_norm,
     resample_pos_embed,
-    resolve_layers,
+    resolve_intermediates,
     run_with_captures,
     sincos_2d,
 )
@@ -417,16 +417,7 @@ class VisionTransformer(nn.Module):
             norm: apply the final norm to each output (a no-op for models that norm after pooling, pool='avg').
         """
         depth = len(self.blocks)
-        if indices is None:
-            wanted = list(range(depth))
-        elif isinstance(indices, int) and not isinstance(indices, bool):
-            if not 1 <= indices <= depth:
-                raise ValueError(f"indices={indices} asks for the last n blocks; n must be in 1..{depth}")
-            wanted = list(range(depth - indices, depth))
-        else:
-            wanted = resolve_layers(list(indices), depth, "block")
-            if not wanted:
-                raise ValueError(f"indices={list(indices)!r} selects no block; give an int n (last n) or block indices")
+        wanted = resolve_intermediates(indices, depth, "block")
         gh, gw = self.patch_grid(x.shape[-2], x.shape[-1])
         x = self.embed(x)
         outs = []
