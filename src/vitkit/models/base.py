@@ -159,6 +159,33 @@ def has_class_token(model: nn.Module) -> bool:
     return getattr(model, "cls_token", None) is not None
 
 
+def follow_assigned_head(model: nn.Module, head: nn.Module) -> None:
+    """After `model.head = module` (the tutorials' way to change the class count): the config's num_classes and
+    the class names follow the new head's size, as `reset_classifier` does."""
+    n = head_outputs(head)
+    if n is not None:
+        model.cfg.num_classes = n
+        names = model.preprocess.class_names
+        if names is not None and len(names) != n:
+            model.preprocess.class_names = None
+
+
+def check_savable_head(name: str, head: nn.Module | None, width: int) -> None:
+    """Raise naming `model.<name>` when a config cannot describe it: not `nn.Linear(width, k)` with a bias, nor
+    `nn.Identity()` (None, no head, passes)."""
+    if head is None or isinstance(head, nn.Identity):
+        return
+    if not isinstance(head, nn.Linear) or head.in_features != width or head.bias is None:
+        what = type(head).__name__
+        if isinstance(head, nn.Linear):
+            what += f"({head.in_features}, {head.out_features}, bias={head.bias is not None})"
+        raise ValueError(
+            f"model.{name} is {what}: a vitkit config can describe a head that is nn.Linear({width}, classes) with "
+            "a bias, or nn.Identity(); save this model's state_dict with torch.save instead, or use "
+            "reset_classifier(classes)"
+        )
+
+
 def head_outputs(head: nn.Module | None) -> int | None:
     """Outputs of a classifier head: a Linear's out_features, 0 for Identity, the last Linear of anything else."""
     if head is None:

@@ -21,7 +21,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitkit.layers import DropPath, drop_path_rates, resolve_intermediates
-from vitkit.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocess, check_literal, config_kwargs, head_outputs
+from vitkit.models.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocess,
+    check_literal,
+    check_savable_head,
+    config_kwargs,
+    follow_assigned_head,
+    head_outputs,
+)
 from vitkit.models.contract import ContractMixin
 from vitkit.models.registry import register_family, register_model
 
@@ -234,12 +243,7 @@ class ResNet(ContractMixin, nn.Module):
         # `model.fc = nn.Linear(C, 5)` (the tutorials' way to change the class count) must leave a config and
         # class names that describe the new head, as reset_classifier does.
         if name == "fc" and isinstance(value, nn.Module) and "cfg" in self.__dict__:
-            n = head_outputs(value)
-            if n is not None:
-                self.cfg.num_classes = n
-                names = self.preprocess.class_names
-                if names is not None and len(names) != n:
-                    self.preprocess.class_names = None
+            follow_assigned_head(self, value)
 
     @property
     def num_classes(self) -> int:
@@ -254,15 +258,7 @@ class ResNet(ContractMixin, nn.Module):
             ValueError: an `fc` that config.json cannot describe (not `nn.Linear(num_features, k)` with a bias, nor
                 `nn.Identity()`).
         """
-        fc = self.fc
-        if not isinstance(fc, nn.Identity) and not (
-            isinstance(fc, nn.Linear) and fc.in_features == self.num_features and fc.bias is not None
-        ):
-            raise ValueError(
-                f"model.fc is {type(fc).__name__}: a vitkit config can describe an fc that is nn.Linear("
-                f"{self.num_features}, classes) with a bias, or nn.Identity(); save this model's state_dict with "
-                "torch.save instead, or use reset_classifier(classes)"
-            )
+        check_savable_head("fc", self.fc, self.num_features)
         return dataclasses.replace(self.cfg, num_classes=self.num_classes)
 
     # --- initialisation -------------------------------------------------------------------------------------

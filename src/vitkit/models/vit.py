@@ -41,7 +41,9 @@ from vitkit.models.base import (
     INCEPTION_STD,
     Preprocess,
     check_literal,
+    check_savable_head,
     config_kwargs,
+    follow_assigned_head,
     head_outputs,
 )
 from vitkit.models.registry import register_family, register_model
@@ -210,13 +212,8 @@ class VisionTransformer(nn.Module):
         super().__setattr__(name, value)
         # `model.head = nn.Linear(D, 5)` (the tutorials' way to change the class count) must leave a model whose
         # config, `num_classes` and saved config.json describe the new head; reset_classifier does the same.
-        if name in ("head", "head_dist") and isinstance(value, nn.Module) and "cfg" in self.__dict__:
-            n = head_outputs(value)
-            if n is not None and name == "head":
-                self.cfg.num_classes = n
-                names = self.preprocess.class_names
-                if names is not None and len(names) != n:
-                    self.preprocess.class_names = None
+        if name == "head" and isinstance(value, nn.Module) and "cfg" in self.__dict__:
+            follow_assigned_head(self, value)
 
     @property
     def num_classes(self) -> int:
@@ -232,18 +229,7 @@ class VisionTransformer(nn.Module):
                 Identity), or DeiT heads of different sizes.
         """
         for name in ("head", "head_dist"):
-            head = getattr(self, name)
-            if head is None or isinstance(head, nn.Identity):
-                continue
-            if not isinstance(head, nn.Linear) or head.in_features != self.embed_dim or head.bias is None:
-                what = type(head).__name__
-                if isinstance(head, nn.Linear):
-                    what += f"({head.in_features}, {head.out_features}, bias={head.bias is not None})"
-                raise ValueError(
-                    f"model.{name} is {what}: a vitkit config can describe a head that is nn.Linear("
-                    f"{self.embed_dim}, classes) with a bias, or nn.Identity(); save this model's state_dict with "
-                    "torch.save instead, or use reset_classifier(classes)"
-                )
+            check_savable_head(name, getattr(self, name), self.embed_dim)
         if self.head_dist is not None and head_outputs(self.head_dist) != head_outputs(self.head):
             raise ValueError(
                 f"DeiT heads differ: head has {head_outputs(self.head)} outputs, head_dist "
