@@ -73,7 +73,8 @@ class ClassificationTask(Task):
             )
 
     def _default_transforms(self, model: nn.Module, cfg: TrainConfig) -> None:
-        from vitkit.data.transforms import EvalTransform, TrainTransform
+        from vitkit.data.inference import eval_transform
+        from vitkit.data.transforms import TrainTransform
 
         pre = getattr(model, "preprocess", None)
         if pre is None:
@@ -96,7 +97,7 @@ class ClassificationTask(Task):
                 interpolation=pre.interpolation,
             )
         if self.eval_transform is None:
-            self.eval_transform = EvalTransform(pre.input_size, pre.mean, pre.std, pre.crop_fraction, pre.interpolation)
+            self.eval_transform = eval_transform(model)  # the one eval preprocessing (vitkit.data.inference)
 
     # --- batches -----------------------------------------------------------------------------------------------
     def _fields(self, raw: Any) -> Batch:
