@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitkit.layers import DropPath, LayerNorm2d, Mlp, drop_path_rates, get_layer, resolve_intermediates
-from vitkit.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocess, config_kwargs, head_outputs
+from vitkit.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocess, config_kwargs
 from vitkit.models.contract import ContractMixin
 from vitkit.models.registry import register_family, register_model
 
@@ -221,12 +221,6 @@ class ConvNeXt(ContractMixin, nn.Module):
         self.stages = nn.ModuleList(stages)
         self.head = NormLinearHead(cfg.dims[-1], cfg.num_classes, cfg.head_norm_eps, cfg.drop_rate)
         self.init_weights()
-
-    @property
-    def num_classes(self) -> int:
-        """Outputs of the classifier as it is now (0 without one), also after `model.head.fc = nn.Linear(...)`."""
-        n = head_outputs(self.head.fc)
-        return self.cfg.num_classes if n is None else n
 
     def init_weights(self) -> None:
         """timm's init: truncated normal 0.02 for convolutions and linear layers, zero biases; norms at 1 and 0."""

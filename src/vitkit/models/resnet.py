@@ -29,7 +29,6 @@ from vitkit.models.base import (
     check_savable_head,
     config_kwargs,
     follow_assigned_head,
-    head_outputs,
 )
 from vitkit.models.contract import ContractMixin
 from vitkit.models.registry import register_family, register_model
@@ -244,12 +243,6 @@ class ResNet(ContractMixin, nn.Module):
         # class names that describe the new head, as reset_classifier does.
         if name == "fc" and isinstance(value, nn.Module) and "cfg" in self.__dict__:
             follow_assigned_head(self, value)
-
-    @property
-    def num_classes(self) -> int:
-        """Outputs of the classifier as it is now (0 without one), whatever was assigned to `fc`."""
-        n = head_outputs(self.fc)
-        return self.cfg.num_classes if n is None else n
 
     def describe(self) -> ResNetConfig:
         """The config of the model as it is, for saving.

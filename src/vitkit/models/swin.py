@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitkit.layers import DropPath, Mlp, drop_path_rates, get_layer, get_norm, resolve_intermediates
-from vitkit.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocess, config_kwargs, head_outputs
+from vitkit.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocess, config_kwargs
 from vitkit.models.contract import ContractMixin
 from vitkit.models.registry import register_family, register_model
 
@@ -350,12 +350,6 @@ class SwinTransformer(ContractMixin, nn.Module):
         if name == "head" and "cfg" in self.__dict__:
             self.cfg.num_classes = self.num_classes
 
-    @property
-    def num_classes(self) -> int:
-        """Outputs of the classifier as it is now (0 without one), whatever was assigned to `head` or `head.fc`."""
-        n = head_outputs(self.head.fc) if isinstance(self.head, SwinHead) else head_outputs(self.head)
-        return self.cfg.num_classes if n is None else n
-
     def init_weights(self) -> None:
         """timm's init: truncated normal 0.02 for linear layers and bias tables, zero biases."""
         for m in self.modules():
@@ -437,7 +431,7 @@ class SwinTransformer(ContractMixin, nn.Module):
             self.preprocess.class_names = None
 
     def get_classifier(self) -> nn.Module:
-        return self.head.fc
+        return self.head.fc if isinstance(self.head, SwinHead) else self.head  # a head assigned as it is
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them (less memory)."""

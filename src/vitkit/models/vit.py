@@ -46,6 +46,7 @@ from vitkit.models.base import (
     follow_assigned_head,
     head_outputs,
 )
+from vitkit.models.contract import ContractMixin
 from vitkit.models.registry import register_family, register_model
 
 Pool = Literal["token", "avg", "none"]
@@ -130,7 +131,7 @@ class ViTConfig:
 # ----------------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------------
-class VisionTransformer(nn.Module):
+class VisionTransformer(ContractMixin, nn.Module):
     """Vision Transformer classifier.
 
     Token layout: [class, distillation, registers..., patches...]; `num_prefix_tokens` counts the leading
@@ -214,12 +215,6 @@ class VisionTransformer(nn.Module):
         # config, `num_classes` and saved config.json describe the new head; reset_classifier does the same.
         if name == "head" and isinstance(value, nn.Module) and "cfg" in self.__dict__:
             follow_assigned_head(self, value)
-
-    @property
-    def num_classes(self) -> int:
-        """Outputs of the classifier as it is now (0 without one), whatever was assigned to `head`."""
-        n = head_outputs(self.head)
-        return self.cfg.num_classes if n is None else n
 
     def describe(self) -> ViTConfig:
         """The config of the model as it is, for saving: checks that the heads can be rebuilt from it.
@@ -500,12 +495,6 @@ class VisionTransformer(nn.Module):
                     f"{self.native_grid[0]}x{self.native_grid[1]} grid"
                 )
         return state
-
-    def save_pretrained(self, directory: str, **extra) -> None:
-        """Write `config.json` + `model.safetensors` to `directory` (atomically); see `vitkit.load_model`."""
-        from vitkit.models.serialization import save_pretrained
-
-        save_pretrained(self, directory, **extra)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._pos_cache.clear()
