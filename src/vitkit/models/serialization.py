@@ -20,6 +20,7 @@ from vitkit._io import atomic_path, atomic_write_dir, atomic_write_text, resolve
 from vitkit._version import __version__
 from vitkit.models.base import Preprocess, config_from_dict, config_to_dict
 from vitkit.models.registry import get_family
+from vitkit.runs import model_config
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -71,14 +72,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, **extra: Any
 
 
 def is_native_dir(path: str | os.PathLike) -> bool:
-    cfg = Path(path) / CONFIG_NAME
-    if not cfg.is_file():
-        return False
-    try:
-        data = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(data, dict) and data.get("format") == FORMAT
+    """Whether `path` holds a vitkit config.json (an unreadable one is not)."""
+    return model_config(path).get("format") == FORMAT
 
 
 def model_from_config(config: dict[str, Any], **overrides: Any) -> nn.Module:

@@ -17,6 +17,7 @@ import torch
 
 from vitkit.models.base import INCEPTION_MEAN, INCEPTION_STD, Preprocess
 from vitkit.models.vit import VisionTransformer
+from vitkit.runs import model_config
 from vitkit.weights._log import LogFn, Reporter, as_reporter
 from vitkit.weights.safe_load import read_safetensors, read_torch, unwrap_state_dict
 from vitkit.weights.timm import build_vit
@@ -59,14 +60,7 @@ _POOLER = re.compile(r"pooler\.dense\.(weight|bias)")
 
 def hf_model_type(directory: str | os.PathLike) -> str | None:
     """The `model_type` of a Hugging Face model directory, or None when it is not one."""
-    cfg = Path(directory) / CONFIG_NAME
-    if not cfg.is_file():
-        return None
-    try:
-        data = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    model_type = data.get("model_type") if isinstance(data, dict) else None
+    model_type = model_config(directory).get("model_type")
     return model_type if isinstance(model_type, str) else None
 
 
