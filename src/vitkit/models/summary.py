@@ -1,4 +1,5 @@
-"""The model table: parameters, GMACs (torch's flop counter, attention included), patch grid and tokens."""
+"""The model table: family, parameters, GMACs (torch's flop counter, attention included), native input, feature
+strides, last grid and tokens."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitkit.layers import attention_layers, capture_attention
-from vitkit.models.registry import create_model, list_models
+from vitkit.models.registry import create_model, list_models, model_family
 
 
 @dataclass
 class ModelRow:
     name: str
+    family: str
     params: int  # with the default 1000-class head
     gmacs: float | None  # multiply-accumulates for one image at the native size, in billions
     img_size: tuple[int, int]
+    strides: tuple[int, ...]  # reduction in pixels of each feature_info entry (distinct values, in order)
     grid: tuple[int, int]
     tokens: int | None  # sequence length seen by the blocks (prefix tokens + patches); None for CNNs
 
@@ -41,13 +44,17 @@ def model_row(name: str, flops: bool = True) -> ModelRow:
     with torch.device("meta"):
         model = create_model(name)
     size = tuple(model.preprocess.input_size)
-    reduction = model.feature_info[-1]["reduction"]
+    info = model.feature_info
+    reduction = info[-1]["reduction"]
+    strides = tuple(dict.fromkeys(int(f["reduction"]) for f in info))  # a ViT's 12 blocks share one stride
     grid = (size[0] // reduction, size[1] // reduction)  # the last feature map (the patch grid for a ViT)
     return ModelRow(
         name=name,
+        family=model_family(name),
         params=sum(p.numel() for p in model.parameters()),
         gmacs=count_gmacs(model, size, getattr(model.cfg, "in_chans", 3)) if flops else None,
         img_size=size,
+        strides=strides,
         grid=grid,
         tokens=model.num_tokens(*size) if hasattr(model, "num_tokens") else None,
     )
@@ -60,11 +67,14 @@ def model_table(pattern: str = "*", flops: bool = True) -> list[ModelRow]:
 
 def format_table(rows: list[ModelRow]) -> str:
     """A markdown table (readable in a terminal, pasteable into docs)."""
-    lines = ["| model | params | GMACs | input | grid | tokens |", "|---|---:|---:|---|---|---:|"]
+    lines = [
+        "| model | family | params | GMACs | input | strides | grid | tokens |",
+        "|---|---|---:|---:|---|---|---|---:|",
+    ]
     for r in rows:
         gmacs = f"{r.gmacs:.2f}" if r.gmacs is not None else "-"
         lines.append(
-            f"| {r.name} | {r.params / 1e6:.2f}M | {gmacs} | {r.img_size[0]}x{r.img_size[1]} "
-            f"| {r.grid[0]}x{r.grid[1]} | {r.tokens if r.tokens is not None else '-'} |"
+            f"| {r.name} | {r.family} | {r.params / 1e6:.2f}M | {gmacs} | {r.img_size[0]}x{r.img_size[1]} "
+            f"| {','.join(map(str, r.strides))} | {r.grid[0]}x{r.grid[1]} | {r.tokens if r.tokens is not None else '-'} |"
         )
     return "\n".join(lines)
