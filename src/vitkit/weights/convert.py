@@ -112,7 +112,7 @@ def _load_any(
         return _load_dir(parent, model_name, img_size, rep)
     state = read_state_dict(path, log=rep)
     if model_name and model_family(model_name) != "vit":  # ResNet, ConvNeXt, Swin: timm/torchvision layouts
-        return from_family_state_dict(state, model_name, source=str(path), rep=rep), "timm"
+        return from_family_state_dict(state, model_name, source=str(path), rep=rep, img_size=img_size), "timm"
     if looks_like_hf_state_dict(state):
         if hf_model_type(parent) is None:
             raise ValueError(

@@ -11,15 +11,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vitkit.models.registry import create_model, model_family
+from vitkit.models.registry import create_model, get_family, model_family
 from vitkit.models.serialization import load_state_dict_strict, match_state_dtype
 from vitkit.weights._log import Reporter
 from vitkit.weights.hf_swin import official_swin_to_timm
+from vitkit.weights.timm import as_img_size
 from vitkit.weights.torchvision_convnext import looks_like_torchvision_convnext, torchvision_convnext_to_timm
 
 
-def from_family_state_dict(state: dict[str, torch.Tensor], model_name: str, *, source: str, rep: Reporter) -> nn.Module:
+def from_family_state_dict(
+    state: dict[str, torch.Tensor],
+    model_name: str,
+    *,
+    source: str,
+    rep: Reporter,
+    img_size: int | tuple[int, int] | None = None,
+) -> nn.Module:
     """A registered non-ViT model loaded strictly from a timm-layout (or renamed) state dict.
+
+    `img_size` (int or (H, W)) is the input size to fine-tune or predict at: families whose config has an input
+    size are built for it; the others (CNNs take any size) record it in `model.preprocess.input_size`.
 
     Raises:
         ValueError: keys or shapes that do not fit `model_name`, listed.
@@ -30,7 +41,11 @@ def from_family_state_dict(state: dict[str, torch.Tensor], model_name: str, *, s
     elif family == "convnext" and looks_like_torchvision_convnext(state):
         _, state = torchvision_convnext_to_timm(state)
         rep.info(f"{source}: torchvision ConvNeXt layout, renamed to timm's")
-    model = create_model(model_name)
+    size = None if img_size is None else as_img_size(img_size)
+    sized = size is not None and "img_size" in get_family(family)[0].__dataclass_fields__
+    model = create_model(model_name, **({"img_size": size} if sized else {}))
+    if size is not None:
+        model.preprocess.input_size = size
     # The classifier's matrix (a head may also hold a norm, as ConvNeXt's does).
     heads = [n for n, p in model.named_parameters() if model.is_classifier(n) and p.ndim == 2]
     if heads and heads[0] not in state:

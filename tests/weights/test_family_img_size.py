@@ -1,0 +1,29 @@
+"""`load_model(state_dict_file, model_name=..., img_size=...)` for the families beyond ViT keeps the asked size
+(fine-tuning a timm ResNet at 32 px used to train at the registered 224 px)."""
+
+import pytest
+import torch
+
+import vitkit
+
+
+@pytest.mark.parametrize(
+    "name, img_size, expect",
+    [("resnet18", 32, (32, 32)), ("convnext_tiny", (48, 64), (48, 64)), ("swin_tiny_patch4_window7_224", 64, (64, 64))],
+)
+def test_state_dict_loads_at_the_asked_size(tmp_path, name, img_size, expect):
+    torch.manual_seed(0)
+    src = vitkit.create_model(name).eval()
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    model = vitkit.load_model(tmp_path / "w.pth", model_name=name, img_size=img_size).eval()
+    assert tuple(model.preprocess.input_size) == expect
+    if hasattr(model.cfg, "img_size"):
+        assert tuple(model.cfg.img_size) == expect
+    x = torch.randn(1, 3, *expect)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x), rtol=0, atol=1e-5)
+
+
+def test_without_img_size_the_registered_size_stays(tmp_path):
+    torch.save(vitkit.create_model("resnet18").state_dict(), tmp_path / "w.pth")
+    assert tuple(vitkit.load_model(tmp_path / "w.pth", model_name="resnet18").preprocess.input_size) == (224, 224)
