@@ -122,6 +122,13 @@ def test_one_head_layout_classifies_the_class_token(tmp_path):
     with torch.no_grad():
         assert torch.equal(back(x), y)
     check_contract(_tiny(dist_head=False), (32, 48))
+    # A distillation head assigned by hand is saved as one (the config follows the modules).
+    model.head_dist = torch.nn.Linear(32, 5)
+    model.save_pretrained(tmp_path / "two")
+    back = vitkit.load_model(tmp_path / "two").eval()
+    assert back.cfg.dist_head is True and back.head_dist is not None
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
 
 
 def test_config_errors_are_named():
@@ -191,3 +198,24 @@ def test_timm_state_dicts_load_as_deit(tmp_path):
     small = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(back(small), one(small))
+
+
+def test_a_distilled_deit_trains_with_the_classification_task(tmp_path):
+    """`vitkit train --model deit_tiny_distilled_patch16_224 --img-size 8` (tiny widths, patch 4): the averaged
+    logits train, and the run's checkpoint is a distilled DeiT with both heads."""
+    from vitkit.train import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models run many times slower with oversubscribed OpenMP threads
+    try:
+        summary = train({
+            "data": "digits", "model": "deit_tiny_distilled_patch16_224", "img_size": 8, "epochs": 1,
+            "model_args": {"patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}, "batch_size": 64,
+            "crop_fraction": 1.0, "hflip": 0.0, "progress": False, "out": str(tmp_path / "run"),
+        })  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["epochs_run"] == 1 and 0.0 <= summary["test_acc"] <= 1.0
+    model = vitkit.load_model(tmp_path / "run")
+    assert type(model) is DeiT and model.head_dist is not None and model.num_classes == 10
+    assert model.cfg.img_size == (8, 8) and model.cfg.patch_size == 4

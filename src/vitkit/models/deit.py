@@ -83,6 +83,12 @@ class DeiT(VisionTransformer):
             self.head_dist = None  # the distillation token (if any) still runs through the blocks, unclassified
         self.distilled_training = False
 
+    def describe(self) -> DeiTConfig:
+        """The config of the model as it is now; `dist_head` follows a `head_dist` assigned or removed by hand."""
+        cfg = super().describe()
+        has = self.head_dist is not None
+        return cfg if has == cfg.has_dist_head else dataclasses.replace(cfg, dist_head=has)
+
     def set_distilled_training(self, enable: bool = True) -> None:
         """In training mode, return `(cls_logits, dist_logits)` instead of their mean (for a distillation loss).
 
