@@ -98,6 +98,18 @@ def test_distilled_training_returns_both_heads_and_eval_averages():
         assert torch.equal(model(x), averaged)
 
 
+def test_distillation_parts_in_the_contract():
+    model = _tiny().train()
+    assert model.no_weight_decay() == {"pos_embed", "cls_token", "dist_token"}
+    assert model.layer_id("dist_token") == 0 and model.is_classifier("head_dist.weight")
+    assert model.layer_id("head_dist.bias") == model.num_layer_ids - 1 == 2 + 1
+    model(torch.randn(2, 3, 32, 32)).square().mean().backward()
+    for name in ("dist_token", "head_dist.weight"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name  # both reach the averaged logits
+    model.reset_classifier(0)
+    assert isinstance(model.head_dist, torch.nn.Identity) and model(torch.randn(1, 3, 32, 32)).shape == (1, 32)
+
+
 def test_distilled_training_needs_a_distillation_head():
     with pytest.raises(ValueError, match=r"needs a distillation head; this model has distilled=False"):
         _tiny("deit_tiny_patch16_224").set_distilled_training(True)
