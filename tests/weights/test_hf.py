@@ -96,8 +96,8 @@ def test_unsupported_activation_is_refused(hf_cls, tmp_path):
 
 
 def test_unsupported_model_type_is_refused(hf_cls, tmp_path):
-    _edit_config(hf_cls[0], tmp_path / "m", model_type="deit")
-    with pytest.raises(ValueError, match="model_type='deit' is not supported"):
+    _edit_config(hf_cls[0], tmp_path / "m", model_type="beit")  # 'deit' is read since the DeiT family
+    with pytest.raises(ValueError, match="model_type='beit' is not supported"):
         vitkit.load_model(tmp_path / "m")
 
 

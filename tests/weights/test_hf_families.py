@@ -48,7 +48,9 @@ def test_unsupported_model_types_list_the_supported_ones(tmp_path):
     d = tmp_path / "bert"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ValueError, match=r"model_type='bert' is not supported; .*'vit', 'convnext', 'resnet', 'swin'"):
+    with pytest.raises(
+        ValueError, match=r"model_type='bert' is not supported; .*'vit', 'convnext', 'deit', 'resnet', 'swin'"
+    ):
         vitkit.load_model(d)
 
 

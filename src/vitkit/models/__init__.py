@@ -12,6 +12,7 @@ from vitkit.models.vit import (
     create_vit_small,
     create_vit_tiny,
 )
+from vitkit.models.deit import DeiT, DeiTConfig
 from vitkit.models.swin import SwinConfig, SwinTransformer
 from vitkit.models.convnext import ConvNeXt, ConvNeXtConfig
 from vitkit.models.resnet import ResNet, ResNetConfig
@@ -19,6 +20,8 @@ from vitkit.models.resnet import ResNet, ResNetConfig
 __all__ = [
     "ConvNeXt",
     "ConvNeXtConfig",
+    "DeiT",
+    "DeiTConfig",
     "ResNet",
     "ResNetConfig",
     "SwinConfig",

@@ -72,7 +72,7 @@ class ViTConfig:
     qk_norm: bool = False  # LayerNorm on q and k per head (ViT-22B) for stable large-scale training
     class_token: bool = True  # prepend a learned [CLS] token (BERT style); off for pooled models
     reg_tokens: int = 0  # register tokens (Darcet et al. 2024) soak up the high-norm "artifact" attention
-    distilled: bool = False  # DeiT distillation token with its own head; logits are the mean of both heads
+    distilled: bool = False  # DeiT distillation token with its own head, logits the mean of both (models/deit.py)
     pool: Pool = "token"  # how to pool tokens for the head: class token, mean of patch tokens, or none
     pos_embed: PosEmbed = "learn"  # learned table (ViT), fixed 2-D sin-cos (MAE, Simple ViT), or none
     fc_norm: bool | None = None  # LayerNorm after pooling instead of before; None = on exactly when pool="avg"
@@ -564,10 +564,6 @@ _register_vit(
     "vit_small_patch16_224_gap", "small", 16, 224, "ViT-S/16, no class token, mean-pooled, sin-cos positions.",
     class_token=False, pool="avg", pos_embed="sincos",
 )  # fmt: skip
-# DeiT with its distillation token.
-_register_vit("deit_tiny_distilled_patch16_224", "tiny", 16, 224, "DeiT-Ti distilled (2 heads).", distilled=True)
-_register_vit("deit_small_distilled_patch16_224", "small", 16, 224, "DeiT-S distilled.", distilled=True)
-_register_vit("deit_base_distilled_patch16_224", "base", 16, 224, "DeiT-B distilled.", distilled=True)
 # CIFAR-scale: 32 px input, 4 px patches -> an 8 x 8 grid of 64 tokens.
 _register_vit("vit_nano_patch4_32", "nano", 4, 32, "A 1.2M-param ViT for 32 px images; trains in minutes on CPU.")
 _register_vit("vit_tiny_patch4_32", "tiny", 4, 32, "ViT-Ti width for 32 px images (CIFAR).")

@@ -36,7 +36,7 @@ from vitkit.weights.native import (
     model_from_config,
 )
 from vitkit.weights.safe_load import file_kind, read_state_dict
-from vitkit.weights.timm import as_img_size, empty_model, from_timm_state_dict
+from vitkit.weights.timm import VIT_FAMILIES, as_img_size, empty_model, from_timm_state_dict
 
 SourceFormat = Literal["vitkit", "hf", "jax", "timm"]
 
@@ -111,7 +111,7 @@ def _load_any(
         rep.info(f"{path} belongs to the model directory {parent}; loading that")
         return _load_dir(parent, model_name, img_size, rep)
     state = read_state_dict(path, log=rep)
-    if model_name and model_family(model_name) != "vit":  # ResNet, ConvNeXt, Swin: timm/torchvision layouts
+    if model_name and model_family(model_name) not in VIT_FAMILIES:  # ResNet, ConvNeXt, Swin: timm/torchvision layouts
         return from_family_state_dict(state, model_name, source=str(path), rep=rep, img_size=img_size), "timm"
     if looks_like_hf_state_dict(state):
         if hf_model_type(parent) is None:

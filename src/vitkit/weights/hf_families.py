@@ -1,4 +1,4 @@
-"""Hugging Face transformers directories of the families beyond ViT (ResNet, ConvNeXt, Swin ...).
+"""Hugging Face transformers directories of the families beyond ViT (DeiT, ResNet, ConvNeXt, Swin ...).
 
 Each family contributes one pure converter `to_timm(state, config) -> (architecture fields, timm-layout state)`
 from the on-disk transformers keys (transformers 5 keeps the 4.x names on disk) and the config.json; this module
@@ -85,10 +85,12 @@ def load_hf_family(
 # --- the families whose transformers directories vitkit reads ------------------------------------------------------
 def _register_builtin() -> None:
     from vitkit.weights.hf_convnext import hf_convnext_to_timm
+    from vitkit.weights.hf_deit import hf_deit_to_timm
     from vitkit.weights.hf_resnet import hf_resnet_to_timm
     from vitkit.weights.hf_swin import hf_swin_to_timm
 
     register_hf_family("convnext", "convnext", hf_convnext_to_timm)
+    register_hf_family("deit", "deit", hf_deit_to_timm)
     register_hf_family("resnet", "resnet", hf_resnet_to_timm)
     register_hf_family("swin", "swin", hf_swin_to_timm)
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from vitkit.layers import resample_pos_embed
 from vitkit.models.base import Preprocess
-from vitkit.models.registry import create_model, model_family
+from vitkit.models.registry import create_model, get_family, model_family
 from vitkit.models.serialization import match_state_dtype
 from vitkit.models.vit import VisionTransformer, ViTConfig
 from vitkit.weights._log import LogFn, Reporter, as_reporter
@@ -43,11 +43,17 @@ def as_img_size(img_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     raise TypeError(f"img_size must be an int or an (height, width) pair of ints, got {img_size!r}")
 
 
+# Families in the ViT layout: a DeiT is a VisionTransformer with its own family name (models/deit.py).
+VIT_FAMILIES = ("vit", "deit")
+
+
 def registered_config(model_name: str) -> ViTConfig:
-    """The config of a registered ViT, without allocating its weights (built on the meta device)."""
+    """The config of a registered ViT (or DeiT), without allocating its weights (built on the meta device)."""
     family = model_family(model_name)  # ValueError with close matches for unknown names
-    if family != "vit":
-        raise ValueError(f"model {model_name!r} is a {family!r} model; these converters build 'vit' models")
+    if family not in VIT_FAMILIES:
+        raise ValueError(
+            f"model {model_name!r} is a {family!r} model; these converters build {' or '.join(VIT_FAMILIES)} models"
+        )
     with torch.device("meta"):
         return create_model(model_name).cfg
 
@@ -260,23 +266,29 @@ def build_vit(
     preprocess: Preprocess | None = None,
     source: str = "state dict",
     log: LogFn | Reporter | None = None,
+    family: str | None = None,
 ) -> VisionTransformer:
     """Build a VisionTransformer and load `state` into it strictly, resampling positions for another size.
 
     Args:
-        arch: ViTConfig fields except img_size.
+        arch: ViTConfig (or DeiTConfig) fields except img_size.
         state: timm-layout tensors (not modified).
         grid: the checkpoint's native patch grid.
         img_size: input size for the model; None keeps the checkpoint's.
         preprocess: preprocessing metadata; its input_size is set to the model's.
         source: name used in error messages.
         log: receives a line when the position table is resampled.
+        family: "vit" or "deit"; None = "deit" for a checkpoint with a distillation token, else "vit".
     """
     rep = as_reporter(log)
+    family = family or ("deit" if arch.get("distilled") else "vit")
+    if family not in VIT_FAMILIES:
+        raise ValueError(f"family {family!r} is not in the ViT layout; expected one of {', '.join(VIT_FAMILIES)}")
+    config_cls, model_cls = get_family(family)
     patch = arch["patch_size"]
     native_size = (grid[0] * patch, grid[1] * patch)
     target = as_img_size(img_size) if img_size is not None else native_size
-    model = empty_model(lambda: VisionTransformer(ViTConfig(**arch, img_size=target)))
+    model = empty_model(lambda: model_cls(config_cls(**arch, img_size=target)))
     state = dict(state)
     if "pos_embed" in state and model.native_grid != tuple(grid):
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.native_grid, grid, model.num_pos_prefix)
@@ -360,12 +372,17 @@ def from_timm_state_dict(
     arch, grid = infer_vit_config(
         state, model_name=model_name, num_heads=num_heads, img_size=img_size, source=source, log=rep
     )
+    if arch["distilled"] and "head.weight" in state and "head_dist.weight" not in state:
+        arch["dist_head"] = False  # one head on the class token (transformers' DeiTForImageClassification)
     if preprocess is None:
         rep.info(
             "a timm state dict stores no preprocessing: assuming ImageNet mean/std, bicubic, crop 0.875 "
             "(set model.preprocess if the checkpoint was trained otherwise)"
         )
-    model = build_vit(arch, state, grid=grid, img_size=img_size, preprocess=preprocess, source=source, log=rep)
+    family = model_family(model_name) if model_name else None  # "deit" for the DeiT names
+    model = build_vit(
+        arch, state, grid=grid, img_size=img_size, preprocess=preprocess, source=source, log=rep, family=family
+    )
     if model_name:
         model.model_name = model_name
     return model
