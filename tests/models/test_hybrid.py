@@ -275,3 +275,17 @@ def test_bf16_forward(build):
         out = model.to(torch.bfloat16)(x.bfloat16())
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.1)
+
+
+def test_backbone_module_with_any_head_is_saved_by_name(tmp_path):
+    """A zoo backbone whose head config.json could not describe is fine: the head is dropped before describing."""
+    torch.manual_seed(0)
+    backbone = create_model("resnet18", **BACKBONES["resnet18"])
+    backbone.fc = nn.Sequential(nn.Linear(16, 3), nn.ReLU())
+    model = HybridViT(backbone, n_classes=2, img_size=32, **TINY_VIT).eval()
+    model.save_pretrained(tmp_path / "m")
+    arch = json.loads((tmp_path / "m" / "config.json").read_text())["architecture"]
+    assert arch["backbone"] == "resnet18" and arch["backbone_args"]["num_classes"] == 0
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        assert torch.equal(vitkit.load_model(tmp_path / "m").eval()(x), model(x))

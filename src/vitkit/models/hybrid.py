@@ -128,12 +128,14 @@ class HybridViT(VisionTransformer):
             if "stage" in overrides:
                 raise TypeError("HybridViT: 'stage' and 'out_index' both set the backbone stage; give one")
             overrides["stage"] = overrides.pop("out_index")
-        module, self_unsavable = None, None
+        module, unsavable = None, None
         if isinstance(backbone, str):
             overrides["backbone"] = backbone
         elif isinstance(backbone, nn.Module):
             module = backbone
-            name, args, self_unsavable = _backbone_from_module(module)
+            if hasattr(module, "reset_classifier"):
+                module.reset_classifier(0)  # the head is dropped anyway; described without it, whatever it was
+            name, args, unsavable = _backbone_from_module(module)
             overrides.update(backbone=name, backbone_args=args)
         elif backbone is not None:
             raise TypeError(
@@ -147,7 +149,7 @@ class HybridViT(VisionTransformer):
         # through nn.Module's attribute machinery).
         self.__dict__["_pending_backbone"] = module
         super().__init__(cfg)
-        self._unsavable = self_unsavable
+        self._unsavable = unsavable
 
     def build_patch_embed(self, cfg: HybridViTConfig) -> nn.Module:
         """The backbone (built from its name, or the given module) + projection as the patch embedding."""
@@ -160,8 +162,6 @@ class HybridViT(VisionTransformer):
                 raise ValueError(
                     f"the backbone takes {chans} input channels but in_chans={cfg.in_chans}; make them agree"
                 )
-            if hasattr(backbone, "reset_classifier"):
-                backbone.reset_classifier(0)
         return get_layer("embed", cfg.embed_layer)(
             cfg.patch_size, cfg.in_chans, cfg.embed_dim, backbone=backbone, stage=cfg.stage
         )
