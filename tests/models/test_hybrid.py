@@ -212,6 +212,8 @@ def test_stage_choice_and_errors():
         HybridViT(nn.Sequential(nn.Conv2d(3, 8, 16, stride=16)), **tiny)
     with pytest.raises(TypeError, match="'stage' and 'out_index' both"):
         HybridViT("resnet18", stage=1, out_index=1, **tiny)
+    with pytest.raises(TypeError, match="embed_layer='hybrid' needs a CNN backbone module.*HybridViT"):
+        create_model("vit_tiny_patch16_224", embed_layer="hybrid")
     m = HybridViT("resnet18", backbone_args=args, **tiny)
     with pytest.raises(ValueError, match="image width 40 is not a multiple of patch size 16"):
         m(torch.randn(1, 3, 32, 40))

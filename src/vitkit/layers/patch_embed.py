@@ -142,10 +142,15 @@ class HybridEmbed(nn.Module):
         in_chans: int = 3,
         embed_dim: int = 768,
         *,
-        backbone: nn.Module,
+        backbone: nn.Module | None = None,
         stage: int | None = None,
     ):
         super().__init__()
+        if backbone is None:
+            raise TypeError(
+                "embed_layer='hybrid' needs a CNN backbone module, which a plain ViT config cannot carry; use "
+                "vitkit.HybridViT(backbone, ...) (e.g. HybridViT('resnet50', n_classes=10))"
+            )
         missing = [a for a in ("feature_info", "forward_intermediates") if not hasattr(backbone, a)]
         if not isinstance(backbone, nn.Module) or missing:
             raise TypeError(
