@@ -7,6 +7,8 @@ logits, attentions = model(images, return_attention=[-1])
 
 from vitkit._version import __version__
 from vitkit.models import (  # noqa: E402
+    HybridCNNViT,
+    HybridViT,
     VisionTransformer,
     ViTConfig,
     create_model,
@@ -32,6 +34,8 @@ def load_model(path: str, **kwargs):
 
 
 __all__ = [
+    "HybridCNNViT",
+    "HybridViT",
     "VisionTransformer",
     "ViTConfig",
     "__version__",

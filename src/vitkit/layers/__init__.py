@@ -15,12 +15,14 @@ from vitkit.layers.drop import DropPath, drop_path_rates
 from vitkit.layers.layer_scale import LayerScale
 from vitkit.layers.mlp import GluMlp, Mlp
 from vitkit.layers.norm import LayerNorm2d
-from vitkit.layers.patch_embed import PatchEmbed, check_image_size
+from vitkit.layers.patch_embed import ConvStemEmbed, HybridEmbed, PatchEmbed, check_image_size
 from vitkit.layers.pos_embed import resample_pos_embed, sincos_2d
 
 __all__ = [
     "Attention",
     "AttentionRecorder",
+    "ConvStemEmbed",
+    "HybridEmbed",
     "Block",
     "GluMlp",
     "attention_layers",

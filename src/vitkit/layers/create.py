@@ -15,7 +15,7 @@ from torch import nn
 
 from vitkit.layers.attention import Attention
 from vitkit.layers.mlp import GluMlp, Mlp
-from vitkit.layers.patch_embed import PatchEmbed
+from vitkit.layers.patch_embed import ConvStemEmbed, HybridEmbed, PatchEmbed
 
 LAYER_KINDS = ("attn", "mlp", "norm", "act", "embed")
 
@@ -29,7 +29,8 @@ _TABLE: dict[str, dict[str, Callable[..., Any]]] = {
         "relu": nn.ReLU,
         "silu": nn.SiLU,
     },
-    "embed": {"patch": PatchEmbed},
+    # "hybrid" needs a built backbone module (`backbone=`), which a model family supplies (models/hybrid.py).
+    "embed": {"patch": PatchEmbed, "convstem": ConvStemEmbed, "hybrid": HybridEmbed},
 }
 
 

@@ -1,4 +1,4 @@
-"""Patch embedding: cut an image into non-overlapping patches and project each to a token."""
+"""Patch embedding: image -> tokens. Non-overlapping patches (ViT), a small conv stem, or a CNN's feature map."""
 
 from __future__ import annotations
 
@@ -65,3 +65,161 @@ class PatchEmbed(nn.Module):
         self.grid_size(x.shape[2], x.shape[3])
         x = self.proj(x)  # (B, D, H', W')
         return x.flatten(2).transpose(1, 2)  # (B, H'*W', D)
+
+
+class ConvStemEmbed(nn.Module):
+    """A small convolutional stem as the patch embedding (Xiao et al. 2021, "Early Convolutions Help Transformers
+    See Better"): (B, C, H, W) -> (B, H/p * W/p, D).
+
+    log2(p) 3x3 stride-2 convolutions, each with BatchNorm and GELU, halve the map while widening it (D / 2**k at
+    the k-th from the end), then a 1x1 convolution projects to the token width. The overlapping 3x3 kernels give
+    the locality prior a plain ViT lacks, which is what small datasets need; the total stride is still `p`, so the
+    token grid is that of a `p`-patch ViT and positions, feature strides and sizes work unchanged.
+
+    Args:
+        patch_size: total stride, a power of two >= 2 (4 gives an 8x8 grid at 32 px).
+        in_chans: input channels.
+        embed_dim: token width D.
+    """
+
+    def __init__(self, patch_size: int | tuple[int, int] = 4, in_chans: int = 3, embed_dim: int = 384):
+        super().__init__()
+        p = patch_size if isinstance(patch_size, int) else patch_size[0]
+        if not isinstance(patch_size, int) and (len(patch_size) != 2 or patch_size[0] != patch_size[1]):
+            raise ValueError(f"a convolutional stem needs a square patch size, got {patch_size}")
+        if p < 2 or p & (p - 1):
+            raise ValueError(f"a convolutional stem's patch size must be a power of two >= 2 (2, 4, 8, 16), got {p}")
+        self.patch_size = (p, p)
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        n = p.bit_length() - 1  # stride-2 convolutions
+        layers: list[nn.Module] = []
+        chs = in_chans
+        for k in range(n):
+            out = max(embed_dim // 2 ** (n - k), 8)
+            layers += [nn.Conv2d(chs, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.GELU()]
+            chs = out
+        self.stem = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(chs, embed_dim, 1)
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid (H/p, W/p); raises ValueError for sides that are not multiples of p."""
+        return check_image_size(height, width, self.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_images(x, self.in_chans)
+        self.grid_size(x.shape[2], x.shape[3])
+        x = self.proj(self.stem(x))  # (B, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (B, H/p * W/p, D)
+
+
+class HybridEmbed(nn.Module):
+    """A CNN's feature map as the patch embedding (the ViT paper's hybrid): (B, C, H, W) -> (B, H/s * W/s, D).
+
+    The backbone is any model of the contract (`feature_info`, `forward_intermediates`): it runs up to `stage`, and
+    a `patch_size` convolution (1 in the paper: one token per feature-map pixel) projects its map to tokens. The
+    total stride s is the stage's reduction times `patch_size`.
+
+    The backbone is truncated in place: the stages after `stage` and the parts after its last stage that hold
+    weights (final norm, classifier) become `nn.Identity`, so every parameter left is used. This relies on the
+    zoo's layout, in which a model registers stem -> stages -> norm/head in that order.
+
+    Args:
+        patch_size: side of the projection's square kernel and stride on the feature map.
+        in_chans: input image channels (must match the backbone's).
+        embed_dim: token width D.
+        backbone: the CNN (an `nn.Module` with the vitkit contract), without a classifier (reset to 0 classes).
+        stage: index into `backbone.feature_info` (negatives count from the end); None = the stage at stride 16.
+
+    Raises:
+        TypeError: a backbone without `feature_info` / `forward_intermediates`.
+        ValueError: a stage that does not exist, or no stage at stride 16 when `stage` is None.
+    """
+
+    def __init__(
+        self,
+        patch_size: int | tuple[int, int] = 1,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        *,
+        backbone: nn.Module | None = None,
+        stage: int | None = None,
+    ):
+        super().__init__()
+        if backbone is None:
+            raise TypeError(
+                "embed_layer='hybrid' needs a CNN backbone module, which a plain ViT config cannot carry; use "
+                "vitkit.HybridViT(backbone, ...) (e.g. HybridViT('resnet50', n_classes=10))"
+            )
+        missing = [a for a in ("feature_info", "forward_intermediates") if not hasattr(backbone, a)]
+        if not isinstance(backbone, nn.Module) or missing:
+            raise TypeError(
+                f"a hybrid backbone must be an nn.Module with the vitkit model contract; {type(backbone).__name__} "
+                f"lacks {', '.join(missing) or 'nn.Module'}. Use a zoo name (e.g. 'resnet50', 'convnext_tiny') or "
+                "vitkit.create_model(name, num_classes=0)"
+            )
+        info = list(backbone.feature_info)
+        strides = [int(fi["reduction"]) for fi in info]
+        if stage is None:
+            if 16 not in strides:
+                raise ValueError(
+                    f"backbone {type(backbone).__name__} has no stage at stride 16 (its stage strides are {strides}); "
+                    f"pass stage=0..{len(info) - 1}"
+                )
+            stage = strides.index(16)
+        if isinstance(stage, bool) or not isinstance(stage, int) or not -len(info) <= stage < len(info):
+            raise ValueError(
+                f"stage={stage!r} is not a stage of backbone {type(backbone).__name__}: it has {len(info)} stages "
+                f"(0..{len(info) - 1}, or negatives from the end) at strides {strides}"
+            )
+        self.stage = stage % len(info)
+        p = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+        self.patch_size = p
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.feature_stride = strides[self.stage]
+        self.stride = (self.feature_stride * p[0], self.feature_stride * p[1])  # pixels per token side
+        self.num_features = int(info[self.stage]["num_chs"])
+        truncate_backbone(backbone, info, self.stage)
+        self.backbone = backbone
+        self.proj = nn.Conv2d(self.num_features, embed_dim, kernel_size=p, stride=p)
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid (H/s, W/s) for total stride s; raises ValueError for sides that are not multiples of s."""
+        return check_image_size(height, width, self.stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_images(x, self.in_chans)
+        self.grid_size(x.shape[2], x.shape[3])
+        x = self.backbone.forward_intermediates(x, indices=[self.stage], as_maps=True)[0]  # (B, C, H/f, W/f)
+        x = self.proj(x)  # (B, D, H/s, W/s)
+        return x.flatten(2).transpose(1, 2)  # (B, H/s * W/s, D)
+
+
+def truncate_backbone(backbone: nn.Module, info: list[dict], stage: int) -> None:
+    """Replace, in place, the stages after `stage` and the weighted children after the last stage by Identity."""
+    for fi in info[stage + 1 :]:
+        _replace(backbone, fi["module"])
+    last_root = info[-1]["module"].split(".")[0]
+    children = [name for name, _ in backbone.named_children()]
+    if last_root in children:
+        for name in children[children.index(last_root) + 1 :]:
+            child = getattr(backbone, name)
+            if any(True for _ in child.parameters()) or any(True for _ in child.buffers()):
+                _replace(backbone, name)
+
+
+def _replace(root: nn.Module, dotted: str) -> None:
+    *path, last = dotted.split(".")
+    parent = root.get_submodule(".".join(path)) if path else root
+    if isinstance(parent, (nn.ModuleList, nn.Sequential)) and last.isdigit():
+        parent[int(last)] = nn.Identity()
+    else:
+        setattr(parent, last, nn.Identity())
+
+
+def _check_images(x: torch.Tensor, in_chans: int) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})")

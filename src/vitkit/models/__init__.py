@@ -16,14 +16,22 @@ from vitkit.models.deit import DeiT, DeiTConfig
 from vitkit.models.swin import SwinConfig, SwinTransformer
 from vitkit.models.convnext import ConvNeXt, ConvNeXtConfig
 from vitkit.models.resnet import ResNet, ResNetConfig
+from vitkit.models.resnetv2 import ResNetV2, ResNetV2Config
+from vitkit.models.hybrid import HybridCNNViT, HybridCNNViTConfig, HybridViT, HybridViTConfig
 
 __all__ = [
     "ConvNeXt",
     "ConvNeXtConfig",
     "DeiT",
     "DeiTConfig",
+    "HybridCNNViT",
+    "HybridCNNViTConfig",
+    "HybridViT",
+    "HybridViTConfig",
     "ResNet",
     "ResNetConfig",
+    "ResNetV2",
+    "ResNetV2Config",
     "SwinConfig",
     "SwinTransformer",
     "VisionTransformer",

@@ -161,7 +161,7 @@ class VisionTransformer(ContractMixin, nn.Module):
 
         norm_layer = get_norm(cfg.norm_layer, cfg.norm_eps)
         # Patches -> tokens, plus the extra tokens.
-        self.patch_embed = get_layer("embed", cfg.embed_layer)(cfg.patch_size, cfg.in_chans, D)
+        self.patch_embed = self.build_patch_embed(cfg)
         self.native_grid = self.patch_embed.grid_size(*cfg.img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.distilled else None
@@ -208,6 +208,11 @@ class VisionTransformer(ContractMixin, nn.Module):
             self.head_dist = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.init_weights()
 
+    def build_patch_embed(self, cfg: ViTConfig) -> nn.Module:
+        """The image -> tokens layer named by `cfg.embed_layer`; a family whose embedding needs more than the
+        config's numbers (the hybrids' CNN backbone) overrides this."""
+        return get_layer("embed", cfg.embed_layer)(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+
     # --- the head as it is ------------------------------------------------------------------------------------
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
@@ -244,8 +249,9 @@ class VisionTransformer(ContractMixin, nn.Module):
         w = self.patch_embed.proj.weight
         nn.init.trunc_normal_(w.view(w.shape[0], -1), std=math.sqrt(1.0 / w[0].numel()))
         nn.init.zeros_(self.patch_embed.proj.bias)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
+        # Layers inside the patch embedding keep their own init (a hybrid's CNN backbone may come pretrained).
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear) and not name.startswith("patch_embed."):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
