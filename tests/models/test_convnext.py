@@ -250,7 +250,7 @@ def test_cli_models_table(capsys):
 
     main(["models", "convnext_*"])
     out = capsys.readouterr().out
-    assert "| convnext_tiny | 28.59M | 4.46 |" in out and "| convnext_base | 88.59M |" in out
+    assert "| convnext_tiny | convnext | 28.59M | 4.46 |" in out and "| convnext_base | convnext | 88.59M |" in out
     assert "| 7x7 |" in out
 
 

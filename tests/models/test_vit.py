@@ -309,7 +309,7 @@ def test_cli_models_table(capsys):
 
     assert main(["models", "vit_tiny_patch16_224"]) == 0
     out = capsys.readouterr().out
-    assert "| vit_tiny_patch16_224 | 5.72M | 1.25 | 224x224 | 14x14 | 197 |" in out
+    assert "| vit_tiny_patch16_224 | vit | 5.72M | 1.25 | 224x224 | 16 | 14x14 | 197 |" in out
     assert main(["models", "nothing*"]) == 1
 
 
