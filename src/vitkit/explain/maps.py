@@ -1,4 +1,4 @@
-"""Saliency maps for ViT classifiers: raw attention, attention rollout, gradient-weighted rollout, relevance.
+"""Saliency maps for ViT classifiers: raw attention, attention rollout and flow, gradient-weighted rollout, relevance.
 
 Every method runs one forward pass (and at most one backward pass) over a batch and returns one map per image on
 the model's patch grid, shape (B, H', W'), float, on the model's device; `upsample_to=(H, W)` resizes it to pixels.
@@ -7,6 +7,9 @@ Token layout is the model's: [class, distillation, registers..., patches...]. Ro
 through every token (registers included) and read the class token's row at the patch columns. A pooled model
 without a class token has no single query that makes the decision, so its "class row" is the mean of the patch
 rows, which is what mean pooling feeds the head.
+
+Attention flow treats the same residual-normalised, head-fused layers as a flow network (Abnar & Zuidema 2020) and
+reads, for each input patch, the maximum flow it can send to the class token (or to the mean-pooled output).
 
 Two layers of API: the `*_from_attentions` functions are pure tensor maths on attention maps you already have (the
 explorer uses them to build every map from one forward pass); `attention_map`, `attention_rollout`,
@@ -18,19 +21,31 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal, get_args
 
+import numpy as np
 import torch
+from scipy.sparse import csr_array
+from scipy.sparse.csgraph import maximum_flow
 from torch import Tensor, nn
 
 from vitkit._validate import check_choice
-from vitkit.explain._common import Target, _check_images, _upsample, eval_mode, resolve_targets
+from vitkit.explain._common import (
+    Target,
+    UnsupportedModelError,
+    _check_images,
+    _upsample,
+    eval_mode,
+    family_reason,
+    resolve_targets,
+)
 from vitkit.explain.gradcam import grad_cam
 from vitkit.layers import attention_layers, capture_attention
 from vitkit.models.base import has_class_token, token_patch_size
 
-Method = Literal["attention", "rollout", "grad-rollout", "relevance", "gradcam"]
+Method = Literal["attention", "rollout", "flow", "grad-rollout", "relevance", "gradcam"]
 HeadFusion = Literal["mean", "max", "min"]
 METHODS: tuple[str, ...] = get_args(Method)
 HEAD_FUSIONS: tuple[str, ...] = get_args(HeadFusion)
+FLOW_RESOLUTION = 1e-6  # capacity quantum of attention flow: scipy's max-flow needs integer capacities
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -73,7 +88,7 @@ def _check_model(model: nn.Module, purpose: str = "attention maps, rollout and r
     """Raise naming the model and what it lacks when it cannot be explained through its attention."""
     name = getattr(model, "model_name", None) or type(model).__name__
     if not attention_layers(model):
-        raise TypeError(f"{purpose} need global self-attention; {name} has none")
+        raise UnsupportedModelError(f"{purpose} need global self-attention; {name} has none{family_reason(model)}")
     for attr in ("num_prefix_tokens", "patch_grid"):
         if not hasattr(model, attr):
             raise TypeError(
@@ -176,6 +191,93 @@ def rollout_from_attentions(
     protect = 0 if has_class_token else None
     R = _rollout(fused, discard_ratio, protect)
     return _to_grid(_read_class_row(R, num_prefix_tokens, has_class_token), grid)
+
+
+def check_resolution(resolution: float) -> float:
+    """Return `resolution` as a float, or raise unless it lies in [1e-9, 0.1] (the capacity quantum of flow)."""
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, float)):
+        raise TypeError(f"resolution must be a number in [1e-9, 0.1], got {resolution!r}")
+    if not 1e-9 <= resolution <= 0.1:
+        raise ValueError(
+            f"resolution must be in [1e-9, 0.1] (attention weights are rounded to multiples of it), got {resolution}"
+        )
+    return float(resolution)
+
+
+def _flow_graph(layers: Tensor, sinks: Tensor, scale: int) -> tuple[csr_array, int]:
+    """The layered flow network of one image as an integer csr_array, and its sink node.
+
+    Node l * N + t is token t after l layers (l = 0 is the input). Token j after layer l feeds token i after layer
+    l + 1 with capacity A_{l+1}[i, j] (residual-normalised, heads fused), rounded to multiples of 1 / `scale`. The
+    last layer keeps only the edges into the output tokens with a nonzero `sinks` weight, and those tokens feed
+    one extra sink node with capacity sinks[t] (one-hot at the class token, or 1 / patches at each patch token
+    for a mean-pooled model). Edges that round to zero are left out.
+
+    Args:
+        layers: (L, N, N) residual-normalised matrices, rows = receiving token, in depth order.
+        sinks: (N,) weight of each output token in what the head reads (sums to one).
+        scale: capacities are round(weight * scale).
+    """
+    L, N, _ = layers.shape
+    cap = torch.round(layers.double() * scale).to(torch.int64)  # (L, N, N)
+    cap[-1, sinks == 0] = 0  # output tokens the head does not read carry no flow to the sink
+    layer, dst, src = cap.nonzero(as_tuple=True)
+    rows = [(layer * N + src).numpy()]
+    cols = [((layer + 1) * N + dst).numpy()]
+    vals = [cap[layer, dst, src].numpy()]
+    sink = (L + 1) * N
+    out = sinks.nonzero(as_tuple=True)[0]
+    rows.append((L * N + out).numpy())
+    cols.append(np.full(out.numel(), sink))
+    vals.append(torch.round(sinks[out].double() * scale).to(torch.int64).numpy())
+    graph = csr_array(
+        (np.concatenate(vals).astype(np.int32), (np.concatenate(rows), np.concatenate(cols))),
+        shape=(sink + 1, sink + 1),
+    )
+    return graph, sink
+
+
+def flow_from_attentions(
+    attns: Sequence[Tensor],
+    grid: tuple[int, int],
+    num_prefix_tokens: int,
+    has_class_token: bool = True,
+    head_fusion: HeadFusion = "mean",
+    discard_ratio: float = 0.0,
+    resolution: float = FLOW_RESOLUTION,
+) -> Tensor:
+    """Attention flow (Abnar & Zuidema 2020, "Quantifying Attention Flow in Transformers") -> (B, H', W').
+
+    The layers are those of rollout (heads fused, lowest `discard_ratio` of each row dropped, 0.5 A + 0.5 I with
+    rows renormalised), read as a flow network whose capacities are the edge weights (see `_flow_graph`). A
+    patch's value is the maximum flow from that input token to the output the head reads: the class token after
+    the last layer, or, for a model without a class token, a sink fed by every output patch token through a
+    capacity of 1 / patches (its weight in the mean pool). Values lie in [0, 1]; rollout sums the products along
+    all paths, flow is limited by the narrowest cut. For one layer the two are equal.
+
+    Capacities must be integers for scipy's max-flow (`scipy.sparse.csgraph.maximum_flow`, Dinic): weights are
+    rounded to multiples of `resolution`, so each value is exact to within (tokens + 1) * resolution / 2.
+    One max-flow per patch and image runs on the CPU (see docs/explain.md for timings).
+    """
+    resolution = check_resolution(resolution)
+    scale = round(1.0 / resolution)
+    fused = [fuse_heads(a, head_fusion) for a in attns]
+    protect = 0 if has_class_token else None
+    layers = torch.stack([_residual_normalise(discard_lowest(a, discard_ratio, protect)) for a in fused], dim=1)
+    layers = layers.detach().float().cpu()  # (B, L, N, N)
+    B, L, N, _ = layers.shape
+    P = num_prefix_tokens
+    sinks = torch.zeros(N)
+    if has_class_token:
+        sinks[0] = 1.0
+    else:
+        sinks[P:] = 1.0 / (N - P)
+    out = torch.zeros(B, N - P, dtype=torch.float64)
+    for b in range(B):
+        graph, sink = _flow_graph(layers[b], sinks, scale)
+        for k, j in enumerate(range(P, N)):
+            out[b, k] = maximum_flow(graph, j, sink).flow_value / scale  # node j = input token j
+    return _to_grid(out.to(device=attns[0].device, dtype=attns[0].dtype), grid)
 
 
 def grad_rollout_from_attentions(
@@ -339,6 +441,27 @@ def attention_rollout(
     return _upsample(maps, upsample_to)
 
 
+def attention_flow(
+    model: nn.Module,
+    images: Tensor,
+    head_fusion: HeadFusion = "mean",
+    discard_ratio: float = 0.0,
+    resolution: float = FLOW_RESOLUTION,
+    upsample_to: tuple[int, int] | None = None,
+) -> Tensor:
+    """Attention flow over all blocks -> (B, H', W'). See `flow_from_attentions`."""
+    _check_model(model, "attention flow")
+    check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
+    check_discard_ratio(discard_ratio)
+    check_resolution(resolution)
+    _, attns, _, _ = forward_with_attention(model, images, layers=True)
+    grid, P, cls = _meta(model, images)
+    maps = flow_from_attentions(
+        attns, grid, P, cls, head_fusion=head_fusion, discard_ratio=discard_ratio, resolution=resolution
+    )
+    return _upsample(maps, upsample_to)
+
+
 def grad_rollout(
     model: nn.Module,
     images: Tensor,
@@ -393,12 +516,13 @@ def explain(
     Args:
         model: a classifier of the contract: any family for "gradcam", global self-attention for the others.
         images: normalised float batch (B, C, H, W) on the model's device.
-        method: "attention" (one layer), "rollout", "grad-rollout", "relevance" or "gradcam" (Grad-CAM).
+        method: "attention" (one layer), "rollout", "flow" (attention flow), "grad-rollout", "relevance" or
+            "gradcam" (Grad-CAM).
         layer: block for "attention" (None = the last); stage (`feature_info` index) for "gradcam" (None = its
             default, see `vitkit.explain.gradcam.default_gradcam_layer`).
         head: head for "attention" (None fuses the heads).
-        head_fusion: "mean" | "max" | "min" over heads, for "attention", "rollout" and "grad-rollout".
-        discard_ratio: fraction of each row's lowest weights dropped, for the two rollouts; in [0, 1).
+        head_fusion: "mean" | "max" | "min" over heads, for "attention", "rollout", "flow" and "grad-rollout".
+        discard_ratio: fraction of each row's lowest weights dropped, for the rollouts and flow; in [0, 1).
         target: class per image for the gradient methods (int, one per image, or None for the prediction).
         upsample: resize to the image size (bilinear).
     """
@@ -412,6 +536,8 @@ def explain(
         return grad_cam(model, images, target=target, layer=layer, upsample_to=size)
     if method == "rollout":
         return attention_rollout(model, images, head_fusion=head_fusion, discard_ratio=discard_ratio, upsample_to=size)
+    if method == "flow":
+        return attention_flow(model, images, head_fusion=head_fusion, discard_ratio=discard_ratio, upsample_to=size)
     if method == "grad-rollout":
         return grad_rollout(
             model, images, target=target, head_fusion=head_fusion, discard_ratio=discard_ratio, upsample_to=size
