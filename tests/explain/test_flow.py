@@ -90,7 +90,7 @@ def test_flow_refuses_models_without_global_attention():
     from vitkit.models.registry import create_model
 
     cnn = create_model("resnet18", num_classes=3)
-    with pytest.raises(ValueError, match=r"attention flow need global self-attention; resnet18 has none.*resnet"):
+    with pytest.raises(ValueError, match=r"attention flow maps need global self-attention; resnet18 has none.*resnet"):
         explain(cnn, torch.randn(1, 3, 32, 32), method="flow")
 
 

@@ -53,6 +53,18 @@ def _as_maps(a: Tensor, channels: int, model: nn.Module, image_hw: tuple[int, in
     )
 
 
+def _stage_output_module(module: nn.Module) -> nn.Module:
+    """The module whose forward output is the stage's output: `module` itself, or for a container that the model
+    runs part by part (no forward of its own, e.g. a Swin stage whose blocks the model calls one by one), its last
+    child, recursively (a Swin stage's output is its last block's)."""
+    while type(module).forward is nn.Module.forward:
+        children = list(module.children())
+        if not children:
+            break
+        module = children[-1]
+    return module
+
+
 def grad_cam(
     model: nn.Module,
     images: Tensor,
@@ -85,12 +97,17 @@ def grad_cam(
     module = dict(model.named_modules()).get(stage["module"])
     if module is None:
         raise ValueError(f"feature_info names module {stage['module']!r}, which {model_label(model)} does not have")
+    module = _stage_output_module(module)
     seen: list[Tensor] = []
     hook = module.register_forward_hook(lambda m, inputs, out: seen.append(out if isinstance(out, Tensor) else out[0]))
     try:
         with eval_mode(model), torch.enable_grad():
             logits = model(images.detach())
             targets = resolve_targets(target, logits)
+            if not seen:
+                raise ValueError(
+                    f"Grad-CAM saw no output of module {stage['module']!r} of {model_label(model)} in the forward pass"
+                )
             activation = seen[-1]
             score = logits.gather(1, targets[:, None]).sum()  # images are independent in eval mode
             (grad,) = torch.autograd.grad(score, activation)

@@ -38,6 +38,7 @@ from vitkit.explain._common import (
     resolve_targets,
 )
 from vitkit.explain.gradcam import grad_cam
+from vitkit.explain.windows import capture_window_attention, window_blocks, window_query_mean
 from vitkit.layers import attention_layers, capture_attention
 from vitkit.models.base import has_class_token, token_patch_size
 
@@ -88,7 +89,15 @@ def _check_model(model: nn.Module, purpose: str = "attention maps, rollout and r
     """Raise naming the model and what it lacks when it cannot be explained through its attention."""
     name = getattr(model, "model_name", None) or type(model).__name__
     if not attention_layers(model):
-        raise UnsupportedModelError(f"{purpose} need global self-attention; {name} has none{family_reason(model)}")
+        hint = ""
+        if window_blocks(model):
+            hint = (
+                "; products of attention across blocks are not defined across patch merging (the token grid "
+                "changes), so only method='attention' (one block's window attention) and 'gradcam' apply"
+            )
+        raise UnsupportedModelError(
+            f"{purpose} need global self-attention; {name} has none{family_reason(model)}{hint}"
+        )
     for attr in ("num_prefix_tokens", "patch_grid"):
         if not hasattr(model, attr):
             raise TypeError(
@@ -390,6 +399,25 @@ def forward_with_attention(
     return logits.detach(), [a.detach() for a in attns], [g.detach() for g in grads], targets
 
 
+def attention_depth(model: nn.Module) -> int:
+    """How many blocks `attention_map` can read: global attention layers, else windowed (Swin) blocks, else 0."""
+    return len(attention_layers(model)) or len(window_blocks(model))
+
+
+def _window_attention_map(
+    model: nn.Module, images: Tensor, layer: int, head: int | None, head_fusion: HeadFusion
+) -> Tensor:
+    """`attention_map` of a windowed model: one block's window attention on its stage grid (see explain.windows)."""
+    _check_images(images)
+    blocks = window_blocks(model)
+    layer = check_layer(layer, len(blocks))
+    blk = blocks[layer]
+    head = check_head(head, blk.attn.num_heads)
+    attn, grid = capture_window_attention(model, images, layer)
+    a = fuse_heads(attn, head_fusion) if head is None else attn[:, head]  # (B * windows, w^2, w^2)
+    return window_query_mean(a, grid, blk.window_size, blk.shift_size)
+
+
 def _meta(model: nn.Module, images: Tensor) -> tuple[tuple[int, int], int, bool]:
     grid = tuple(model.patch_grid(images.shape[-2], images.shape[-1]))
     return grid, int(model.num_prefix_tokens), has_class_token(model)
@@ -405,16 +433,22 @@ def attention_map(
 ) -> Tensor:
     """Raw attention from the class token (mean patch query for pooled models) of one layer -> (B, H', W').
 
+    A windowed (Swin) model gives one block's window attention on that block's stage grid (B, H_s, W_s): the mean
+    over the stage's query tokens of the attention each token receives, shift undone, padding cut off (see
+    `vitkit.explain.windows`); `layer` counts the blocks of all stages in order.
+
     Args:
-        model: a ViT-style classifier.
+        model: a ViT-style classifier, or a Swin.
         images: normalised float batch (B, C, H, W).
         layer: block index, negatives from the end.
         head: one head, or None to fuse all heads with `head_fusion`.
         head_fusion: "mean", "max" or "min" over heads.
-        upsample_to: (H, W) to resize the maps to (bilinear), or None for the patch grid.
+        upsample_to: (H, W) to resize the maps to (bilinear), or None for the patch (stage) grid.
     """
-    _check_model(model)
     check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
+    if not attention_layers(model) and window_blocks(model):
+        return _upsample(_window_attention_map(model, images, layer, head, head_fusion), upsample_to)
+    _check_model(model)
     attn_layers = attention_layers(model)
     layer = check_layer(layer, len(attn_layers))
     check_head(head, attn_layers[layer].num_heads)
@@ -432,7 +466,7 @@ def attention_rollout(
     upsample_to: tuple[int, int] | None = None,
 ) -> Tensor:
     """Attention rollout over all blocks -> (B, H', W'). See `rollout_from_attentions`."""
-    _check_model(model)
+    _check_model(model, "rollout maps")
     check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
     check_discard_ratio(discard_ratio)
     _, attns, _, _ = forward_with_attention(model, images, layers=True)
@@ -450,7 +484,7 @@ def attention_flow(
     upsample_to: tuple[int, int] | None = None,
 ) -> Tensor:
     """Attention flow over all blocks -> (B, H', W'). See `flow_from_attentions`."""
-    _check_model(model, "attention flow")
+    _check_model(model, "attention flow maps")
     check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
     check_discard_ratio(discard_ratio)
     check_resolution(resolution)
@@ -471,7 +505,7 @@ def grad_rollout(
     upsample_to: tuple[int, int] | None = None,
 ) -> Tensor:
     """Gradient-weighted attention rollout for a class (default: the predicted one) -> (B, H', W')."""
-    _check_model(model)
+    _check_model(model, "gradient-weighted rollout maps")
     check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
     check_discard_ratio(discard_ratio)
     _, attns, grads, _ = forward_with_attention(model, images, layers=True, target=target, need_grads=True)
@@ -486,7 +520,7 @@ def relevance_map(
     model: nn.Module, images: Tensor, target: Target = None, upsample_to: tuple[int, int] | None = None
 ) -> Tensor:
     """Chefer et al. gradient x attention relevance for a class (default: the predicted one) -> (B, H', W')."""
-    _check_model(model)
+    _check_model(model, "relevance maps")
     _, attns, grads, _ = forward_with_attention(model, images, layers=True, target=target, need_grads=True)
     grid, P, cls = _meta(model, images)
     return _upsample(relevance_from_attentions(attns, grads, grid, P, cls), upsample_to)
@@ -494,7 +528,7 @@ def relevance_map(
 
 def mean_attention_distance(model: nn.Module, images: Tensor, renormalize: bool = True) -> Tensor:
     """Mean attention distance in pixels, (layers, heads), averaged over the batch. See the `_from_attentions` form."""
-    _check_model(model)
+    _check_model(model, "mean attention distances")
     _, attns, _, _ = forward_with_attention(model, images, layers=True)
     grid, P, _ = _meta(model, images)
     return mean_attention_distance_from_attentions(attns, grid, token_patch_size(model), P, renormalize=renormalize)
