@@ -53,16 +53,17 @@ def _as_maps(a: Tensor, channels: int, model: nn.Module, image_hw: tuple[int, in
     )
 
 
-def _stage_output_module(module: nn.Module) -> nn.Module:
-    """The module whose forward output is the stage's output: `module` itself, or for a container that the model
-    runs part by part (no forward of its own, e.g. a Swin stage whose blocks the model calls one by one), its last
-    child, recursively (a Swin stage's output is its last block's)."""
-    while type(module).forward is nn.Module.forward:
-        children = list(module.children())
-        if not children:
-            break
-        module = children[-1]
-    return module
+def _stage_output_chain(module: nn.Module) -> list[nn.Module]:
+    """`module`, its last child, that child's last child ... : where a stage's output can be read.
+
+    A model may run a stage part by part instead of calling it (Swin and ConvNeXt call each block of a stage
+    themselves, for per-block gradient checkpointing), so the stage module's own hook never fires; its output is
+    then its last block's. Grad-CAM reads the first module of this chain that ran.
+    """
+    chain = [module]
+    while list(chain[-1].children()):
+        chain.append(list(chain[-1].children())[-1])
+    return chain
 
 
 def grad_cam(
@@ -97,9 +98,13 @@ def grad_cam(
     module = dict(model.named_modules()).get(stage["module"])
     if module is None:
         raise ValueError(f"feature_info names module {stage['module']!r}, which {model_label(model)} does not have")
-    module = _stage_output_module(module)
-    seen: list[Tensor] = []
-    hook = module.register_forward_hook(lambda m, inputs, out: seen.append(out if isinstance(out, Tensor) else out[0]))
+    chain = _stage_output_chain(module)
+    seen: dict[int, Tensor] = {}
+
+    def keep(i: int):
+        return lambda m, inputs, out: seen.__setitem__(i, out if isinstance(out, Tensor) else out[0])
+
+    hooks = [m.register_forward_hook(keep(i)) for i, m in enumerate(chain)]
     try:
         with eval_mode(model), torch.enable_grad():
             logits = model(images.detach())
@@ -108,11 +113,12 @@ def grad_cam(
                 raise ValueError(
                     f"Grad-CAM saw no output of module {stage['module']!r} of {model_label(model)} in the forward pass"
                 )
-            activation = seen[-1]
+            activation = seen[min(seen)]  # the outermost module of the chain that ran
             score = logits.gather(1, targets[:, None]).sum()  # images are independent in eval mode
             (grad,) = torch.autograd.grad(score, activation)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     hw = (images.shape[-2], images.shape[-1])
     a = _as_maps(activation.detach().float(), stage["num_chs"], model, hw)  # (B, C, H', W')
     g = _as_maps(grad.float(), stage["num_chs"], model, hw)

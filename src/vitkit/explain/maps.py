@@ -85,7 +85,7 @@ def check_head(head: int | None, num_heads: int) -> int | None:
     return head % num_heads
 
 
-def _check_model(model: nn.Module, purpose: str = "attention maps, rollout and relevance") -> None:
+def check_attention_model(model: nn.Module, purpose: str = "attention maps, rollout and relevance") -> None:
     """Raise naming the model and what it lacks when it cannot be explained through its attention."""
     name = getattr(model, "model_name", None) or type(model).__name__
     if not attention_layers(model):
@@ -378,7 +378,7 @@ def forward_with_attention(
     Returns:
         (logits, attentions, gradients or None, targets), everything detached.
     """
-    _check_model(model)
+    check_attention_model(model)
     _check_images(images)
     with eval_mode(model):
         if not need_grads:
@@ -448,7 +448,7 @@ def attention_map(
     check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
     if not attention_layers(model) and window_blocks(model):
         return _upsample(_window_attention_map(model, images, layer, head, head_fusion), upsample_to)
-    _check_model(model)
+    check_attention_model(model)
     attn_layers = attention_layers(model)
     layer = check_layer(layer, len(attn_layers))
     check_head(head, attn_layers[layer].num_heads)
@@ -466,7 +466,7 @@ def attention_rollout(
     upsample_to: tuple[int, int] | None = None,
 ) -> Tensor:
     """Attention rollout over all blocks -> (B, H', W'). See `rollout_from_attentions`."""
-    _check_model(model, "rollout maps")
+    check_attention_model(model, "rollout maps")
     check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
     check_discard_ratio(discard_ratio)
     _, attns, _, _ = forward_with_attention(model, images, layers=True)
@@ -484,7 +484,7 @@ def attention_flow(
     upsample_to: tuple[int, int] | None = None,
 ) -> Tensor:
     """Attention flow over all blocks -> (B, H', W'). See `flow_from_attentions`."""
-    _check_model(model, "attention flow maps")
+    check_attention_model(model, "attention flow maps")
     check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
     check_discard_ratio(discard_ratio)
     check_resolution(resolution)
@@ -505,7 +505,7 @@ def grad_rollout(
     upsample_to: tuple[int, int] | None = None,
 ) -> Tensor:
     """Gradient-weighted attention rollout for a class (default: the predicted one) -> (B, H', W')."""
-    _check_model(model, "gradient-weighted rollout maps")
+    check_attention_model(model, "gradient-weighted rollout maps")
     check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
     check_discard_ratio(discard_ratio)
     _, attns, grads, _ = forward_with_attention(model, images, layers=True, target=target, need_grads=True)
@@ -520,7 +520,7 @@ def relevance_map(
     model: nn.Module, images: Tensor, target: Target = None, upsample_to: tuple[int, int] | None = None
 ) -> Tensor:
     """Chefer et al. gradient x attention relevance for a class (default: the predicted one) -> (B, H', W')."""
-    _check_model(model, "relevance maps")
+    check_attention_model(model, "relevance maps")
     _, attns, grads, _ = forward_with_attention(model, images, layers=True, target=target, need_grads=True)
     grid, P, cls = _meta(model, images)
     return _upsample(relevance_from_attentions(attns, grads, grid, P, cls), upsample_to)
@@ -528,7 +528,7 @@ def relevance_map(
 
 def mean_attention_distance(model: nn.Module, images: Tensor, renormalize: bool = True) -> Tensor:
     """Mean attention distance in pixels, (layers, heads), averaged over the batch. See the `_from_attentions` form."""
-    _check_model(model, "mean attention distances")
+    check_attention_model(model, "mean attention distances")
     _, attns, _, _ = forward_with_attention(model, images, layers=True)
     grid, P, _ = _meta(model, images)
     return mean_attention_distance_from_attentions(attns, grid, token_patch_size(model), P, renormalize=renormalize)

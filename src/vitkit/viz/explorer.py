@@ -4,8 +4,8 @@
     write_explorer("explorer.html", model, ["cat.jpg"])
 
 The page shows the image under its patch grid. Hovering a patch shows that patch's attention over the image for
-the chosen layer and head (or the mean of the heads); a switch shows the class token's rollout, gradient-weighted
-rollout and relevance maps instead, and the top-5 predictions pick the class those two explain.
+the chosen layer and head (or the mean of the heads); a switch shows the class token's rollout, attention flow,
+gradient-weighted rollout and relevance maps instead, and the top-5 predictions pick the class those two explain.
 
 Everything the page shows is computed here with one forward and one backward pass per image, and embedded:
 the full attention tensors as uint8 (each query row scaled to its own maximum, which is how the page displays
@@ -36,8 +36,10 @@ from vitkit._validate import check_choice
 from vitkit.data.images import ImageLike
 from vitkit.explain.maps import (
     HEAD_FUSIONS,
+    check_attention_model,
     check_discard_ratio,
     check_layer,
+    flow_from_attentions,
     forward_with_attention,
     grad_rollout_from_attentions,
     relevance_from_attentions,
@@ -122,6 +124,7 @@ def image_entry(
         attns, grads, grid, P, cls, head_fusion=head_fusion, discard_ratio=discard_ratio
     )
     rollout = rollout_from_attentions([a[:1] for a in attns], grid, P, cls, head_fusion, discard_ratio)[0]
+    flow = flow_from_attentions([a[:1] for a in attns], grid, P, cls, head_fusion, discard_ratio)[0]
 
     # Raw attention of every kept layer: heads plus their mean, queries = [class query, patches], keys = patches.
     rows = []
@@ -152,6 +155,7 @@ def image_entry(
         "png": _png(img),
         "attention": _b64(quantised.tobytes()),
         "rollout": _unit_list(rollout),
+        "flow": _unit_list(flow),
         "targets": targets,
     }
 
@@ -178,6 +182,7 @@ def explorer_data(
         discard_ratio: discard ratio of the rollouts.
         max_bytes: refuse to embed more attention than this (bytes, before base64) for all images together.
     """
+    check_attention_model(model, "the explorer's attention maps")
     if not images:
         raise ValueError("the explorer needs at least one image")
     check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
