@@ -111,7 +111,7 @@ def test_explorer_and_attention_visualizer(model, family, saved, tmp_path):
     _, paths = saved
     viz = AttentionVisualizer(model)
     if family in GLOBAL_ATTENTION:
-        page = write_explorer(tmp_path / "page.html", model, paths, layers=[-1], top_k=2)
+        page = write_explorer(tmp_path / "page.html", model, paths, layers=[-1], top_k=2, flow=True)
         assert '"flow":[' in page.read_text()
         viz.visualize_layers_heads(paths[0], save_path=tmp_path / "grid.png")
         assert (tmp_path / "grid.png").stat().st_size > 2000

@@ -108,3 +108,17 @@ def test_cli_explain_method_flow(tmp_path, capsys):
     args = ["explain", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "model"), "--method", "flow"]
     assert main([*args, "--target", "1", "--out", str(tmp_path / "t")]) == 2
     assert "has no effect on --method flow" in capsys.readouterr().err
+
+
+def test_explorer_embeds_flow_only_when_asked(tmp_path):
+    from vitkit.viz import explorer_data
+
+    model = make_model("pooled")
+    x = torch.randn(1, 3, H, W)
+    plain = explorer_data(model, [x], layers=[-1], top_k=2)
+    assert "flow" not in plain["images"][0] and plain["settings"]["flow"] is False
+    data = explorer_data(model, [x], layers=[-1], top_k=2, flow=True)
+    expected = explain(model, x, method="flow", upsample=False)[0].flatten()
+    got = torch.tensor(data["images"][0]["flow"])
+    torch.testing.assert_close(got, expected / expected.max(), atol=1e-4, rtol=0)  # stored scaled to max 1
+    assert data["settings"]["flow"] is True

@@ -4,8 +4,8 @@
     write_explorer("explorer.html", model, ["cat.jpg"])
 
 The page shows the image under its patch grid. Hovering a patch shows that patch's attention over the image for
-the chosen layer and head (or the mean of the heads); a switch shows the class token's rollout, attention flow,
-gradient-weighted rollout and relevance maps instead, and the top-5 predictions pick the class those two explain.
+the chosen layer and head (or the mean of the heads); a switch shows the class token's rollout, attention flow
+(with `flow=True`), gradient-weighted rollout and relevance maps instead, and the top-5 predictions pick the class those two explain.
 
 Everything the page shows is computed here with one forward and one backward pass per image, and embedded:
 the full attention tensors as uint8 (each query row scaled to its own maximum, which is how the page displays
@@ -106,6 +106,7 @@ def image_entry(
     top_k: int = 5,
     head_fusion: str = "mean",
     discard_ratio: float = 0.0,
+    flow: bool = False,
 ) -> dict[str, Any]:
     """Everything the page shows for one image (see the module docstring for the encoding)."""
     img, x = model_input(model, image)
@@ -124,7 +125,6 @@ def image_entry(
         attns, grads, grid, P, cls, head_fusion=head_fusion, discard_ratio=discard_ratio
     )
     rollout = rollout_from_attentions([a[:1] for a in attns], grid, P, cls, head_fusion, discard_ratio)[0]
-    flow = flow_from_attentions([a[:1] for a in attns], grid, P, cls, head_fusion, discard_ratio)[0]
 
     # Raw attention of every kept layer: heads plus their mean, queries = [class query, patches], keys = patches.
     rows = []
@@ -148,16 +148,20 @@ def image_entry(
                 "grad_rollout": _unit_list(grad_roll[j]),
             }
         )
-    return {
+    entry = {
         "name": str(name),
         "width": int(img.shape[1]),
         "height": int(img.shape[0]),
         "png": _png(img),
         "attention": _b64(quantised.tobytes()),
         "rollout": _unit_list(rollout),
-        "flow": _unit_list(flow),
         "targets": targets,
     }
+    if flow:
+        entry["flow"] = _unit_list(
+            flow_from_attentions([a[:1] for a in attns], grid, P, cls, head_fusion, discard_ratio)[0]
+        )
+    return entry
 
 
 def explorer_data(
@@ -169,6 +173,7 @@ def explorer_data(
     head_fusion: str = "mean",
     discard_ratio: float = 0.0,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    flow: bool = False,
 ) -> dict[str, Any]:
     """The JSON-ready data behind an explorer page (`render_explorer` turns it into HTML).
 
@@ -181,6 +186,8 @@ def explorer_data(
         head_fusion: head fusion of the rollouts.
         discard_ratio: discard ratio of the rollouts.
         max_bytes: refuse to embed more attention than this (bytes, before base64) for all images together.
+        flow: also embed the attention flow map (`vitkit.explain.flow_from_attentions`, same head fusion and discard
+            ratio); it costs a max-flow per patch, about 10 s per image for ViT-S/16 at 224 px on one CPU core.
     """
     check_attention_model(model, "the explorer's attention maps")
     if not images:
@@ -206,7 +213,7 @@ def explorer_data(
         )
     description, query = _describe(model)
     entries = [
-        image_entry(model, im, nm, layers, top_k=top_k, head_fusion=head_fusion, discard_ratio=discard_ratio)
+        image_entry(model, im, nm, layers, top_k, head_fusion, discard_ratio, flow)
         for im, nm in zip(images, names, strict=True)
     ]
     patch = token_patch_size(model)
@@ -224,7 +231,7 @@ def explorer_data(
             "patch": patch,
             "prefix_tokens": int(model.num_prefix_tokens),
         },
-        "settings": {"head_fusion": head_fusion, "discard_ratio": discard_ratio},
+        "settings": {"head_fusion": head_fusion, "discard_ratio": discard_ratio, "flow": bool(flow)},
         "colormap": _colormap_lut(),
         "images": entries,
     }

@@ -57,7 +57,7 @@ PAGE = """<!DOCTYPE html>
       <legend>map</legend>
       <label><input type="radio" name="mode" value="attention" checked> attention (per patch)</label>
       <label><input type="radio" name="mode" value="rollout"> rollout</label>
-      <label><input type="radio" name="mode" value="flow"> flow</label>
+      <label id="flow-mode"><input type="radio" name="mode" value="flow"> flow</label>
       <label><input type="radio" name="mode" value="grad_rollout"> grad-rollout</label>
       <label><input type="radio" name="mode" value="relevance"> relevance</label>
     </fieldset>
@@ -244,6 +244,7 @@ SCRIPT = """
   $("head").value = String(NH);
   DATA.images.forEach((img, i) => $("image-select").append(new Option(img.name, String(i))));
   if (DATA.images.length < 2) $("image-box").style.display = "none";
+  if (!DATA.settings.flow) $("flow-mode").style.display = "none";  // attention flow is opt-in (it costs seconds)
   $("image-select").addEventListener("change", (e) => loadImage(Number(e.target.value)));
   $("layer").addEventListener("change", (e) => { state.layer = Number(e.target.value); setMode("attention"); });
   $("head").addEventListener("change", (e) => { state.head = Number(e.target.value); setMode("attention"); });
