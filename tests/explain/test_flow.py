@@ -122,3 +122,25 @@ def test_explorer_embeds_flow_only_when_asked(tmp_path):
     got = torch.tensor(data["images"][0]["flow"])
     torch.testing.assert_close(got, expected / expected.max(), atol=1e-4, rtol=0)  # stored scaled to max 1
     assert data["settings"]["flow"] is True
+
+
+@pytest.mark.parametrize("cls", [True, False])
+def test_three_layers_match_networkx_on_float_capacities(cls):
+    """An independent max-flow (networkx, float capacities, graph built node by node) on random 3-layer attention."""
+    nx = pytest.importorskip("networkx")
+    P, n, L = 2, 4, 3
+    N = P + n
+    attns = [_random_attention(1, 2, N, seed=s) for s in range(L)]
+    flow = flow_from_attentions(attns, (1, n), P, has_class_token=cls).flatten()
+    layers = [_residual_normalise(a.mean(dim=1))[0].double() for a in attns]
+    g = nx.DiGraph()
+    for depth, A in enumerate(layers):
+        for i in range(N):
+            for j in range(N):
+                g.add_edge((depth, j), (depth + 1, i), capacity=float(A[i, j]))
+    outputs = [0] if cls else list(range(P, N))
+    for t in outputs:
+        g.add_edge((L, t), "sink", capacity=1.0 if cls else 1.0 / n)
+    expected = torch.tensor([nx.maximum_flow_value(g, (0, j), "sink") for j in range(P, N)], dtype=torch.float32)
+    torch.testing.assert_close(flow, expected, atol=TOL, rtol=0)
+    assert float((flow - rollout_from_attentions(attns, (1, n), P, cls).flatten()).abs().max()) > 1e-3

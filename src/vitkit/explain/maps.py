@@ -262,7 +262,7 @@ def flow_from_attentions(
     patch's value is the maximum flow from that input token to the output the head reads: the class token after
     the last layer, or, for a model without a class token, a sink fed by every output patch token through a
     capacity of 1 / patches (its weight in the mean pool). Values lie in [0, 1]; rollout sums the products along
-    all paths, flow is limited by the narrowest cut. For one layer the two are equal.
+    all paths, flow is limited by the narrowest cut. With one layer and a class token the two are equal.
 
     Capacities must be integers for scipy's max-flow (`scipy.sparse.csgraph.maximum_flow`, Dinic): weights are
     rounded to multiples of `resolution`, so each value is exact to within (tokens + 1) * resolution / 2.
