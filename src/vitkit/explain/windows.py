@@ -15,6 +15,8 @@ product exists there; they refuse windowed models by name instead (see `vitkit.e
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor, nn
 
@@ -42,12 +44,15 @@ def capture_window_attention(model: nn.Module, images: Tensor, block: int) -> tu
     if blk.attn.capture is not None:
         raise RuntimeError(f"Swin block {block} is already being captured (nested window attention capture)")
     seen: dict[str, object] = {}
+    opener = threading.get_ident()  # another thread's forward of the same model meanwhile is not recorded
 
     def grid(module: nn.Module, args: tuple) -> None:
-        seen["grid"] = tuple(args[0].shape[1:3])  # (B, H_s, W_s, C) block input
+        if threading.get_ident() == opener:
+            seen["grid"] = tuple(args[0].shape[1:3])  # (B, H_s, W_s, C) block input
 
     def record(module: nn.Module, attn: Tensor) -> None:
-        seen["attn"] = attn
+        if threading.get_ident() == opener:
+            seen["attn"] = attn
 
     hook = blk.register_forward_pre_hook(grid)
     blk.attn.capture = record

@@ -188,9 +188,10 @@ class WindowAttention(nn.Module):
             nW = mask.shape[0]
             bias = bias.unsqueeze(1) + mask[None, :, None]  # (1, nW, heads, N, N)
             bias = bias.expand(Bw // nW, -1, -1, -1, -1).reshape(Bw, self.num_heads, N, N)
-        if self.capture is not None:  # the explicit path, only while a map is read; same output as the fused one
+        capture = self.capture  # read once: another thread may close its capture meanwhile
+        if capture is not None:  # the explicit path, only while a map is read; same output as the fused one
             attn = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B * nW, heads, N, N)
-            self.capture(self, attn)
+            capture(self, attn)
             x = F.dropout(attn, self.attn_drop, self.training) @ v
         else:
             x = F.scaled_dot_product_attention(
