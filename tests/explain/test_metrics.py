@@ -152,6 +152,6 @@ def test_evaluate_explanations_runs_every_method():
         assert 0 <= row["pointing"] <= row["pointing_half_patch"] <= row["pointing_patch"] <= 1
         assert 0 <= row["energy"] <= 1 and 0 <= row["deletion_auc"] <= 1 and 0 <= row["insertion_auc"] <= 1
     table = format_table(out)
-    assert table.count("\n") == 7 and "| relevance |" in table and "| gradcam |" in table
+    assert table.count("\n") == 8 and "| relevance |" in table and "| gradcam |" in table and "| flow |" in table
     with pytest.raises(ValueError, match="method='gradcam2'"):
         evaluate_explanations(model, x, masks, methods=["gradcam2"])
