@@ -122,3 +122,18 @@ def test_gradcam_reads_a_swin_stage_run_block_by_block():
     model = _tiny()
     cam = explain(model, torch.randn(2, 3, H, W), method="gradcam", layer=0, upsample=False)
     assert cam.shape == (2, 9, 11) and float(cam.max()) > 0
+
+
+def test_cli_swin_attention_and_refused_rollout(tmp_path, capsys):
+    from PIL import Image
+
+    from vitkit.cli import main
+
+    _tiny().save_pretrained(tmp_path / "model")
+    Image.fromarray(torch.randint(0, 255, (40, 50, 3), dtype=torch.uint8).numpy()).save(tmp_path / "a.png")
+    args = ["explain", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "model")]
+    assert main([*args, "--method", "attention", "--layer", "1", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "a_attention.png").stat().st_size > 2000
+    assert main([*args, "--method", "rollout", "--out", str(tmp_path / "r")]) == 2
+    assert "not defined across patch merging" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

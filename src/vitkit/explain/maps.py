@@ -548,12 +548,13 @@ def explain(
     """Saliency maps for a batch by any method: (B, H, W) at image size with `upsample`, else (B, H', W').
 
     Args:
-        model: a classifier of the contract: any family for "gradcam", global self-attention for the others.
+        model: a classifier of the contract: any family for "gradcam"; global self-attention for the others, except
+            that "attention" also reads one block of a windowed (Swin) model (see `attention_map`).
         images: normalised float batch (B, C, H, W) on the model's device.
         method: "attention" (one layer), "rollout", "flow" (attention flow), "grad-rollout", "relevance" or
             "gradcam" (Grad-CAM).
-        layer: block for "attention" (None = the last); stage (`feature_info` index) for "gradcam" (None = its
-            default, see `vitkit.explain.gradcam.default_gradcam_layer`).
+        layer: block for "attention" (None = the last; a Swin's blocks counted over all stages); stage
+            (`feature_info` index) for "gradcam" (None = its default, see `gradcam.default_gradcam_layer`).
         head: head for "attention" (None fuses the heads).
         head_fusion: "mean" | "max" | "min" over heads, for "attention", "rollout", "flow" and "grad-rollout".
         discard_ratio: fraction of each row's lowest weights dropped, for the rollouts and flow; in [0, 1).
