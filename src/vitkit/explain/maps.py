@@ -19,12 +19,10 @@ explorer uses them to build every map from one forward pass); `attention_map`, `
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 import torch
-from scipy.sparse import csr_array
-from scipy.sparse.csgraph import maximum_flow
 from torch import Tensor, nn
 
 from vitkit._validate import check_choice
@@ -41,6 +39,9 @@ from vitkit.explain.gradcam import grad_cam
 from vitkit.explain.windows import capture_window_attention, window_blocks, window_query_mean
 from vitkit.layers import attention_layers, capture_attention
 from vitkit.models.base import has_class_token, token_patch_size
+
+if TYPE_CHECKING:
+    from scipy.sparse import csr_array
 
 Method = Literal["attention", "rollout", "flow", "grad-rollout", "relevance", "gradcam"]
 HeadFusion = Literal["mean", "max", "min"]
@@ -227,6 +228,8 @@ def _flow_graph(layers: Tensor, sinks: Tensor, scale: int) -> tuple[csr_array, i
         sinks: (N,) weight of each output token in what the head reads (sums to one).
         scale: capacities are round(weight * scale).
     """
+    from scipy.sparse import csr_array  # scipy (a scikit-learn dependency) is imported only when flow runs
+
     L, N, _ = layers.shape
     cap = torch.round(layers.double() * scale).to(torch.int64)  # (L, N, N)
     cap[-1, sinks == 0] = 0  # output tokens the head does not read carry no flow to the sink
@@ -268,6 +271,8 @@ def flow_from_attentions(
     rounded to multiples of `resolution`, so each value is exact to within (tokens + 1) * resolution / 2.
     One max-flow per patch and image runs on the CPU (see docs/explain.md for timings).
     """
+    from scipy.sparse.csgraph import maximum_flow
+
     resolution = check_resolution(resolution)
     scale = round(1.0 / resolution)
     fused = [fuse_heads(a, head_fusion) for a in attns]
