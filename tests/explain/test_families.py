@@ -134,6 +134,20 @@ def test_explorer_and_attention_visualizer(model, family, saved, tmp_path):
         assert "attention, layer" in fig._suptitle.get_text()
 
 
+def test_every_visualization(model, family, saved, tmp_path):
+    from vitkit.viz.outputs import VISUALIZATIONS, save_visualization
+
+    _, paths = saved
+    for kind in VISUALIZATIONS:
+        try:
+            path = save_visualization(kind, model, tmp_path / "figs", image=paths[0])
+        except ValueError as e:
+            assert family not in GLOBAL_ATTENTION, f"visualize {kind} should work on {family}: {e}"
+            _refused_by_name(e, family)
+            continue
+        assert path.stat().st_size > 2000, kind
+
+
 def test_forward_intermediates_as_maps(model):
     x = torch.randn(2, 3, 48, 64)
     with torch.no_grad():
