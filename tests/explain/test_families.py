@@ -138,7 +138,7 @@ def test_every_visualization(model, family, saved, tmp_path):
     from vitkit.viz.outputs import VISUALIZATIONS, save_visualization
 
     if family in GLOBAL_ATTENTION:
-        pytest.skip("every kind on a ViT: tests/explain/test_cli.py::test_visualize")
+        pytest.skip("ViT figures: tests/explain/test_cli.py::test_visualize and tests/viz/test_figures.py")
     _, paths = saved
     for kind in VISUALIZATIONS:
         try:
