@@ -115,6 +115,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="write <image>_<method>.png overlays here")
     p.add_argument("--html", default=None, metavar="FILE", help="write the interactive explorer (one HTML file)")
     p.add_argument("--html-layers", type=int, nargs="+", default=None, help="layers embedded in the explorer (all)")
+    p.add_argument("--html-flow", action="store_true", help="add attention flow to the explorer (seconds per image)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=_threads_arg, default="auto", metavar="N|auto", help=_THREADS_HELP)
     p.set_defaults(func=_cmd_explain)
@@ -143,7 +144,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         for _, line in written:
             print(line)
     if args.html is not None:
-        path = write_explorer(args.html, model, args.images, layers=args.html_layers, **common)
+        path = write_explorer(args.html, model, args.images, layers=args.html_layers, flow=args.html_flow, **common)
         print(f"wrote {path} ({human_size(path.stat().st_size)}, self-contained)")
     return 0
 

@@ -147,11 +147,11 @@ def test_evaluate_explanations_runs_every_method():
     masks = torch.zeros(4, H, W, dtype=torch.bool)
     masks[:, 8:24, 8:24] = True
     out = evaluate_explanations(model, x, masks, labels=torch.tensor([0, 1, 2, 3]), batch_size=3, max_steps=4)
-    assert set(out["methods"]) == {"attention", "rollout", "grad-rollout", "relevance", "gradcam", "random"}
+    assert set(out["methods"]) == {"attention", "rollout", "flow", "grad-rollout", "relevance", "gradcam", "random"}
     for row in out["methods"].values():
         assert 0 <= row["pointing"] <= row["pointing_half_patch"] <= row["pointing_patch"] <= 1
         assert 0 <= row["energy"] <= 1 and 0 <= row["deletion_auc"] <= 1 and 0 <= row["insertion_auc"] <= 1
     table = format_table(out)
-    assert table.count("\n") == 7 and "| relevance |" in table and "| gradcam |" in table
+    assert table.count("\n") == 8 and "| relevance |" in table and "| gradcam |" in table and "| flow |" in table
     with pytest.raises(ValueError, match="method='gradcam2'"):
         evaluate_explanations(model, x, masks, methods=["gradcam2"])

@@ -12,6 +12,27 @@ from torch import Tensor, nn
 Target = int | Sequence[int] | Tensor | None
 
 
+class UnsupportedModelError(TypeError, ValueError):
+    """A method that the model's family cannot support (e.g. attention maps of a CNN), naming both.
+
+    Both a ValueError (the model is a bad value for this method) and a TypeError (what attention methods raised
+    before the family checks), so callers catching either keep working.
+    """
+
+
+def family_reason(model: nn.Module) -> str:
+    """ " (family f: <why it has no global attention>)" for a registered model, else "" (a hand-built module)."""
+    family = getattr(model, "family", None)
+    if family is None:
+        return ""
+    why = {
+        "swin": "windowed attention inside each stage, and patch merging between stages",
+        "convnext": "a CNN: convolutions, no attention",
+        "resnet": "a CNN: convolutions, no attention",
+    }.get(family, "no layer computes an N x N attention map over all tokens")
+    return f" (family {family}: {why})"
+
+
 def _check_images(images: Tensor) -> None:
     if not isinstance(images, Tensor) or images.ndim != 4:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__

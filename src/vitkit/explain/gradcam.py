@@ -53,6 +53,19 @@ def _as_maps(a: Tensor, channels: int, model: nn.Module, image_hw: tuple[int, in
     )
 
 
+def _stage_output_chain(module: nn.Module) -> list[nn.Module]:
+    """`module`, its last child, that child's last child ... : where a stage's output can be read.
+
+    A model may run a stage part by part instead of calling it (Swin and ConvNeXt call each block of a stage
+    themselves, for per-block gradient checkpointing), so the stage module's own hook never fires; its output is
+    then its last block's. Grad-CAM reads the first module of this chain that ran.
+    """
+    chain = [module]
+    while list(chain[-1].children()):
+        chain.append(list(chain[-1].children())[-1])
+    return chain
+
+
 def grad_cam(
     model: nn.Module,
     images: Tensor,
@@ -85,17 +98,27 @@ def grad_cam(
     module = dict(model.named_modules()).get(stage["module"])
     if module is None:
         raise ValueError(f"feature_info names module {stage['module']!r}, which {model_label(model)} does not have")
-    seen: list[Tensor] = []
-    hook = module.register_forward_hook(lambda m, inputs, out: seen.append(out if isinstance(out, Tensor) else out[0]))
+    chain = _stage_output_chain(module)
+    seen: dict[int, Tensor] = {}
+
+    def keep(i: int):
+        return lambda m, inputs, out: seen.__setitem__(i, out if isinstance(out, Tensor) else out[0])
+
+    hooks = [m.register_forward_hook(keep(i)) for i, m in enumerate(chain)]
     try:
         with eval_mode(model), torch.enable_grad():
             logits = model(images.detach())
             targets = resolve_targets(target, logits)
-            activation = seen[-1]
+            if not seen:
+                raise ValueError(
+                    f"Grad-CAM saw no output of module {stage['module']!r} of {model_label(model)} in the forward pass"
+                )
+            activation = seen[min(seen)]  # the outermost module of the chain that ran
             score = logits.gather(1, targets[:, None]).sum()  # images are independent in eval mode
             (grad,) = torch.autograd.grad(score, activation)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     hw = (images.shape[-2], images.shape[-1])
     a = _as_maps(activation.detach().float(), stage["num_chs"], model, hw)  # (B, C, H', W')
     g = _as_maps(grad.float(), stage["num_chs"], model, hw)

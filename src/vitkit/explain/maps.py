@@ -1,4 +1,4 @@
-"""Saliency maps for ViT classifiers: raw attention, attention rollout, gradient-weighted rollout, relevance.
+"""Saliency maps for ViT classifiers: raw attention, attention rollout and flow, gradient-weighted rollout, relevance.
 
 Every method runs one forward pass (and at most one backward pass) over a batch and returns one map per image on
 the model's patch grid, shape (B, H', W'), float, on the model's device; `upsample_to=(H, W)` resizes it to pixels.
@@ -8,6 +8,9 @@ through every token (registers included) and read the class token's row at the p
 without a class token has no single query that makes the decision, so its "class row" is the mean of the patch
 rows, which is what mean pooling feeds the head.
 
+Attention flow treats the same residual-normalised, head-fused layers as a flow network (Abnar & Zuidema 2020) and
+reads, for each input patch, the maximum flow it can send to the class token (or to the mean-pooled output).
+
 Two layers of API: the `*_from_attentions` functions are pure tensor maths on attention maps you already have (the
 explorer uses them to build every map from one forward pass); `attention_map`, `attention_rollout`,
 `grad_rollout`, `relevance_map` and `explain` take a model and images.
@@ -16,21 +19,35 @@ explorer uses them to build every map from one forward pass); `attention_map`, `
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from vitkit._validate import check_choice
-from vitkit.explain._common import Target, _check_images, _upsample, eval_mode, resolve_targets
+from vitkit.explain._common import (
+    Target,
+    UnsupportedModelError,
+    _check_images,
+    _upsample,
+    eval_mode,
+    family_reason,
+    resolve_targets,
+)
 from vitkit.explain.gradcam import grad_cam
+from vitkit.explain.windows import capture_window_attention, window_blocks, window_query_mean
 from vitkit.layers import attention_layers, capture_attention
 from vitkit.models.base import has_class_token, token_patch_size
 
-Method = Literal["attention", "rollout", "grad-rollout", "relevance", "gradcam"]
+if TYPE_CHECKING:
+    from scipy.sparse import csr_array
+
+Method = Literal["attention", "rollout", "flow", "grad-rollout", "relevance", "gradcam"]
 HeadFusion = Literal["mean", "max", "min"]
 METHODS: tuple[str, ...] = get_args(Method)
 HEAD_FUSIONS: tuple[str, ...] = get_args(HeadFusion)
+FLOW_RESOLUTION = 1e-6  # capacity quantum of attention flow: scipy's max-flow needs integer capacities
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,11 +86,19 @@ def check_head(head: int | None, num_heads: int) -> int | None:
     return head % num_heads
 
 
-def _check_model(model: nn.Module, purpose: str = "attention maps, rollout and relevance") -> None:
+def check_attention_model(model: nn.Module, purpose: str = "attention maps, rollout and relevance") -> None:
     """Raise naming the model and what it lacks when it cannot be explained through its attention."""
     name = getattr(model, "model_name", None) or type(model).__name__
     if not attention_layers(model):
-        raise TypeError(f"{purpose} need global self-attention; {name} has none")
+        hint = ""
+        if window_blocks(model):
+            hint = (
+                "; products of attention across blocks are not defined across patch merging (the token grid "
+                "changes), so only method='attention' (one block's window attention) and 'gradcam' apply"
+            )
+        raise UnsupportedModelError(
+            f"{purpose} need global self-attention; {name} has none{family_reason(model)}{hint}"
+        )
     for attr in ("num_prefix_tokens", "patch_grid"):
         if not hasattr(model, attr):
             raise TypeError(
@@ -178,6 +203,97 @@ def rollout_from_attentions(
     return _to_grid(_read_class_row(R, num_prefix_tokens, has_class_token), grid)
 
 
+def check_resolution(resolution: float) -> float:
+    """Return `resolution` as a float, or raise unless it lies in [1e-9, 0.1] (the capacity quantum of flow)."""
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, float)):
+        raise TypeError(f"resolution must be a number in [1e-9, 0.1], got {resolution!r}")
+    if not 1e-9 <= resolution <= 0.1:
+        raise ValueError(
+            f"resolution must be in [1e-9, 0.1] (attention weights are rounded to multiples of it), got {resolution}"
+        )
+    return float(resolution)
+
+
+def _flow_graph(layers: Tensor, sinks: Tensor, scale: int) -> tuple[csr_array, int]:
+    """The layered flow network of one image as an integer csr_array, and its sink node.
+
+    Node l * N + t is token t after l layers (l = 0 is the input). Token j after layer l feeds token i after layer
+    l + 1 with capacity A_{l+1}[i, j] (residual-normalised, heads fused), rounded to multiples of 1 / `scale`. The
+    last layer keeps only the edges into the output tokens with a nonzero `sinks` weight, and those tokens feed
+    one extra sink node with capacity sinks[t] (one-hot at the class token, or 1 / patches at each patch token
+    for a mean-pooled model). Edges that round to zero are left out.
+
+    Args:
+        layers: (L, N, N) residual-normalised matrices, rows = receiving token, in depth order.
+        sinks: (N,) weight of each output token in what the head reads (sums to one).
+        scale: capacities are round(weight * scale).
+    """
+    from scipy.sparse import csr_array  # scipy (a scikit-learn dependency) is imported only when flow runs
+
+    L, N, _ = layers.shape
+    cap = torch.round(layers.double() * scale).to(torch.int64)  # (L, N, N)
+    cap[-1, sinks == 0] = 0  # output tokens the head does not read carry no flow to the sink
+    layer, dst, src = cap.nonzero(as_tuple=True)
+    rows = [(layer * N + src).numpy()]
+    cols = [((layer + 1) * N + dst).numpy()]
+    vals = [cap[layer, dst, src].numpy()]
+    sink = (L + 1) * N
+    out = sinks.nonzero(as_tuple=True)[0]
+    rows.append((L * N + out).numpy())
+    cols.append(np.full(out.numel(), sink))
+    vals.append(torch.round(sinks[out].double() * scale).to(torch.int64).numpy())
+    graph = csr_array(
+        (np.concatenate(vals).astype(np.int32), (np.concatenate(rows), np.concatenate(cols))),
+        shape=(sink + 1, sink + 1),
+    )
+    return graph, sink
+
+
+def flow_from_attentions(
+    attns: Sequence[Tensor],
+    grid: tuple[int, int],
+    num_prefix_tokens: int,
+    has_class_token: bool = True,
+    head_fusion: HeadFusion = "mean",
+    discard_ratio: float = 0.0,
+    resolution: float = FLOW_RESOLUTION,
+) -> Tensor:
+    """Attention flow (Abnar & Zuidema 2020, "Quantifying Attention Flow in Transformers") -> (B, H', W').
+
+    The layers are those of rollout (heads fused, lowest `discard_ratio` of each row dropped, 0.5 A + 0.5 I with
+    rows renormalised), read as a flow network whose capacities are the edge weights (see `_flow_graph`). A
+    patch's value is the maximum flow from that input token to the output the head reads: the class token after
+    the last layer, or, for a model without a class token, a sink fed by every output patch token through a
+    capacity of 1 / patches (its weight in the mean pool). Values lie in [0, 1]; rollout sums the products along
+    all paths, flow is limited by the narrowest cut. With one layer and a class token the two are equal.
+
+    Capacities must be integers for scipy's max-flow (`scipy.sparse.csgraph.maximum_flow`, Dinic): weights are
+    rounded to multiples of `resolution`, so each value is exact to within (tokens + 1) * resolution / 2.
+    One max-flow per patch and image runs on the CPU (see docs/explain.md for timings).
+    """
+    from scipy.sparse.csgraph import maximum_flow
+
+    resolution = check_resolution(resolution)
+    scale = round(1.0 / resolution)
+    fused = [fuse_heads(a, head_fusion) for a in attns]
+    protect = 0 if has_class_token else None
+    layers = torch.stack([_residual_normalise(discard_lowest(a, discard_ratio, protect)) for a in fused], dim=1)
+    layers = layers.detach().float().cpu()  # (B, L, N, N)
+    B, L, N, _ = layers.shape
+    P = num_prefix_tokens
+    sinks = torch.zeros(N)
+    if has_class_token:
+        sinks[0] = 1.0
+    else:
+        sinks[P:] = 1.0 / (N - P)
+    out = torch.zeros(B, N - P, dtype=torch.float64)
+    for b in range(B):
+        graph, sink = _flow_graph(layers[b], sinks, scale)
+        for k, j in enumerate(range(P, N)):
+            out[b, k] = maximum_flow(graph, j, sink).flow_value / scale  # node j = input token j
+    return _to_grid(out.to(device=attns[0].device, dtype=attns[0].dtype), grid)
+
+
 def grad_rollout_from_attentions(
     attns: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -267,7 +383,7 @@ def forward_with_attention(
     Returns:
         (logits, attentions, gradients or None, targets), everything detached.
     """
-    _check_model(model)
+    check_attention_model(model)
     _check_images(images)
     with eval_mode(model):
         if not need_grads:
@@ -288,6 +404,25 @@ def forward_with_attention(
     return logits.detach(), [a.detach() for a in attns], [g.detach() for g in grads], targets
 
 
+def attention_depth(model: nn.Module) -> int:
+    """How many blocks `attention_map` can read: global attention layers, else windowed (Swin) blocks, else 0."""
+    return len(attention_layers(model)) or len(window_blocks(model))
+
+
+def _window_attention_map(
+    model: nn.Module, images: Tensor, layer: int, head: int | None, head_fusion: HeadFusion
+) -> Tensor:
+    """`attention_map` of a windowed model: one block's window attention on its stage grid (see explain.windows)."""
+    _check_images(images)
+    blocks = window_blocks(model)
+    layer = check_layer(layer, len(blocks))
+    blk = blocks[layer]
+    head = check_head(head, blk.attn.num_heads)
+    attn, grid = capture_window_attention(model, images, layer)
+    a = fuse_heads(attn, head_fusion) if head is None else attn[:, head]  # (B * windows, w^2, w^2)
+    return window_query_mean(a, grid, blk.window_size, blk.shift_size)
+
+
 def _meta(model: nn.Module, images: Tensor) -> tuple[tuple[int, int], int, bool]:
     grid = tuple(model.patch_grid(images.shape[-2], images.shape[-1]))
     return grid, int(model.num_prefix_tokens), has_class_token(model)
@@ -303,16 +438,22 @@ def attention_map(
 ) -> Tensor:
     """Raw attention from the class token (mean patch query for pooled models) of one layer -> (B, H', W').
 
+    A windowed (Swin) model gives one block's window attention on that block's stage grid (B, H_s, W_s): the mean
+    over the stage's query tokens of the attention each token receives, shift undone, padding cut off (see
+    `vitkit.explain.windows`); `layer` counts the blocks of all stages in order.
+
     Args:
-        model: a ViT-style classifier.
+        model: a ViT-style classifier, or a Swin.
         images: normalised float batch (B, C, H, W).
         layer: block index, negatives from the end.
         head: one head, or None to fuse all heads with `head_fusion`.
         head_fusion: "mean", "max" or "min" over heads.
-        upsample_to: (H, W) to resize the maps to (bilinear), or None for the patch grid.
+        upsample_to: (H, W) to resize the maps to (bilinear), or None for the patch (stage) grid.
     """
-    _check_model(model)
     check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
+    if not attention_layers(model) and window_blocks(model):
+        return _upsample(_window_attention_map(model, images, layer, head, head_fusion), upsample_to)
+    check_attention_model(model)
     attn_layers = attention_layers(model)
     layer = check_layer(layer, len(attn_layers))
     check_head(head, attn_layers[layer].num_heads)
@@ -330,12 +471,33 @@ def attention_rollout(
     upsample_to: tuple[int, int] | None = None,
 ) -> Tensor:
     """Attention rollout over all blocks -> (B, H', W'). See `rollout_from_attentions`."""
-    _check_model(model)
+    check_attention_model(model, "rollout maps")
     check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
     check_discard_ratio(discard_ratio)
     _, attns, _, _ = forward_with_attention(model, images, layers=True)
     grid, P, cls = _meta(model, images)
     maps = rollout_from_attentions(attns, grid, P, cls, head_fusion=head_fusion, discard_ratio=discard_ratio)
+    return _upsample(maps, upsample_to)
+
+
+def attention_flow(
+    model: nn.Module,
+    images: Tensor,
+    head_fusion: HeadFusion = "mean",
+    discard_ratio: float = 0.0,
+    resolution: float = FLOW_RESOLUTION,
+    upsample_to: tuple[int, int] | None = None,
+) -> Tensor:
+    """Attention flow over all blocks -> (B, H', W'). See `flow_from_attentions`."""
+    check_attention_model(model, "attention flow maps")
+    check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
+    check_discard_ratio(discard_ratio)
+    check_resolution(resolution)
+    _, attns, _, _ = forward_with_attention(model, images, layers=True)
+    grid, P, cls = _meta(model, images)
+    maps = flow_from_attentions(
+        attns, grid, P, cls, head_fusion=head_fusion, discard_ratio=discard_ratio, resolution=resolution
+    )
     return _upsample(maps, upsample_to)
 
 
@@ -348,7 +510,7 @@ def grad_rollout(
     upsample_to: tuple[int, int] | None = None,
 ) -> Tensor:
     """Gradient-weighted attention rollout for a class (default: the predicted one) -> (B, H', W')."""
-    _check_model(model)
+    check_attention_model(model, "gradient-weighted rollout maps")
     check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
     check_discard_ratio(discard_ratio)
     _, attns, grads, _ = forward_with_attention(model, images, layers=True, target=target, need_grads=True)
@@ -363,7 +525,7 @@ def relevance_map(
     model: nn.Module, images: Tensor, target: Target = None, upsample_to: tuple[int, int] | None = None
 ) -> Tensor:
     """Chefer et al. gradient x attention relevance for a class (default: the predicted one) -> (B, H', W')."""
-    _check_model(model)
+    check_attention_model(model, "relevance maps")
     _, attns, grads, _ = forward_with_attention(model, images, layers=True, target=target, need_grads=True)
     grid, P, cls = _meta(model, images)
     return _upsample(relevance_from_attentions(attns, grads, grid, P, cls), upsample_to)
@@ -371,7 +533,7 @@ def relevance_map(
 
 def mean_attention_distance(model: nn.Module, images: Tensor, renormalize: bool = True) -> Tensor:
     """Mean attention distance in pixels, (layers, heads), averaged over the batch. See the `_from_attentions` form."""
-    _check_model(model)
+    check_attention_model(model, "mean attention distances")
     _, attns, _, _ = forward_with_attention(model, images, layers=True)
     grid, P, _ = _meta(model, images)
     return mean_attention_distance_from_attentions(attns, grid, token_patch_size(model), P, renormalize=renormalize)
@@ -391,14 +553,16 @@ def explain(
     """Saliency maps for a batch by any method: (B, H, W) at image size with `upsample`, else (B, H', W').
 
     Args:
-        model: a classifier of the contract: any family for "gradcam", global self-attention for the others.
+        model: a classifier of the contract: any family for "gradcam"; global self-attention for the others, except
+            that "attention" also reads one block of a windowed (Swin) model (see `attention_map`).
         images: normalised float batch (B, C, H, W) on the model's device.
-        method: "attention" (one layer), "rollout", "grad-rollout", "relevance" or "gradcam" (Grad-CAM).
-        layer: block for "attention" (None = the last); stage (`feature_info` index) for "gradcam" (None = its
-            default, see `vitkit.explain.gradcam.default_gradcam_layer`).
+        method: "attention" (one layer), "rollout", "flow" (attention flow), "grad-rollout", "relevance" or
+            "gradcam" (Grad-CAM).
+        layer: block for "attention" (None = the last; a Swin's blocks counted over all stages); stage
+            (`feature_info` index) for "gradcam" (None = its default, see `gradcam.default_gradcam_layer`).
         head: head for "attention" (None fuses the heads).
-        head_fusion: "mean" | "max" | "min" over heads, for "attention", "rollout" and "grad-rollout".
-        discard_ratio: fraction of each row's lowest weights dropped, for the two rollouts; in [0, 1).
+        head_fusion: "mean" | "max" | "min" over heads, for "attention", "rollout", "flow" and "grad-rollout".
+        discard_ratio: fraction of each row's lowest weights dropped, for the rollouts and flow; in [0, 1).
         target: class per image for the gradient methods (int, one per image, or None for the prediction).
         upsample: resize to the image size (bilinear).
     """
@@ -412,6 +576,8 @@ def explain(
         return grad_cam(model, images, target=target, layer=layer, upsample_to=size)
     if method == "rollout":
         return attention_rollout(model, images, head_fusion=head_fusion, discard_ratio=discard_ratio, upsample_to=size)
+    if method == "flow":
+        return attention_flow(model, images, head_fusion=head_fusion, discard_ratio=discard_ratio, upsample_to=size)
     if method == "grad-rollout":
         return grad_rollout(
             model, images, target=target, head_fusion=head_fusion, discard_ratio=discard_ratio, upsample_to=size

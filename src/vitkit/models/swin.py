@@ -148,9 +148,9 @@ def window_reverse(windows: torch.Tensor, window: int, height: int, width: int) 
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside each window, plus a learned bias per relative offset.
 
-    Deliberately has no `capture` slot and no `global_attention` flag: its maps are per window, not N x N over the
-    image, so `vitkit.layers.capture_attention` declines Swin by name instead of returning maps that are not
-    attention over the image.
+    Deliberately has no `global_attention` flag: its maps are per window, not N x N over the image, so
+    `vitkit.layers.capture_attention` declines Swin by name. The `capture` slot is for `vitkit.explain`, which reads
+    one block's window maps (B * nW, heads, window^2, window^2) and places them on the stage's token grid itself.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool, attn_drop: float, proj_drop: float):
@@ -167,6 +167,7 @@ class WindowAttention(nn.Module):
         self.register_buffer(
             "relative_position_index", relative_position_index(window_size, window_size), persistent=False
         )
+        self.capture = None  # a callable(module, probabilities) set only while vitkit.explain reads this block
 
     def position_bias(self, window: int) -> torch.Tensor:
         """Bias (heads, window^2, window^2) for a window of side `window` (<= the configured side)."""
@@ -187,7 +188,15 @@ class WindowAttention(nn.Module):
             nW = mask.shape[0]
             bias = bias.unsqueeze(1) + mask[None, :, None]  # (1, nW, heads, N, N)
             bias = bias.expand(Bw // nW, -1, -1, -1, -1).reshape(Bw, self.num_heads, N, N)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0)
+        capture = self.capture  # read once: another thread may close its capture meanwhile
+        if capture is not None:  # the explicit path, only while a map is read; same output as the fused one
+            attn = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B * nW, heads, N, N)
+            capture(self, attn)
+            x = F.dropout(attn, self.attn_drop, self.training) @ v
+        else:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0
+            )
         x = x.transpose(1, 2).reshape(Bw, N, C)
         return self.proj_drop(self.proj(x))
 

@@ -13,7 +13,9 @@ from torch import Tensor, nn
 from vitkit.data.images import ImageLike
 from vitkit.explain.maps import (
     METHODS,
+    attention_depth,
     attention_from_attentions,
+    check_attention_model,
     check_head,
     check_layer,
     explain,
@@ -79,8 +81,9 @@ def plot_attention_grid(
         overlay: draw each map over the image instead of alone.
         save_path: where to write the figure, or None.
     """
+    check_attention_model(model, "attention grids (every layer x head)")
     attn_layers = attention_layers(model)
-    depth, num_heads = len(attn_layers), (attn_layers[0].num_heads if attn_layers else 0)
+    depth, num_heads = len(attn_layers), attn_layers[0].num_heads
     layers = list(range(depth)) if layers is None else [check_layer(i, depth) for i in layers]
     heads = list(range(num_heads)) if heads is None else [check_head(h, num_heads) for h in heads]
     img, x = model_input(model, image)
@@ -190,7 +193,8 @@ class AttentionVisualizer:
             layer_idx: block for raw attention (negatives from the end).
             head_idx: one head, or None for the mean over heads.
             save_path: where to write the figure, or None.
-            method: "attention" (default), "rollout", "grad-rollout" or "relevance".
+            method: "attention" (default; for a Swin, one block's window attention on its stage grid), "rollout",
+                "flow", "grad-rollout", "relevance" or "gradcam" (`layer_idx` is then the stage).
             top_k: number of predictions listed.
         """
         if method not in METHODS:
@@ -210,7 +214,7 @@ class AttentionVisualizer:
             hide_ticks(ax)
         draw_topk(axes[3], probs, self.model.preprocess.class_names, k=top_k)
         if method == "attention":
-            depth = len(attention_layers(self.model))
+            depth = attention_depth(self.model)
             head = "mean of heads" if head_idx is None else f"head {head_idx}"
             fig.suptitle(f"attention, layer {layer_idx % depth} of {depth}, {head}")
         else:

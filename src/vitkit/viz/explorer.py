@@ -4,8 +4,8 @@
     write_explorer("explorer.html", model, ["cat.jpg"])
 
 The page shows the image under its patch grid. Hovering a patch shows that patch's attention over the image for
-the chosen layer and head (or the mean of the heads); a switch shows the class token's rollout, gradient-weighted
-rollout and relevance maps instead, and the top-5 predictions pick the class those two explain.
+the chosen layer and head (or the mean of the heads); a switch shows the class token's rollout, attention flow
+(with `flow=True`), gradient-weighted rollout and relevance maps instead, and the top-5 predictions pick the class those two explain.
 
 Everything the page shows is computed here with one forward and one backward pass per image, and embedded:
 the full attention tensors as uint8 (each query row scaled to its own maximum, which is how the page displays
@@ -36,8 +36,10 @@ from vitkit._validate import check_choice
 from vitkit.data.images import ImageLike
 from vitkit.explain.maps import (
     HEAD_FUSIONS,
+    check_attention_model,
     check_discard_ratio,
     check_layer,
+    flow_from_attentions,
     forward_with_attention,
     grad_rollout_from_attentions,
     relevance_from_attentions,
@@ -104,6 +106,7 @@ def image_entry(
     top_k: int = 5,
     head_fusion: str = "mean",
     discard_ratio: float = 0.0,
+    flow: bool = False,
 ) -> dict[str, Any]:
     """Everything the page shows for one image (see the module docstring for the encoding)."""
     img, x = model_input(model, image)
@@ -145,7 +148,7 @@ def image_entry(
                 "grad_rollout": _unit_list(grad_roll[j]),
             }
         )
-    return {
+    entry = {
         "name": str(name),
         "width": int(img.shape[1]),
         "height": int(img.shape[0]),
@@ -154,6 +157,11 @@ def image_entry(
         "rollout": _unit_list(rollout),
         "targets": targets,
     }
+    if flow:
+        entry["flow"] = _unit_list(
+            flow_from_attentions([a[:1] for a in attns], grid, P, cls, head_fusion, discard_ratio)[0]
+        )
+    return entry
 
 
 def explorer_data(
@@ -165,6 +173,7 @@ def explorer_data(
     head_fusion: str = "mean",
     discard_ratio: float = 0.0,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    flow: bool = False,
 ) -> dict[str, Any]:
     """The JSON-ready data behind an explorer page (`render_explorer` turns it into HTML).
 
@@ -177,7 +186,10 @@ def explorer_data(
         head_fusion: head fusion of the rollouts.
         discard_ratio: discard ratio of the rollouts.
         max_bytes: refuse to embed more attention than this (bytes, before base64) for all images together.
+        flow: also embed the attention flow map (`vitkit.explain.flow_from_attentions`, same head fusion and discard
+            ratio); it costs a max-flow per patch, about 10 s per image for ViT-S/16 at 224 px on one CPU core.
     """
+    check_attention_model(model, "the explorer's attention maps")
     if not images:
         raise ValueError("the explorer needs at least one image")
     check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
@@ -201,7 +213,7 @@ def explorer_data(
         )
     description, query = _describe(model)
     entries = [
-        image_entry(model, im, nm, layers, top_k=top_k, head_fusion=head_fusion, discard_ratio=discard_ratio)
+        image_entry(model, im, nm, layers, top_k, head_fusion, discard_ratio, flow)
         for im, nm in zip(images, names, strict=True)
     ]
     patch = token_patch_size(model)
@@ -219,7 +231,7 @@ def explorer_data(
             "patch": patch,
             "prefix_tokens": int(model.num_prefix_tokens),
         },
-        "settings": {"head_fusion": head_fusion, "discard_ratio": discard_ratio},
+        "settings": {"head_fusion": head_fusion, "discard_ratio": discard_ratio, "flow": bool(flow)},
         "colormap": _colormap_lut(),
         "images": entries,
     }

@@ -57,6 +57,7 @@ PAGE = """<!DOCTYPE html>
       <legend>map</legend>
       <label><input type="radio" name="mode" value="attention" checked> attention (per patch)</label>
       <label><input type="radio" name="mode" value="rollout"> rollout</label>
+      <label id="flow-mode"><input type="radio" name="mode" value="flow"> flow</label>
       <label><input type="radio" name="mode" value="grad_rollout"> grad-rollout</label>
       <label><input type="radio" name="mode" value="relevance"> relevance</label>
     </fieldset>
@@ -110,6 +111,7 @@ SCRIPT = """
       return attn(state.image).subarray(start, start + NP);
     }
     if (state.mode === "rollout") return img.rollout;
+    if (state.mode === "flow") return img.flow;
     return img.targets[state.target][state.mode];
   }
 
@@ -172,6 +174,8 @@ SCRIPT = """
       text = "Attention of " + who + " over the patches, layer " + M.layers[state.layer] + ", " + head + ".";
     } else if (state.mode === "rollout") {
       text = "Attention rollout (" + DATA.settings.head_fusion + " over heads, discard " + DATA.settings.discard_ratio + ") from the " + M.query_name + ".";
+    } else if (state.mode === "flow") {
+      text = "Attention flow (max-flow through the " + DATA.settings.head_fusion + "-fused layers, discard " + DATA.settings.discard_ratio + ") to the " + M.query_name + ".";
     } else {
       text = (state.mode === "relevance" ? "Gradient x attention relevance" : "Gradient-weighted rollout") + " for class \u201c" + t.name + "\u201d.";
     }
@@ -240,6 +244,7 @@ SCRIPT = """
   $("head").value = String(NH);
   DATA.images.forEach((img, i) => $("image-select").append(new Option(img.name, String(i))));
   if (DATA.images.length < 2) $("image-box").style.display = "none";
+  if (!DATA.settings.flow) $("flow-mode").style.display = "none";  // attention flow is opt-in (it costs seconds)
   $("image-select").addEventListener("change", (e) => loadImage(Number(e.target.value)));
   $("layer").addEventListener("change", (e) => { state.layer = Number(e.target.value); setMode("attention"); });
   $("head").addEventListener("change", (e) => { state.head = Number(e.target.value); setMode("attention"); });

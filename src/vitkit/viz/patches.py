@@ -11,9 +11,15 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from vitkit.data.images import ImageLike
+from vitkit.explain._common import UnsupportedModelError
 from vitkit.layers import check_image_size, sincos_2d
 from vitkit.models.base import model_label
 from vitkit.viz._common import finish, hide_ticks, new_figure, to_hwc
+
+
+def _family(model: nn.Module) -> str:
+    family = getattr(model, "family", None)
+    return f" (family {family})" if family else ""
 
 
 def _exploded(image: np.ndarray, patch: int, gap: int) -> np.ndarray:
@@ -76,7 +82,13 @@ def plot_patch_embedding_filters(
     show the basis the model projects patches onto (trained models show smooth, Gabor-like bases). Each
     component is scaled to [0, 1] on its own for display.
     """
-    w = model.patch_embed.proj.weight.detach().float().cpu()  # (D, C, p, p)
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    if not isinstance(proj, nn.Conv2d):
+        raise UnsupportedModelError(
+            f"the patch-embedding filter figure needs a patch-embedding convolution (`patch_embed.proj`, as ViT and "
+            f"Swin have); {model_label(model)}{_family(model)} has none"
+        )
+    w = proj.weight.detach().float().cpu()  # (D, C, p, p)
     D, C, ph, pw = w.shape
     flat = w.reshape(D, -1)
     flat = flat - flat.mean(dim=0, keepdim=True)
@@ -104,7 +116,9 @@ def plot_patch_embedding_filters(
 def position_table(model: nn.Module) -> tuple[torch.Tensor, tuple[int, int]]:
     """The patch rows of the model's position embedding at its native grid: ((H'*W', D), (H', W'))."""
     if not hasattr(model, "native_grid") or not hasattr(model.cfg, "pos_embed"):
-        raise TypeError(f"the position-embedding figure needs a ViT position table; {model_label(model)} has none")
+        raise UnsupportedModelError(
+            f"the position-embedding figure needs a ViT position table; {model_label(model)}{_family(model)} has none"
+        )
     grid = tuple(model.native_grid)
     kind = model.cfg.pos_embed
     if kind == "learn":

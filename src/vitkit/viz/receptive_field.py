@@ -16,6 +16,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from vitkit.explain._common import UnsupportedModelError
+from vitkit.models.base import model_label
 from vitkit.viz._common import finish, hide_ticks, new_figure
 
 _THRESHOLD = 1e-3  # a pixel is "in" the effective field when its gradient is at least 0.1% of the largest one
@@ -104,6 +106,13 @@ def compare_receptive_fields(
     depths = sorted({int(d) for d in depths})
     if not depths or depths[0] < 1:
         raise ValueError(f"depths must be positive layer counts, got {list(depths)}")
+    if model is not None and not (hasattr(model, "patch_grid") and hasattr(model, "num_prefix_tokens")):
+        family = getattr(model, "family", None)
+        raise UnsupportedModelError(
+            "the receptive-field figure's ViT row needs a token model (`patch_grid`, `num_prefix_tokens`); "
+            f"{model_label(model)}{f' (family {family})' if family else ''} has none (leave out the model for a "
+            "random ViT)"
+        )
     if model is not None and max(depths) > len(model.feature_info):
         raise ValueError(f"depth {max(depths)} asked of a model with {len(model.feature_info)} blocks")
     cnn = cnn_effective_fields(depths, size=size)
