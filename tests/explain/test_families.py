@@ -26,10 +26,33 @@ TINY = {
     "swin": dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), window_size=2),
     "convnext": dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)),
     "resnet": dict(depths=(1, 1, 1, 1), widths=(4, 8, 8, 16), stem_width=8),
+    "deit": dict(patch_size=8, embed_dim=32, depth=2, num_heads=2),
+    "resnetv2": dict(depths=(1, 1, 1), widths=(16, 16, 32), stem_width=8, gn_groups=4),
+    "vit_hybrid": dict(
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        backbone_args={"depths": (1, 1, 1), "widths": (16, 16, 32), "stem_width": 8, "gn_groups": 4},
+    ),
+    "vit_hybrid_cnn": dict(embed_dim=32, depth=2, num_heads=2),
 }
 # What each known family supports (None = every method). Anything else must raise a ValueError naming the family.
-METHOD_SUPPORT = {"vit": None, "swin": {"attention", "gradcam"}, "convnext": {"gradcam"}, "resnet": {"gradcam"}}
-GLOBAL_ATTENTION = {"vit"}  # the explorer, the attention grid and the layer x head figures need it
+METHOD_SUPPORT = {
+    "vit": None,
+    "deit": None,
+    "vit_hybrid": None,
+    "vit_hybrid_cnn": None,
+    "swin": {"attention", "gradcam"},
+    "convnext": {"gradcam"},
+    "resnet": {"gradcam"},
+    "resnetv2": {"gradcam"},
+}
+GLOBAL_ATTENTION = {
+    "vit",
+    "deit",
+    "vit_hybrid",
+    "vit_hybrid_cnn",
+}  # the explorer, the attention grid and the layer x head figures need it
 
 
 def tiny_model(family: str) -> torch.nn.Module:
