@@ -27,3 +27,19 @@ def test_state_dict_loads_at_the_asked_size(tmp_path, name, img_size, expect):
 def test_without_img_size_the_registered_size_stays(tmp_path):
     torch.save(vitkit.create_model("resnet18").state_dict(), tmp_path / "w.pth")
     assert tuple(vitkit.load_model(tmp_path / "w.pth", model_name="resnet18").preprocess.input_size) == (224, 224)
+
+
+def test_timm_hybrid_state_dict_loads_at_another_size(tmp_path):
+    """An R50+ViT-style hybrid state dict (timm keys: patch_embed.backbone.*, patch_embed.proj.*) loads by name; at
+    another input size its position table is resampled from the registered 7x7 grid."""
+    torch.manual_seed(0)
+    src = vitkit.create_model("vit_small_r26_s32_224").eval()
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    same = vitkit.load_model(tmp_path / "w.pth", model_name="vit_small_r26_s32_224").eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(same(x), src(x), rtol=0, atol=0)
+    lines = []
+    bigger = vitkit.load_model(tmp_path / "w.pth", model_name="vit_small_r26_s32_224", img_size=256, log=lines.append)
+    assert bigger.pos_embed.shape[1] == 1 + 8 * 8 and tuple(bigger.preprocess.input_size) == (256, 256)
+    assert any("resampled pos_embed from a 7x7 to a 8x8 grid" in line for line in lines), lines

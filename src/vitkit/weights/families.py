@@ -1,4 +1,5 @@
-"""timm and torchvision state dicts of the families beyond ViT (ResNet, ConvNeXt, Swin), by registered name.
+"""timm and torchvision state dicts of the families beyond ViT/DeiT (ResNet, ConvNeXt, Swin, the R50+ViT hybrids,
+ResNetV2), by registered name.
 
 The families keep timm's parameter names, so a timm state dict loads as it is; the layouts that differ are
 renamed first: the official Swin `.pth` (and timm < 0.9: downsample at the end of a stage, stored index and mask
@@ -7,6 +8,8 @@ buffers) and torchvision's ConvNeXt. torchvision's ResNet keys are timm's. The a
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -46,6 +49,10 @@ def from_family_state_dict(
     model = create_model(model_name, **({"img_size": size} if sized else {}))
     if size is not None:
         model.preprocess.input_size = size
+    if sized and hasattr(model, "adapt_state_dict"):  # e.g. a hybrid ViT's position table, saved at the registered size
+        with torch.device("meta"):
+            registered = dataclasses.asdict(create_model(model_name).describe())
+        state = model.adapt_state_dict(state, registered, log=rep.info)
     # The classifier's matrix (a head may also hold a norm, as ConvNeXt's does).
     heads = [n for n, p in model.named_parameters() if model.is_classifier(n) and p.ndim == 2]
     if heads and heads[0] not in state:
