@@ -22,9 +22,15 @@ from dataclasses import dataclass, field
 _PLACEHOLDER = re.compile(r"\{(\w+)(?:([+-]\d+)|:([\w|]+)|(\*))?\}")
 
 
+def _specs(text: str) -> dict[str, str]:
+    """The word list ("a|b") or "*" a template gives each of its non-index placeholders."""
+    return {m.group(1): m.group(3) or "*" for m in _PLACEHOLDER.finditer(text) if m.group(3) or m.group(4)}
+
+
 @dataclass(frozen=True)
 class _Template:
     text: str
+    specs: dict[str, str] = field(default_factory=dict)  # the rule's word lists, declared on either side
     regex: re.Pattern = field(init=False, repr=False, compare=False)
     offsets: dict[str, int] = field(init=False, repr=False, compare=False)
 
@@ -33,6 +39,8 @@ class _Template:
         for m in _PLACEHOLDER.finditer(self.text):
             pattern.append(re.escape(self.text[pos : m.start()]))
             name, offset, words, rest = m.groups()
+            spec = self.specs.get(name)
+            words, rest = words or (spec if spec not in (None, "*") else None), rest or spec == "*"
             if words:
                 pattern.append(f"(?P<{name}>{words})")
             elif rest:
@@ -79,7 +87,10 @@ class KeyTable:
 
     def __init__(self, rules: list[KeyRule] | list[tuple[str, str]]):
         self.rules = [r if isinstance(r, KeyRule) else KeyRule(*r) for r in rules]
-        self._pairs = [(_Template(r.hf), _Template(r.timm), r.export) for r in self.rules]
+        self._pairs = []
+        for r in self.rules:
+            specs = {**_specs(r.hf), **_specs(r.timm)}
+            self._pairs.append((_Template(r.hf, specs), _Template(r.timm, specs), r.export))
 
     def to_timm(self, key: str) -> str | None:
         """The timm name of a transformers key (without the model prefix), or None when no rule matches."""
