@@ -18,6 +18,7 @@ has them and otherwise reported as dropped.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -447,8 +448,8 @@ def _check_target(dst: Path) -> None:
 
 def verify_hf(model: nn.Module, directory: str | os.PathLike, rep: Reporter, tol: float = 1e-4) -> float | None:
     """Load `directory` with transformers' AutoModelForImageClassification and compare logits with `model` on one
-    seeded random image at the model's native size (fp32, eval mode). Returns max |delta|, or None (and says why)
-    when transformers is not installed or the model is not fp32.
+    seeded random image at the model's native size (in fp32, eval mode; bf16/fp16 weights on both sides upcast).
+    Returns max |delta|, or None (and says so) when transformers is not installed.
 
     Raises:
         ValueError: the logits differ by more than `tol` (relative to the logits' scale when that exceeds 1).
@@ -459,20 +460,19 @@ def verify_hf(model: nn.Module, directory: str | os.PathLike, rep: Reporter, tol
         rep.info("transformers is not installed: the directory was not loaded back to compare logits")
         return None
     param = next(model.parameters())
-    if param.dtype != torch.float32:
-        rep.info(f"weights are {param.dtype}: the logits check runs in fp32 only and was skipped")
-        return None
-    hf = AutoModelForImageClassification.from_pretrained(str(directory)).eval()
+    # bf16/fp16 weights are compared in fp32 on both sides: the same upcast values, so the same tolerance holds.
+    ref = model if param.dtype == torch.float32 else copy.deepcopy(model).float()
+    hf = AutoModelForImageClassification.from_pretrained(str(directory), dtype=torch.float32).eval()
     h, w = model.cfg.img_size  # a ViT takes only its native size in transformers
     x = torch.randn(1, int(model.cfg.in_chans), h, w, generator=torch.Generator().manual_seed(0))
-    was_training = model.training
-    model.eval()
+    was_training = ref.training
+    ref.eval()
     try:
         with torch.no_grad():
-            ours = model(x.to(param.device)).float().cpu()
+            ours = ref(x.to(param.device)).float().cpu()
             theirs = hf(pixel_values=x).logits.float()
     finally:
-        model.train(was_training)
+        ref.train(was_training)
     if ours.shape != theirs.shape:
         raise ValueError(f"transformers returns logits of shape {tuple(theirs.shape)}, vitkit {tuple(ours.shape)}")
     delta = (ours - theirs).abs().max().item()
