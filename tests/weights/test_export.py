@@ -6,6 +6,7 @@ size) and, for Swin, ConvNeXt and ResNet, at a second, non-square size.
 """
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -123,28 +124,33 @@ def test_hf_export_loads_in_transformers_with_the_same_logits_and_back_in_vitkit
         assert (back(x) - model(x)).abs().max().item() <= TOL
 
 
-def test_preprocessor_config_matches_vitkit_eval_preprocessing(tmp_path):
+@pytest.mark.parametrize(
+    "size, expected",
+    [((32, 32), {"shortest_edge": 36}), ((32, 48), {"height": 36, "width": 54})],  # floor(side / 0.875)
+)
+def test_preprocessor_config_matches_vitkit_eval_preprocessing(tmp_path, size, expected):
     from PIL import Image
 
     from vitkit.data.inference import prepare_image
 
-    model = vitkit.create_model("vit_nano_patch4_32", num_classes=3)  # crop 0.875, bicubic, ImageNet statistics
+    model = _vit(img_size=size)  # crop 0.875, bicubic
     model.preprocess.mean, model.preprocess.std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
     save_hf(model, tmp_path / "hf", verify=False)
     pre = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
-    assert pre["size"] == {"shortest_edge": 36} and pre["crop_size"] == {"height": 32, "width": 32}
+    assert pre["size"] == expected and pre["crop_size"] == {"height": size[0], "width": size[1]}
     assert pre["resample"] == 3 and pre["image_mean"] == [0.4, 0.5, 0.6]
     processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
     ramp = np.linspace(0, 255, 70 * 50 * 3).reshape(50, 70, 3)
     image = Image.fromarray(np.clip(ramp + 60 * np.sin(ramp / 9), 0, 255).astype(np.uint8))
     _, ours = prepare_image(image, model)
     theirs = processor(images=image, return_tensors="pt")["pixel_values"]
-    assert theirs.shape == ours.shape == (1, 3, 32, 32)
+    assert theirs.shape == ours.shape == (1, 3, *size)
     # The same resize, crop and normalisation; PIL's and torch's bicubic kernels differ by a few grey levels.
     assert (theirs - ours).abs().mean().item() < 0.02
     back = vitkit.load_model(tmp_path / "hf").preprocess
     assert (back.mean, back.std, back.interpolation) == (model.preprocess.mean, model.preprocess.std, "bicubic")
-    assert int(32 / back.crop_fraction) == 36  # the same resize before the crop
+    assert math.floor(size[0] / back.crop_fraction) == 36  # the same resize before the crop
+    assert back.class_names is None  # none were set: transformers' LABEL_i names are not written
 
 
 REFUSED = [

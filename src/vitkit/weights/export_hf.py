@@ -96,11 +96,12 @@ def _dropped_training_fields(cfg: Any, names: tuple[str, ...], rep: Reporter) ->
 
 
 def _labels(model: nn.Module, num_classes: int) -> dict[str, Any]:
-    """id2label / label2id from the model's class names (transformers' LABEL_i when it has none)."""
+    """num_labels, and id2label / label2id from the model's class names (transformers names them LABEL_i without)."""
     names = model.preprocess.class_names
     if not names or len(names) != num_classes:
-        names = [f"LABEL_{i}" for i in range(num_classes)]
+        return {"num_labels": num_classes}
     return {
+        "num_labels": num_classes,
         "id2label": {str(i): n for i, n in enumerate(names)},
         "label2id": {n: i for i, n in enumerate(names)},
     }
@@ -428,7 +429,7 @@ def to_hf(model: nn.Module, log: LogFn | Reporter | None = None) -> HFExport:
     config, state = _EXPORTERS[family](model, rep)
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     dtype = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
-    config = {**config, "num_labels": len(config["id2label"]), "dtype": dtype}
+    config = {**config, "dtype": dtype}
     config["vitkit"] = {"version": __version__, "family": family, "architecture": config_to_dict(model.describe())}
     return config, state
 

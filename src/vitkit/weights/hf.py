@@ -224,6 +224,9 @@ def preprocess_from_hf(
     if crop is not None and isinstance(size, dict) and "shortest_edge" in size:
         crop_h = crop["height"] if isinstance(crop, dict) else int(crop)
         crop_fraction = min(1.0, crop_h / int(size["shortest_edge"]))
+    elif crop is not None and isinstance(size, dict) and "height" in size:  # resize to (h, w), then crop (DeiT's)
+        crop_h = crop["height"] if isinstance(crop, dict) else int(crop)
+        crop_fraction = min(1.0, crop_h / int(size["height"]))
     return Preprocess(mean, std, crop_fraction=crop_fraction, interpolation=interpolation, class_names=class_names)
 
 
