@@ -198,19 +198,27 @@ def test_a_failed_check_leaves_the_previous_directory_untouched(tmp_path, monkey
     model = _tiny("convnext")
     save_hf(model, tmp_path / "hf")
     before = (tmp_path / "hf" / "model.safetensors").read_bytes()
-    wrong = export_hf.convnext_to_hf
+    exporters = dict(export_hf._EXPORTERS)
 
     def swapped(m, rep):  # a mapping bug: two blocks' depthwise kernels exchanged
-        config, state = wrong(m, rep)
+        config, state = exporters["convnext"](m, rep)
         a, b = "convnext.encoder.stages.1.layers.0.dwconv.weight", "convnext.encoder.stages.1.layers.1.dwconv.weight"
         state[a], state[b] = state[b], state[a]
         return config, state
 
+    def wrong_eps(m, rep):  # a config bug vitkit's ViT re-import does not read back: only transformers' logits show it
+        config, state = exporters["vit"](m, rep)
+        return {**config, "layer_norm_eps": 0.5}, state
+
     monkeypatch.setitem(export_hf._EXPORTERS, "convnext", swapped)
-    with pytest.raises(ValueError, match="logits differ from vitkit's"):
+    keys = r"\['stages.1.blocks.0.conv_dw.weight', 'stages.1.blocks.1.conv_dw.weight'\]"
+    with pytest.raises(ValueError, match=rf"convnext export does not import back into vitkit unchanged: {keys}"):
         save_hf(model, tmp_path / "hf")
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary directory left
+    monkeypatch.setitem(export_hf._EXPORTERS, "vit", wrong_eps)
+    with pytest.raises(ValueError, match="transformers' logits differ from vitkit's"):
+        save_hf(_tiny("vit"), tmp_path / "vit")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no partial or temporary directory left
     (tmp_path / "hf" / "notes.txt").write_text("mine")
     monkeypatch.undo()
     with pytest.raises(ValueError, match=r"holds files besides .*notes.txt"):

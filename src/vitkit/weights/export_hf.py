@@ -14,6 +14,9 @@ ValueError naming the field and its value; every config field an exporter does n
 and every tensor of the model must be written, so a new option cannot be dropped silently. Fields that only act
 in training (dropout and stochastic-depth rates transformers lacks, initialisation) are written where transformers
 has them and otherwise reported as dropped.
+
+Before the directory is swapped in, the export is read back with vitkit's importer for its model type (tensors bit
+for bit, config fields) and, when transformers is installed, loaded by it and its logits compared with the model's.
 """
 
 from __future__ import annotations
@@ -36,9 +39,10 @@ from vitkit._version import __version__
 from vitkit.models.base import config_to_dict
 from vitkit.weights import hf_swin
 from vitkit.weights._log import LogFn, Reporter, as_reporter
-from vitkit.weights.hf import CONFIG_NAME, PREPROCESSOR_NAME, QKV_KEY, QKV_PARTS
+from vitkit.weights.hf import CONFIG_NAME, PREPROCESSOR_NAME, QKV_KEY, QKV_PARTS, hf_to_timm_state_dict
 from vitkit.weights.hf import KEYS as VIT_KEYS
 from vitkit.weights.hf_convnext import KEYS as CONVNEXT_KEYS
+from vitkit.weights.hf_families import hf_converter
 from vitkit.weights.hf_resnet import KEYS as RESNET_KEYS
 from vitkit.weights.keymap import KeyTable
 
@@ -329,7 +333,7 @@ def convnext_to_hf(model: nn.Module, rep: Reporter) -> HFExport:
     config = {
         "model_type": "convnext",
         "architectures": ["ConvNextForImageClassification"],
-        "image_size": cfg.img_size[0] if cfg.img_size[0] == cfg.img_size[1] else list(cfg.img_size),
+        "image_size": _size(cfg.img_size),
         "num_channels": cfg.in_chans,
         "patch_size": cfg.patch_size,
         "num_stages": len(cfg.depths),
@@ -434,6 +438,36 @@ def to_hf(model: nn.Module, log: LogFn | Reporter | None = None) -> HFExport:
     return config, state
 
 
+def check_reimport(model: nn.Module, config: dict[str, Any], state: dict[str, torch.Tensor]) -> bool:
+    """Read the export back with vitkit's own importer for its model_type: it must give the model's tensors exactly
+    and the config fields the importer reads. A check that needs no transformers. False when vitkit has no
+    importer for the model_type.
+
+    Raises:
+        ValueError: a tensor or field that does not come back as it was (an exporter bug; nothing is written).
+    """
+    model_type = config["model_type"]
+    if model_type == "vit":
+        arch, back = {}, hf_to_timm_state_dict(state)
+    elif (converter := hf_converter(model_type)) is not None:
+        arch, back = converter(state, config)
+    else:
+        return False
+    ours = model.state_dict()
+    wrong = sorted(set(ours) ^ set(back)) or [k for k in ours if not torch.equal(ours[k].cpu(), back[k].cpu())]
+    if wrong:
+        raise ValueError(f"the {model_type} export does not import back into vitkit unchanged: {wrong[:8]}")
+    cfg = config_to_dict(model.describe())
+    arch = json.loads(json.dumps(arch))  # tuples as lists, as in cfg
+    fields = [k for k, v in arch.items() if k in cfg and cfg[k] != v]
+    if fields:
+        raise ValueError(
+            f"the {model_type} export does not import back into vitkit unchanged: "
+            + ", ".join(f"{k}={cfg[k]!r} comes back as {arch[k]!r}" for k in fields)
+        )
+    return True
+
+
 def _check_target(dst: Path) -> None:
     """Refuse a destination whose other files the swap-in of a new directory would delete."""
     if dst.exists() and not dst.is_dir():
@@ -506,6 +540,7 @@ def save_hf(
     dst = Path(directory)
     _check_target(dst)
     config, state = to_hf(model, rep)
+    check_reimport(model, config, state)
     # safetensors refuses shared or non-contiguous storage (q, k and v are views of one qkv matrix).
     state = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     preprocessor = hf_preprocessor_config(model)
