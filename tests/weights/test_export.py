@@ -23,7 +23,6 @@ from vitkit.weights.export_hf import save_hf, to_hf
 from vitkit.weights.export_timm import save_timm
 from vitkit.weights.hf import KEYS as VIT_KEYS
 from vitkit.weights.hf_convnext import KEYS as CONVNEXT_KEYS
-from vitkit.weights.hf_families import hf_families
 from vitkit.weights.hf_resnet import KEYS as RESNET_KEYS
 from vitkit.weights.keymap import KeyRule, KeyTable
 
@@ -96,9 +95,7 @@ def _logits_delta(model, hf, size) -> float:
 def test_hf_export_loads_in_transformers_with_the_same_logits_and_back_in_vitkit(tmp_path, family):
     model = _tiny(family)
     _, cls_name, second = TINY[family]
-    lines = []
-    save_hf(model, tmp_path / "hf", log=lines.append)
-    assert any("same logits" in line for line in lines)  # the writer's own check ran
+    save_hf(model, tmp_path / "hf", verify=False)  # the test compares the logits itself, independently
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == [cls_name] and config["id2label"] == {"0": "ant", "1": "bee", "2": "cat"}
 
@@ -115,9 +112,12 @@ def test_hf_export_loads_in_transformers_with_the_same_logits_and_back_in_vitkit
     if second is not None:  # every Swin stage map exceeds the window at both sizes: no window clamping either side
         assert _logits_delta(model, hf, second) <= TOL
 
-    if config["model_type"] not in ["vit", *hf_families()]:
-        pytest.skip(f"vitkit does not read transformers {config['model_type']!r} directories on this branch")
-    back = vitkit.load_model(tmp_path / "hf").eval()
+    try:
+        back = vitkit.load_model(tmp_path / "hf").eval()
+    except ValueError as e:  # DeiT directories are read once the DeiT importer is in (another branch)
+        if f"model_type={config['model_type']!r} is not supported" not in str(e):
+            raise
+        pytest.skip(f"vitkit does not read transformers {config['model_type']!r} directories yet: {e}")
     assert back.preprocess.class_names == NAMES
     x = torch.randn(2, 3, *(second or model.cfg.img_size))
     with torch.no_grad():
