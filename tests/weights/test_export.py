@@ -56,7 +56,7 @@ TINY = {
     "convnext": (
         lambda: vitkit.create_model("convnext_tiny", img_size=64, depths=(1, 2), dims=(8, 16), num_classes=3),
         "ConvNextForImageClassification",
-        (64, 96),
+        (70, 100),  # not multiples of the stride: every strided layer floors, in both
     ),
     "resnet": (
         lambda: vitkit.create_model(
