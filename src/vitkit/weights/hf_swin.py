@@ -19,7 +19,8 @@ import torch
 
 _DROPPED = ("relative_position_index", "attn_mask")
 
-# transformers block-level names (on disk and live) -> timm block-level names; q/k/v are fused separately.
+# transformers block-level names (on disk and live) -> timm block-level names; q/k/v are fused separately. The
+# exporter (weights/export_hf.py) inverts these tables taking the first name per timm name: list on-disk names first.
 _BLOCK_RENAMES = {
     "layernorm_before.": "norm1.",
     "layernorm_after.": "norm2.",
