@@ -326,6 +326,9 @@ def test_cli_convert_to_hf_and_timm(tmp_path, capsys):
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()) and len(state) == len(
         model.state_dict()
     )
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "native"), "--to", "hf"]) == 2  # a vitkit dir
+    assert "its config.json is not a transformers config" in capsys.readouterr().err
+    assert vitkit.load_model(tmp_path / "native").family == "resnet"  # untouched
     assert main(["convert", str(tmp_path / "native"), str(tmp_path / "w.onnx"), "--to", "timm"]) == 2
     assert "--to timm writes one file" in capsys.readouterr().err
     # A refusal reaches the command line with the field named, and writes nothing.

@@ -39,7 +39,14 @@ from vitkit._version import __version__
 from vitkit.models.base import config_to_dict
 from vitkit.weights import hf_swin
 from vitkit.weights._log import LogFn, Reporter, as_reporter
-from vitkit.weights.hf import CONFIG_NAME, PREPROCESSOR_NAME, QKV_KEY, QKV_PARTS, hf_to_timm_state_dict
+from vitkit.weights.hf import (
+    CONFIG_NAME,
+    PREPROCESSOR_NAME,
+    QKV_KEY,
+    QKV_PARTS,
+    hf_model_type,
+    hf_to_timm_state_dict,
+)
 from vitkit.weights.hf import KEYS as VIT_KEYS
 from vitkit.weights.hf_convnext import KEYS as CONVNEXT_KEYS
 from vitkit.weights.hf_families import hf_converter
@@ -472,6 +479,11 @@ def _check_target(dst: Path) -> None:
     """Refuse a destination whose other files the swap-in of a new directory would delete."""
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"{dst} is a file; --to hf writes a directory ({', '.join(HF_FILES)})")
+    if (dst / CONFIG_NAME).is_file() and hf_model_type(dst) is None:
+        raise ValueError(
+            f"refusing to replace {dst}: its {CONFIG_NAME} is not a transformers config (a vitkit model directory?) "
+            "and would be lost; give a new or empty directory"
+        )
     if dst.is_dir():
         others = sorted(p.name for p in dst.iterdir() if p.name not in HF_FILES)
         if others:
