@@ -1,8 +1,9 @@
 """Weights out: `--to hf` directories that transformers loads with vitkit's logits, `--to timm` files in timm's keys.
 
 Parity: max |delta logits| <= 1e-5 (fp32, eval) between the vitkit model and transformers' `from_pretrained` of the
-exported directory, at the native size (non-square for ViT/DeiT, whose transformers models take only their own
-size) and, for Swin, ConvNeXt and ResNet, at a second, non-square size.
+exported directory, at the native size (non-square 32x48 for ViT/DeiT) and at a second, non-square size: 64x96,
+70x100, 72x100 for Swin, ConvNeXt, ResNet; 48x64 for ViT/DeiT from a square native 32x32 (transformers resamples
+positions only from a square grid, with `interpolate_pos_encoding=True`).
 """
 
 import json
@@ -122,6 +123,19 @@ def test_hf_export_loads_in_transformers_with_the_same_logits_and_back_in_vitkit
     x = torch.randn(2, 3, *(second or model.cfg.img_size))
     with torch.no_grad():
         assert (back(x) - model(x)).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_vit_and_deit_exports_agree_at_another_size_with_interpolated_positions(tmp_path, distilled):
+    # transformers resamples positions only from a square native grid (interpolate_pos_encoding=True).
+    model = _vit(img_size=32, distilled=distilled)
+    randomise_(model, seed=5)
+    model.eval()
+    save_hf(model, tmp_path / "hf", verify=False)
+    hf = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (model(x) - hf(pixel_values=x, interpolate_pos_encoding=True).logits).abs().max().item() <= TOL
 
 
 @pytest.mark.parametrize(
