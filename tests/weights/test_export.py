@@ -25,6 +25,7 @@ from vitkit.weights.export_timm import save_timm
 from vitkit.weights.hf import KEYS as VIT_KEYS
 from vitkit.weights.hf_convnext import KEYS as CONVNEXT_KEYS
 from vitkit.weights.hf_resnet import KEYS as RESNET_KEYS
+from vitkit.weights.hf_swin import KEYS as SWIN_KEYS
 from vitkit.weights.keymap import KeyRule, KeyTable
 
 transformers = pytest.importorskip("transformers")
@@ -354,7 +355,12 @@ def test_cli_convert_to_hf_and_timm(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "table, model",
-    [(VIT_KEYS, lambda: _vit()), (CONVNEXT_KEYS, lambda: _tiny("convnext")), (RESNET_KEYS, lambda: _tiny("resnet"))],
+    [
+        (VIT_KEYS, lambda: _vit()),
+        (SWIN_KEYS, lambda: _tiny("swin")),
+        (CONVNEXT_KEYS, lambda: _tiny("convnext")),
+        (RESNET_KEYS, lambda: _tiny("resnet")),
+    ],  # fmt: skip
 )
 def test_one_key_table_serves_both_directions(table, model):
     for key in model().state_dict():

@@ -5,8 +5,8 @@
 
 Each family registers one exporter `fn(model) -> (config.json dict, on-disk state dict)` with
 `register_hf_exporter`. The key names come from the same tables the importers read (`KEYS` in weights/hf.py,
-hf_convnext.py, hf_resnet.py; the prefix tables of hf_swin.py, inverted), written as transformers'
-`save_pretrained` writes them (its 4.x names, which transformers 5 keeps on disk).
+hf_swin.py, hf_convnext.py, hf_resnet.py), written as transformers' `save_pretrained` writes them (its 4.x names,
+which transformers 5 keeps on disk).
 
 A model transformers cannot represent (register tokens, average pooling with fc_norm, sin-cos positions, SwiGLU,
 RMSNorm, qk-norm, layer scale on a ViT, a replaced head, a non-default epsilon or kernel ...) is refused with a
@@ -37,7 +37,6 @@ from torch import nn
 from vitkit._io import atomic_write_dir
 from vitkit._version import __version__
 from vitkit.models.base import config_to_dict
-from vitkit.weights import hf_swin
 from vitkit.weights._log import LogFn, Reporter, as_reporter
 from vitkit.weights.hf import (
     CONFIG_NAME,
@@ -51,7 +50,8 @@ from vitkit.weights.hf import KEYS as VIT_KEYS
 from vitkit.weights.hf_convnext import KEYS as CONVNEXT_KEYS
 from vitkit.weights.hf_families import hf_converter
 from vitkit.weights.hf_resnet import KEYS as RESNET_KEYS
-from vitkit.weights.keymap import KeyTable
+from vitkit.weights.hf_swin import KEYS as SWIN_KEYS
+from vitkit.weights.hf_swin import QKV_PARTS as SWIN_QKV_PARTS
 
 WEIGHTS_NAME = "model.safetensors"
 HF_FILES = (CONFIG_NAME, WEIGHTS_NAME, PREPROCESSOR_NAME)
@@ -233,40 +233,6 @@ def vit_to_hf(model: nn.Module, rep: Reporter) -> HFExport:
 
 
 # --- Swin ----------------------------------------------------------------------------------------------------------
-def _first_wins(table: dict[str, Any]) -> dict[Any, str]:
-    """Invert an importer's {transformers name: timm name} table; the on-disk name is listed first for each."""
-    inverse: dict[Any, str] = {}
-    for theirs, ours in table.items():
-        inverse.setdefault(ours, theirs)
-    return inverse
-
-
-_SWIN_TOP = _first_wins(hf_swin._TOP)
-_SWIN_BLOCK = _first_wins(hf_swin._BLOCK_RENAMES)
-_SWIN_QKV = _first_wins(hf_swin._QKV)  # 0/1/2 -> "attention.self.query." ...
-_SWIN_LAYOUT = KeyTable(
-    [
-        ("encoder.layers.{s}.blocks.{b}.{rest*}", "layers.{s}.blocks.{b}.{rest}"),
-        ("encoder.layers.{s}.downsample.{rest*}", "layers.{s+1}.downsample.{rest}"),  # the importer's move, reversed
-    ]
-)
-
-
-def _swin_key(key: str) -> str | None:
-    top = next((t for t in _SWIN_TOP if key.startswith(t)), None)
-    if top is not None:
-        return _SWIN_TOP[top] + key[len(top) :]
-    hf = _SWIN_LAYOUT.to_hf(key)
-    if hf is None:
-        return None
-    if ".blocks." not in hf:
-        return hf
-    head, rest = hf.split(".blocks.", 1)
-    block, rest = rest.split(".", 1)
-    part = next((p for p in _SWIN_BLOCK if rest.startswith(p)), None)
-    return None if part is None else f"{head}.blocks.{block}.{_SWIN_BLOCK[part]}{rest[len(part) :]}"
-
-
 def swin_to_hf(model: nn.Module, rep: Reporter) -> HFExport:
     """A SwinTransformer as transformers' `SwinForImageClassification`.
 
@@ -309,11 +275,10 @@ def swin_to_hf(model: nn.Module, rep: Reporter) -> HFExport:
     state = dict(model.state_dict())
     out: dict[str, torch.Tensor] = {}
     for key in [k for k in state if k.endswith((".attn.qkv.weight", ".attn.qkv.bias"))]:
-        hf = _SWIN_LAYOUT.to_hf(key)
-        head, kind = hf.rsplit(".attn.qkv.", 1)
-        for i, tensor in enumerate(state.pop(key).chunk(3, dim=0)):  # (3C, ...) -> q, k, v
-            out[f"swin.{head}.{_SWIN_QKV[i]}{kind}"] = tensor
-    out.update(_rename_all(state, _swin_key, "swin.", "swin"))
+        block, kind = key.rsplit(".attn.qkv.", 1)  # layers.{s}.blocks.{b}, weight/bias
+        for names, tensor in zip(SWIN_QKV_PARTS, state.pop(key).chunk(3, dim=0), strict=True):  # (3C, ...) -> q, k, v
+            out[f"swin.encoder.{block}.{names[0]}{kind}"] = tensor
+    out.update(_rename_all(state, SWIN_KEYS.to_hf, "swin.", "swin"))
     return config, out
 
 
