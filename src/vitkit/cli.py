@@ -18,6 +18,7 @@ from vitkit.explain.maps import HeadFusion, Method
 from vitkit.train.config import Amp, AutoAugment, Monitor, TrainConfig
 from vitkit.train.evaluate import Split
 from vitkit.viz.outputs import VISUALIZATIONS
+from vitkit.weights.convert import TargetFormat
 
 
 def _threads_arg(text: str):
@@ -62,12 +63,20 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# vitkit convert SRC DST_DIR
+# vitkit convert SRC DST [--to vitkit|hf|timm]
 # ----------------------------------------------------------------------------------------------------------------
 def _add_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="convert a timm / Hugging Face / JAX .npz checkpoint to a vitkit directory")
-    p.add_argument("src", help="checkpoint file (.pth .bin .safetensors .npz) or Hugging Face model directory")
-    p.add_argument("dst", help="output directory (config.json + model.safetensors)")
+    p = sub.add_parser(
+        "convert",
+        help="convert a checkpoint (timm / Hugging Face / JAX / vitkit / run) to vitkit, transformers or timm",
+    )
+    p.add_argument("src", help="checkpoint file (.pth .bin .safetensors .npz), model directory or training run")
+    p.add_argument("dst", help="output: a directory (--to vitkit, hf) or a .safetensors/.pth/.pt/.bin file (--to timm)")
+    p.add_argument(
+        "--to", default="vitkit", choices=choices(TargetFormat),
+        help="vitkit: config.json + model.safetensors (default); hf: a transformers directory (from_pretrained "
+        "gives the same logits); timm: a timm-layout state dict file",
+    )  # fmt: skip
     p.add_argument("--model", default=None, help="registered model name, for what shapes cannot decide (heads)")
     p.add_argument("--img-size", type=int, nargs="+", default=None, help="resample positions for this size (H [W])")
     p.add_argument("--num-classes", type=int, default=None, help="replace the head with a new one of this size")
@@ -84,7 +93,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         img_size = tuple(args.img_size) if len(args.img_size) == 2 else (args.img_size[0],) * 2
     model = convert_checkpoint(
         args.src, args.dst, model_name=args.model, log=_printer("convert"), num_classes=args.num_classes,
-        img_size=img_size,
+        img_size=img_size, to=args.to,
     )  # fmt: skip
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.dst} ({n:,} parameters)")
@@ -421,7 +430,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 # ----------------------------------------------------------------------------------------------------------------
 # Per command: library argument -> the flag that sets it.
 _ARG_FLAGS: dict[str, dict[str, str]] = {
-    "convert": {"model_name": "--model", "img_size": "--img-size", "num_classes": "--num-classes"},
+    "convert": {"model_name": "--model", "img_size": "--img-size", "num_classes": "--num-classes", "to": "--to"},
     # Every TrainConfig field: its own flag where it has one (_TRAIN_FLAGS), else --set FIELD.
     "train": {
         "model_name": "--model",

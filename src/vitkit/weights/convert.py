@@ -17,10 +17,14 @@ import torch
 from torch import nn
 
 from vitkit._io import resolve_dir
+from vitkit._validate import check_choice
 from vitkit.models.registry import model_family
 from vitkit.models.serialization import match_state_dtype, read_config, read_safetensors
 from vitkit.runs import describe_checkpoint, is_run_dir, resolve_checkpoint
 from vitkit.weights._log import LogFn, Reporter, as_reporter
+from vitkit.weights.export_hf import save_hf
+from vitkit.weights.export_timm import SUFFIXES as TIMM_SUFFIXES
+from vitkit.weights.export_timm import save_timm
 from vitkit.weights.families import from_family_state_dict
 from vitkit.weights.hf import CONFIG_NAME as HF_CONFIG_NAME
 from vitkit.weights.hf import WEIGHT_FILES as HF_WEIGHT_FILES
@@ -39,6 +43,7 @@ from vitkit.weights.safe_load import file_kind, read_state_dict
 from vitkit.weights.timm import VIT_FAMILIES, as_img_size, empty_model, from_timm_state_dict
 
 SourceFormat = Literal["vitkit", "hf", "jax", "timm"]
+TargetFormat = Literal["vitkit", "hf", "timm"]
 
 
 def _load_native_resized(directory: Path, img_size: int | tuple[int, int], rep: Reporter) -> nn.Module:
@@ -187,26 +192,44 @@ def convert_checkpoint(
     *,
     num_classes: int | None = None,
     img_size: int | tuple[int, int] | None = None,
+    to: TargetFormat = "vitkit",
 ) -> nn.Module:
-    """Import any supported checkpoint and save it as a vitkit directory (config.json + model.safetensors).
+    """Import any supported checkpoint and write it as a vitkit directory, a transformers directory or a timm file.
 
     Args:
         src: anything `load_model` accepts.
-        dst_dir: output directory; it must not hold another tool's config.json (it would be overwritten).
+        dst_dir: output directory (`to="vitkit"`, `"hf"`) or file (`to="timm"`). A vitkit directory must not hold
+            another tool's config.json; a transformers directory must be new or hold only the files it writes.
         model_name: see `load_model`.
         log: receives one line per inference (default `print`).
         num_classes: see `load_model`.
         img_size: see `load_model`.
+        to: "vitkit" (config.json + model.safetensors, every option kept), "hf" (a transformers directory that
+            `from_pretrained` loads with the same logits, see `vitkit.weights.export_hf.save_hf`) or "timm" (a
+            timm-layout state dict file, `.safetensors` or `.pth`/`.pt`/`.bin`, see
+            `vitkit.weights.export_timm.save_timm`).
 
     Returns:
         The loaded model (on the CPU), as saved.
+
+    Raises:
+        ValueError: an unknown `to`, a destination that would destroy other files, or (hf) a model transformers
+            cannot represent, with the field and value named. Nothing is written then.
     """
+    check_choice("to", to, TargetFormat)
     dst = Path(dst_dir)
     cfg = dst / CONFIG_NAME
-    if cfg.is_file() and not is_native_dir(dst):
+    if to == "vitkit" and cfg.is_file() and not is_native_dir(dst):
         raise ValueError(
             f"refusing to write into {dst}: its {CONFIG_NAME} is not a vitkit config and would be replaced"
         )
+    if to == "timm" and dst.suffix not in TIMM_SUFFIXES:  # before the (possibly long) load
+        raise ValueError(f"to='timm' writes one file: {dst} needs one of the suffixes {', '.join(TIMM_SUFFIXES)}")
     model, fmt = _load(src, model_name=model_name, num_classes=num_classes, img_size=img_size, log=log)
-    model.save_pretrained(str(dst), converted_from={"path": str(src), "format": fmt})
+    if to == "hf":
+        save_hf(model, dst, log=log)
+    elif to == "timm":
+        save_timm(model, dst, log=log)
+    else:
+        model.save_pretrained(str(dst), converted_from={"path": str(src), "format": fmt})
     return model

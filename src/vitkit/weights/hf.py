@@ -19,6 +19,7 @@ from vitkit.models.base import INCEPTION_MEAN, INCEPTION_STD, Preprocess
 from vitkit.models.vit import VisionTransformer
 from vitkit.runs import model_config
 from vitkit.weights._log import LogFn, Reporter, as_reporter
+from vitkit.weights.keymap import KeyRule, KeyTable
 from vitkit.weights.safe_load import read_safetensors, read_torch, unwrap_state_dict
 from vitkit.weights.timm import build_vit
 
@@ -35,21 +36,30 @@ SUPPORTED_ARCHITECTURES = ("ViTForImageClassification", "ViTModel")
 # PIL resampling filters as stored in preprocessor_config.json.
 _PIL_FILTERS = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
-# (pattern, replacement) on keys without the "vit." prefix; {i} is the block index. q/k/v are gathered apart.
-_RENAMES = [
-    (r"embeddings\.cls_token", "cls_token"),
-    (r"embeddings\.position_embeddings", "pos_embed"),
-    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
-    (r"(?:encoder\.layer|layers)\.(\d+)\.layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2"),
-    (r"(?:encoder\.layer|layers)\.(\d+)\.layernorm_after\.(weight|bias)", r"blocks.\1.norm2.\2"),
-    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
-    (r"layers\.(\d+)\.attention\.o_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
-    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
-    (r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
-    (r"layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
-    (r"layernorm\.(weight|bias)", r"norm.\1"),
-    (r"classifier\.(weight|bias)", r"head.\1"),
-]
+_W = "{w:weight|bias}"
+# transformers key (without the "vit." prefix) <-> timm key; {i} is the block index. Read by the importer and the
+# exporter (weights/export_hf.py); the import-only rules are transformers 5's live module names. q/k/v apart.
+KEYS = KeyTable(
+    [
+        ("embeddings.cls_token", "cls_token"),
+        ("embeddings.position_embeddings", "pos_embed"),
+        (f"embeddings.patch_embeddings.projection.{_W}", "patch_embed.proj.{w}"),
+        (f"encoder.layer.{{i}}.layernorm_before.{_W}", "blocks.{i}.norm1.{w}"),
+        KeyRule(f"layers.{{i}}.layernorm_before.{_W}", "blocks.{i}.norm1.{w}", export=False),
+        (f"encoder.layer.{{i}}.layernorm_after.{_W}", "blocks.{i}.norm2.{w}"),
+        KeyRule(f"layers.{{i}}.layernorm_after.{_W}", "blocks.{i}.norm2.{w}", export=False),
+        (f"encoder.layer.{{i}}.attention.output.dense.{_W}", "blocks.{i}.attn.proj.{w}"),
+        KeyRule(f"layers.{{i}}.attention.o_proj.{_W}", "blocks.{i}.attn.proj.{w}", export=False),
+        (f"encoder.layer.{{i}}.intermediate.dense.{_W}", "blocks.{i}.mlp.fc1.{w}"),
+        (f"encoder.layer.{{i}}.output.dense.{_W}", "blocks.{i}.mlp.fc2.{w}"),
+        KeyRule(f"layers.{{i}}.mlp.{{fc:fc1|fc2}}.{_W}", "blocks.{i}.mlp.{fc}.{w}", export=False),
+        (f"layernorm.{_W}", "norm.{w}"),
+        (f"classifier.{_W}", "head.{w}"),
+    ]
+)
+# The on-disk names of the three projections that timm fuses into `blocks.{i}.attn.qkv`, in that order.
+QKV_PARTS = ("query", "key", "value")
+QKV_KEY = "encoder.layer.{i}.attention.attention.{part}.{w}"
 _QKV = [
     re.compile(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)"),
     re.compile(r"layers\.(\d+)\.attention\.(q|k|v)_proj\.(weight|bias)"),
@@ -89,12 +99,11 @@ def hf_to_timm_state_dict(
         if m:
             qkv.setdefault((m.group(1), m.group(3)), {})[_QKV_ORDER[m.group(2)]] = value
             continue
-        for pattern, repl in _RENAMES:
-            if re.fullmatch(pattern, k):
-                out[re.sub(pattern, repl, k)] = value
-                break
-        else:
+        new = KEYS.to_timm(k)
+        if new is None:
             unknown.append(key)
+        else:
+            out[new] = value
     if unknown:
         raise ValueError(
             f"{source}: keys with no counterpart in vitkit's VisionTransformer ({len(unknown)}): {sorted(unknown)}"
@@ -215,6 +224,9 @@ def preprocess_from_hf(
     if crop is not None and isinstance(size, dict) and "shortest_edge" in size:
         crop_h = crop["height"] if isinstance(crop, dict) else int(crop)
         crop_fraction = min(1.0, crop_h / int(size["shortest_edge"]))
+    elif crop is not None and isinstance(size, dict) and "height" in size:  # resize to (h, w), then crop (DeiT's)
+        crop_h = crop["height"] if isinstance(crop, dict) else int(crop)
+        crop_fraction = min(1.0, crop_h / int(size["height"]))
     return Preprocess(mean, std, crop_fraction=crop_fraction, interpolation=interpolation, class_names=class_names)
 
 

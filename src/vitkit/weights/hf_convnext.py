@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from vitkit.weights.keymap import KeyTable
+
 SUPPORTED_ARCHITECTURES = ("ConvNextForImageClassification", "ConvNextModel")
 # transformers' `hidden_act` -> vitkit activation name (vitkit.layers.create); gelu_new is the tanh approximation.
 _ACTS = {
@@ -24,20 +26,22 @@ _ACTS = {
     "silu": "silu",
     "swish": "silu",
 }
-_W = r"(weight|bias)"
-# (pattern, replacement) on keys without the "convnext." prefix.
-_RENAMES = [
-    (rf"embeddings\.patch_embeddings\.{_W}", r"stem.0.\1"),
-    (rf"embeddings\.layernorm\.{_W}", r"stem.1.\1"),
-    (rf"encoder\.stages\.(\d+)\.downsampling_layer\.([01])\.{_W}", r"stages.\1.downsample.\2.\3"),
-    (rf"encoder\.stages\.(\d+)\.layers\.(\d+)\.dwconv\.{_W}", r"stages.\1.blocks.\2.conv_dw.\3"),
-    (rf"encoder\.stages\.(\d+)\.layers\.(\d+)\.layernorm\.{_W}", r"stages.\1.blocks.\2.norm.\3"),
-    (rf"encoder\.stages\.(\d+)\.layers\.(\d+)\.pwconv1\.{_W}", r"stages.\1.blocks.\2.mlp.fc1.\3"),
-    (rf"encoder\.stages\.(\d+)\.layers\.(\d+)\.pwconv2\.{_W}", r"stages.\1.blocks.\2.mlp.fc2.\3"),
-    (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer_scale_parameter", r"stages.\1.blocks.\2.gamma"),
-    (rf"layernorm\.{_W}", r"head.norm.\1"),
-    (rf"classifier\.{_W}", r"head.fc.\1"),
-]
+_W = "{w:weight|bias}"
+# transformers key (without the "convnext." prefix) <-> timm key; read by the importer and the exporter.
+KEYS = KeyTable(
+    [
+        (f"embeddings.patch_embeddings.{_W}", "stem.0.{w}"),
+        (f"embeddings.layernorm.{_W}", "stem.1.{w}"),
+        (f"encoder.stages.{{s}}.downsampling_layer.{{d:0|1}}.{_W}", "stages.{s}.downsample.{d}.{w}"),
+        (f"encoder.stages.{{s}}.layers.{{b}}.dwconv.{_W}", "stages.{s}.blocks.{b}.conv_dw.{w}"),
+        (f"encoder.stages.{{s}}.layers.{{b}}.layernorm.{_W}", "stages.{s}.blocks.{b}.norm.{w}"),
+        (f"encoder.stages.{{s}}.layers.{{b}}.pwconv1.{_W}", "stages.{s}.blocks.{b}.mlp.fc1.{w}"),
+        (f"encoder.stages.{{s}}.layers.{{b}}.pwconv2.{_W}", "stages.{s}.blocks.{b}.mlp.fc2.{w}"),
+        ("encoder.stages.{s}.layers.{b}.layer_scale_parameter", "stages.{s}.blocks.{b}.gamma"),
+        (f"layernorm.{_W}", "head.norm.{w}"),
+        (f"classifier.{_W}", "head.fc.{w}"),
+    ]
+)
 # Norm parameters in old checkpoints may be named gamma/beta (TF-era names transformers still renames on load).
 _LEGACY = [(re.compile(r"\.gamma$"), ".weight"), (re.compile(r"\.beta$"), ".bias")]
 
@@ -72,17 +76,13 @@ def hf_convnext_to_timm(
         k = key.removeprefix("convnext.")
         for old, new in _LEGACY:
             k = old.sub(new, k)
-        for pattern, repl in _RENAMES:
-            if re.fullmatch(pattern, k):
-                new = re.sub(pattern, repl, k)
-                if new in out:
-                    raise ValueError(
-                        f"two keys map to {new!r} (one of them is {key!r}): a legacy gamma/beta duplicate?"
-                    )
-                out[new] = value
-                break
-        else:
+        new = KEYS.to_timm(k)
+        if new is None:
             unknown.append(key)
+            continue
+        if new in out:
+            raise ValueError(f"two keys map to {new!r} (one of them is {key!r}): a legacy gamma/beta duplicate?")
+        out[new] = value
     if unknown:
         raise ValueError(f"keys with no counterpart in vitkit's ConvNeXt ({len(unknown)}): {sorted(unknown)}")
 

@@ -41,6 +41,13 @@ def hf_families() -> list[str]:
     return sorted(_HF_FAMILIES)
 
 
+def hf_converter(model_type: str) -> Converter | None:
+    """The converter registered for a transformers `model_type` (None when there is none), e.g. for the
+    exporters' check that an export reads back unchanged."""
+    entry = _HF_FAMILIES.get(model_type)
+    return None if entry is None else entry[1]
+
+
 def load_hf_family(
     directory: str | os.PathLike, *, img_size: int | tuple[int, int] | None = None, log: LogFn | Reporter | None = None
 ) -> nn.Module:

@@ -16,41 +16,27 @@ converter. Wiring into `vitkit.load_model` lives in `weights/convert.py` / `weig
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-_BN_FIELDS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-_CONV_BN = re.compile(r"(.+)\.(convolution|normalization)\.(\w+)")
-_BLOCK_LAYER = re.compile(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)")
-_SHORTCUT = re.compile(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut")
-_CLASSIFIER = re.compile(r"classifier\.1\.(weight|bias)")
+from vitkit.weights.keymap import KeyTable
 
-
-def _rename(key: str) -> str | None:
-    """The timm name of one transformers key (without "resnet."), or None when the key is not understood."""
-    if m := _CLASSIFIER.fullmatch(key):
-        return f"fc.{m.group(1)}"
-    m = _CONV_BN.fullmatch(key)
-    if m is None:
-        return None
-    where, kind, field = m.groups()
-    conv = kind == "convolution"
-    if field not in (("weight",) if conv else _BN_FIELDS):  # the convolutions have no bias
-        return None
-    if where == "embedder.embedder":
-        module = "conv1" if conv else "bn1"
-    elif m := _BLOCK_LAYER.fullmatch(where):
-        s, b, j = (int(g) for g in m.groups())
-        module = f"layer{s + 1}.{b}.{'conv' if conv else 'bn'}{j + 1}"
-    elif m := _SHORTCUT.fullmatch(where):
-        s, b = (int(g) for g in m.groups())
-        module = f"layer{s + 1}.{b}.downsample.{0 if conv else 1}"
-    else:
-        return None
-    return f"{module}.{field}"
+_BN = "{f:weight|bias|running_mean|running_var|num_batches_tracked}"
+# transformers key (without "resnet.") <-> timm/torchvision key; the convolutions have no bias. Read by the importer
+# and the exporter (weights/export_hf.py).
+KEYS = KeyTable(
+    [
+        ("embedder.embedder.convolution.weight", "conv1.weight"),
+        (f"embedder.embedder.normalization.{_BN}", "bn1.{f}"),
+        ("encoder.stages.{s}.layers.{b}.layer.{j}.convolution.weight", "layer{s+1}.{b}.conv{j+1}.weight"),
+        (f"encoder.stages.{{s}}.layers.{{b}}.layer.{{j}}.normalization.{_BN}", "layer{s+1}.{b}.bn{j+1}.{f}"),
+        ("encoder.stages.{s}.layers.{b}.shortcut.convolution.weight", "layer{s+1}.{b}.downsample.0.weight"),
+        (f"encoder.stages.{{s}}.layers.{{b}}.shortcut.normalization.{_BN}", "layer{s+1}.{b}.downsample.1.{f}"),
+        ("classifier.1.{w:weight|bias}", "fc.{w}"),
+    ]
+)
 
 
 def hf_resnet_to_timm(
@@ -107,7 +93,7 @@ def hf_resnet_to_timm(
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state.items():
-        name = _rename(key.removeprefix("resnet."))
+        name = KEYS.to_timm(key.removeprefix("resnet."))
         if name is None:
             unknown.append(key)
         else:

@@ -17,37 +17,43 @@ from typing import Any
 
 import torch
 
+from vitkit.weights.keymap import KeyRule, KeyTable
+
 _DROPPED = ("relative_position_index", "attn_mask")
 
-# transformers block-level names (on disk and live) -> timm block-level names; q/k/v are fused separately.
-_BLOCK_RENAMES = {
-    "layernorm_before.": "norm1.",
-    "layernorm_after.": "norm2.",
-    "attention.output.dense.": "attn.proj.",
-    "attention.o_proj.": "attn.proj.",
-    "attention.self.relative_position_bias_table": "attn.relative_position_bias_table",
-    "attention.relative_position_bias.relative_position_bias_table": "attn.relative_position_bias_table",
-    "intermediate.dense.": "mlp.fc1.",
-    "output.dense.": "mlp.fc2.",
-    "mlp.fc1.": "mlp.fc1.",
-    "mlp.fc2.": "mlp.fc2.",
-}
-_QKV = {  # transformers q/k/v projection names (disk, live) -> position in timm's fused qkv
-    "attention.self.query.": 0,
-    "attention.self.key.": 1,
-    "attention.self.value.": 2,
-    "attention.q_proj.": 0,
-    "attention.k_proj.": 1,
-    "attention.v_proj.": 2,
-}
+_W = "{w:weight|bias}"
+_B, _T = "encoder.layers.{s}.blocks.{b}.", "layers.{s}.blocks.{b}."  # a block, in transformers and in timm
+# transformers key (without "swin.") <-> timm key; read by the importer and the exporter (weights/export_hf.py). The
+# import-only rules are transformers 5's live module names. q/k/v are fused separately (QKV_PARTS).
+KEYS = KeyTable(
+    [
+        (f"embeddings.patch_embeddings.projection.{_W}", "patch_embed.proj.{w}"),
+        (f"embeddings.norm.{_W}", "patch_embed.norm.{w}"),
+        (f"layernorm.{_W}", "norm.{w}"),
+        (f"classifier.{_W}", "head.fc.{w}"),
+        # The patch merging at the end of transformers' stage i starts timm's stage i + 1.
+        ("encoder.layers.{s}.downsample.{rest*}", "layers.{s+1}.downsample.{rest}"),
+        (f"{_B}layernorm_before.{_W}", _T + "norm1.{w}"),
+        (f"{_B}layernorm_after.{_W}", _T + "norm2.{w}"),
+        (f"{_B}attention.output.dense.{_W}", _T + "attn.proj.{w}"),
+        KeyRule(f"{_B}attention.o_proj.{_W}", _T + "attn.proj.{w}", export=False),
+        (_B + "attention.self.relative_position_bias_table", _T + "attn.relative_position_bias_table"),
+        KeyRule(
+            _B + "attention.relative_position_bias.relative_position_bias_table",
+            _T + "attn.relative_position_bias_table",
+            export=False,
+        ),
+        (f"{_B}intermediate.dense.{_W}", _T + "mlp.fc1.{w}"),
+        (f"{_B}output.dense.{_W}", _T + "mlp.fc2.{w}"),
+        KeyRule(f"{_B}mlp.{{fc:fc1|fc2}}.{_W}", _T + "mlp.{fc}.{w}", export=False),
+    ]
+)
+# The projections timm fuses into `attn.qkv`, in its order: on-disk names (written by the exporter), then transformers
+# 5's live names.
+QKV_PARTS = (("attention.self.query.", "attention.q_proj."), ("attention.self.key.", "attention.k_proj."),
+             ("attention.self.value.", "attention.v_proj."))  # fmt: skip
+_QKV = {name: i for i, names in enumerate(QKV_PARTS) for name in names}
 _BLOCK = re.compile(r"^encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)$")
-_DOWNSAMPLE = re.compile(r"^encoder\.layers\.(\d+)\.downsample\.(.+)$")
-_TOP = {
-    "embeddings.patch_embeddings.projection.": "patch_embed.proj.",
-    "embeddings.norm.": "patch_embed.norm.",
-    "layernorm.": "norm.",
-    "classifier.": "head.fc.",
-}
 
 
 def arch_from_hf_swin_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -118,27 +124,17 @@ def hf_swin_to_timm(
             continue
         if k.startswith("embeddings.mask_token"):
             continue  # masked-image-modelling token: no part of a classifier
-        top = next((t for t in _TOP if k.startswith(t)), None)
-        if top is not None:
-            out[_TOP[top] + k[len(top) :]] = value
-            continue
-        m = _DOWNSAMPLE.match(k)
-        if m:  # end of transformers' stage i = start of timm's stage i + 1
-            out[f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}"] = value
-            continue
         m = _BLOCK.match(k)
-        if m:
-            prefix, rest = f"layers.{m.group(1)}.blocks.{m.group(2)}.", m.group(3)
-            part = next((p for p in _QKV if rest.startswith(p)), None)
-            if part is not None:
-                kind = rest[len(part) :]  # "weight" or "bias"
-                qkv.setdefault(prefix + "attn.qkv." + kind, {})[_QKV[part]] = value
-                continue
-            ren = next((r for r in _BLOCK_RENAMES if rest.startswith(r)), None)
-            if ren is not None:
-                out[prefix + _BLOCK_RENAMES[ren] + rest[len(ren) :]] = value
-                continue
-        unknown.append(key)
+        part = next((p for p in _QKV if m.group(3).startswith(p)), None) if m else None
+        if part is not None:
+            kind = m.group(3)[len(part) :]  # "weight" or "bias"
+            qkv.setdefault(f"layers.{m.group(1)}.blocks.{m.group(2)}.attn.qkv.{kind}", {})[_QKV[part]] = value
+            continue
+        new = KEYS.to_timm(k)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
     if unknown:
         raise ValueError(
             f"unknown transformers Swin keys (not converted): {unknown[:8]}{' ...' if len(unknown) > 8 else ''}"
