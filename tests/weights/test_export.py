@@ -33,15 +33,22 @@ TOL = 1e-5
 NAMES = ["ant", "bee", "cat"]
 
 
+_VIT_ARCH = dict(img_size=(32, 48), patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+
+
 def _vit(**kw):
-    arch = dict(img_size=(32, 48), patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
-    return vitkit.VisionTransformer(**{**arch, **kw})
+    return vitkit.VisionTransformer(**{**_VIT_ARCH, **kw})
 
 
 # family -> (tiny vitkit model, transformers class, second (H, W) or None). Sizes: the native one, then another.
 TINY = {
     "vit": (lambda: _vit(), "ViTForImageClassification", None),
     "deit": (lambda: _vit(distilled=True), "DeiTForImageClassificationWithTeacher", None),
+    "deit_one_head": (  # the DeiT family's dist_head=False: a distillation token, one classifier
+        lambda: vitkit.models.DeiT(**_VIT_ARCH, distilled=True, dist_head=False),
+        "DeiTForImageClassification",
+        None,
+    ),
     "swin": (
         lambda: vitkit.create_model(
             "swin_tiny_patch4_window7_224",
@@ -114,12 +121,7 @@ def test_hf_export_loads_in_transformers_with_the_same_logits_and_back_in_vitkit
     if second is not None:  # every Swin stage map exceeds the window at both sizes: no window clamping either side
         assert _logits_delta(model, hf, second) <= TOL
 
-    try:
-        back = vitkit.load_model(tmp_path / "hf").eval()
-    except ValueError as e:  # DeiT directories are read once the DeiT importer is in (another branch)
-        if f"model_type={config['model_type']!r} is not supported" not in str(e):
-            raise
-        pytest.skip(f"vitkit does not read transformers {config['model_type']!r} directories yet: {e}")
+    back = vitkit.load_model(tmp_path / "hf").eval()
     assert back.preprocess.class_names == NAMES
     x = torch.randn(2, 3, *(second or model.cfg.img_size))
     with torch.no_grad():

@@ -153,7 +153,7 @@ _VIT_HANDLED = {
     "img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
     "qk_norm", "class_token", "reg_tokens", "distilled", "pool", "pos_embed", "fc_norm", "drop_rate",
     "attn_drop_rate", "drop_path_rate", "head_drop_rate", "init_values", "norm_eps", "attn_layer", "attn_args",
-    "mlp_layer", "act_layer", "norm_layer", "embed_layer",
+    "mlp_layer", "act_layer", "norm_layer", "embed_layer", "dist_head",
 }  # fmt: skip
 
 
@@ -183,7 +183,8 @@ def _check_vit(cfg: Any) -> None:
 
 def vit_to_hf(model: nn.Module, rep: Reporter) -> HFExport:
     """A VisionTransformer as `ViTForImageClassification` or, with `cfg.distilled`, as transformers' DeiT
-    `DeiTForImageClassificationWithTeacher` (class and distillation heads, logits averaged as in vitkit).
+    `DeiTForImageClassificationWithTeacher` (class and distillation heads, logits averaged as in vitkit), or
+    `DeiTForImageClassification` for a DeiT with `dist_head=False` (one classifier, on the class token).
 
     Raises:
         ValueError: a config field with no transformers counterpart (named with its value), or a head that
@@ -194,10 +195,17 @@ def vit_to_hf(model: nn.Module, rep: Reporter) -> HFExport:
     _check_vit(cfg)
     _dropped_training_fields(cfg, ("drop_path_rate", "head_drop_rate"), rep)
     distilled = bool(cfg.distilled)
+    dist_head = distilled and bool(getattr(cfg, "has_dist_head", distilled))  # DeiTConfig may drop that head
     model_type, prefix = ("deit", "deit.") if distilled else ("vit", "vit.")
+    if not distilled:
+        architecture = "ViTForImageClassification"
+    elif dist_head:
+        architecture = "DeiTForImageClassificationWithTeacher"
+    else:  # a distillation token but one classifier on the class token
+        architecture = "DeiTForImageClassification"
     config = {
         "model_type": model_type,
-        "architectures": ["DeiTForImageClassificationWithTeacher" if distilled else "ViTForImageClassification"],
+        "architectures": [architecture],
         "hidden_size": cfg.embed_dim,
         "num_hidden_layers": cfg.depth,
         "num_attention_heads": cfg.num_heads,
@@ -216,7 +224,8 @@ def vit_to_hf(model: nn.Module, rep: Reporter) -> HFExport:
 
     def rename(key: str) -> str | None:
         if distilled:  # the distillation token and the two heads have DeiT's names
-            for ours, theirs in (("dist_token", "embeddings.distillation_token"), ("head.", "cls_classifier."),
+            head = "cls_classifier." if dist_head else "classifier."
+            for ours, theirs in (("dist_token", "embeddings.distillation_token"), ("head.", head),
                                  ("head_dist.", "distillation_classifier.")):  # fmt: skip
                 if key.startswith(ours):
                     return theirs + key[len(ours) :]
