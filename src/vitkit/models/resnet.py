@@ -97,6 +97,9 @@ def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tenso
     Folding rounds differently from two passes: max |delta| about 1e-6 of the output's magnitude in fp32.
     """
     if bn.training or torch.is_grad_enabled() or bn.running_mean is None or bn.running_var is None:
+        if bn.training:
+            # BatchNorm's kernel moves the running statistics without bumping their version counters.
+            bn.__dict__.pop("_folded", None)
         return bn(conv(x))
     weight, bias = folded_conv_bn(conv, bn, x.is_contiguous(memory_format=torch.channels_last))
     return conv._conv_forward(x, weight, bias)
@@ -105,11 +108,14 @@ def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tenso
 def folded_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of one convolution equal to eval-mode `bn(conv(x))`, cached on `bn` while its inputs hold.
 
-    w' = w * gamma / sqrt(var + eps), b' = beta + (b - mean) * gamma / sqrt(var + eps), computed in fp32 and cast
-    to the weight's dtype. The cache keeps the tensors it was made from (so their memory cannot be reused by others)
-    and their version counters: any in-place change (optimizer step, `load_state_dict`, `copy_`), a replaced
-    tensor (`.to()`, assignment) or another eps or memory format makes it stale, and it is rebuilt on the next call.
-    It is not in `state_dict` and never used in training or with autograd on.
+    w' = w * gamma / sqrt(var + eps), b' = beta + (b - mean) * gamma / sqrt(var + eps), computed in fp32 (fp64
+    for fp64 weights) and cast to the weight's dtype. The cache keeps the tensors it was made from (so their memory
+    cannot be reused by others) and their version counters: any in-place change (optimizer step,
+    `load_state_dict`, `copy_`, `nn.init`), a replaced tensor (`.to()`, assignment) or another eps or memory format
+    makes it stale, and it is rebuilt on the next call; a forward in training mode (which moves the running
+    statistics without a version bump) drops it. It is not in `state_dict` and never used in training or with
+    autograd on. The one change it cannot see is a write through `.data` (`conv.weight.data.copy_(w)`), which
+    bypasses version counters; checking the weights' values on every call would cost about what the fold saves.
     """
     sources = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
     if conv.bias is not None:
@@ -120,15 +126,16 @@ def folded_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, channels_last: bool) -> 
         return cache[2], cache[3]
     with torch.no_grad():
         w = conv.weight
-        scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+        acc = torch.promote_types(w.dtype, torch.float32)  # fp32 for fp16/bf16 weights, fp64 stays fp64
+        scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
         if bn.weight is not None:
-            scale = scale * bn.weight.float()
-        bias = -bn.running_mean.float() * scale
+            scale = scale * bn.weight.to(acc)
+        bias = -bn.running_mean.to(acc) * scale
         if conv.bias is not None:
-            bias = bias + conv.bias.float() * scale
+            bias = bias + conv.bias.to(acc) * scale
         if bn.bias is not None:
-            bias = bias + bn.bias.float()
-        weight = (w.float() * scale.view(-1, 1, 1, 1)).to(w.dtype)
+            bias = bias + bn.bias.to(acc)
+        weight = (w.to(acc) * scale.view(-1, 1, 1, 1)).to(w.dtype)
         if channels_last:  # the layout oneDNN wants for a channels-last input: no reorder per call
             weight = weight.contiguous(memory_format=torch.channels_last)
         bias = bias.to(w.dtype)
