@@ -97,6 +97,18 @@ def test_resnet_fold_is_rebuilt_after_every_kind_of_weight_change():
     assert (_fast(model, x.double()) - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
 
 
+def test_resnet_weights_made_in_inference_mode_run_unfolded():
+    model = _resnet()
+    x = torch.randn(2, 3, 40, 40)
+    with torch.inference_mode():
+        model.to(torch.float64)  # inference tensors: no version counter to validate a fold against
+        out = model(x.double())
+        model.layer1[0].conv1.weight.mul_(2.0)  # allowed on inference tensors, invisible to a version check
+        again = model(x.double())
+    assert all(f is None for f in _folds(model))
+    assert not torch.equal(out, again)
+
+
 def test_resnet_fold_leaves_state_dict_training_and_gradients_alone():
     model = _resnet()
     keys = list(model.state_dict())

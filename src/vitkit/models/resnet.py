@@ -96,7 +96,10 @@ def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tenso
 
     Folding rounds differently from two passes: max |delta| about 1e-6 of the output's magnitude in fp32.
     """
-    if bn.training or torch.is_grad_enabled() or bn.running_mean is None or bn.running_var is None:
+    plain = bn.training or torch.is_grad_enabled() or bn.running_mean is None or bn.running_var is None
+    # Weights made inside `torch.inference_mode` (e.g. `model.to(dtype)` there) keep no version counter, so a fold
+    # of them could not tell when it went stale: such a model runs unfolded.
+    if plain or any(t.is_inference() for t in (conv.weight, bn.weight, bn.running_mean) if t is not None):
         if bn.training:
             # BatchNorm's kernel moves the running statistics without bumping their version counters.
             bn.__dict__.pop("_folded", None)
