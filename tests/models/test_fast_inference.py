@@ -157,6 +157,23 @@ def test_convnext_channels_last_inference_matches_and_returns_contiguous_maps():
     assert feats.shape == ref_feats.shape and (feats - ref_feats).abs().max().item() <= 1e-5 * ref_feats.abs().max()
 
 
+def test_convnext_low_precision_depthwise_convolution_runs_in_fp32_and_rounds_once():
+    torch.manual_seed(0)
+    model = ConvNeXt(depths=(1, 1), dims=(8, 16), num_classes=4, ls_init_value=0.5).eval().to(torch.bfloat16)
+    block = model.stages[0].blocks[0]
+    x = torch.randn(2, 8, 12, 12).to(torch.bfloat16)
+    conv = block.conv_dw
+    want = torch.nn.functional.conv2d(x.float(), conv.weight.float(), conv.bias.float(), padding=3, groups=8)
+    with torch.no_grad():
+        got = block._depthwise(x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
+    native = conv(x).detach()  # autograd on: PyTorch's own bf16 kernel
+    assert (got.float() - native.float()).abs().max().item() <= 2**-7 * native.float().abs().max().item()
+    images = torch.randn(2, 3, 64, 64).to(torch.bfloat16)
+    ref = _plain(model, images).float()
+    assert (_fast(model, images).float() - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Swin: cached attention bias + shift mask, roll and partition as one gather
 # ----------------------------------------------------------------------------------------------------------------
