@@ -128,9 +128,20 @@ class ConvNeXtBlock(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), float(ls_init_value))) if ls_init_value is not None else None
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
+    def _depthwise(self, x: torch.Tensor) -> torch.Tensor:
+        """The 7x7 depthwise convolution. At inference on CPU, bf16/fp16 maps are convolved in fp32 and rounded
+        back once: PyTorch's CPU has no low-precision depthwise kernel on processors without bf16 instructions and
+        falls back to a per-channel generic loop (~85x slower here), while fp32 holds every bf16/fp16 input
+        exactly. Outputs differ from that loop's by at most one rounding step of the low-precision type."""
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled():
+            conv = self.conv_dw
+            bias = None if conv.bias is None else conv.bias.float()
+            return conv._conv_forward(x.float(), conv.weight.float(), bias).to(x.dtype)
+        return self.conv_dw(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        x = self.conv_dw(x).permute(0, 2, 3, 1)  # (B, H, W, C)
+        x = self._depthwise(x).permute(0, 2, 3, 1)  # (B, H, W, C)
         x = self.mlp(self.norm(x))
         if self.gamma is not None:
             x = x * self.gamma
@@ -248,13 +259,28 @@ class ConvNeXt(ContractMixin, nn.Module):
             x = checkpoint(blk, x, use_reentrant=False) if use_ckpt else blk(x)
         return x
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> the last stage's map (B, num_features, H / 32, W / 32) (sides floored)."""
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        """Checked images (B, C, H, W) -> the stem's map (B, dims[0], H / 4, W / 4).
+
+        On the inference path (eval mode, no autograd) the maps are channels-last from here on: each block's
+        (B, C, H, W) <-> (B, H, W, C) permutes around its LayerNorm and MLP, and LayerNorm2d's, become free views
+        instead of copies, and oneDNN's convolutions take that layout as it is. Values are bit-identical (the same
+        kernels on the same numbers); the public outputs are made contiguous again.
+        """
         self._check_input(x)
-        x = self.stem(x)  # (B, dims[0], H / 4, W / 4)
+        if not self.training and not torch.is_grad_enabled():
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.stem(x)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._stem(x)  # (B, dims[0], H / 4, W / 4)
         for i in range(len(self.stages)):
             x = self._run_stage(i, x)
-        return x
+        return x  # channels-last on the inference path
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> the last stage's map (B, num_features, H / 32, W / 32) (sides floored)."""
+        return self._features(x).contiguous()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Map (B, C, H', W') -> logits (B, classes), or the pooled, normalised features (B, C) when `pre_logits`."""
@@ -262,7 +288,7 @@ class ConvNeXt(ContractMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> logits (B, classes)."""
-        return self.forward_head(self.forward_features(x))
+        return self.forward_head(self._features(x))
 
     def forward_intermediates(
         self, x: torch.Tensor, indices: int | Sequence[int] | None = None, as_maps: bool = True, norm: bool = False
@@ -281,13 +307,13 @@ class ConvNeXt(ContractMixin, nn.Module):
         """
         depth = len(self.stages)
         wanted = resolve_intermediates(indices, depth, "stage")
-        self._check_input(x)
-        x = self.stem(x)
+        x = self._stem(x)
         outs = []
         for i in range(max(wanted) + 1):  # stop after the last wanted stage
             x = self._run_stage(i, x)
             if i in wanted:
-                outs.append(x if as_maps else x.flatten(2).transpose(1, 2))  # (B, C, H', W') or (B, H'*W', C)
+                y = x.contiguous()
+                outs.append(y if as_maps else y.flatten(2).transpose(1, 2))  # (B, C, H', W') or (B, H'*W', C)
         return outs
 
     # --- the contract's metadata ----------------------------------------------------------------------------

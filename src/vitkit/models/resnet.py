@@ -82,6 +82,72 @@ class ResNetConfig:
 # ----------------------------------------------------------------------------------------------------------------
 # Parts
 # ----------------------------------------------------------------------------------------------------------------
+def fast_inference(module: nn.Module) -> bool:
+    """Whether `module` runs the inference path: eval mode and no autograd (`torch.no_grad` / `inference_mode`).
+
+    Only then are BatchNorms folded into their convolutions and maps kept channels-last: with autograd on (training,
+    or gradients through an eval model as Grad-CAM takes them) the model runs its layers as they are.
+    """
+    return not module.training and not torch.is_grad_enabled()
+
+
+def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """`bn(conv(x))`; on the inference path one convolution with the BatchNorm folded in (`folded_conv_bn`).
+
+    Folding rounds differently from two passes: max |delta| about 1e-6 of the output's magnitude in fp32.
+    """
+    plain = bn.training or torch.is_grad_enabled() or bn.running_mean is None or bn.running_var is None
+    # Weights made inside `torch.inference_mode` (e.g. `model.to(dtype)` there) keep no version counter, so a fold
+    # of them could not tell when it went stale: such a model runs unfolded.
+    if plain or any(t.is_inference() for t in (conv.weight, bn.weight, bn.running_mean) if t is not None):
+        if bn.training:
+            # BatchNorm's kernel moves the running statistics without bumping their version counters.
+            bn.__dict__.pop("_folded", None)
+        return bn(conv(x))
+    weight, bias = folded_conv_bn(conv, bn, x.is_contiguous(memory_format=torch.channels_last))
+    return conv._conv_forward(x, weight, bias)
+
+
+def folded_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of one convolution equal to eval-mode `bn(conv(x))`, cached on `bn` while its inputs hold.
+
+    w' = w * gamma / sqrt(var + eps), b' = beta + (b - mean) * gamma / sqrt(var + eps), computed in fp32 (fp64
+    for fp64 weights) and cast to the weight's dtype. The cache keeps the tensors it was made from (so their memory
+    cannot be reused by others) and their version counters: any in-place change (optimizer step,
+    `load_state_dict`, `copy_`, `nn.init`), a replaced tensor (`.to()`, assignment) or another eps or memory format
+    makes it stale, and it is rebuilt on the next call; a forward in training mode (which moves the running
+    statistics without a version bump) drops it. It is not in `state_dict` and never used in training or with
+    autograd on. The one change it cannot see is a write through `.data` (`conv.weight.data.copy_(w)`), which
+    bypasses version counters; checking the weights' values on every call would cost about what the fold saves.
+    """
+    sources = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    if conv.bias is not None:
+        sources.append(conv.bias)
+    key = (bn.eps, channels_last, [(t.data_ptr(), t._version) if t is not None else None for t in sources])
+    cache = bn.__dict__.get("_folded")
+    if cache is not None and cache[0] == key:
+        return cache[2], cache[3]
+    with torch.no_grad():
+        w = conv.weight
+        acc = torch.promote_types(w.dtype, torch.float32)  # fp32 for fp16/bf16 weights, fp64 stays fp64
+        scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.to(acc)
+        bias = -bn.running_mean.to(acc) * scale
+        if conv.bias is not None:
+            bias = bias + conv.bias.to(acc) * scale
+        if bn.bias is not None:
+            bias = bias + bn.bias.to(acc)
+        weight = (w.to(acc) * scale.view(-1, 1, 1, 1)).to(w.dtype)
+        if channels_last:  # the layout oneDNN wants for a channels-last input: no reorder per call
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        bias = bias.to(w.dtype)
+    # Kept out of nn.Module's bookkeeping: no parameter, buffer or state_dict entry; `held` pins the sources' memory.
+    held = [t.data if t is not None else None for t in sources]
+    bn.__dict__["_folded"] = (key, held, weight, bias)
+    return weight, bias
+
+
 def _downsample(in_chs: int, out_chs: int, stride: int) -> nn.Module:
     """The projection shortcut (1x1 conv + BN) where a block changes width or stride; Identity elsewhere."""
     if stride == 1 and in_chs == out_chs:
@@ -110,9 +176,9 @@ class BasicBlock(nn.Module):
         nn.init.zeros_(self.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = self.downsample(x)
-        x = self.act1(self.bn1(self.conv1(x)))
-        x = self.bn2(self.conv2(x))
+        shortcut = _shortcut(self.downsample, x)
+        x = self.act1(conv_bn(self.conv1, self.bn1, x))
+        x = conv_bn(self.conv2, self.bn2, x)
         return self.act2(self.drop_path(x) + shortcut)
 
 
@@ -140,11 +206,18 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = self.downsample(x)
-        x = self.act1(self.bn1(self.conv1(x)))
-        x = self.act2(self.bn2(self.conv2(x)))
-        x = self.bn3(self.conv3(x))
+        shortcut = _shortcut(self.downsample, x)
+        x = self.act1(conv_bn(self.conv1, self.bn1, x))
+        x = self.act2(conv_bn(self.conv2, self.bn2, x))
+        x = conv_bn(self.conv3, self.bn3, x)
         return self.act3(self.drop_path(x) + shortcut)
+
+
+def _shortcut(downsample: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The block's shortcut: `x`, or its projection (1x1 conv + BN, folded on the inference path)."""
+    if isinstance(downsample, nn.Sequential) and len(downsample) == 2:
+        return conv_bn(downsample[0], downsample[1], x)
+    return downsample(x)
 
 
 BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -277,9 +350,16 @@ class ResNet(ContractMixin, nn.Module):
             )
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, stem_width, ceil(H/4), ceil(W/4))."""
+        """(B, C, H, W) -> (B, stem_width, ceil(H/4), ceil(W/4)).
+
+        On the inference path (eval, no autograd) the maps are channels-last from here on, where oneDNN's
+        convolutions run faster on CPU; values and shapes are the same, and the outputs of `forward_features` and
+        `forward_intermediates` are made contiguous again.
+        """
         self._check_input(x)
-        return self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        if fast_inference(self):
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.maxpool(self.act1(conv_bn(self.conv1, self.bn1, x)))
 
     def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -288,12 +368,15 @@ class ResNet(ContractMixin, nn.Module):
             return x
         return stage(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> last stage's maps (B, num_features, ceil(H/32), ceil(W/32)) for 4 stages."""
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_stem(x)
         for stage in self.stages:
             x = self._run_stage(stage, x)
-        return x
+        return x  # channels-last on the inference path
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> last stage's maps (B, num_features, ceil(H/32), ceil(W/32)) for 4 stages."""
+        return self._features(x).contiguous()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Maps (B, C, H', W') -> logits (B, num_classes), or pooled features (B, num_features) with pre_logits."""
@@ -303,7 +386,7 @@ class ResNet(ContractMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> logits (B, num_classes)."""
-        return self.forward_head(self.forward_features(x))
+        return self.forward_head(self._features(x))
 
     def forward_intermediates(
         self, x: torch.Tensor, indices: int | Sequence[int] | None = None, as_maps: bool = True, norm: bool = False
@@ -327,7 +410,8 @@ class ResNet(ContractMixin, nn.Module):
         for i, stage in enumerate(self.stages[: max(wanted) + 1]):  # stop after the last wanted stage
             x = self._run_stage(stage, x)
             if i in wanted:
-                outs.append(x if as_maps else x.flatten(2).transpose(1, 2))  # (B, C, H', W') or (B, H'W', C)
+                y = x.contiguous()
+                outs.append(y if as_maps else y.flatten(2).transpose(1, 2))  # (B, C, H', W') or (B, H'W', C)
         return outs
 
     # --- fine-tuning helpers --------------------------------------------------------------------------------

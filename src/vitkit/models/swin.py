@@ -11,7 +11,10 @@ the grid while doubling the width.
 
 Parameter names follow timm's current layout (downsample at the start of stages 1..3, `head.fc`), so timm state
 dicts load with `load_state_dict`. `relative_position_index` is a non-persistent buffer and no attention mask is
-stored: both are functions of the window and the input size, built per call (no state changes between calls).
+stored: both are functions of the window and the input size. With autograd on they are built per call; without it
+(inference) each block keeps its finished attention bias (position bias + shift mask) and its shifted-window
+gather index per input geometry, served only while the bias table still equals the copy they were made from, so
+no visible state changes between calls (`SwinBlock._inference_geometry`).
 
 Any input size works: the image is padded to a multiple of the patch size and each stage's map to a multiple of its
 window (bottom/right, after the norm, before the shift, as the official detection backbone and transformers do);
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +135,18 @@ def shift_mask(height: int, width: int, window: int, shift: int, dtype: torch.dt
     return torch.zeros(differ.shape, dtype=dtype, device=device).masked_fill(differ, MASK_VALUE)
 
 
+def shifted_window_index(height: int, width: int, window: int, shift: int, device) -> torch.Tensor:
+    """Token gather index (H * W,) doing the cyclic roll by -shift and `window_partition` in one step.
+
+    `x.flatten(1, 2)[:, index]` equals `window_partition(torch.roll(x, (-shift, -shift), (1, 2)), window)`
+    flattened to (B, H * W, C): one copy instead of two; its `argsort` undoes both.
+    """
+    h = (torch.arange(height, device=device) + shift) % height  # source row of each rolled row
+    w = (torch.arange(width, device=device) + shift) % width
+    src = h[:, None] * width + w[None, :]  # (H, W) flat source position of each rolled token
+    return window_partition(src[None, :, :, None], window).reshape(-1)  # (H * W,) in window order
+
+
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     """(B, H, W, C) with H, W multiples of `window` -> (B * windows, window^2, C), windows in row-major order."""
     B, H, W, C = x.shape
@@ -178,16 +194,26 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[index.reshape(-1)]  # (w^2 * w^2, heads)
         return bias.view(window * window, window * window, -1).permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor, window: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Windows (B * nW, window^2, C) -> same shape; `mask` (nW, window^2, window^2) for shifted windows."""
+    def attention_bias(self, window: int, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """Additive attention bias: (1, heads, N, N) position bias, or (nW, heads, N, N) with the shift `mask`."""
+        bias = self.position_bias(window).to(dtype).unsqueeze(0)  # (1, heads, N, N)
+        return bias if mask is None else bias + mask[:, None]  # (nW, heads, N, N)
+
+    def forward(
+        self, x: torch.Tensor, window: int, mask: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Windows (B * nW, window^2, C) -> same shape; `mask` (nW, window^2, window^2) for shifted windows.
+
+        `bias`, when given, is the finished `attention_bias` (the inference cache's) and replaces bias and mask.
+        """
         Bw, N, C = x.shape
         qkv = self.qkv(x).reshape(Bw, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B * nW, heads, N, head_dim)
-        bias = self.position_bias(window).to(x.dtype).unsqueeze(0)  # (1, heads, N, N)
-        if mask is not None:
-            nW = mask.shape[0]
-            bias = bias.unsqueeze(1) + mask[None, :, None]  # (1, nW, heads, N, N)
-            bias = bias.expand(Bw // nW, -1, -1, -1, -1).reshape(Bw, self.num_heads, N, N)
+        if bias is None:
+            bias = self.attention_bias(window, mask, x.dtype)
+        nW = bias.shape[0]
+        if nW > 1:  # one bias per window, the same for every image: (B * nW, heads, N, N)
+            bias = bias.unsqueeze(0).expand(Bw // nW, -1, -1, -1, -1).reshape(Bw, self.num_heads, N, N)
         capture = self.capture  # read once: another thread may close its capture meanwhile
         if capture is not None:  # the explicit path, only while a map is read; same output as the fused one
             attn = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B * nW, heads, N, N)
@@ -223,14 +249,62 @@ class SwinBlock(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), drop=cfg.drop_rate, act_layer=get_layer("act", cfg.act_layer))
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        # Inference cache (see _inference_geometry): geometry -> (bias, gather index, inverse); not state.
+        self._geometry: OrderedDict[tuple, tuple] = OrderedDict()
+        self._bias_src: torch.Tensor | None = None  # the bias table the cached biases were made from
+
+    GEOMETRY_CACHE_SIZE = 4  # input geometries kept per block; enough for multi-scale eval without growing
+
+    def _inference_geometry(
+        self, height: int, width: int, window: int, shift: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(attention bias, shifted-window gather index, its inverse) for a padded (height, width) map, cached.
+
+        Only used without autograd. An entry is served only while the bias table equals the copy it was made
+        from (one `torch.equal` of a ((2w-1)^2, heads) table per call): optimiser steps, `load_state_dict`, writes
+        through `.data` and reassignment all change the values, and any change drops every entry.
+        """
+        table = self.attn.relative_position_bias_table
+        src = self._bias_src
+        if src is None or src.shape != table.shape or src.dtype != table.dtype or src.device != table.device:
+            fresh = False
+        else:
+            fresh = torch.equal(src, table)
+        if not fresh:
+            self._geometry.clear()
+            self._bias_src = table.detach().clone()
+        key = (height, width, window, shift, dtype, device)
+        entry = self._geometry.get(key)
+        if entry is None:
+            mask = shift_mask(height, width, window, shift, dtype, device) if shift else None
+            index = shifted_window_index(height, width, window, shift, device) if shift else None
+            bias = self.attn.attention_bias(window, mask, dtype)  # (1 or nW, heads, N, N)
+            entry = (bias, index, None if index is None else torch.argsort(index))
+            self._geometry[key] = entry
+            while len(self._geometry) > self.GEOMETRY_CACHE_SIZE:
+                self._geometry.popitem(last=False)
+        else:
+            self._geometry.move_to_end(key)
+        return entry
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         window, shift = window_and_shift(H, W, self.window_size, self.shift_size)
         # Pad bottom/right to whole windows after the norm and before the shift (official detection code).
         pad_b, pad_r = (window - H % window) % window, (window - W % window) % window
-        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # (B, Hp, Wp, C)
+        if pad_b or pad_r:  # F.pad copies even when it pads nothing
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # (B, Hp, Wp, C)
         Hp, Wp = H + pad_b, W + pad_r
+        if not torch.is_grad_enabled():
+            # Inference: cached bias, and roll + partition (and their inverses) as one gather each.
+            bias, index, inverse = self._inference_geometry(Hp, Wp, window, shift, x.dtype, x.device)
+            if shift:
+                windows = x.reshape(B, Hp * Wp, C).index_select(1, index).view(-1, window * window, C)
+                x = self.attn(windows, window, bias=bias)  # (B * nW, window^2, C)
+                x = x.view(B, Hp * Wp, C).index_select(1, inverse).view(B, Hp, Wp, C)
+            else:
+                x = window_reverse(self.attn(window_partition(x, window), window, bias=bias), window, Hp, Wp)
+            return x if not (pad_b or pad_r) else x[:, :H, :W]
         mask = None
         if shift:
             x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
@@ -256,7 +330,8 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))  # odd sides get one zero row/column (as transformers)
+        if H % 2 or W % 2:  # odd sides get one zero row/column (as transformers); F.pad copies even for none
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
         H, W = x.shape[1], x.shape[2]
         # Channel order (0,0), (1,0), (0,1), (1,1) as (row, col) offsets: the original x0..x3 concatenation.
         x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)  # (B, H/2, W/2, 4C)
@@ -291,7 +366,8 @@ class SwinPatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
         H, W = x.shape[-2:]
-        x = F.pad(x, (0, (p - W % p) % p, 0, (p - H % p) % p))
+        if H % p or W % p:  # F.pad copies even when it pads nothing
+            x = F.pad(x, (0, (p - W % p) % p, 0, (p - H % p) % p))
         return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H', W', D)
 
 
