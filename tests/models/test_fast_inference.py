@@ -97,6 +97,23 @@ def test_resnet_fold_is_rebuilt_after_every_kind_of_weight_change():
     assert (_fast(model, x.double()) - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
 
 
+def test_resnet_fold_sees_writes_through_data():
+    """`.data` writes bypass version counters (research code adds noise or prunes this way): value fingerprints
+    (BatchNorm tensors, every 97th convolution weight) catch them."""
+    model = _resnet()
+    x = torch.randn(2, 3, 40, 40)
+    _fast(model, x)
+    g = torch.Generator().manual_seed(5)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight.data.add_(torch.randn(m.weight.shape, generator=g) * 0.1)
+    ref = _plain(model, x)
+    assert (_fast(model, x) - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    model.layer2[0].bn1.running_mean.data.add_(1.0)
+    ref = _plain(model, x)
+    assert (_fast(model, x) - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
 def test_resnet_weights_made_in_inference_mode_run_unfolded():
     model = _resnet()
     x = torch.randn(2, 3, 40, 40)

@@ -117,13 +117,21 @@ def folded_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, channels_last: bool) -> 
     `load_state_dict`, `copy_`, `nn.init`), a replaced tensor (`.to()`, assignment) or another eps or memory format
     makes it stale, and it is rebuilt on the next call; a forward in training mode (which moves the running
     statistics without a version bump) drops it. It is not in `state_dict` and never used in training or with
-    autograd on. The one change it cannot see is a write through `.data` (`conv.weight.data.copy_(w)`), which
-    bypasses version counters; checking the weights' values on every call would cost about what the fold saves.
+    autograd on. Writes through `.data` (`conv.weight.data.add_(noise)`) bypass version counters, so the key also
+    holds value fingerprints: the sum of every BatchNorm tensor and of every 97th convolution weight (reading all
+    weights per call would cost about what the fold saves). The one change still unseen is a `.data` write that
+    touches only unsampled convolution weights and no BatchNorm value: edit weights under `torch.no_grad()`
+    without `.data` (in-place ops there bump the version) or assign a new tensor.
     """
     sources = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
     if conv.bias is not None:
         sources.append(conv.bias)
-    key = (bn.eps, channels_last, [(t.data_ptr(), t._version) if t is not None else None for t in sources])
+    present = [t for t in sources if t is not None]
+    with torch.no_grad():  # one sync for all fingerprints
+        prints = torch.stack(
+            [(t.reshape(-1)[::97] if t is conv.weight else t.reshape(-1)).sum(dtype=torch.float64) for t in present]
+        ).tolist()
+    key = (bn.eps, channels_last, [(t.data_ptr(), t._version) for t in present], prints)
     cache = bn.__dict__.get("_folded")
     if cache is not None and cache[0] == key:
         return cache[2], cache[3]
