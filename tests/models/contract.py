@@ -17,7 +17,8 @@ def check_contract(model: nn.Module, size: tuple[int, int], tmp_path=None, num_c
 
     Checks: logits shape, no NaNs, forward == forward_head(forward_features), pre_logits width, as_maps
     intermediates against feature_info, layer ids cover 0..num_layer_ids-1 and the head is the last, every
-    parameter gets a gradient, gradient checkpointing gives the same output, reset_classifier, and (with
+    parameter gets a gradient, a hook on each feature_info module fires, gradient checkpointing gives the same
+    output, reset_classifier, and (with
     `tmp_path`) a bit-exact save/load round trip.
     """
     model = model.eval()
@@ -49,11 +50,24 @@ def check_contract(model: nn.Module, size: tuple[int, int], tmp_path=None, num_c
     with torch.no_grad():  # the training-mode pass moved BatchNorm statistics; the checks below compare with y
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
-    # Gradient checkpointing: same output.
+    # feature_info names modules that run: a forward hook on each fires once per forward (Grad-CAM and feature
+    # extractors hook them), on the plain path, the inference path and with gradient checkpointing.
+    modules = dict(model.named_modules())
+    assert all(fi["module"] in modules for fi in info), [fi["module"] for fi in info]
+    fired: list[str] = []
+    hooks = [modules[fi["module"]].register_forward_hook(lambda *_, n=fi["module"]: fired.append(n)) for fi in info]
+    with torch.no_grad():
+        model(x)
+    assert fired == [fi["module"] for fi in info], fired
+    # Gradient checkpointing: same output (and the same hooks fire, at least once each: recomputation may repeat).
+    fired.clear()
     model.set_grad_checkpointing(True)
     with torch.enable_grad():
         y2 = model(x)
     model.set_grad_checkpointing(False)
+    assert set(fired) == {fi["module"] for fi in info}, fired
+    for h in hooks:
+        h.remove()
     torch.testing.assert_close(y2, y)
     if tmp_path is not None:
         model.save_pretrained(tmp_path / "contract")

@@ -160,13 +160,15 @@ class ConvNeXtStage(nn.Module):
         else:
             self.downsample = nn.Identity()
         self.blocks = nn.ModuleList(ConvNeXtBlock(out_chs, drop_path=drop_paths[j], **block) for j in range(depth))
+        self.grad_checkpointing = False  # set by ConvNeXt.set_grad_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chs, H, W) -> (B, out_chs, H / 2, W / 2) (or the same size for stage 0); the model's own path
-        (`ConvNeXt._run_stage`) does the same with optional per-block gradient checkpointing."""
+        """(B, in_chs, H, W) -> (B, out_chs, H / 2, W / 2) (or the same size for stage 0). The model calls the
+        stage module itself, so hooks on `feature_info`'s `stages.i` fire; blocks are checkpointed when enabled."""
         x = self.downsample(x)
+        use_ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
         for blk in self.blocks:
-            x = blk(x)
+            x = checkpoint(blk, x, use_reentrant=False) if use_ckpt else blk(x)
         return x
 
 
@@ -252,12 +254,7 @@ class ConvNeXt(ContractMixin, nn.Module):
         check_input_size(x.shape[2], x.shape[3], self.cfg.min_size)
 
     def _run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        stage = self.stages[i]
-        x = stage.downsample(x)  # (B, C_i, H / 2, W / 2) after stage 0
-        use_ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
-        for blk in stage.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if use_ckpt else blk(x)
-        return x
+        return self.stages[i](x)  # (B, C_i, H / 2, W / 2) after stage 0
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         """Checked images (B, C, H, W) -> the stem's map (B, dims[0], H / 4, W / 4).
@@ -382,6 +379,8 @@ class ConvNeXt(ContractMixin, nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them (less memory)."""
         self.grad_checkpointing = bool(enable)
+        for stage in self.stages:
+            stage.grad_checkpointing = bool(enable)
 
     def no_weight_decay(self) -> set[str]:
         """Nothing besides norms, biases and layer scales (1-D parameters, which the optimiser skips anyway)."""

@@ -84,9 +84,10 @@ class DeiT(VisionTransformer):
         self.distilled_training = False
 
     def describe(self) -> DeiTConfig:
-        """The config of the model as it is now; `dist_head` is explicit (True/False) and follows a `head_dist`
-        assigned or removed by hand."""
-        return dataclasses.replace(super().describe(), dist_head=self.head_dist is not None)
+        """The config of the model as it is now; `dist_head` follows a `head_dist` assigned or removed by hand."""
+        cfg = super().describe()
+        has = self.head_dist is not None
+        return cfg if has == cfg.has_dist_head else dataclasses.replace(cfg, dist_head=has)
 
     def set_distilled_training(self, enable: bool = True) -> None:
         """In training mode, return `(cls_logits, dist_logits)` instead of their mean (for a distillation loss).

@@ -231,6 +231,22 @@ def _shortcut(downsample: nn.Module, x: torch.Tensor) -> torch.Tensor:
 BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
+class ResNetStage(nn.Sequential):
+    """A stage `layer{i}`: its blocks in sequence (torchvision's keys `layer1.0.conv1.weight` ...), checkpointed per
+    block when enabled. The model calls this module, so hooks on `feature_info`'s `layer{i}` fire."""
+
+    def __init__(self, *blocks: nn.Module):
+        super().__init__(*blocks)
+        self.grad_checkpointing = False  # set by ResNet.set_grad_checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            for block in self:
+                x = _checkpointed(block, x)
+            return x
+        return super().forward(x)
+
+
 def _checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`block(x)` with its activations recomputed in backward instead of stored.
 
@@ -302,7 +318,7 @@ class ResNet(ContractMixin, nn.Module):
                 stride = 2 if i > 0 and j == 0 else 1
                 blocks.append(block_cls(in_chs, planes, stride=stride, drop_path=next(dpr)))
                 in_chs = planes * block_cls.expansion
-            self.add_module(self.stage_names[i], nn.Sequential(*blocks))
+            self.add_module(self.stage_names[i], ResNetStage(*blocks))
             self._feature_info.append({"num_chs": in_chs, "reduction": 4 * 2**i, "module": self.stage_names[i]})
         self.num_features = in_chs
 
@@ -370,10 +386,6 @@ class ResNet(ContractMixin, nn.Module):
         return self.maxpool(self.act1(conv_bn(self.conv1, self.bn1, x)))
 
     def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for block in stage:
-                x = _checkpointed(block, x)
-            return x
         return stage(x)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
@@ -439,6 +451,8 @@ class ResNet(ContractMixin, nn.Module):
         BatchNorm running statistics are updated once per step, as without checkpointing.
         """
         self.grad_checkpointing = bool(enable)
+        for stage in self.stages:
+            stage.grad_checkpointing = bool(enable)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters exempt from weight decay besides norms and biases: none in a ResNet."""

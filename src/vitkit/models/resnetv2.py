@@ -196,8 +196,15 @@ class ResNetStage(nn.Module):
             *(Bottleneck(in_chs if j == 0 else out_chs, out_chs, stride if j == 0 else 1, j == 0, dpr[j], cfg)
               for j in range(depth))
         )  # fmt: skip
+        self.grad_checkpointing = False  # set by ResNetV2.set_grad_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage's blocks; checkpointed per block when enabled (GroupNorm has no running statistics, so plain
+        recomputation is exact). The model calls this module, so hooks on `feature_info`'s `stages.i` fire."""
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            for block in self.blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+            return x
         return self.blocks(x)
 
 
@@ -275,10 +282,6 @@ class ResNetV2(ContractMixin, nn.Module):
         return self.stem(x)
 
     def _run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            for block in self.stages[i].blocks:  # GroupNorm has no running statistics: plain recomputation is exact
-                x = checkpoint(block, x, use_reentrant=False)
-            return x
         return self.stages[i](x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -333,6 +336,8 @@ class ResNetV2(ContractMixin, nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them (less memory)."""
         self.grad_checkpointing = bool(enable)
+        for stage in self.stages:
+            stage.grad_checkpointing = bool(enable)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters exempt from weight decay besides norms and biases: none."""

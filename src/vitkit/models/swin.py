@@ -349,6 +349,16 @@ class SwinStage(nn.Module):
         self.blocks = nn.ModuleList(
             SwinBlock(out_dim, num_heads, w, 0 if i % 2 == 0 else w // 2, cfg, dpr[i]) for i in range(depth)
         )
+        self.grad_checkpointing = False  # set by SwinTransformer.set_grad_checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H / 2, W / 2, out_dim) (the same size without merging). The model calls the stage
+        module itself, so hooks on `feature_info`'s `layers.i` fire; blocks are checkpointed when enabled."""
+        x = self.downsample(x)
+        use_ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
+        for blk in self.blocks:
+            x = checkpoint(blk, x, use_reentrant=False) if use_ckpt else blk(x)
+        return x
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -447,14 +457,7 @@ class SwinTransformer(ContractMixin, nn.Module):
 
     # --- forward ----------------------------------------------------------------------------------------------
     def _run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        stage = self.layers[i]
-        x = stage.downsample(x)
-        for blk in stage.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return x
+        return self.layers[i](x)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.cfg.in_chans:
@@ -521,6 +524,8 @@ class SwinTransformer(ContractMixin, nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them (less memory)."""
         self.grad_checkpointing = bool(enable)
+        for stage in self.layers:
+            stage.grad_checkpointing = bool(enable)
 
     def no_weight_decay(self) -> set[str]:
         """The relative position bias tables (as timm), besides norms and biases."""

@@ -439,6 +439,8 @@ def check_reimport(model: nn.Module, config: dict[str, Any], state: dict[str, to
     if wrong:
         raise ValueError(f"the {model_type} export does not import back into vitkit unchanged: {wrong[:8]}")
     cfg = config_to_dict(model.describe())
+    if cfg.get("dist_head", False) is None:  # DeiT's None means "a head exactly when distilled"
+        cfg["dist_head"] = bool(cfg.get("distilled"))
     arch = json.loads(json.dumps(arch))  # tuples as lists, as in cfg
     fields = [k for k, v in arch.items() if k in cfg and cfg[k] != v]
     if fields:
