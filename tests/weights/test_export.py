@@ -308,7 +308,7 @@ def test_timm_export_writes_timms_keys(tmp_path, build, expected):
 
 # Registered names only: a timm file has no config. (Swin and ConvNeXt files, whose keys are checked above, load
 # by name in tests/weights/test_hf_families.py; their 28M-parameter models would double this file's time.)
-@pytest.mark.parametrize("name", ["vit_nano_patch4_32", "resnet18"])
+@pytest.mark.parametrize("name", ["vit_nano_patch4_32", "resnet18", "vit_small_r26_s32_224"])
 def test_timm_export_loads_back_by_name_with_the_same_logits(tmp_path, name):
     model = vitkit.create_model(name, num_classes=7).eval()
     randomise_(model, seed=4)
@@ -316,9 +316,16 @@ def test_timm_export_loads_back_by_name_with_the_same_logits(tmp_path, name):
     save_timm(model, tmp_path / "w.safetensors", log=lines.append)
     assert lines == [f"{tmp_path / 'w.safetensors'}: load it back with vitkit.load_model(path, model_name={name!r})"]
     back = vitkit.load_model(tmp_path / "w.safetensors", model_name=name).eval()
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 64, 64) if name.startswith("vit_small_r26") else torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(back(x), model(x))
+
+
+def test_timm_export_refuses_a_family_timm_lacks(tmp_path):
+    model = vitkit.create_model("vit_hybrid_cnn_tiny_s4_32", depth=1)
+    with pytest.raises(ValueError, match="family 'vit_hybrid_cnn' .* has no timm layout"):
+        save_timm(model, tmp_path / "w.safetensors")
+    assert not (tmp_path / "w.safetensors").exists()
 
 
 def test_timm_export_names_what_a_reload_cannot_recover_and_refuses_other_suffixes(tmp_path):

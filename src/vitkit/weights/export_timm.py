@@ -4,7 +4,8 @@ vitkit's families already use timm's parameter names (checked per family against
 tests/weights/test_export.py): ViT `cls_token`/`pos_embed`/`blocks.N.attn.qkv`/`ls1.gamma`/`reg_token`, DeiT
 `dist_token`/`head_dist`, Swin >= timm 0.9 (`layers.N.downsample` at the start of stages 1.., `head.fc`; the
 `relative_position_index` and `attn_mask` buffers are not stored, as in timm), ConvNeXt (`stem.0`, `stages.N.
-blocks.M.conv_dw`, `gamma`, `head.norm`/`head.fc`), ResNet (torchvision's names). So the file is the model's
+blocks.M.conv_dw`, `gamma`, `head.norm`/`head.fc`), ResNet (torchvision's names), ResNetV2 and the R50+ViT
+hybrids (`stem.conv`, `stages.N.blocks.M.conv1`..., under `patch_embed.backbone.` in a hybrid, `patch_embed.proj`). So the file is the model's
 state dict as it is. What a state dict cannot carry is the config: a file is read back by shapes and a
 registered name (`vitkit.load_model(file, model_name=...)`), and fields that neither decides are named in a
 warning when written.
@@ -28,7 +29,7 @@ from vitkit.weights._log import LogFn, Reporter, as_reporter
 from vitkit.weights.timm import infer_vit_config
 
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-TIMM_FAMILIES = ("vit", "deit", "swin", "convnext", "resnet")
+TIMM_FAMILIES = ("vit", "deit", "swin", "convnext", "resnet", "resnetv2", "vit_hybrid")
 # vitkit layer names timm's VisionTransformer has a counterpart for (same tensor names).
 _TIMM_LAYERS = {"attn_layer": ("mha",), "embed_layer": ("patch",)}
 
@@ -47,6 +48,8 @@ def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         )
     cfg = model.describe() if hasattr(model, "describe") else model.cfg
     for name, allowed in _TIMM_LAYERS.items():
+        if family == "vit_hybrid" and name == "embed_layer":
+            allowed = ("hybrid",)  # timm's HybridEmbed: patch_embed.backbone.* + patch_embed.proj
         value = getattr(cfg, name, allowed[0])
         if value not in allowed:
             raise ValueError(f"{name}={value!r} has no timm counterpart (timm's ViT has {', '.join(allowed)})")
