@@ -71,6 +71,8 @@ def _reload_differences(model: nn.Module, state: dict[str, torch.Tensor]) -> tup
             break
         if arch is None:
             return None, [f"(the shapes do not decide the architecture: {error})"]
+        if arch.get("distilled") and "head.weight" in state and "head_dist.weight" not in state:
+            arch["dist_head"] = False  # as from_timm_state_dict decides it on reload
         rebuilt = dataclasses.replace(type(cfg)(img_size=cfg.img_size), **arch)
     elif name is not None:
         with torch.device("meta"):
@@ -86,10 +88,13 @@ def _reload_differences(model: nn.Module, state: dict[str, torch.Tensor]) -> tup
 
 
 def _value(cfg: Any, name: str) -> Any:
-    """A config value as it acts: a ViT's fc_norm=None means "on exactly when pool='avg'"."""
+    """A config value as it acts: a ViT's fc_norm=None means "on exactly when pool='avg'", a DeiT's dist_head=None
+    "a distillation head exactly when distilled"."""
     value = getattr(cfg, name)
     if name == "fc_norm" and value is None:
         return cfg.pool == "avg"
+    if name == "dist_head" and value is None:
+        return cfg.distilled
     return value
 
 
