@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -103,3 +104,18 @@ def test_a_state_dict_of_another_family_without_a_name_says_which_names_to_pass(
     torch.save(model.state_dict(), tmp_path / "w.pth")
     with pytest.raises(ValueError, match=rf"family '{family}'.*pass model_name= .*one of: .*{name}"):
         vitkit.load_model(tmp_path / "w.pth")
+
+
+@pytest.mark.parametrize(("crop", "resized"), [(80, 106), (23, 30), (74, 105), (32, 36), (224, 256), (384, 384)])
+def test_hf_preprocessor_crop_gives_back_the_same_resize(crop, resized):
+    """A preprocessor_config.json (e.g. one `--to hf` wrote) that resizes to `resized` and crops `crop` becomes a
+    crop fraction with which vitkit's eval preprocessing, floor(crop / c), resizes to `resized` again; crop / resized
+    alone gave one pixel less for 80/106, 23/30 and 74/105."""
+    from vitkit.weights._log import as_reporter
+    from vitkit.weights.hf import preprocess_from_hf
+
+    for size, crop_size in [({"shortest_edge": resized}, crop), ({"height": resized, "width": resized}, crop)]:
+        pre = {"do_center_crop": True, "crop_size": {"height": crop_size, "width": crop_size}, "size": size}
+        got = preprocess_from_hf(pre, {}, 0, as_reporter(lambda _: None), model_size=(crop, crop))
+        assert math.floor(crop / got.crop_fraction) == resized
+        assert got.crop_fraction == pytest.approx(crop / resized, rel=1e-12)
