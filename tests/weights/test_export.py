@@ -417,3 +417,32 @@ def test_headless_and_bf16_models_export(tmp_path):
     assert any("same logits" in line for line in lines)  # compared in fp32 on both sides
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     assert load_file(str(tmp_path / "bf16" / "model.safetensors"))["classifier.weight"].dtype == torch.bfloat16
+
+
+def test_timm_export_of_a_resnetv2_hybrid_writes_timms_hybrid_keys(tmp_path):
+    """The R50/R26 hybrids already hold timm's vision_transformer_hybrid names (checked against a key/shape set
+    written from timm's naming in tests/models/test_hybrid.py); `--to timm` writes them, and they load back strictly
+    with the same logits (loading by name: test_hybrid.py). A hybrid on another backbone is refused."""
+    from tests.models.test_hybrid import timm_hybrid_state
+
+    depths, widths = [1, 2, 1], [16, 16, 32]
+    tiny = vitkit.create_model(
+        "vit_base_r50_s16_224", img_size=64, num_classes=5, embed_dim=32, depth=2, num_heads=2,
+        backbone_args={"depths": depths, "widths": widths, "stem_width": 8, "gn_groups": 4},
+    )  # fmt: skip
+    lines = []
+    save_timm(tiny, tmp_path / "tiny.safetensors", log=lines.append)
+    expected = timm_hybrid_state(depths, widths, stem=8, dim=32, depth=2, classes=5, grid=(4, 4))
+    assert sorted(load_file(str(tmp_path / "tiny.safetensors"))) == sorted(expected)
+    assert "model_name='vit_base_r50_s16_224'" in lines[0] and "embed_dim=32 (reload gives 768)" in lines[0]
+    back = vitkit.create_model(
+        "vit_base_r50_s16_224", img_size=64, num_classes=5, embed_dim=32, depth=2, num_heads=2,
+        backbone_args={"depths": depths, "widths": widths, "stem_width": 8, "gn_groups": 4},
+    )  # fmt: skip
+    back.load_state_dict(load_file(str(tmp_path / "tiny.safetensors")), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x), tiny.eval()(x))
+    other = vitkit.models.HybridViT("resnet18", img_size=32, embed_dim=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match="backbone='resnet18' has no timm layout"):
+        save_timm(other, tmp_path / "other.pth")

@@ -5,9 +5,10 @@ tests/weights/test_export.py): ViT `cls_token`/`pos_embed`/`blocks.N.attn.qkv`/`
 `dist_token`/`head_dist`, Swin >= timm 0.9 (`layers.N.downsample` at the start of stages 1.., `head.fc`; the
 `relative_position_index` and `attn_mask` buffers are not stored, as in timm), ConvNeXt (`stem.0`, `stages.N.
 blocks.M.conv_dw`, `gamma`, `head.norm`/`head.fc`), ResNet (torchvision's names). So the file is the model's
-state dict as it is. What a state dict cannot carry is the config: a file is read back by shapes and a
-registered name (`vitkit.load_model(file, model_name=...)`), and fields that neither decides are named in a
-warning when written.
+state dict as it is; so is a hybrid ViT on a ResNetV2 backbone (timm's `vision_transformer_hybrid`:
+`patch_embed.backbone.stem/stages`, `patch_embed.proj`). What a state dict cannot carry is the config: a file is
+read back by shapes and a registered name (`vitkit.load_model(file, model_name=...)`), and fields that neither
+decides are named in a warning when written.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from vitkit.weights._log import LogFn, Reporter, as_reporter
 from vitkit.weights.timm import infer_vit_config
 
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-TIMM_FAMILIES = ("vit", "deit", "swin", "convnext", "resnet")
+TIMM_FAMILIES = ("vit", "deit", "swin", "convnext", "resnet", "vit_hybrid")
 # vitkit layer names timm's VisionTransformer has a counterpart for (same tensor names).
 _TIMM_LAYERS = {"attn_layer": ("mha",), "embed_layer": ("patch",)}
+# timm's vision_transformer_hybrid: a ViT whose patch embedding is a ResNetV2 (the R50/R26 hybrids' layout).
+_TIMM_HYBRID_LAYERS = {"attn_layer": ("mha",), "embed_layer": ("hybrid",)}
 
 
 def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -46,7 +49,15 @@ def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             f"dicts: {', '.join(TIMM_FAMILIES)}"
         )
     cfg = model.describe() if hasattr(model, "describe") else model.cfg
-    for name, allowed in _TIMM_LAYERS.items():
+    layers = _TIMM_LAYERS
+    if family == "vit_hybrid":
+        layers = _TIMM_HYBRID_LAYERS
+        if model_family(cfg.backbone) != "resnetv2":
+            raise ValueError(
+                f"backbone={cfg.backbone!r} has no timm layout: timm's hybrid ViTs (vision_transformer_hybrid) are "
+                "built on its ResNetV2 (vitkit's resnetv2_* backbones, as in vit_base_r50_s16_224)"
+            )
+    for name, allowed in layers.items():
         value = getattr(cfg, name, allowed[0])
         if value not in allowed:
             raise ValueError(f"{name}={value!r} has no timm counterpart (timm's ViT has {', '.join(allowed)})")
