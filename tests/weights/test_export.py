@@ -374,6 +374,17 @@ def test_cli_convert_to_hf_and_timm(tmp_path, capsys):
     assert not (tmp_path / "hf_reg").exists()
 
 
+def test_the_transformers_check_draws_no_progress_bar_and_leaves_the_setting(tmp_path, capfd):
+    """`vitkit convert --to hf` printed transformers' "Loading weights" progress bar from its logits check."""
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    save_hf(_tiny("resnet"), tmp_path / "hf", log=lambda _: None)
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out
+    assert hf_logging.is_progress_bar_enabled()
+
+
 @pytest.mark.parametrize(
     "table, model",
     [
