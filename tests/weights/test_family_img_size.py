@@ -60,3 +60,24 @@ def test_native_swin_directory_loads_at_another_size(tmp_path):
     x = torch.randn(1, 3, 32, 48)
     with torch.no_grad():
         torch.testing.assert_close(model(x), src(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, args",
+    [
+        ("resnet18", dict(widths=(8, 8, 8, 8), stem_width=8)),
+        ("convnext_tiny", dict(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8))),
+    ],
+)
+def test_native_cnn_directory_loads_at_another_size(tmp_path, name, args):
+    """A vitkit directory of a CNN family (weights independent of the input size) loads with img_size= as a timm
+    file of it does; it was refused ("cannot adapt its weights"), which also stopped `vitkit train --pretrained
+    RESNET_RUN --img-size 48`."""
+    torch.manual_seed(0)
+    src = vitkit.create_model(name, num_classes=3, **args).eval()
+    src.save_pretrained(tmp_path / "m")
+    model = vitkit.load_model(tmp_path / "m", img_size=48).eval()
+    assert tuple(model.preprocess.input_size) == (48, 48)
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(model(x), src(x))
