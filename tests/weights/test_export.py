@@ -351,6 +351,17 @@ def test_timm_export_of_a_deit_warns_about_nothing_a_reload_recovers(tmp_path, d
         assert torch.equal(back(x), model(x))
 
 
+def test_timm_export_says_why_a_file_cannot_give_the_model_back(tmp_path):
+    """A 32-wide ViT: no reload tells its heads. The warning said "would rebuild this model with other values
+    for: (the shapes do not decide ...)", a field list holding a sentence; it now gives the reason itself."""
+    lines = []
+    save_timm(_vit(img_size=32, depth=1, embed_dim=32, num_heads=2), tmp_path / "w.pth", log=lines.append)
+    assert len(lines) == 1 and "other values for" not in lines[0]
+    assert "does not give the model back by itself (the shapes do not decide the architecture: cannot tell the " \
+        "number of attention heads of a 32-wide model" in lines[0]  # fmt: skip
+    assert lines[0].endswith("Keep a vitkit directory (--to vitkit) to reload it")
+
+
 def test_cli_convert_to_hf_and_timm(tmp_path, capsys):
     model = _tiny("resnet")
     model.save_pretrained(tmp_path / "native")

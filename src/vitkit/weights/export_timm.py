@@ -81,7 +81,7 @@ def _reload_differences(model: nn.Module, state: dict[str, torch.Tensor]) -> tup
             name = candidate
             break
         if arch is None:
-            return None, [f"(the shapes do not decide the architecture: {error})"]
+            return None, [f"(the shapes do not decide the architecture: {_unprefixed(error)})"]
         if arch.get("distilled") and "head.weight" in state and "head_dist.weight" not in state:
             arch["dist_head"] = False  # as from_timm_state_dict decides it on reload
         rebuilt = dataclasses.replace(type(cfg)(img_size=cfg.img_size), **arch)
@@ -96,6 +96,12 @@ def _reload_differences(model: nn.Module, state: dict[str, torch.Tensor]) -> tup
         if f.name not in skip and _value(cfg, f.name) != _value(rebuilt, f.name)
     ]
     return name, diffs
+
+
+def _unprefixed(error: ValueError) -> str:
+    """An importer error without its leading "state dict: " source name (the warning names the file already)."""
+    text = str(error)
+    return text.split(": ", 1)[1] if text.startswith("state dict: ") else text
 
 
 def _value(cfg: Any, name: str) -> Any:
@@ -141,7 +147,12 @@ def save_timm(model: nn.Module, path: str | os.PathLike, *, log: LogFn | Reporte
         else:
             torch.save(state, tmp)
     how = f"model_name={name!r}" if name else "model_name=NAME (a registered name of this architecture)"
-    if diffs:
+    if diffs and diffs[0].startswith("("):  # no reload by shapes or name gives this model: say why, not a field list
+        rep.warn(
+            f"{path}: a state dict holds no config, and this one does not give the model back by itself "
+            f"{diffs[0]}. Keep a vitkit directory (--to vitkit) to reload it"
+        )
+    elif diffs:
         rep.warn(
             f"{path}: a state dict holds no config, and vitkit.load_model(..., {how}) would rebuild this model with "
             f"other values for: {'; '.join(diffs)}. Keep a vitkit directory (--to vitkit) to keep them"
