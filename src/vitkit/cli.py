@@ -199,7 +199,12 @@ def _add_explain_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per batch")
     p.add_argument("--max-steps", type=int, default=64, help="deletion/insertion steps per curve")
     p.add_argument("--seed", type=int, default=None, help="data seed (default: the run's)")
-    p.add_argument("--layer", type=int, default=-1, help="block for the attention method")
+    p.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        help="block for the attention method (default -1, the last); stage for gradcam",
+    )
     p.add_argument("--head-fusion", default="mean", choices=choices(HeadFusion), help="head fusion")
     p.add_argument("--discard-ratio", type=float, default=0.0, help="rollouts' discard ratio, in [0, 1)")
     p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/results.json and DIR/results.md")

@@ -95,6 +95,17 @@ def test_explain_eval(run_dir, tmp_path, capsys):
     assert "| random |" in capsys.readouterr().out
 
 
+def test_explain_eval_gradcam_uses_its_default_stage(run_dir, tmp_path):
+    """explain-eval's --layer defaulted to -1, which Grad-CAM took as its stage: the last block of a class-token ViT,
+    whose patch tokens get no gradient, so every map was zero (energy 0, pointing game 0%). Without --layer each
+    method uses its own default (gradcam: the second to last block)."""
+    rc = main(["explain-eval", "--checkpoint", str(run_dir), "--count", "4", "--max-steps", "4",
+               "--methods", "gradcam", "--out", str(tmp_path)])  # fmt: skip
+    assert rc == 0
+    gradcam = json.loads((tmp_path / "results.json").read_text())["methods"]["gradcam"]
+    assert gradcam["energy"] > 0
+
+
 def test_explain_eval_refuses_data_without_masks(run_dir, tmp_path, capsys):
     assert main(["explain-eval", "--checkpoint", str(run_dir), "--data", "digits", "--out", str(tmp_path)]) == 2
     assert "only the shapes data has" in capsys.readouterr().err

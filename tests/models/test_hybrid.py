@@ -219,6 +219,18 @@ def test_stage_choice_and_errors():
         m(torch.randn(1, 3, 32, 40))
 
 
+def test_registered_hybrid_takes_another_backbone():
+    """`create_model(<hybrid name>, backbone=...)` (and `vitkit train --model NAME --set model_args='{backbone: ...}'`)
+    swaps the registered name's CNN for another one, given by name or as a module, like any other override."""
+    tiny = dict(num_classes=3, img_size=32, stage=1, **TINY_VIT)
+    by_name = create_model("vit_base_r50_s16_224", backbone="resnet18", backbone_args=BACKBONES["resnet18"], **tiny)
+    assert by_name.cfg.backbone == "resnet18" and type(by_name.patch_embed.backbone) is ResNet
+    assert by_name.patch_embed.stride == (8, 8) and by_name(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    module = create_model("resnet18", num_classes=0, **BACKBONES["resnet18"])
+    given = create_model("vit_small_r26_s32_224", backbone=module, **tiny)
+    assert given.patch_embed.backbone is module and given.cfg.backbone == "resnet18"
+
+
 def test_foreign_backbone_module_refused_at_save(tmp_path):
     """A contract model that is not from the registry trains and runs, but cannot be described by config.json."""
     backbone = ResNet(ResNetConfig(depths=(1, 1, 1, 1), widths=(8, 8, 16, 16), stem_width=8, num_classes=0))

@@ -31,3 +31,9 @@ def test_table_has_one_line_per_row_with_strides():
     ]
     assert "| resnet18 | resnet | 11.69M | - | 224x224 | 4,8,16,32 | 7x7 | - |" == lines[2]
     assert lines[3].startswith("| vit_nano_patch4_32 | vit | 1.33M | 0.08 | 32x32 | 4 | 8x8 | 65 |")
+
+
+def test_params_are_counted_with_a_1000_class_head_for_every_name():
+    """`vitkit models` promises 1000-class heads; the small-data hybrids default to 10 classes, and a 10-class count
+    in that column would not compare with the others (192 * 990 + 990 more parameters for the tiny one)."""
+    assert model_row("vit_hybrid_cnn_tiny_s4_32", flops=False).params == 2_745_850 + 192 * 990 + 990

@@ -54,6 +54,25 @@ def test_filters(tmp_path, model):
     check_png(tmp_path / "f.png")
 
 
+@pytest.mark.parametrize(
+    ("name", "args", "part"),
+    [
+        ("vit_hybrid_cnn_tiny_s4_32", dict(embed_dim=32, depth=1, num_heads=2), "stem"),
+        ("vit_base_r50_s16_224", dict(embed_dim=32, depth=1, num_heads=2, img_size=32, backbone="resnet18",
+                                      backbone_args=dict(widths=(8, 8, 8, 8), stem_width=8)), "backbone"),
+    ],
+)  # fmt: skip
+def test_filters_refuse_hybrids_whose_projection_reads_feature_maps(name, args, part):
+    """A hybrid's patch_embed.proj is a 1x1 convolution over CNN channels: drawn as 'filters' it gave a grid of
+    black squares; it is refused by name instead."""
+    from vitkit.explain._common import UnsupportedModelError
+    from vitkit.models import create_model
+
+    model = create_model(name, **args)
+    with pytest.raises(UnsupportedModelError, match=rf"family vit_hybrid.*feature map of its CNN {part}"):
+        plot_patch_embedding_filters(model)
+
+
 @pytest.mark.parametrize("pos", ["learn", "sincos"])
 def test_position_similarity_non_square(tmp_path, pos):
     model = make_model(pos_embed=pos)

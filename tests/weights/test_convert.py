@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -81,3 +82,40 @@ def test_native_dir_with_img_size_and_num_classes(tmp_path, lines):
     assert torch.equal(big.blocks[0].mlp.fc1.weight.data, model.blocks[0].mlp.fc1.weight.data)
     assert "resampled pos_embed from a 4x4 to a 6x6 grid" in lines.text() and "2-class head" in lines.text()
     assert logits(big, torch.randn(1, 3, 48, 48)).shape == (1, 2)
+
+
+# Tiny instances of the families whose timm/torchvision state dicts need a registered name to load.
+_NAMED_LAYOUTS = {
+    "resnet": ("resnet18", dict(depths=(1, 1, 1, 1), widths=(8, 8, 16, 16), stem_width=8)),
+    "swin": ("swin_tiny_patch4_window7_224", dict(embed_dim=8, depths=(1, 1), num_heads=(1, 1), window_size=2)),
+    "convnext": ("convnext_tiny", dict(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8))),
+    "vit_hybrid": ("vit_small_r26_s32_224", dict(embed_dim=32, depth=1, num_heads=2, backbone_args={
+        "depths": [1, 1, 1, 1], "widths": [16, 16, 16, 16], "stem_width": 8, "gn_groups": 4})),
+    "vit_hybrid_cnn": ("vit_hybrid_cnn_tiny_s4_32", dict(embed_dim=32, depth=1, num_heads=2)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", list(_NAMED_LAYOUTS))
+def test_a_state_dict_of_another_family_without_a_name_says_which_names_to_pass(tmp_path, family):
+    """Without model_name such a file went to the ViT importer and failed with a ViT-specific message (a hybrid:
+    a list of every backbone key as 'unexpected'); the error now names the family and its registered names."""
+    name, args = _NAMED_LAYOUTS[family]
+    model = vitkit.create_model(name, **args)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    with pytest.raises(ValueError, match=rf"family '{family}'.*pass model_name= .*one of: .*{name}"):
+        vitkit.load_model(tmp_path / "w.pth")
+
+
+@pytest.mark.parametrize(("crop", "resized"), [(80, 106), (23, 30), (74, 105), (32, 36), (224, 256), (384, 384)])
+def test_hf_preprocessor_crop_gives_back_the_same_resize(crop, resized):
+    """A preprocessor_config.json (e.g. one `--to hf` wrote) that resizes to `resized` and crops `crop` becomes a
+    crop fraction with which vitkit's eval preprocessing, floor(crop / c), resizes to `resized` again; crop / resized
+    alone gave one pixel less for 80/106, 23/30 and 74/105."""
+    from vitkit.weights._log import as_reporter
+    from vitkit.weights.hf import preprocess_from_hf
+
+    for size, crop_size in [({"shortest_edge": resized}, crop), ({"height": resized, "width": resized}, crop)]:
+        pre = {"do_center_crop": True, "crop_size": {"height": crop_size, "width": crop_size}, "size": size}
+        got = preprocess_from_hf(pre, {}, 0, as_reporter(lambda _: None), model_size=(crop, crop))
+        assert math.floor(crop / got.crop_fraction) == resized
+        assert got.crop_fraction == pytest.approx(crop / resized, rel=1e-12)

@@ -339,6 +339,36 @@ def test_timm_export_names_what_a_reload_cannot_recover_and_refuses_other_suffix
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt"]
 
 
+@pytest.mark.parametrize("dist_head", [True, False])
+def test_timm_export_of_a_deit_warns_about_nothing_a_reload_recovers(tmp_path, dist_head):
+    """DeiT.describe() states dist_head (True/False) where a reload by shapes gives None (= follow `distilled`) or
+    False (a distillation token without head_dist): the same model, so no warning, and the reload agrees."""
+    model = vitkit.create_model(
+        "deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=1,
+        num_classes=3, dist_head=dist_head,
+    ).eval()  # fmt: skip
+    randomise_(model, seed=5)
+    lines = []
+    save_timm(model, tmp_path / "w.pth", log=lines.append)
+    assert len(lines) == 1 and "load it back with vitkit.load_model(path" in lines[0], lines
+    back = vitkit.load_model(tmp_path / "w.pth").eval()
+    assert back.describe().dist_head is dist_head
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+
+
+def test_timm_export_says_why_a_file_cannot_give_the_model_back(tmp_path):
+    """A 32-wide ViT: no reload tells its heads. The warning said "would rebuild this model with other values
+    for: (the shapes do not decide ...)", a field list holding a sentence; it now gives the reason itself."""
+    lines = []
+    save_timm(_vit(img_size=32, depth=1, embed_dim=32, num_heads=2), tmp_path / "w.pth", log=lines.append)
+    assert len(lines) == 1 and "other values for" not in lines[0]
+    assert "does not give the model back by itself (the shapes do not decide the architecture: cannot tell the " \
+        "number of attention heads of a 32-wide model" in lines[0]  # fmt: skip
+    assert lines[0].endswith("Keep a vitkit directory (--to vitkit) to reload it")
+
+
 def test_cli_convert_to_hf_and_timm(tmp_path, capsys):
     model = _tiny("resnet")
     model.save_pretrained(tmp_path / "native")
@@ -360,6 +390,17 @@ def test_cli_convert_to_hf_and_timm(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "reg"), str(tmp_path / "hf_reg"), "--to", "hf"]) == 2
     assert "reg_tokens=1 has no transformers equivalent" in capsys.readouterr().err
     assert not (tmp_path / "hf_reg").exists()
+
+
+def test_the_transformers_check_draws_no_progress_bar_and_leaves_the_setting(tmp_path, capfd):
+    """`vitkit convert --to hf` printed transformers' "Loading weights" progress bar from its logits check."""
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    save_hf(_tiny("resnet"), tmp_path / "hf", log=lambda _: None)
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out
+    assert hf_logging.is_progress_bar_enabled()
 
 
 @pytest.mark.parametrize(
@@ -405,3 +446,32 @@ def test_headless_and_bf16_models_export(tmp_path):
     assert any("same logits" in line for line in lines)  # compared in fp32 on both sides
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     assert load_file(str(tmp_path / "bf16" / "model.safetensors"))["classifier.weight"].dtype == torch.bfloat16
+
+
+def test_timm_export_of_a_resnetv2_hybrid_writes_timms_hybrid_keys(tmp_path):
+    """The R50/R26 hybrids already hold timm's vision_transformer_hybrid names (checked against a key/shape set
+    written from timm's naming in tests/models/test_hybrid.py); `--to timm` writes them, and they load back strictly
+    with the same logits (loading by name: test_hybrid.py). A hybrid on another backbone is refused."""
+    from tests.models.test_hybrid import timm_hybrid_state
+
+    depths, widths = [1, 2, 1], [16, 16, 32]
+    tiny = vitkit.create_model(
+        "vit_base_r50_s16_224", img_size=64, num_classes=5, embed_dim=32, depth=2, num_heads=2,
+        backbone_args={"depths": depths, "widths": widths, "stem_width": 8, "gn_groups": 4},
+    )  # fmt: skip
+    lines = []
+    save_timm(tiny, tmp_path / "tiny.safetensors", log=lines.append)
+    expected = timm_hybrid_state(depths, widths, stem=8, dim=32, depth=2, classes=5, grid=(4, 4))
+    assert sorted(load_file(str(tmp_path / "tiny.safetensors"))) == sorted(expected)
+    assert "model_name='vit_base_r50_s16_224'" in lines[0] and "embed_dim=32 (reload gives 768)" in lines[0]
+    back = vitkit.create_model(
+        "vit_base_r50_s16_224", img_size=64, num_classes=5, embed_dim=32, depth=2, num_heads=2,
+        backbone_args={"depths": depths, "widths": widths, "stem_width": 8, "gn_groups": 4},
+    )  # fmt: skip
+    back.load_state_dict(load_file(str(tmp_path / "tiny.safetensors")), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x), tiny.eval()(x))
+    other = vitkit.models.HybridViT("resnet18", img_size=32, embed_dim=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match="backbone='resnet18' has no timm layout"):
+        save_timm(other, tmp_path / "other.pth")

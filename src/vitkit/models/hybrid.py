@@ -245,7 +245,8 @@ def _register_hybrid(
         base = HybridViTConfig(
             backbone=backbone, stage=stage, embed_dim=dim, depth=depth, num_heads=heads, img_size=size
         )
-        return HybridViT(base, **overrides)
+        # cfg= by keyword: a `backbone=` override (a name or a module) then binds to HybridViT's backbone argument.
+        return HybridViT(cfg=base, **overrides)
 
     builder.__name__ = builder.__qualname__ = name
     builder.__doc__ = doc

@@ -18,7 +18,7 @@ from vitkit.models.registry import create_model, list_models, model_family
 class ModelRow:
     name: str
     family: str
-    params: int  # with the default 1000-class head
+    params: int  # with a 1000-class head, whatever the name's default head
     gmacs: float | None  # multiply-accumulates for one image at the native size, in billions
     img_size: tuple[int, int]
     strides: tuple[int, ...]  # reduction in pixels of each feature_info entry (distinct values, in order)
@@ -41,8 +41,10 @@ def count_gmacs(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3) 
 
 
 def model_row(name: str, flops: bool = True) -> ModelRow:
+    # One head size for every row, so the column compares architectures: most names default to ImageNet's 1000
+    # classes, but the small-data ones (vit_hybrid_cnn_*) default to 10.
     with torch.device("meta"):
-        model = create_model(name)
+        model = create_model(name, num_classes=1000)
     size = tuple(model.preprocess.input_size)
     info = model.feature_info
     reduction = info[-1]["reduction"]

@@ -88,6 +88,13 @@ def plot_patch_embedding_filters(
             f"the patch-embedding filter figure needs a patch-embedding convolution (`patch_embed.proj`, as ViT and "
             f"Swin have); {model_label(model)}{_family(model)} has none"
         )
+    before = next((n for n in ("backbone", "stem") if hasattr(model.patch_embed, n)), None)
+    if before is not None:  # a hybrid: the projection reads feature maps, its "filters" are 1x1 over CNN channels
+        raise UnsupportedModelError(
+            f"the patch-embedding filter figure draws filters that read pixels; {model_label(model)}{_family(model)} "
+            f"projects the {proj.in_channels}-channel feature map of its CNN {before} (`patch_embed.{before}`) to "
+            "tokens, so its `patch_embed.proj` has no pixel filters to draw"
+        )
     w = proj.weight.detach().float().cpu()  # (D, C, p, p)
     D, C, ph, pw = w.shape
     flat = w.reshape(D, -1)

@@ -50,13 +50,11 @@ def _load_native_resized(directory: Path, img_size: int | tuple[int, int], rep: 
     """A vitkit directory loaded for another input size; the family fits the weights (`adapt_state_dict`)."""
     config = read_config(directory / CONFIG_NAME)
     model = empty_model(lambda: model_from_config(config, img_size=as_img_size(img_size)))
-    if not hasattr(model, "adapt_state_dict"):
-        raise ValueError(
-            f"img_size: {type(model).__name__} ({config.get('model_name') or config.get('family')}) cannot adapt "
-            "its weights to another input size (it has no adapt_state_dict); load it at its own size"
-        )
     state = read_safetensors(directory / WEIGHTS_NAME)
-    state = model.adapt_state_dict(state, config["architecture"], log=rep.info)
+    # A family without adapt_state_dict (the CNNs: ResNet, ConvNeXt, ResNetV2) has no weight that depends on the
+    # input size, as from_family_state_dict assumes too; the strict load below still names any shape that differs.
+    if hasattr(model, "adapt_state_dict"):
+        state = model.adapt_state_dict(state, config["architecture"], log=rep.info)
     model = match_state_dtype(model, state)  # bf16/fp16 directories stay bf16/fp16 at any size
     load_state_dict_strict(model, state, source=str(directory / WEIGHTS_NAME))
     model.preprocess.input_size = tuple(model.cfg.img_size)

@@ -485,7 +485,16 @@ def verify_hf(model: nn.Module, directory: str | os.PathLike, rep: Reporter, tol
     param = next(model.parameters())
     # bf16/fp16 weights are compared in fp32 on both sides: the same upcast values, so the same tolerance holds.
     ref = model if param.dtype == torch.float32 else copy.deepcopy(model).float()
-    hf = AutoModelForImageClassification.from_pretrained(str(directory), dtype=torch.float32).eval()
+    from transformers.utils import logging as hf_logging
+
+    # transformers draws a "Loading weights" progress bar on stderr; a check inside `vitkit convert` should not.
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        hf = AutoModelForImageClassification.from_pretrained(str(directory), dtype=torch.float32).eval()
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     h, w = model.cfg.img_size  # a ViT takes only its native size in transformers
     x = torch.randn(1, int(model.cfg.in_chans), h, w, generator=torch.Generator().manual_seed(0))
     was_training = ref.training

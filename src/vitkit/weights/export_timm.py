@@ -4,11 +4,12 @@ vitkit's families already use timm's parameter names (checked per family against
 tests/weights/test_export.py): ViT `cls_token`/`pos_embed`/`blocks.N.attn.qkv`/`ls1.gamma`/`reg_token`, DeiT
 `dist_token`/`head_dist`, Swin >= timm 0.9 (`layers.N.downsample` at the start of stages 1.., `head.fc`; the
 `relative_position_index` and `attn_mask` buffers are not stored, as in timm), ConvNeXt (`stem.0`, `stages.N.
-blocks.M.conv_dw`, `gamma`, `head.norm`/`head.fc`), ResNet (torchvision's names), ResNetV2 and the R50+ViT
-hybrids (`stem.conv`, `stages.N.blocks.M.conv1`..., under `patch_embed.backbone.` in a hybrid, `patch_embed.proj`). So the file is the model's
-state dict as it is. What a state dict cannot carry is the config: a file is read back by shapes and a
-registered name (`vitkit.load_model(file, model_name=...)`), and fields that neither decides are named in a
-warning when written.
+blocks.M.conv_dw`, `gamma`, `head.norm`/`head.fc`), ResNet (torchvision's names), ResNetV2 (timm's
+`resnetv2`: `stem.conv/norm`, `stages.N.blocks.M.conv1..3/norm1..3`). So the file is the model's state dict as
+it is; so is a hybrid ViT on a ResNetV2 backbone (timm's `vision_transformer_hybrid`:
+`patch_embed.backbone.stem/stages`, `patch_embed.proj`). What a state dict cannot carry is the config: a file is
+read back by shapes and a registered name (`vitkit.load_model(file, model_name=...)`), and fields that neither
+decides are named in a warning when written.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 TIMM_FAMILIES = ("vit", "deit", "swin", "convnext", "resnet", "resnetv2", "vit_hybrid")
 # vitkit layer names timm's VisionTransformer has a counterpart for (same tensor names).
 _TIMM_LAYERS = {"attn_layer": ("mha",), "embed_layer": ("patch",)}
+# timm's vision_transformer_hybrid: a ViT whose patch embedding is a ResNetV2 (the R50/R26 hybrids' layout).
+_TIMM_HYBRID_LAYERS = {"attn_layer": ("mha",), "embed_layer": ("hybrid",)}
 
 
 def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -47,9 +50,15 @@ def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             f"dicts: {', '.join(TIMM_FAMILIES)}"
         )
     cfg = model.describe() if hasattr(model, "describe") else model.cfg
-    for name, allowed in _TIMM_LAYERS.items():
-        if family == "vit_hybrid" and name == "embed_layer":
-            allowed = ("hybrid",)  # timm's HybridEmbed: patch_embed.backbone.* + patch_embed.proj
+    layers = _TIMM_LAYERS
+    if family == "vit_hybrid":
+        layers = _TIMM_HYBRID_LAYERS
+        if model_family(cfg.backbone) != "resnetv2":
+            raise ValueError(
+                f"backbone={cfg.backbone!r} has no timm layout: timm's hybrid ViTs (vision_transformer_hybrid) are "
+                "built on its ResNetV2 (vitkit's resnetv2_* backbones, as in vit_base_r50_s16_224)"
+            )
+    for name, allowed in layers.items():
         value = getattr(cfg, name, allowed[0])
         if value not in allowed:
             raise ValueError(f"{name}={value!r} has no timm counterpart (timm's ViT has {', '.join(allowed)})")
@@ -73,7 +82,9 @@ def _reload_differences(model: nn.Module, state: dict[str, torch.Tensor]) -> tup
             name = candidate
             break
         if arch is None:
-            return None, [f"(the shapes do not decide the architecture: {error})"]
+            return None, [f"(the shapes do not decide the architecture: {_unprefixed(error)})"]
+        if arch.get("distilled") and "head.weight" in state and "head_dist.weight" not in state:
+            arch["dist_head"] = False  # as from_timm_state_dict decides it on reload
         rebuilt = dataclasses.replace(type(cfg)(img_size=cfg.img_size), **arch)
     elif name is not None:
         with torch.device("meta"):
@@ -88,11 +99,20 @@ def _reload_differences(model: nn.Module, state: dict[str, torch.Tensor]) -> tup
     return name, diffs
 
 
+def _unprefixed(error: ValueError) -> str:
+    """An importer error without its leading "state dict: " source name (the warning names the file already)."""
+    text = str(error)
+    return text.split(": ", 1)[1] if text.startswith("state dict: ") else text
+
+
 def _value(cfg: Any, name: str) -> Any:
-    """A config value as it acts: a ViT's fc_norm=None means "on exactly when pool='avg'"."""
+    """A config value as it acts: a ViT's fc_norm=None means "on exactly when pool='avg'", a DeiT's dist_head=None
+    "a distillation head exactly when distilled"."""
     value = getattr(cfg, name)
     if name == "fc_norm" and value is None:
         return cfg.pool == "avg"
+    if name == "dist_head" and value is None:
+        return cfg.distilled
     return value
 
 
@@ -128,7 +148,12 @@ def save_timm(model: nn.Module, path: str | os.PathLike, *, log: LogFn | Reporte
         else:
             torch.save(state, tmp)
     how = f"model_name={name!r}" if name else "model_name=NAME (a registered name of this architecture)"
-    if diffs:
+    if diffs and diffs[0].startswith("("):  # no reload by shapes or name gives this model: say why, not a field list
+        rep.warn(
+            f"{path}: a state dict holds no config, and this one does not give the model back by itself "
+            f"{diffs[0]}. Keep a vitkit directory (--to vitkit) to reload it"
+        )
+    elif diffs:
         rep.warn(
             f"{path}: a state dict holds no config, and vitkit.load_model(..., {how}) would rebuild this model with "
             f"other values for: {'; '.join(diffs)}. Keep a vitkit directory (--to vitkit) to keep them"

@@ -8,6 +8,7 @@ query`) and the module layout of transformers 5 (`layers.{i}.attention.q_proj`) 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -176,6 +177,20 @@ def arch_from_hf_config(config: dict[str, Any], *, num_classes: int, source: str
     )
 
 
+def _crop_fraction(crop: int, resized: int) -> float:
+    """The crop fraction c with which vitkit's eval preprocessing, floor(crop / c), resizes to `resized` again.
+
+    crop / resized alone can come back one pixel short in floating point (80 / (80 / 106) = 105.99...), so c is
+    lowered by the few ulps that takes.
+    """
+    if crop >= resized:
+        return 1.0
+    c = crop / resized
+    while math.floor(crop / c) < resized:
+        c = math.nextafter(c, 0.0)
+    return c
+
+
 def preprocess_from_hf(
     preprocessor: dict[str, Any] | None,
     config: dict[str, Any],
@@ -223,10 +238,10 @@ def preprocess_from_hf(
     crop = preprocessor.get("crop_size") if preprocessor.get("do_center_crop") else None
     if crop is not None and isinstance(size, dict) and "shortest_edge" in size:
         crop_h = crop["height"] if isinstance(crop, dict) else int(crop)
-        crop_fraction = min(1.0, crop_h / int(size["shortest_edge"]))
+        crop_fraction = _crop_fraction(crop_h, int(size["shortest_edge"]))
     elif crop is not None and isinstance(size, dict) and "height" in size:  # resize to (h, w), then crop (DeiT's)
         crop_h = crop["height"] if isinstance(crop, dict) else int(crop)
-        crop_fraction = min(1.0, crop_h / int(size["height"]))
+        crop_fraction = _crop_fraction(crop_h, int(size["height"]))
     return Preprocess(mean, std, crop_fraction=crop_fraction, interpolation=interpolation, class_names=class_names)
 
 

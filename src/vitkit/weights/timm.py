@@ -21,7 +21,7 @@ from torch import nn
 
 from vitkit.layers import resample_pos_embed
 from vitkit.models.base import Preprocess
-from vitkit.models.registry import create_model, get_family, model_family
+from vitkit.models.registry import create_model, get_family, list_models, model_family
 from vitkit.models.serialization import match_state_dtype
 from vitkit.models.vit import VisionTransformer, ViTConfig
 from vitkit.weights._log import LogFn, Reporter, as_reporter
@@ -247,14 +247,15 @@ def empty_model(build: Callable[[], nn.Module]) -> nn.Module:
     """`build()` without its random initialisation, for a strict load that overwrites every tensor anyway.
 
     The model is built on the meta device and given uninitialised CPU storage, which saves the (slow)
-    truncated-normal init of every weight.
+    truncated-normal init of every weight; a model with non-persistent buffers is built normally.
     """
     with torch.device("meta"):
         model = build()
-    model = model.to_empty(device="cpu")
-    # Buffers outside the state dict would stay uninitialised: none exist in the models built here.
-    assert set(dict(model.named_buffers())) <= set(model.state_dict()), "non-persistent buffers need an init"
-    return model
+    if set(dict(model.named_buffers())) - set(model.state_dict()):
+        # Buffers outside the state dict (Swin's relative_position_index) are computed by __init__ and no load
+        # fills them: to_empty would leave them uninitialised, so such a model is built for real.
+        return build()
+    return model.to_empty(device="cpu")
 
 
 def build_vit(
@@ -339,6 +340,30 @@ def _positions_for_prefix_tokens(
     return {**state, "pos_embed": torch.cat([pos.new_zeros(1, n_prefix, pos.shape[2]), pos], dim=1)}
 
 
+# Key prefixes of the timm/torchvision layouts of the other families: their architecture is not read from the shapes,
+# so such a file loads only with a registered name (checked in order: the hybrids also hold ViT keys).
+_OTHER_LAYOUTS = (
+    ("patch_embed.backbone.", "vit_hybrid", "a ViT on a CNN backbone (timm's vision_transformer_hybrid)"),
+    ("patch_embed.stem.", "vit_hybrid_cnn", "a ViT on a convolutional stem"),
+    ("layers.0.blocks.", "swin", "a Swin Transformer"),
+    ("stages.0.blocks.0.conv_dw.", "convnext", "a ConvNeXt"),
+    ("features.1.0.block.", "convnext", "a torchvision ConvNeXt"),
+    ("stem.conv.", "resnetv2", "a ResNetV2"),
+    ("layer1.0.", "resnet", "a ResNet"),
+)
+
+
+def _other_family_layout(state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a ValueError naming the family and its registered names when the keys are another family's layout."""
+    for prefix, family, what in _OTHER_LAYOUTS:
+        if any(k.startswith(prefix) for k in state):
+            names = [n for n in list_models() if model_family(n) == family]
+            raise ValueError(
+                f"{source} holds {what} ('{prefix}*' keys, family {family!r}), whose architecture a state dict does "
+                f"not describe: pass model_name= (--model on the command line), one of: {', '.join(names)}"
+            )
+
+
 def from_timm_state_dict(
     state: dict[str, torch.Tensor],
     *,
@@ -368,6 +393,8 @@ def from_timm_state_dict(
             f"{source} is a Hugging Face transformers state dict; load the directory that holds it together with "
             "its config.json (the config gives the architecture and LayerNorm epsilon)"
         )
+    if model_name is None:
+        _other_family_layout(state, source)
     state = _positions_for_prefix_tokens(state, model_name=model_name, img_size=img_size, log=rep)
     arch, grid = infer_vit_config(
         state, model_name=model_name, num_heads=num_heads, img_size=img_size, source=source, log=rep
