@@ -341,8 +341,8 @@ def test_timm_export_names_what_a_reload_cannot_recover_and_refuses_other_suffix
 
 @pytest.mark.parametrize("dist_head", [True, False])
 def test_timm_export_of_a_deit_warns_about_nothing_a_reload_recovers(tmp_path, dist_head):
-    """DeiT.describe() states dist_head (True/False) where a reload by shapes gives None (= follow `distilled`) or
-    False (a distillation token without head_dist): the same model, so no warning, and the reload agrees."""
+    """A DeiT with dist_head True or False (None = follow `distilled` is the same as True for a distilled model):
+    a reload by shapes gives the same head layout, so no warning, and the reload agrees."""
     model = vitkit.create_model(
         "deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=1,
         num_classes=3, dist_head=dist_head,
@@ -352,7 +352,7 @@ def test_timm_export_of_a_deit_warns_about_nothing_a_reload_recovers(tmp_path, d
     save_timm(model, tmp_path / "w.pth", log=lines.append)
     assert len(lines) == 1 and "load it back with vitkit.load_model(path" in lines[0], lines
     back = vitkit.load_model(tmp_path / "w.pth").eval()
-    assert back.describe().dist_head is dist_head
+    assert back.describe().has_dist_head is dist_head
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(back(x), model(x))
