@@ -13,6 +13,7 @@ from vitkit.layers.capture import (
 from vitkit.layers.create import get_layer, get_norm, layer_names, register_layer
 from vitkit.layers.drop import DropPath, drop_path_rates
 from vitkit.layers.layer_scale import LayerScale
+from vitkit.layers.linear import Linear, lowp_in_fp32
 from vitkit.layers.mlp import GluMlp, Mlp
 from vitkit.layers.norm import LayerNorm2d
 from vitkit.layers.patch_embed import ConvStemEmbed, HybridEmbed, PatchEmbed, check_image_size
@@ -38,6 +39,8 @@ __all__ = [
     "DropPath",
     "LayerNorm2d",
     "LayerScale",
+    "Linear",
+    "lowp_in_fp32",
     "Mlp",
     "PatchEmbed",
     "check_image_size",

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from vitkit.layers.linear import Linear
+
 
 class Mlp(nn.Module):
     """Linear -> activation -> dropout -> Linear -> dropout, the ViT MLP (hidden width = mlp_ratio * dim)."""
@@ -15,10 +17,10 @@ class Mlp(nn.Module):
         self, in_features: int, hidden_features: int, drop: float = 0.0, act_layer: Callable[[], nn.Module] = nn.GELU
     ):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = Linear(hidden_features, in_features)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -35,11 +37,11 @@ class GluMlp(nn.Module):
         self, in_features: int, hidden_features: int, drop: float = 0.0, act_layer: Callable[[], nn.Module] = nn.SiLU
     ):
         super().__init__()
-        self.fc1_g = nn.Linear(in_features, hidden_features)
-        self.fc1_x = nn.Linear(in_features, hidden_features)
+        self.fc1_g = Linear(in_features, hidden_features)
+        self.fc1_x = Linear(in_features, hidden_features)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = Linear(hidden_features, in_features)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitkit.layers import DropPath, LayerNorm2d, Mlp, drop_path_rates, get_layer, resolve_intermediates
+from vitkit.layers import DropPath, LayerNorm2d, Mlp, drop_path_rates, get_layer, lowp_in_fp32, resolve_intermediates
 from vitkit.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocess, config_kwargs
 from vitkit.models.contract import ContractMixin
 from vitkit.models.registry import register_family, register_model
@@ -129,11 +129,11 @@ class ConvNeXtBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def _depthwise(self, x: torch.Tensor) -> torch.Tensor:
-        """The 7x7 depthwise convolution. At inference on CPU, bf16/fp16 maps are convolved in fp32 and rounded
-        back once: PyTorch's CPU has no low-precision depthwise kernel on processors without bf16 instructions and
-        falls back to a per-channel generic loop (~85x slower here), while fp32 holds every bf16/fp16 input
+        """The 7x7 depthwise convolution. At inference on a CPU without low-precision kernels
+        (`vitkit.layers.linear.lowp_in_fp32`), bf16/fp16 maps are convolved in fp32 and rounded back once: PyTorch
+        falls back to a per-channel generic loop there (~85x slower here), while fp32 holds every bf16/fp16 input
         exactly. Outputs differ from that loop's by at most one rounding step of the low-precision type."""
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled():
+        if lowp_in_fp32(x):
             conv = self.conv_dw
             bias = None if conv.bias is None else conv.bias.float()
             return conv._conv_forward(x.float(), conv.weight.float(), bias).to(x.dtype)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitkit.layers import DropPath, Mlp, drop_path_rates, get_layer, get_norm, resolve_intermediates
+from vitkit.layers import DropPath, Linear, Mlp, drop_path_rates, get_layer, get_norm, resolve_intermediates
 from vitkit.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocess, config_kwargs
 from vitkit.models.contract import ContractMixin
 from vitkit.models.registry import register_family, register_model
@@ -174,9 +174,9 @@ class WindowAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.window_size = window_size
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         # Non-persistent: a function of window_size, so checkpoints that store it are not expected to.
@@ -326,7 +326,7 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, out_dim: int, norm_layer):
         super().__init__()
         self.norm = norm_layer(4 * dim)
-        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+        self.reduction = Linear(4 * dim, out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
