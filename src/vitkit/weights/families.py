@@ -20,6 +20,7 @@ from vitkit.weights._log import Reporter
 from vitkit.weights.hf_swin import official_swin_to_timm
 from vitkit.weights.timm import as_img_size
 from vitkit.weights.torchvision_convnext import looks_like_torchvision_convnext, torchvision_convnext_to_timm
+from vitkit.weights.torchvision_swin import looks_like_torchvision_swin, torchvision_swin_to_timm
 
 
 def from_family_state_dict(
@@ -39,7 +40,10 @@ def from_family_state_dict(
         ValueError: keys or shapes that do not fit `model_name`, listed.
     """
     family = model_family(model_name)
-    if family == "swin":
+    if family == "swin" and looks_like_torchvision_swin(state):
+        state = torchvision_swin_to_timm(state)
+        rep.info(f"{source}: torchvision Swin layout, renamed to timm's")
+    elif family == "swin":
         state = official_swin_to_timm(state)
     elif family == "convnext" and looks_like_torchvision_convnext(state):
         _, state = torchvision_convnext_to_timm(state)
