@@ -23,8 +23,9 @@ models' layers, goes to oneDNN. Peak MiB: the working memory of inference above 
 benchmarks/models.py (which also pins glibc's mmap threshold; see its docstring), the maximum over the repeats.
 
 Usage:
-    python benchmarks/families.py --threads 2 --bf16-batches 1 --repeats 5 --min-seconds 1   # RESULTS.md, ~4 min
-    python benchmarks/families.py --threads 2    # also bf16 batch 16: slow where the CPU lacks bf16 (AVX2)
+    python benchmarks/families.py --threads 2 --repeats 3 --min-seconds 1   # RESULTS.md, all 16 rows, ~10 min
+    python benchmarks/families.py --threads 2 --bf16-batches 1    # bf16 at batch 1 only (transformers' bf16 is
+                                                                  # slow on CPUs without bf16 instructions)
     python benchmarks/families.py --models resnet50 --precisions fp32 --batches 1
     python benchmarks/families.py --clock thread --bf16-batches 1 --repeats 5   # a shared machine: CPU time
 """
