@@ -1,6 +1,7 @@
 """Moving classification into a Task changed no number: a fixed classification run (every source of randomness on:
 random crops and flips, Mixup/CutMix, label smoothing, EMA, accumulation, clipping, warmup) reproduces the history
-and the final weights that the loop gave before the refactoring, bit for bit.
+and the final weights that the loop gave before the refactoring, bit for bit (evaluation losses to 1e-6: see the
+test).
 
 tests/train/expected/classification_reference.json was written by the pre-Task trainer (commit "tests/train:
 record the classification reference") with `python -m tests.train.test_task_invariance --write`. The float ops are
@@ -102,8 +103,15 @@ def test_classification_numbers_are_unchanged_by_the_task_refactoring():
     assert [list(r) for r in got["history"]] == [list(r) for r in expected["history"]]  # same columns, same order
     assert set(got["evaluate"]) == {"loss", "acc", "top5", "n"}
     if got["torch"] == expected["torch"] and got["cpu"] == expected.get("cpu"):
-        assert got["history"] == expected["history"]
-        assert got["evaluate"] == expected["evaluate"]
+        # Training is bit-exact. Evaluation losses may differ in the last bits since inference computes only the
+        # class-token rows of a ViT's last block (VisionTransformer._last_block_reads_prefix_only): other float
+        # summation order, same predictions.
+        for g, e in zip(got["history"] + [got["evaluate"]], expected["history"] + [expected["evaluate"]], strict=True):
+            for k in e:
+                if k.endswith("loss") and not k.startswith("train"):
+                    assert abs(g[k] - e[k]) <= 1e-6 * max(1.0, abs(e[k])), (k, g[k], e[k])
+                else:
+                    assert g[k] == e[k], (k, g[k], e[k])
         assert got["weights_sha256"] == expected["weights_sha256"]
         assert got["ema_sha256"] == expected["ema_sha256"]
     else:  # other kernels (torch version or CPU model): the same numbers up to float rounding, grown over 8 steps

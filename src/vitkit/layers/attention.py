@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.layers.linear import Linear
+from vitkit.layers.linear import Linear, linear
 
 # Receives (module, probabilities (B, heads, N, N)) while `vitkit.layers.capture_attention` is active.
 CaptureFn = Callable[[nn.Module, torch.Tensor], None]
@@ -75,3 +75,16 @@ class Attention(nn.Module):
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         return self.proj_drop(self.proj(x))
+
+    def forward_queries(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Tokens (B, N, C) -> the outputs of the first `n` tokens only (B, n, C): every token is a key and a value,
+        only the first n are queries. Equals `forward(x)[:, :n]` (up to float summation order) without computing the
+        other N - n rows of q, attention, projection. For inference (no dropout, no capture)."""
+        B, N, C = x.shape
+        w, b = self.qkv.weight, self.qkv.bias
+        q = linear(x[:, :n], w[:C], None if b is None else b[:C])  # (B, n, C)
+        kv = linear(x, w[C:], None if b is None else b[C:])  # (B, N, 2C)
+        q = q.reshape(B, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, n, d)
+        k, v = kv.reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d)
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # (B, h, n, d)
+        return self.proj(x.transpose(1, 2).reshape(B, n, C))

@@ -76,3 +76,10 @@ class Block(nn.Module):
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
+
+    def forward_queries(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Tokens (B, N, dim) -> the block's outputs for the first `n` tokens (B, n, dim), attending to all N; the
+        attention must have `forward_queries` (vitkit's "mha"). For inference: a classifier that reads only its
+        prefix tokens skips the other rows of the last block (its MLP, projection and queries)."""
+        x_n = x[:, :n] + self.drop_path1(self.ls1(self.attn.forward_queries(self.norm1(x), n)))
+        return x_n + self.drop_path2(self.ls2(self.mlp(self.norm2(x_n))))

@@ -38,13 +38,17 @@ def lowp_in_fp32(x: torch.Tensor) -> bool:
     )
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` with the rule of this module (fp32 products for CPU bf16/fp16 inference without native kernels)."""
+    if lowp_in_fp32(x):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
     """`nn.Linear` (same arguments, parameters and state dict) whose CPU bf16/fp16 inference runs the product in fp32
     where the CPU lacks low-precision kernels (see the module docstring). Input (..., in_features) -> (...,
     out_features), in the input's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if lowp_in_fp32(x):
-            bias = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitkit.layers import (
+    Attention,
     Block,
     attention_layers,
     capture_attention,
@@ -387,9 +388,29 @@ class VisionTransformer(ContractMixin, nn.Module):
                 in layer order. Unrequested layers keep the fused attention kernel.
         """
         if return_attention is False or return_attention is None:
+            if self._last_block_reads_prefix_only():
+                x = self.embed(x)
+                for i in range(len(self.blocks) - 1):
+                    x = self._run_block(i, x)
+                # The head reads the class (and distillation) token only: the last block computes just those rows.
+                keep = 1 + int(self.head_dist is not None)
+                return self.forward_head(self.norm(self.blocks[-1].forward_queries(x, keep)))
             return self.forward_head(self.forward_features(x))
         feats, attns = self.forward_features(x, return_attention=return_attention)
         return self.forward_head(feats), attns
+
+    def _last_block_reads_prefix_only(self) -> bool:
+        """Whether `forward` may compute only the prefix rows of the last block: inference (eval, no autograd),
+        class-token pooling, vitkit's own block and attention with no capture, and no hook anywhere that would see
+        the last block's or the final norm's tokens (module hooks there, or global module hooks)."""
+        if self.training or torch.is_grad_enabled() or self.cfg.pool != "token" or not self.cfg.class_token:
+            return False
+        blk = self.blocks[-1]
+        if type(blk) is not Block or type(blk.attn) is not Attention or blk.attn.capture is not None:
+            return False
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in (*blk.modules(), self.norm))
 
     def forward_intermediates(
         self, x: torch.Tensor, indices: int | Sequence[int] | None = None, as_maps: bool = False, norm: bool = False
