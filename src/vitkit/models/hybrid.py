@@ -21,10 +21,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
-from vitkit.layers import get_layer, resample_pos_embed
+from vitkit.layers import get_layer
 from vitkit.models.base import config_kwargs, config_to_dict
 from vitkit.models.registry import create_model, list_models, model_family, register_family, register_model
 from vitkit.models.vit import IMAGENET_PRE, JAX_PRE, JAX_PRE_384, VisionTransformer, ViTConfig
@@ -191,21 +190,10 @@ class HybridViT(VisionTransformer):
             {"num_chs": self.embed_dim, "reduction": stride, "module": f"blocks.{i}"} for i in range(len(self.blocks))
         ]
 
-    def adapt_state_dict(self, state: dict[str, torch.Tensor], source_cfg: dict[str, Any], log=None) -> dict:
-        """Weights saved at another input size: the position table is resampled (bicubic) to this native grid.
-        The source is assumed to share this model's total stride (same backbone, stage and patch size)."""
-        old = source_cfg["img_size"]
-        old = (old, old) if isinstance(old, int) else tuple(old)
-        s = self.patch_embed.stride
-        old_grid = (old[0] // s[0], old[1] // s[1])
-        if "pos_embed" in state and self.native_grid != old_grid:
-            state = dict(state)
-            state["pos_embed"] = resample_pos_embed(state["pos_embed"], self.native_grid, old_grid, self.num_pos_prefix)
-            if log is not None:
-                log(
-                    f"resampled pos_embed from a {old_grid[0]}x{old_grid[1]} to a {self.native_grid[0]}x{self.native_grid[1]} grid"
-                )
-        return state
+    def _source_stride(self, source_cfg: dict[str, Any]) -> tuple[int, int]:
+        """Pixels per token of the source of a state dict (`adapt_state_dict` resamples its position table): the
+        source is assumed to share this model's total stride (same backbone, stage and patch size)."""
+        return tuple(self.patch_embed.stride)
 
 
 class HybridCNNViT(VisionTransformer):

@@ -511,8 +511,8 @@ class VisionTransformer(ContractMixin, nn.Module):
         """
         old = source_cfg["img_size"]
         old = (old, old) if isinstance(old, int) else tuple(old)
-        patch = int(source_cfg["patch_size"])
-        old_grid = (old[0] // patch, old[1] // patch)
+        stride = self._source_stride(source_cfg)
+        old_grid = (old[0] // stride[0], old[1] // stride[1])
         if "pos_embed" in state and self.native_grid != old_grid:
             state = dict(state)
             state["pos_embed"] = resample_pos_embed(state["pos_embed"], self.native_grid, old_grid, self.num_pos_prefix)
@@ -522,6 +522,11 @@ class VisionTransformer(ContractMixin, nn.Module):
                     f"{self.native_grid[0]}x{self.native_grid[1]} grid"
                 )
         return state
+
+    def _source_stride(self, source_cfg: dict[str, Any]) -> tuple[int, int]:
+        """Pixels per token of the model a state dict came from (`adapt_state_dict`): its patch size."""
+        patch = int(source_cfg["patch_size"])
+        return (patch, patch)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._pos_cache.clear()
