@@ -175,11 +175,15 @@ def _residual_normalise(a: Tensor) -> Tensor:
     return a / a.sum(dim=-1, keepdim=True)
 
 
+def _rollout_layers(fused: Sequence[Tensor], discard_ratio: float, protect: int | None) -> list[Tensor]:
+    """The per-layer (B, N, N) matrices of rollout and flow: lowest weights discarded, residual identity added."""
+    return [_residual_normalise(discard_lowest(a, discard_ratio, protect)) for a in fused]
+
+
 def _rollout(fused: Sequence[Tensor], discard_ratio: float, protect: int | None) -> Tensor:
-    """Multiply per-layer (B, N, N) matrices in depth order after discarding and the residual identity."""
+    """Multiply the `_rollout_layers` matrices in depth order."""
     result = None
-    for a in fused:
-        a = _residual_normalise(discard_lowest(a, discard_ratio, protect))
+    for a in _rollout_layers(fused, discard_ratio, protect):
         result = a if result is None else a @ result  # later layers act on the output of earlier ones
     return result
 
@@ -277,7 +281,7 @@ def flow_from_attentions(
     scale = round(1.0 / resolution)
     fused = [fuse_heads(a, head_fusion) for a in attns]
     protect = 0 if has_class_token else None
-    layers = torch.stack([_residual_normalise(discard_lowest(a, discard_ratio, protect)) for a in fused], dim=1)
+    layers = torch.stack(_rollout_layers(fused, discard_ratio, protect), dim=1)
     layers = layers.detach().float().cpu()  # (B, L, N, N)
     B, L, N, _ = layers.shape
     P = num_prefix_tokens
