@@ -277,6 +277,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--data", help="digits, shapes[:N], FOLDER, csv:FILE, cifar10:DIR, mnist:DIR ...")
     g.add_argument("--model", help="registered model name (see `vitkit models`)")
     g.add_argument("--pretrained", metavar="CKPT", help="fine-tune from a vitkit dir, timm/HF checkpoint or .npz")
+    g.add_argument("--attn-layer", metavar="NAME", help="attention variant of a ViT (see docs/models.md), e.g. local")
+    g.add_argument(
+        "--attn-args", type=_mapping_arg, metavar="MAPPING", help="its options as YAML/JSON, e.g. '{window: 7}'"
+    )
+    g.add_argument("--embed-layer", metavar="NAME", help="patch-embedding variant of a ViT, e.g. overlap")
     g.add_argument("--img-size", type=int, help="training resolution (default: the model's)")
     g.add_argument("--batch-size", type=int, help="global batch size")
     g.add_argument("--workers", type=int, help="data loader processes for lazily decoded folders")
@@ -306,6 +311,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train)
 
 
+_MODEL_ARG_FLAGS = ("attn_layer", "attn_args", "embed_layer")
+
+
+def _mapping_arg(text: str) -> dict:
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not YAML/JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping such as '{{window: 7}}', got {text!r}")
+    return value
+
+
 def _parse_sets(items: list[str]) -> dict:
     import yaml
 
@@ -325,6 +345,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     overrides = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items()}
     overrides.update(_parse_sets(args.set))
+    # Architecture flags are model_args keys: they join (and win over) any --set model_args and the recipe's.
+    arch = {k: getattr(args, k) for k in _MODEL_ARG_FLAGS if getattr(args, k) is not None}
+    if arch:
+        given = overrides.get("model_args") or {}
+        if not isinstance(given, dict):
+            raise ValueError(f"--set model_args must be a mapping, e.g. '{{depth: 4}}', got {given!r}")
+        overrides["model_args"] = {**given, **arch}
     if args.resume and args.config:
         raise ValueError("--resume uses the run's own config.yaml; do not combine it with --config")
     try:
@@ -441,6 +468,7 @@ _ARG_FLAGS: dict[str, dict[str, str]] = {
         "model_name": "--model",
         **{f.name: f"--set {f.name}" for f in dataclasses.fields(TrainConfig)},
         **{field: "--" + flag.replace("_", "-") for flag, field in _TRAIN_FLAGS.items()},
+        **{name: "--" + name.replace("_", "-") for name in _MODEL_ARG_FLAGS},
     },
     "eval": {"data": "--data", "split": "--split", "batch_size": "--batch-size", "device": "--device"},
     "predict": {"topk": "--topk", "device": "--device"},

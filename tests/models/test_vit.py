@@ -155,7 +155,7 @@ def test_return_attention_selects_layers_and_keeps_others_fused(monkeypatch):
         monkeypatch.setattr(
             blk.attn,
             "forward",
-            lambda x, i=i, f=orig, m=blk.attn: (calls.append((i, m.capture is not None)), f(x))[1],
+            lambda x, grid=None, i=i, f=orig, m=blk.attn: (calls.append((i, m.capture is not None)), f(x, grid))[1],
         )
     _, attns = model(torch.randn(1, 3, 224, 224), return_attention=[1, -1])
     assert len(attns) == 2

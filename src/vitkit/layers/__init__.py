@@ -10,7 +10,7 @@ from vitkit.layers.capture import (
     resolve_layers,
     run_with_captures,
 )
-from vitkit.layers.create import get_layer, get_norm, layer_names, register_layer
+from vitkit.layers.create import check_layer_args, get_layer, get_norm, layer_names, layer_options, register_layer
 from vitkit.layers.drop import DropPath, drop_path_rates
 from vitkit.layers.layer_scale import LayerScale
 from vitkit.layers.linear import Linear, lowp_in_fp32
@@ -28,13 +28,14 @@ __all__ = [
     "GluMlp",
     "attention_layers",
     "capture_attention",
+    "check_layer_args",
     "get_layer",
     "get_norm",
+    "layer_options",
     "layer_names",
     "register_layer",
     "resolve_intermediates",
     "resolve_layers",
-    "resolve_intermediates",
     "run_with_captures",
     "DropPath",
     "LayerNorm2d",

@@ -14,6 +14,24 @@ from vitkit.layers.linear import Linear, linear
 CaptureFn = Callable[[nn.Module, torch.Tensor], None]
 
 
+def split_tokens(n_tokens: int, grid: tuple[int, int] | None, layer: str) -> int:
+    """The number of prefix tokens in a sequence of `n_tokens` whose last H'*W' tokens form the patch `grid`.
+
+    Raises:
+        ValueError: no grid was given (the layer mixes tokens by position), or the grid does not fit the sequence.
+    """
+    if grid is None:
+        raise ValueError(
+            f"attn_layer={layer!r} mixes tokens by their grid position and needs grid=(H', W'); "
+            "call it through a model (VisionTransformer passes the grid) or pass grid= yourself"
+        )
+    gh, gw = int(grid[0]), int(grid[1])
+    prefix = n_tokens - gh * gw
+    if gh < 1 or gw < 1 or prefix < 0:
+        raise ValueError(f"grid {tuple(grid)} does not fit a sequence of {n_tokens} tokens (needs N >= H'*W')")
+    return prefix
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over all N tokens (global attention, as in ViT).
 
@@ -60,21 +78,55 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.capture: CaptureFn | None = None  # set only inside `capture_attention`
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, N, C) -> tokens (B, N, C)."""
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tokens (B, N, C) -> tokens (B, N, C).
+
+        Args:
+            x: tokens laid out as [prefix tokens..., patch tokens in row-major order of the grid].
+            grid: the patch grid (H', W'); N - H'*W' leading tokens are prefix tokens (class, distillation,
+                registers). Global attention ignores it; the variants of the attention zoo (local, axial, relative
+                position ...) need it and raise a ValueError without it.
+        """
+        q, k, v = self.project_qkv(x)  # each (B, h, N, d)
+        return self.project_out(self.attend(q, k, v, grid))
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens (B, N, C) -> q, k, v, each (B, heads, N, head_dim), with the q/k norm applied."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
         q, k, v = qkv.unbind(0)  # each (B, h, N, d)
-        q, k = self.q_norm(q), self.k_norm(k)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def project_out(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs (B, heads, N, head_dim) -> tokens (B, N, C) through the output projection."""
+        B, h, N, d = x.shape
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, h * d)))
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """The token mixing itself: q, k, v (B, heads, N, d) -> (B, heads, N, d). Variants override this (and keep
+        the projections, so their state dicts share the `qkv`/`proj` keys with plain multi-head attention)."""
         capture = self.capture  # read once: another thread may close its capture meanwhile
         if capture is not None:
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, N)
             capture(self, attn)
-            x = self.attn_drop(attn) @ v  # (B, h, N, d)
-        else:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
-        return self.proj_drop(self.proj(x))
+            return self.attn_drop(attn) @ v  # (B, h, N, d)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+
+    def masked_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Dense attention restricted by a boolean mask: q, k, v (B, h, N, d), mask (N, N) or broadcastable to
+        (B, h, N, N), True where a query may attend a key (every row needs at least one True). The fused kernel
+        normally; the explicit softmax (handed to a capture) while one is attached. Variants defined by a mask
+        (local, sparse) use this as their reference path."""
+        capture = self.capture
+        if capture is not None:
+            logits = ((q * self.scale) @ k.transpose(-2, -1)).masked_fill(~mask, float("-inf"))  # (B, h, N, N)
+            attn = logits.softmax(dim=-1)
+            capture(self, attn)
+            return self.attn_drop(attn) @ v
+        p = self.attn_drop.p if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
 
     def forward_queries(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """Tokens (B, N, C) -> the outputs of the first `n` tokens only (B, n, C): every token is a key and a value,

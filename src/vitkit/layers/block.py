@@ -30,7 +30,7 @@ class Block(nn.Module):
         norm_layer: norm constructor taking the width (e.g. `partial(nn.LayerNorm, eps=1e-6)`).
         act_layer: MLP activation constructor.
         attn_layer: attention class, called as `attn_layer(dim, num_heads, qkv_bias=, qk_norm=, attn_drop=,
-            proj_drop=, norm_layer=, **attn_args)`; it maps (B, N, dim) -> (B, N, dim).
+            proj_drop=, norm_layer=, **attn_args)`; `attn(x, grid=(H', W'))` maps (B, N, dim) -> (B, N, dim).
         mlp_layer: MLP class, called as `mlp_layer(dim, hidden, drop=, act_layer=)`.
         attn_args: extra keyword arguments for `attn_layer` (variant options).
     """
@@ -71,9 +71,10 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, N, dim) -> tokens (B, N, dim)."""
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tokens (B, N, dim) -> tokens (B, N, dim); `grid` is the patch grid (H', W') of the last H'*W' tokens,
+        passed to the attention (variants that mix tokens by position need it)."""
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), grid=grid)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 

@@ -136,8 +136,8 @@ def capture_attention(model: nn.Module, layers: bool | int | Sequence[int] = Tru
             modules[i].capture = None
 
 
-def run_with_captures(module: nn.Module, captures: list, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)` with its attention layers' capture slots set to `captures` for the call (then restored).
+def run_with_captures(module: nn.Module, captures: list, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """`module(x, *args, **kwargs)` with its attention layers' capture slots set to `captures` for the call (then restored).
 
     Gradient checkpointing recomputes a block during backward, after `capture_attention` has closed; calling the
     block through this function makes the recomputation take the same attention path as the original forward.
@@ -147,7 +147,7 @@ def run_with_captures(module: nn.Module, captures: list, x: torch.Tensor) -> tor
     try:
         for m, c in zip(layers, captures):
             m.capture = c
-        return module(x)
+        return module(x, *args, **kwargs)
     finally:
         for m, c in zip(layers, before):
             m.capture = c

@@ -8,6 +8,7 @@ Configs store names ("mha", "layernorm", "gelu" ...) so that `config.json` stays
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +60,39 @@ def get_layer(kind: str, name: str) -> Callable[..., Any]:
             f"{kind}_layer={name!r} is not a known {kind} layer; choose one of {', '.join(map(repr, table))}"
         )
     return table[name]
+
+
+# Arguments every attention layer receives from the block; everything else a layer accepts is a variant option.
+ATTN_BLOCK_ARGS = ("dim", "num_heads", "qkv_bias", "qk_norm", "attn_drop", "proj_drop", "norm_layer")
+
+
+def layer_options(kind: str, name: str) -> list[str]:
+    """The option names (`attn_args` keys) a layer accepts beyond what the model passes every layer of its kind."""
+    factory = get_layer(kind, name)
+    target = factory.func if isinstance(factory, functools.partial) else factory
+    params = inspect.signature(target).parameters
+    fixed = ATTN_BLOCK_ARGS if kind == "attn" else ()
+    bound = factory.keywords if isinstance(factory, functools.partial) else {}
+    return [
+        p
+        for p, v in params.items()
+        if p not in fixed and p not in bound and v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)
+    ]
+
+
+def check_layer_args(kind: str, name: str, args: dict[str, Any]) -> None:
+    """Refuse option names a layer does not take, listing those it does (values are checked by the layer).
+
+    Raises:
+        ValueError: an unknown option, e.g. `attn_args={"windw": 7}` for `attn_layer="local"`.
+    """
+    allowed = layer_options(kind, name)
+    bad = sorted(set(args) - set(allowed))
+    if bad:
+        takes = f"takes {', '.join(map(repr, allowed))}" if allowed else "takes no options"
+        raise ValueError(
+            f"{kind}_args has unknown option(s) {', '.join(map(repr, bad))}: {kind}_layer={name!r} {takes}"
+        )
 
 
 def get_norm(name: str, eps: float) -> Callable[[int], nn.Module]:

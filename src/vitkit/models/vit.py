@@ -27,6 +27,7 @@ from vitkit.layers import (
     attention_layers,
     capture_attention,
     check_image_size,
+    check_layer_args,
     drop_path_rates,
     get_layer,
     get_norm,
@@ -127,6 +128,7 @@ class ViTConfig:
         if not isinstance(self.attn_args, dict):
             raise TypeError(f"attn_args must be a dict of options, got {self.attn_args!r}")
         self.attn_args = dict(self.attn_args)
+        check_layer_args("attn", self.attn_layer, self.attn_args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,23 +337,25 @@ class VisionTransformer(ContractMixin, nn.Module):
         return self.pos_drop(x)
 
     # --- transformer ----------------------------------------------------------------------------------------
-    def _run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def _run_block(self, i: int, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         blk = self.blocks[i]
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             # The backward pass recomputes the block after any capture context has closed: hand the captures in,
             # so the recomputation takes the same (explicit) attention path as the forward did.
             captures = [m.capture for m in attention_layers(blk)]
-            return checkpoint(run_with_captures, blk, captures, x, use_reentrant=False)
-        return blk(x)
+            return checkpoint(run_with_captures, blk, captures, x, grid, use_reentrant=False)
+        return blk(x, grid)
 
     def forward_features(
         self, x: torch.Tensor, return_attention: bool | int | Sequence[int] = False
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Image -> normalised tokens (B, N, D); with `return_attention`, also the requested attention maps."""
         if return_attention is False or return_attention is None:
-            x = self.embed(x)
+            size = x.shape[-2:]
+            x = self.embed(x)  # checks the input first: its errors name the shape or size
+            grid = self.patch_grid(*size)
             for i in range(len(self.blocks)):
-                x = self._run_block(i, x)
+                x = self._run_block(i, x, grid)
             return self.norm(x)
         with capture_attention(self, return_attention) as rec:  # only requested layers leave the fused kernel
             x = self.forward_features(x)
@@ -389,9 +393,11 @@ class VisionTransformer(ContractMixin, nn.Module):
         """
         if return_attention is False or return_attention is None:
             if self._last_block_reads_prefix_only():
+                size = x.shape[-2:]
                 x = self.embed(x)
+                grid = self.patch_grid(*size)
                 for i in range(len(self.blocks) - 1):
-                    x = self._run_block(i, x)
+                    x = self._run_block(i, x, grid)
                 # The head reads the class (and distillation) token only: the last block computes just those rows.
                 keep = 1 + int(self.head_dist is not None)
                 return self.forward_head(self.norm(self.blocks[-1].forward_queries(x, keep)))
@@ -430,7 +436,7 @@ class VisionTransformer(ContractMixin, nn.Module):
         x = self.embed(x)
         outs = []
         for i in range(max(wanted) + 1):  # stop after the last wanted block
-            x = self._run_block(i, x)
+            x = self._run_block(i, x, (gh, gw))
             if i in wanted:
                 y = self.norm(x) if norm else x
                 if as_maps:

@@ -219,7 +219,8 @@ def resolve_config(
     """TrainConfig defaults < recipe < overrides (None values in `overrides` mean "not given").
 
     Without a recipe, the digits recipe is the base when neither `data` (other than "digits") nor `model` is
-    overridden, so `vitkit train` alone reproduces recipes/digits.yaml.
+    overridden, so `vitkit train` alone reproduces recipes/digits.yaml. `model_args` merge key by key (a recipe's
+    `{depth: 4}` plus an override `{attn_layer: local}` gives both); every other setting is replaced.
     """
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if recipe is None:
@@ -229,4 +230,6 @@ def resolve_config(
         base = dict(recipe)
     else:
         base = load_recipe(recipe)
+    if isinstance(base.get("model_args"), dict) and isinstance(overrides.get("model_args"), dict):
+        overrides["model_args"] = {**base["model_args"], **overrides["model_args"]}
     return TrainConfig.from_dict({**base, **overrides})
