@@ -1,6 +1,9 @@
 """Building blocks shared by every model family."""
 
 from vitkit.layers.attention import Attention
+from vitkit.layers.attn_axial import AxialAttention
+from vitkit.layers.attn_linear import LinearAttention
+from vitkit.layers.attn_sparse import SparseAttention
 from vitkit.layers.block import Block
 from vitkit.layers.capture import (
     AttentionRecorder,
@@ -22,6 +25,9 @@ from vitkit.layers.pos_embed import resample_pos_embed, sincos_2d
 __all__ = [
     "Attention",
     "AttentionRecorder",
+    "AxialAttention",
+    "LinearAttention",
+    "SparseAttention",
     "ConvStemEmbed",
     "HybridEmbed",
     "Block",

@@ -15,13 +15,21 @@ from typing import Any
 from torch import nn
 
 from vitkit.layers.attention import Attention
+from vitkit.layers.attn_axial import AxialAttention
+from vitkit.layers.attn_linear import LinearAttention
+from vitkit.layers.attn_sparse import SparseAttention
 from vitkit.layers.mlp import GluMlp, Mlp
 from vitkit.layers.patch_embed import ConvStemEmbed, HybridEmbed, PatchEmbed
 
 LAYER_KINDS = ("attn", "mlp", "norm", "act", "embed")
 
 _TABLE: dict[str, dict[str, Callable[..., Any]]] = {
-    "attn": {"mha": Attention},
+    "attn": {
+        "mha": Attention,
+        "axial": AxialAttention,
+        "sparse": SparseAttention,
+        "linear": LinearAttention,
+    },
     "mlp": {"mlp": Mlp, "swiglu": functools.partial(GluMlp, act_layer=nn.SiLU)},
     "norm": {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm},
     "act": {
