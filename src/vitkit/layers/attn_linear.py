@@ -99,8 +99,9 @@ class LinearAttention(Attention):
 
     def _linear(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         dtype = v.dtype
+        work = torch.promote_types(dtype, torch.float32)  # fp16/bf16 -> fp32; fp32 and fp64 stay
         with torch.autocast(q.device.type, enabled=False):
-            q, k, v = q.float(), k.float(), v.float()
+            q, k, v = q.to(work), k.to(work), v.to(work)
             fq, fk = _features(q, k, self.kernel)  # (B, h, N, d) each
             kv = fk.transpose(-2, -1) @ v  # (B, h, d, d_v)
             out = fq @ kv  # (B, h, N, d_v)
