@@ -114,7 +114,7 @@ def test_save_load_round_trip_keeps_the_kernel(tmp_path):
 
 
 def test_bad_options_are_named():
-    with pytest.raises(ValueError, match=r"kernel 'relu' is not a linear-attention kernel; choose one of"):
+    with pytest.raises(ValueError, match=r"kernel 'relu' is not a linear-attention kernel; choose one of elu, softmax"):
         create_model("vit_nano_patch4_32", attn_layer="linear", attn_args={"kernel": "relu"})
     with pytest.raises(ValueError, match=r"attn_drop 0.1 cannot apply to linear attention"):
         create_model("vit_nano_patch4_32", attn_layer="linear", attn_drop_rate=0.1)

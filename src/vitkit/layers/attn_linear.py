@@ -69,7 +69,9 @@ class LinearAttention(Attention):
         kernel: str = "elu",
     ):
         if kernel not in LINEAR_KERNELS:
-            raise ValueError(f"kernel {kernel!r} is not a linear-attention kernel; choose one of {LINEAR_KERNELS}")
+            raise ValueError(
+                f"kernel {kernel!r} is not a linear-attention kernel; choose one of {', '.join(LINEAR_KERNELS)}"
+            )
         if attn_drop:
             raise ValueError(
                 f"attn_drop {attn_drop!r} cannot apply to linear attention, which never forms attention "
