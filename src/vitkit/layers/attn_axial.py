@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from vitkit.layers.attention import Attention, split_tokens
 
 
-def axial_masks(prefix: int, grid: tuple[int, int], device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
+def axial_masks(
+    prefix: int, grid: tuple[int, int], device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The two boolean (N, N) masks that define one axial layer, N = prefix + H'*W' (True = may attend).
 
     Row step: a prefix query sees every token; a patch query sees the prefix tokens and the patches of its row.
@@ -56,18 +55,6 @@ class AxialAttention(Attention):
     """
 
     global_attention = True
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int = 8,
-        qkv_bias: bool = True,
-        qk_norm: bool = False,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
-    ):
-        super().__init__(dim, num_heads, qkv_bias, qk_norm, attn_drop, proj_drop, norm_layer)
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int] | None = None
