@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vitkit.layers import AxialAttention
 from vitkit.models import create_model
@@ -84,6 +85,28 @@ def test_capture_path_carries_gradients_to_the_map():
     layer.capture = lambda m, a: (a.retain_grad(), maps.append(a))
     layer.attend(q, k, v, grid=(2, 3)).sum().backward()
     torch.testing.assert_close(maps[0].grad, v.sum(-1).unsqueeze(-2).expand_as(maps[0]).detach())
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def test_fast_path_forms_no_n_by_n_tensor():
+    layer = AxialAttention(8, num_heads=2)
+    x = torch.randn(1, 1 + 32 * 64, 8, requires_grad=True)
+    with _LargestTensor() as spy:
+        layer(x, grid=(32, 64)).sum().backward()
+    # at most one (P + W') score row per patch and head (266k); an N x N map would be 2049^2 = 4.2M
+    assert spy.numel <= 2 * 2048 * (1 + 64)
 
 
 @pytest.mark.parametrize("size", [(32, 32), (24, 40)])
