@@ -154,8 +154,8 @@ def build(name: str, seed: int = 0, **kw) -> nn.Module:
 
 
 def check_forward(name: str) -> None:
-    """Logits (B, classes) and finite at both sizes, in train and in eval mode."""
-    model = build(name)
+    """Logits (B, classes) and finite at both sizes, in train mode (attention dropout on) and in eval mode."""
+    model = build(name, attn_drop_rate=0.1)
     for mode in (True, False):
         model.train(mode)
         for h, w in SIZES:
