@@ -18,7 +18,7 @@ import torch
 import yaml
 from torch import nn
 
-from vitkit.layers import Attention, layer_names, register_layer
+from vitkit.layers import Attention, get_layer, layer_names, register_layer
 from vitkit.layers.attention import split_tokens
 from vitkit.layers.create import _TABLE
 from vitkit.models import create_model
@@ -313,10 +313,4 @@ def test_train_cli_records_the_variant(tmp_path):
     arch = json.loads((out / "best" / "config.json").read_text())["architecture"]
     assert (arch["attn_layer"], arch["attn_args"], arch["depth"]) == (name, args, 1)
     model = load_model(out / "best")
-    assert all(type(blk.attn) is get_cls(name) for blk in model.blocks)
-
-
-def get_cls(name: str):
-    from vitkit.layers import get_layer
-
-    return get_layer("attn", name)
+    assert all(type(blk.attn) is get_layer("attn", name) for blk in model.blocks)
