@@ -33,6 +33,19 @@ def family_reason(model: nn.Module) -> str:
     return f" (family {family}: {why})"
 
 
+def attn_layer_reason(model: nn.Module) -> str:
+    """ " (attn_layer='x' has no N x N map ...)" when the model's attention variant declines capture, else "".
+
+    A variant of the attention zoo (local, axial, linear ...) sets `global_attention = False` when it never forms
+    a map over all tokens; the methods that read such maps then name the variant rather than the family.
+    """
+    declined = [m for m in model.modules() if hasattr(m, "capture") and not getattr(m, "global_attention", False)]
+    name = getattr(getattr(model, "cfg", None), "attn_layer", None)
+    if not declined or name is None:
+        return ""
+    return f" (attn_layer={name!r} has no N x N map over all tokens; use method='gradcam')"
+
+
 def _check_images(images: Tensor) -> None:
     if not isinstance(images, Tensor) or images.ndim != 4:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__

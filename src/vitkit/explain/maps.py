@@ -31,6 +31,7 @@ from vitkit.explain._common import (
     UnsupportedModelError,
     _check_images,
     _upsample,
+    attn_layer_reason,
     eval_mode,
     family_reason,
     resolve_targets,
@@ -96,9 +97,8 @@ def check_attention_model(model: nn.Module, purpose: str = "attention maps, roll
                 "; products of attention across blocks are not defined across patch merging (the token grid "
                 "changes), so only method='attention' (one block's window attention) and 'gradcam' apply"
             )
-        raise UnsupportedModelError(
-            f"{purpose} need global self-attention; {name} has none{family_reason(model)}{hint}"
-        )
+        why = attn_layer_reason(model) or family_reason(model)
+        raise UnsupportedModelError(f"{purpose} need global self-attention; {name} has none{why}{hint}")
     for attr in ("num_prefix_tokens", "patch_grid"):
         if not hasattr(model, attr):
             raise TypeError(
