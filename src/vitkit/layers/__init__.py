@@ -1,6 +1,8 @@
 """Building blocks shared by every model family."""
 
 from vitkit.layers.attention import Attention
+from vitkit.layers.attn_local import LocalAttention
+from vitkit.layers.attn_relpos import DecomposedRelPosAttention, RelPosAttention
 from vitkit.layers.block import Block
 from vitkit.layers.capture import (
     AttentionRecorder,
@@ -23,6 +25,9 @@ __all__ = [
     "Attention",
     "AttentionRecorder",
     "ConvStemEmbed",
+    "DecomposedRelPosAttention",
+    "LocalAttention",
+    "RelPosAttention",
     "HybridEmbed",
     "Block",
     "GluMlp",

@@ -15,13 +15,20 @@ from typing import Any
 from torch import nn
 
 from vitkit.layers.attention import Attention
+from vitkit.layers.attn_local import LocalAttention
+from vitkit.layers.attn_relpos import DecomposedRelPosAttention, RelPosAttention
 from vitkit.layers.mlp import GluMlp, Mlp
 from vitkit.layers.patch_embed import ConvStemEmbed, HybridEmbed, PatchEmbed
 
 LAYER_KINDS = ("attn", "mlp", "norm", "act", "embed")
 
 _TABLE: dict[str, dict[str, Callable[..., Any]]] = {
-    "attn": {"mha": Attention},
+    "attn": {
+        "mha": Attention,
+        "relpos": RelPosAttention,
+        "relpos_decomposed": DecomposedRelPosAttention,
+        "local": LocalAttention,
+    },
     "mlp": {"mlp": Mlp, "swiglu": functools.partial(GluMlp, act_layer=nn.SiLU)},
     "norm": {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm},
     "act": {
