@@ -166,8 +166,8 @@ class _Tables:
     def __getattr__(self, name):
         return getattr(self._layer, name)
 
-    def augmented_qk(self, q, k, grid):
-        return DecomposedRelPosAttention.augmented_qk(self, q, k, grid)
+    def position_bias(self, q, grid):
+        return DecomposedRelPosAttention.position_bias(self, q, grid)
 
 
 # Decomposed positions give prefix queries no bias, so with class-token pooling the last block's tables get no

@@ -63,8 +63,9 @@ class LocalAttention(Attention):
       (`window` odd, the kernel size); at the borders the neighbourhood is shifted inwards to stay inside the grid,
       as NAT does, so every patch sees the same number of neighbours. Computed as dense attention with the (N, N)
       boolean mask through `scaled_dot_product_attention`: O(N^2) time and mask memory. FlexAttention with a block
-      mask was measured as the alternative and is slower on CPU, where it runs eagerly without a fused kernel
-      (one head, d=32, P=1: N=4097 0.80 s vs 0.093 s for SDPA with the dense mask; N=16385 see docs/models.md).
+      mask was measured as the alternative and is 5-10x slower on CPU, where it runs eagerly, unfused, and builds
+      its block mask eagerly too (one head, d=32, P=1, one thread: N=4097 2.6 s vs 0.50 s for SDPA with the dense
+      mask, N=16385 33 s vs 3.1 s; block mask creation another 11 s / 33 s).
 
     Prefix tokens (class, distillation, registers): they attend all N tokens (their queries use global attention)
     and every patch attends every prefix token besides its window/neighbourhood (the prefix keys and values are

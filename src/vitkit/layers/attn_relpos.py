@@ -143,7 +143,7 @@ class RelPosAttention(Attention):
         index = self._index.get(
             (grid, prefix, table.device), lambda: relative_position_index(grid, prefix).to(table.device)
         )  # (N, N)
-        return table[index.view(-1)].view(n_tokens, n_tokens, -1).permute(2, 0, 1)  # (heads, N, N)
+        return table.T[:, index]  # (heads, N, N), contiguous for the fused kernel
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int] | None = None
@@ -168,11 +168,12 @@ class DecomposedRelPosAttention(Attention):
     distillation, registers) get no bias: as queries and as keys their logits are plain q . k / sqrt(d); attention
     stays global (every token attends every token).
 
-    Fast path: the bias is folded into the dot product instead of an N x N tensor. With rel_h[i, a] = q_i . Rh[h_i - a]
-    (B, heads, N, H) and rel_w likewise, q' = [q / sqrt(d), rel_h, rel_w] and k' = [k, onehot(h_j), onehot(w_j)]
-    (zeros for prefix tokens) give q'_i . k'_j = the biased logit, so `scaled_dot_product_attention(q', k', v,
-    scale=1)` computes the layer with O(N (d + H + W)) extra memory. Cost: dense O(N^2) attention with a head width
-    of d + H + W in the logits. Tables are initialised with trunc_normal(std=0.02).
+    Computed as ViTDet does: rel_h[i, a] = q_i . Rh[h_i - a] (B, heads, H*W, H) and rel_w likewise, broadcast-added
+    into a (B, heads, N, N) float bias for the fused `scaled_dot_product_attention`. Cost: dense O(N^2) attention
+    plus O(B * heads * N^2) bias memory and O(N * (H + W) * d) for rel_h, rel_w. (Folding the bias into the dot
+    product, q' = [q / sqrt(d), rel_h, rel_w], k' = [k, onehot(h), onehot(w)], avoids the N x N bias but was
+    slower on CPU: SDPA has no fused kernel when q/k and v widths differ.) Tables are initialised with
+    trunc_normal(std=0.02).
 
     Args:
         grid_size: the native patch grid (S_h, S_w) the tables are sized for, an int for square grids (14 = 224 px
@@ -211,32 +212,29 @@ class DecomposedRelPosAttention(Attention):
         coords = torch.arange(size, device=rel_pos.device)
         return rel_pos[coords[:, None] - coords[None, :] + size - 1]  # (size, size, d)
 
-    def augmented_qk(
-        self, q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int] | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q, k (B, h, N, d) -> q', k' (B, h, N, d + H + W) with q'_i . k'_j = the biased logit of i attending j."""
+    def position_bias(self, q: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
+        """The bias added to the logits for queries q (B, h, N, d): (B, h, N, N), zero where a prefix token is the
+        query or the key."""
         B, h, N, d = q.shape
         prefix = split_tokens(N, grid, "relpos_decomposed")
         gh, gw = int(grid[0]), int(grid[1])
         rh = self.rel_pos_for(self.rel_pos_h, gh).to(q.dtype)  # (H, H, d)
         rw = self.rel_pos_for(self.rel_pos_w, gw).to(q.dtype)  # (W, W, d)
         qp = q[:, :, prefix:].reshape(B, h, gh, gw, d)  # (B, h, H, W, d), unscaled as in ViTDet
-        rel_h = torch.einsum("bnhwc,hkc->bnhwk", qp, rh).reshape(B, h, gh * gw, gh)  # (B, h, H*W, H)
-        rel_w = torch.einsum("bnhwc,wkc->bnhwk", qp, rw).reshape(B, h, gh * gw, gw)  # (B, h, H*W, W)
-        q_extra = F.pad(torch.cat([rel_h, rel_w], dim=-1), (0, 0, prefix, 0))  # (B, h, N, H+W): 0 for prefix
-        rows = torch.arange(gh * gw, device=q.device)
-        onehot = torch.cat([F.one_hot(rows // gw, gh), F.one_hot(rows % gw, gw)], dim=-1).to(k.dtype)  # (H*W, H+W)
-        k_extra = F.pad(onehot, (0, 0, prefix, 0)).expand(B, h, N, gh + gw)  # (B, h, N, H+W): 0 for prefix
-        return torch.cat([q * self.scale, q_extra], dim=-1), torch.cat([k, k_extra], dim=-1)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", qp, rh)  # (B, h, H, W, H): q_i . Rh[h_i - h_j] per key row h_j
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", qp, rw)  # (B, h, H, W, W)
+        bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, h, H, W, H, W)
+        bias = bias.reshape(B, h, gh * gw, gh * gw)  # (B, h, H*W, H*W)
+        return F.pad(bias, (prefix, 0, prefix, 0))  # (B, h, N, N)
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int] | None = None
     ) -> torch.Tensor:
-        q2, k2 = self.augmented_qk(q, k, grid)  # (B, h, N, d + H + W)
+        bias = self.position_bias(q, grid)  # (B, h, N, N)
         capture = self.capture
         if capture is not None:
-            attn = (q2 @ k2.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, N)
+            attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B, h, N, N)
             capture(self, attn)
             return self.attn_drop(attn) @ v  # (B, h, N, d)
         p = self.attn_drop.p if self.training else 0.0
-        return F.scaled_dot_product_attention(q2, k2, v, dropout_p=p, scale=1.0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
