@@ -148,7 +148,7 @@ class RelPosAttention(Attention):
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int] | None = None
     ) -> torch.Tensor:
-        bias = self.position_bias(q.shape[2], grid).to(q.dtype)  # (h, N, N)
+        bias = self.position_bias(q.shape[2], grid).to(q.dtype)[None]  # (1, h, N, N): SDPA is ~4x slower with 3-D
         capture = self.capture
         if capture is not None:
             attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B, h, N, N)
