@@ -178,7 +178,9 @@ class _Tables:
 )
 def test_tiny_vit_runs_at_two_sizes_trains_and_round_trips(name, args, pool, tmp_path):
     torch.manual_seed(0)
-    model = create_model("vit_nano_patch4_32", attn_layer=name, attn_args=args, num_classes=3, reg_tokens=1, pool=pool)
+    model = create_model(
+        "vit_nano_patch4_32", attn_layer=name, attn_args=args, num_classes=3, reg_tokens=1, pool=pool, depth=2
+    )
     for size in [(32, 32), (24, 40)]:
         x = torch.randn(2, 3, *size)
         out = model(x)
