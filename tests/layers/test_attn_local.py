@@ -6,6 +6,7 @@ Tolerance: atol 1e-5 in float32 (the per-window kernel and the dense masked soft
 import pytest
 import torch
 
+from vitkit.explain import explain
 from vitkit.layers import LocalAttention
 from vitkit.layers.attn_local import local_mask
 from vitkit.models import create_model
@@ -130,6 +131,9 @@ def test_tiny_vit_runs_at_two_sizes_trains_and_round_trips(args, tmp_path):
         assert maps[0].shape[-1] == mask.shape[0]
         assert (maps[0][..., ~mask] == 0).all() and (maps[0][..., mask] > 0).all()
     model.eval()
+    # Relevance needs gradients through the captured maps: they must be the probabilities the layer used.
+    relevance = explain(model, torch.randn(1, 3, 24, 40), method="relevance", upsample=False)
+    assert relevance.shape == (1, 6, 10) and torch.isfinite(relevance).all() and relevance.abs().sum() > 0
     save_pretrained(model, tmp_path / "m")
     loaded = load_model(tmp_path / "m").eval()
     assert loaded.cfg.attn_layer == "local" and loaded.cfg.attn_args == args

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vitkit.explain import explain
 from vitkit.layers import DecomposedRelPosAttention, RelPosAttention
 from vitkit.models import create_model
 from vitkit.weights import load_model, save_pretrained
@@ -195,6 +196,9 @@ def test_tiny_vit_runs_at_two_sizes_trains_and_round_trips(name, args, pool, tmp
         assert [m.shape for m in maps] == [(2, model.blocks[0].attn.num_heads, n, n)] * len(model.blocks)
         torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, maps[0].shape[1], n))
     model.eval()
+    # Relevance needs gradients through the captured maps: they must be the probabilities the layer used.
+    relevance = explain(model, torch.randn(1, 3, 24, 40), method="relevance", upsample=False)
+    assert relevance.shape == (1, 6, 10) and torch.isfinite(relevance).all() and relevance.abs().sum() > 0
     save_pretrained(model, tmp_path / "m")
     loaded = load_model(tmp_path / "m").eval()
     assert type(loaded.blocks[0].attn) is type(model.blocks[0].attn)
