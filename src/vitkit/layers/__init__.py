@@ -3,6 +3,8 @@
 from vitkit.layers.attention import Attention
 from vitkit.layers.attn_axial import AxialAttention
 from vitkit.layers.attn_linear import LinearAttention
+from vitkit.layers.attn_local import LocalAttention
+from vitkit.layers.attn_relpos import DecomposedRelPosAttention, RelPosAttention
 from vitkit.layers.attn_sparse import SparseAttention
 from vitkit.layers.block import Block
 from vitkit.layers.capture import (
@@ -29,6 +31,9 @@ __all__ = [
     "LinearAttention",
     "SparseAttention",
     "ConvStemEmbed",
+    "DecomposedRelPosAttention",
+    "LocalAttention",
+    "RelPosAttention",
     "HybridEmbed",
     "Block",
     "GluMlp",

@@ -17,6 +17,8 @@ from torch import nn
 from vitkit.layers.attention import Attention
 from vitkit.layers.attn_axial import AxialAttention
 from vitkit.layers.attn_linear import LinearAttention
+from vitkit.layers.attn_local import LocalAttention
+from vitkit.layers.attn_relpos import DecomposedRelPosAttention, RelPosAttention
 from vitkit.layers.attn_sparse import SparseAttention
 from vitkit.layers.mlp import GluMlp, Mlp
 from vitkit.layers.patch_embed import ConvStemEmbed, HybridEmbed, PatchEmbed
@@ -29,6 +31,9 @@ _TABLE: dict[str, dict[str, Callable[..., Any]]] = {
         "axial": AxialAttention,
         "sparse": SparseAttention,
         "linear": LinearAttention,
+        "relpos": RelPosAttention,
+        "relpos_decomposed": DecomposedRelPosAttention,
+        "local": LocalAttention,
     },
     "mlp": {"mlp": Mlp, "swiglu": functools.partial(GluMlp, act_layer=nn.SiLU)},
     "norm": {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm},
