@@ -60,6 +60,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", help="CPU threads per run: N or auto (the trainer's default)")
     p.add_argument("--out", default="runs/attention_accuracy", help="folder for the runs, results.json, results.md")
     p.add_argument("--quick", action="store_true", help="smoke run: 64 shapes at 32 px / digits, 1 epoch, 1 seed")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (e.g. on a GPU box)")
+    p.add_argument("--seed-only", type=int, help=argparse.SUPPRESS)  # one seed: how --jobs starts each run
     args = p.parse_args()
     known = layer_names("attn")
     args.variants = args.variants or known
@@ -70,6 +72,8 @@ def parse_args() -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.quick:
         args.epochs, args.shapes_seeds, args.digits_seeds = 1, 1, 1
     args.opts = {v: {**OPTIONS.get(v, {}), **args.options.get(v, {})} for v in args.variants}
@@ -91,7 +95,33 @@ def run_settings(args: argparse.Namespace, dataset: str, variant: str, seed: int
     return settings
 
 
-def run_one(args: argparse.Namespace, dataset: str, variant: str, seed: int) -> dict:
+def run_parallel(args: argparse.Namespace, seeds: dict[str, int]) -> None:
+    """Train every (dataset, variant, seed) in its own process, `args.jobs` at a time (each run's log in
+    OUT/logs/); the caller then reads the finished runs back. A run that fails is reported and left out."""
+    import concurrent.futures
+    import subprocess
+
+    base = [sys.executable, __file__, "--device", args.device, "--out", args.out, "--options", json.dumps(args.options)]
+    base += ["--epochs", str(args.epochs)] if args.epochs else []
+    base += ["--threads", args.threads] if args.threads else []
+    base += ["--quick"] if args.quick else []
+    tasks = [(d, v, s) for d in args.datasets for s in range(seeds[d]) for v in args.variants]
+    logs = Path(args.out) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def one(task):
+        d, v, s = task
+        cmd = base + ["--datasets", d, "--variants", v, f"--{d}-seeds", str(s + 1), "--seed-only", str(s)]
+        with open(logs / f"{d}-{v}-seed{s}.log", "w") as log:
+            return task, subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+
+    print(f"# {len(tasks)} runs, {args.jobs} at a time", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        for (d, v, s), rc in pool.map(one, tasks):
+            print(f"[{d} {v} seed {s}] {'done' if rc == 0 else f'FAILED (exit {rc}), see {logs}'}", flush=True)
+
+
+def run_one(args: argparse.Namespace, dataset: str, variant: str, seed: int, train_missing: bool = True) -> dict | None:
     run_dir = Path(args.out) / dataset / variant / f"seed{seed}"
     settings = run_settings(args, dataset, variant, seed)
     done = run_dir / "summary.json"
@@ -101,6 +131,9 @@ def run_one(args: argparse.Namespace, dataset: str, variant: str, seed: int) -> 
         if summary.get("status") == "finished":
             print(f"[{dataset} {variant} seed {seed}] reusing the finished run in {run_dir}", flush=True)
             return summary
+    if not train_missing:
+        print(f"[{dataset} {variant} seed {seed}] no finished run in {run_dir}: left out of the table", flush=True)
+        return None
     print(f"[{dataset} {variant} seed {seed}] training -> {run_dir}", flush=True)
     t0 = time.perf_counter()
     summary = train(str(RECIPES[dataset]), overrides={**settings, "out": str(run_dir)}, log=lambda m: None)
@@ -140,14 +173,19 @@ def main() -> None:
     args = parse_args()
     out = Path(args.out)
     seeds = {"shapes": args.shapes_seeds, "digits": args.digits_seeds}
+    if args.jobs > 1:
+        run_parallel(args, seeds)
     rows: list[dict] = []
     for dataset in args.datasets:
         recipe = load_recipe(RECIPES[dataset])
         epochs = args.epochs or recipe.get("epochs")
         print(f"# {dataset}: {RECIPES[dataset].name}, {epochs} epochs, seeds 0..{seeds[dataset] - 1}", flush=True)
-        for seed in range(seeds[dataset]):  # seed-major: a cut-short sweep still has every variant at seed 0
+        wanted = range(seeds[dataset]) if args.seed_only is None else [args.seed_only]
+        for seed in wanted:  # seed-major: a cut-short sweep still has every variant at seed 0
             for variant in args.variants:
-                summary = run_one(args, dataset, variant, seed)
+                summary = run_one(args, dataset, variant, seed, train_missing=args.jobs == 1)
+                if summary is None:
+                    continue
                 rows.append({"dataset": dataset, "variant": variant, "seed": seed, "attn_args": args.opts[variant],
                              **{k: summary.get(k) for k in SUMMARY_KEYS}})  # fmt: skip
                 atomic_write_text(out / "results.json", json.dumps(rows, indent=1) + "\n")
