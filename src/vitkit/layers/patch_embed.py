@@ -146,20 +146,22 @@ def pi_resize_kernel(weight: torch.Tensor, new: int | tuple[int, int]) -> torch.
 class OverlapPatchEmbed(nn.Module):
     """Overlapping patch embedding (PVTv2, Wang et al. 2022; CvT, Wu et al. 2021): (B, C, H, W) -> (B, H/p * W/p, D).
 
-    A convolution with stride p but a larger, zero-padded kernel k (padding k // 2), then LayerNorm on the tokens.
-    Neighbouring patches share k - p pixels of context, which keeps the local continuity a plain patchify cuts.
-    k is odd, so the output grid is ceil(H / p) x ceil(W / p): exactly the plain ViT's H/p x W/p for the sides it
-    accepts, and positions, tables and explain work unchanged. Default k = p + p // 2 rounded up to odd: 7 at p=4
-    and 3 at p=2 (PVTv2's and CvT's stems), 25 at p=16 (2.4x the weights of a 16x16 patchify; 2p-1 would be 3.8x).
+    A convolution with stride p but a larger, zero-padded kernel k, then LayerNorm on the tokens. Neighbouring
+    patches share k - p pixels of context, which keeps the local continuity a plain patchify cuts. The padding
+    ceil((k - p) / 2) centres each token's window on its own p x p patch (k - p extra pixels split over both sides,
+    the odd one after; CvT's 7/4/2) and makes the grid exactly H/p x W/p, the plain ViT's, so positions, tables
+    and explain work unchanged. (PVTv2 pads k // 2, which centres the window on the patch's top-left pixel.)
+    Default k = p + p // 2 rounded up to odd: 7 at p=4 and 3 at p=2 (CvT's and PVTv2's stems), 25 at p=16 (2.4x the
+    weights of a 16x16 patchify; 2p - 1 would be 3.8x).
 
     Args:
         patch_size: the stride p (square).
         in_chans: input channels.
         embed_dim: token width D.
-        kernel_size: odd kernel side >= p; None = p + p // 2 rounded up to odd. An `embed_args` option.
+        kernel_size: kernel side k >= p; None = p + p // 2 rounded up to odd. An `embed_args` option.
 
     Raises:
-        ValueError: a kernel size that is even or smaller than the patch size.
+        ValueError: a kernel size that is not an int >= the patch size.
     """
 
     def __init__(
@@ -171,19 +173,19 @@ class OverlapPatchEmbed(nn.Module):
     ):
         super().__init__()
         p = _square("overlapping patch embedding", patch_size)
-        if kernel_size is None:
-            kernel_size = p + p // 2
-            kernel_size += 1 - kernel_size % 2  # odd, so that padding k // 2 keeps the grid at H/p
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < p or kernel_size % 2 == 0:
+        default = p + p // 2 + 1 - (p + p // 2) % 2
+        kernel_size = default if kernel_size is None else kernel_size
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < p:
             raise ValueError(
-                f"kernel_size={kernel_size!r} is not allowed for overlapping patches of size {p}: it must be an odd "
-                f"int >= {p} (default {p + p // 2 + 1 - (p + p // 2) % 2})"
+                f"kernel_size={kernel_size!r} is not allowed for overlapping patches of size {p}: it must be an int "
+                f">= {p} (default {default})"
             )
         self.patch_size = (p, p)
         self.kernel_size = kernel_size
         self.in_chans = in_chans
         self.embed_dim = embed_dim
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size, stride=p, padding=kernel_size // 2)
+        pad = (kernel_size - p + 1) // 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size, stride=p, padding=pad)  # (B, D, H/p, W/p)
         self.norm = nn.LayerNorm(embed_dim)
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
