@@ -10,8 +10,8 @@ two columns differ only in the kernel.
 Training is a fixed number of steps (not a time budget), so the table does not depend on the machine's speed.
 
 Usage:
-    python benchmarks/flexivit_patch_sizes.py --device cuda          # ~1 min on one GPU
-    python benchmarks/flexivit_patch_sizes.py                        # the same on the CPU (slow: ~40 min, 2 cores)
+    python benchmarks/flexivit_patch_sizes.py                        # ~5 min on 2 busy CPU cores
+    python benchmarks/flexivit_patch_sizes.py --device cuda --steps 3000 --batch 64 --dim 96 --depth 4 --heads 3
     python benchmarks/flexivit_patch_sizes.py --steps 5 --n-train 256 --n-test 128   # smoke test, seconds
 """
 
@@ -65,11 +65,14 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=48, help="48 px: patch sizes 4, 6, 8, 12, 16, 24 all divide it")
     ap.add_argument("--patch", type=int, default=8, help="patch size the model is trained at")
     ap.add_argument("--n-train", type=int, default=4000)
-    ap.add_argument("--n-test", type=int, default=1000)
-    ap.add_argument("--steps", type=int, default=1500, help="training steps (AdamW, cosine schedule)")
+    ap.add_argument("--n-test", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=300, help="training steps (AdamW, cosine schedule)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--dim", type=int, default=64, help="token width")
+    ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -83,9 +86,9 @@ def main() -> None:
         "vit_tiny_patch16_224",
         img_size=size,
         patch_size=args.patch,
-        embed_dim=96,
-        depth=4,
-        num_heads=3,
+        embed_dim=args.dim,
+        depth=args.depth,
+        num_heads=args.heads,
         num_classes=len(SHAPE_CLASSES),
     ).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
@@ -110,7 +113,7 @@ def main() -> None:
     train_time = time.perf_counter() - start
 
     print(
-        f"trained ViT (D=96, depth 4, 3 heads) at patch {args.patch}, {size} px on {args.device}: {args.steps} steps "
+        f"trained ViT (D={args.dim}, depth {args.depth}, {args.heads} heads) at patch {args.patch}, {size} px on {args.device}: {args.steps} steps "
         f"of {args.batch} ({args.steps * args.batch / args.n_train:.1f} epochs of {args.n_train}) in {train_time:.0f} s, "
         f"last loss {loss.item():.3f}; test on {args.n_test} held-out images"
     )
