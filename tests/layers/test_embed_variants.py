@@ -213,3 +213,12 @@ def test_peg_under_checkpointing_capture_and_intermediates():
     assert [m.shape for m in maps] == [(2, 2, 25, 25)] * 3
     feats = model.forward_intermediates(x, indices=[0, 2], as_maps=True)
     assert [f.shape for f in feats] == [(2, 32, 4, 6)] * 2
+
+
+def test_train_flags_carry_the_embedding_and_its_options():
+    from vitkit.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["train", "--data", "shapes", "--embed-layer", "overlap", "--embed-args", "{kernel_size: 5}"]
+    )
+    assert (args.embed_layer, args.embed_args) == ("overlap", {"kernel_size": 5})
