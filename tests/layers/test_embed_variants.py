@@ -222,3 +222,14 @@ def test_train_flags_carry_the_embedding_and_its_options():
         ["train", "--data", "shapes", "--embed-layer", "overlap", "--embed-args", "{kernel_size: 5}"]
     )
     assert (args.embed_layer, args.embed_args) == ("overlap", {"kernel_size": 5})
+
+
+@pytest.mark.parametrize("variant", ["overlap", "conv_stem", "peg"])
+def test_every_explain_method_gives_maps_on_the_patch_grid(variant):
+    from vitkit.explain import METHODS, explain
+
+    model = _model(variant).eval()
+    x = torch.randn(1, 3, 16, 24)
+    for method in METHODS:
+        maps = explain(model, x, method=method, upsample=False)
+        assert maps.shape == (1, 4, 6) and torch.isfinite(maps).all(), method

@@ -143,3 +143,13 @@ def test_only_the_plain_patch_embedding_changes_its_patch_size(tmp_path):
     _model().save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="patch size 5 does not divide"):
         load_model(tmp_path / "m", patch_size=5)
+
+
+def test_explain_follows_the_patch_size():
+    from vitkit.explain import explain
+
+    model = _model()
+    model.set_patch_size(16)
+    for method in ("rollout", "gradcam", "relevance"):
+        maps = explain(model, torch.randn(1, 3, 32, 64), method=method, upsample=False)
+        assert maps.shape == (1, 2, 4) and torch.isfinite(maps).all(), method

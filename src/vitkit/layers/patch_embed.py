@@ -117,14 +117,14 @@ def pi_resize_matrix(old: int | tuple[int, int], new: int | tuple[int, int]) -> 
     """
     old = (old, old) if isinstance(old, int) else tuple(old)
     new = (new, new) if isinstance(new, int) else tuple(new)
-    return _resize_matrix(old, new, True)
+    return _resize_matrix(old, new, True).clone()  # a copy: the cached matrix must not be edited in place
 
 
 def bilinear_resize_matrix(old: int | tuple[int, int], new: int | tuple[int, int]) -> torch.Tensor:
     """The matrix B (p*p, p0*p0) of the bilinear (antialiased when shrinking) resize of a p0 x p0 patch to p x p."""
     old = (old, old) if isinstance(old, int) else tuple(old)
     new = (new, new) if isinstance(new, int) else tuple(new)
-    return _resize_matrix(old, new, False)
+    return _resize_matrix(old, new, False).clone()
 
 
 def pi_resize_kernel(weight: torch.Tensor, new: int | tuple[int, int]) -> torch.Tensor:
@@ -138,7 +138,7 @@ def pi_resize_kernel(weight: torch.Tensor, new: int | tuple[int, int]) -> torch.
     D, C, h, w = weight.shape
     if (h, w) == new:
         return weight
-    M = pi_resize_matrix((h, w), new).to(device=weight.device, dtype=weight.dtype)  # (p*p, p0*p0)
+    M = _resize_matrix((h, w), new, True).to(device=weight.device, dtype=weight.dtype)  # (p*p, p0*p0)
     out = weight.reshape(D * C, h * w) @ M.T  # (D*C, p*p)
     return out.reshape(D, C, *new)  # (D, C, p, p)
 
