@@ -233,3 +233,10 @@ def test_every_explain_method_gives_maps_on_the_patch_grid(variant):
     for method in METHODS:
         maps = explain(model, x, method=method, upsample=False)
         assert maps.shape == (1, 4, 6) and torch.isfinite(maps).all(), method
+
+
+def test_a_peg_model_is_not_written_as_a_timm_state_dict():
+    from vitkit.weights.export_timm import timm_state_dict
+
+    with pytest.raises(ValueError, match="pos_embed='peg' has no timm counterpart"):
+        timm_state_dict(_model("peg"))
