@@ -282,6 +282,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--attn-args", type=_mapping_arg, metavar="MAPPING", help="its options as YAML/JSON, e.g. '{window: 7}'"
     )
     g.add_argument("--embed-layer", metavar="NAME", help="patch-embedding variant of a ViT, e.g. overlap")
+    g.add_argument(
+        "--embed-args", type=_mapping_arg, metavar="MAPPING", help="its options as YAML/JSON, e.g. '{kernel_size: 7}'"
+    )
     g.add_argument("--img-size", type=int, help="training resolution (default: the model's)")
     g.add_argument("--batch-size", type=int, help="global batch size")
     g.add_argument("--workers", type=int, help="data loader processes for lazily decoded folders")
@@ -311,7 +314,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train)
 
 
-_MODEL_ARG_FLAGS = ("attn_layer", "attn_args", "embed_layer")
+_MODEL_ARG_FLAGS = ("attn_layer", "attn_args", "embed_layer", "embed_args")
 
 
 def _mapping_arg(text: str) -> dict:

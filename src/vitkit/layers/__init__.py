@@ -21,8 +21,17 @@ from vitkit.layers.layer_scale import LayerScale
 from vitkit.layers.linear import Linear, lowp_in_fp32
 from vitkit.layers.mlp import GluMlp, Mlp
 from vitkit.layers.norm import LayerNorm2d
-from vitkit.layers.patch_embed import ConvStemEmbed, HybridEmbed, PatchEmbed, check_image_size
-from vitkit.layers.pos_embed import resample_pos_embed, sincos_2d
+from vitkit.layers.patch_embed import (
+    ConvStemEmbed,
+    HybridEmbed,
+    OverlapPatchEmbed,
+    PatchEmbed,
+    bilinear_resize_matrix,
+    check_image_size,
+    pi_resize_kernel,
+    pi_resize_matrix,
+)
+from vitkit.layers.pos_embed import PosConv, resample_pos_embed, sincos_2d
 
 __all__ = [
     "Attention",
@@ -54,7 +63,12 @@ __all__ = [
     "Linear",
     "lowp_in_fp32",
     "Mlp",
+    "OverlapPatchEmbed",
     "PatchEmbed",
+    "PosConv",
+    "bilinear_resize_matrix",
+    "pi_resize_kernel",
+    "pi_resize_matrix",
     "check_image_size",
     "drop_path_rates",
     "resample_pos_embed",

@@ -21,7 +21,7 @@ from vitkit.layers.attn_local import LocalAttention
 from vitkit.layers.attn_relpos import DecomposedRelPosAttention, RelPosAttention
 from vitkit.layers.attn_sparse import SparseAttention
 from vitkit.layers.mlp import GluMlp, Mlp
-from vitkit.layers.patch_embed import ConvStemEmbed, HybridEmbed, PatchEmbed
+from vitkit.layers.patch_embed import ConvStemEmbed, HybridEmbed, OverlapPatchEmbed, PatchEmbed
 
 LAYER_KINDS = ("attn", "mlp", "norm", "act", "embed")
 
@@ -44,7 +44,8 @@ _TABLE: dict[str, dict[str, Callable[..., Any]]] = {
         "silu": nn.SiLU,
     },
     # "hybrid" needs a built backbone module (`backbone=`), which a model family supplies (models/hybrid.py).
-    "embed": {"patch": PatchEmbed, "convstem": ConvStemEmbed, "hybrid": HybridEmbed},
+    # "convstem", the conv stem's name before issue 9, is mapped to "conv_stem" when a config is read (ViTConfig).
+    "embed": {"patch": PatchEmbed, "overlap": OverlapPatchEmbed, "conv_stem": ConvStemEmbed, "hybrid": HybridEmbed},
 }
 
 
@@ -77,6 +78,9 @@ def get_layer(kind: str, name: str) -> Callable[..., Any]:
 
 # Arguments every attention layer receives from the block; everything else a layer accepts is a variant option.
 ATTN_BLOCK_ARGS = ("dim", "num_heads", "qkv_bias", "qk_norm", "attn_drop", "proj_drop", "norm_layer")
+# Arguments every patch embedding receives from the model (`build_patch_embed`); a hybrid's backbone and stage come
+# from its own config fields, not from `embed_args`.
+EMBED_MODEL_ARGS = ("patch_size", "in_chans", "embed_dim", "bias", "backbone", "stage")
 
 
 def layer_options(kind: str, name: str) -> list[str]:
@@ -84,7 +88,7 @@ def layer_options(kind: str, name: str) -> list[str]:
     factory = get_layer(kind, name)
     target = factory.func if isinstance(factory, functools.partial) else factory
     params = inspect.signature(target).parameters
-    fixed = ATTN_BLOCK_ARGS if kind == "attn" else ()
+    fixed = {"attn": ATTN_BLOCK_ARGS, "embed": EMBED_MODEL_ARGS}.get(kind, ())
     bound = factory.keywords if isinstance(factory, functools.partial) else {}
     return [
         p

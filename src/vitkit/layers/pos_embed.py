@@ -1,4 +1,5 @@
-"""Position embeddings: fixed 2-D sin-cos tables and the one function that resamples a learned table."""
+"""Position embeddings: fixed 2-D sin-cos tables, the one function that resamples a learned table, and CPVT's
+position generator (a conditional encoding with no table)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def sincos_2d(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -70,3 +72,33 @@ def resample_pos_embed(
     grid = F.interpolate(grid, size=new_grid, mode=interpolation, align_corners=align, antialias=antialias)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(orig_dtype)  # (1, H'*W', D)
     return torch.cat([prefix, grid], dim=1)
+
+
+class PosConv(nn.Module):
+    """CPVT's position encoding generator (PEG; Chu et al. 2023, "Conditional Positional Encodings for Vision
+    Transformers"): x + depthwise 3x3 conv(x) on the patch tokens laid out as their grid.
+
+    Zero padding at the border tells each token where it is, so the encoding is conditioned on the input and works
+    at any grid with nothing to resample. Prefix tokens (class, distillation, registers) pass through unchanged.
+
+    Args:
+        dim: token width D.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
+        """Tokens (B, prefix + H'*W', D) -> the same, with the positional term added to the patch tokens."""
+        B, N, D = x.shape
+        gh, gw = grid
+        if N - num_prefix_tokens != gh * gw:
+            raise ValueError(
+                f"the position generator got {N} tokens, which is not {num_prefix_tokens} prefix tokens and a "
+                f"{gh}x{gw} grid"
+            )
+        prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]  # (B, P, D), (B, H'*W', D)
+        maps = patches.transpose(1, 2).reshape(B, D, gh, gw)  # (B, D, H', W')
+        maps = maps + self.proj(maps)  # (B, D, H', W')
+        return torch.cat([prefix, maps.flatten(2).transpose(1, 2)], dim=1)  # (B, P + H'*W', D)

@@ -70,7 +70,7 @@ class HybridCNNViTConfig(ViTConfig):
     embed_dim: int = 384  # token width (ViT-S width)
     depth: int = 6  # half of ViT-S: small data does not feed 12 blocks
     num_heads: int = 6  # 64 channels per head, as every ViT
-    embed_layer: str = "convstem"  # 3x3 conv + BN + GELU stem, then a 1x1 projection (vitkit.layers.ConvStemEmbed)
+    embed_layer: str = "conv_stem"  # 3x3 conv + BN + ReLU stem, then a 1x1 projection (vitkit.layers.ConvStemEmbed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,7 +199,7 @@ class HybridViT(VisionTransformer):
 class HybridCNNViT(VisionTransformer):
     """A small ViT on a convolutional stem, for small datasets: `HybridCNNViT(n_classes=10, embed_dim=384, depth=6)`.
 
-    A few 3x3 stride-2 convolutions with BatchNorm and GELU (log2(patch_size) of them) turn a 32-64 px image into
+    A few 3x3 stride-2 convolutions with BatchNorm and ReLU (log2(patch_size) of them) turn a 32-64 px image into
     an (H/4 or H/8)-sided grid of tokens; then class token, positions and ViT blocks as usual. The conv stem's
     locality prior is what lets a transformer learn from thousands rather than millions of images.
 

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from vitkit.layers import (
     Attention,
     Block,
+    PosConv,
     attention_layers,
     capture_attention,
     check_image_size,
@@ -52,7 +53,7 @@ from vitkit.models.contract import ContractMixin
 from vitkit.models.registry import register_family, register_model
 
 Pool = Literal["token", "avg", "none"]
-PosEmbed = Literal["learn", "sincos", "none"]
+PosEmbed = Literal["learn", "sincos", "peg", "none"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -76,7 +77,9 @@ class ViTConfig:
     reg_tokens: int = 0  # register tokens (Darcet et al. 2024) soak up the high-norm "artifact" attention
     distilled: bool = False  # DeiT distillation token with its own head, logits the mean of both (models/deit.py)
     pool: Pool = "token"  # how to pool tokens for the head: class token, mean of patch tokens, or none
-    pos_embed: PosEmbed = "learn"  # learned table (ViT), fixed 2-D sin-cos (MAE, Simple ViT), or none
+    # learned table (ViT), fixed 2-D sin-cos (MAE, Simple ViT), CPVT's depthwise-conv generator after the first
+    # block ("peg": no table, any input size), or none
+    pos_embed: PosEmbed = "learn"
     fc_norm: bool | None = None  # LayerNorm after pooling instead of before; None = on exactly when pool="avg"
     drop_rate: float = 0.0  # dropout after the position embedding, in the MLP and after attention projection
     attn_drop_rate: float = 0.0  # dropout on attention probabilities
@@ -91,6 +94,10 @@ class ViTConfig:
     act_layer: str = "gelu"  # MLP activation; exact GELU as in ViT/BERT
     norm_layer: str = "layernorm"  # block and final norm; "rmsnorm" drops the mean and bias
     embed_layer: str = "patch"  # image -> tokens; "patch" = non-overlapping strided convolution
+    embed_args: dict[str, Any] = field(default_factory=dict)  # options for the embedding (JSON), e.g. kernel_size
+    # FlexiViT: the patch size the model runs at (`set_patch_size`), the kernel PI-resized from the trained one
+    # (patch_size); None = patch_size. Only for embed_layer="patch".
+    run_patch_size: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.img_size, int):
@@ -123,12 +130,51 @@ class ViTConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         check_image_size(self.img_size[0], self.img_size[1], (self.patch_size, self.patch_size))
+        if not isinstance(self.embed_args, dict):
+            raise TypeError(f"embed_args must be a dict of options, got {self.embed_args!r}")
+        self.embed_args = dict(self.embed_args)
+        if self.embed_layer == "convstem":
+            # The conv stem's name before issue 9 named it "conv_stem"; it then had GELU where the paper has ReLU.
+            # Configs saved under the old name load as the model they were trained as.
+            self.embed_layer = "conv_stem"
+            self.embed_args = {"act": "gelu", **self.embed_args}
+        if self.run_patch_size is not None:
+            check_run_patch_size(self.run_patch_size, self.img_size, self.embed_layer)
+            if self.run_patch_size == self.patch_size:
+                self.run_patch_size = None  # one spelling for "the trained size", so configs compare equal
         for kind in ("attn", "mlp", "act", "norm", "embed"):
             get_layer(kind, getattr(self, f"{kind}_layer"))  # a ValueError listing the known names
         if not isinstance(self.attn_args, dict):
             raise TypeError(f"attn_args must be a dict of options, got {self.attn_args!r}")
         self.attn_args = dict(self.attn_args)
         check_layer_args("attn", self.attn_layer, self.attn_args)
+        check_layer_args("embed", self.embed_layer, self.embed_args)
+
+
+def check_run_patch_size(patch_size: Any, img_size: tuple[int, int], embed_layer: str) -> None:
+    """Refuse a FlexiViT patch size that is not an int >= 1 dividing both image sides, or an embedding that cannot
+    change its patch size.
+
+    Raises:
+        TypeError: not an int.
+        ValueError: < 1, not dividing the image, or embed_layer other than "patch" (each named).
+    """
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int):
+        raise TypeError(f"patch size must be an int, got {patch_size!r}")
+    if patch_size < 1:
+        raise ValueError(f"patch size must be >= 1, got {patch_size}")
+    if embed_layer != "patch":
+        raise ValueError(
+            f"the patch size can change at run time (FlexiViT) only for embed_layer='patch', not {embed_layer!r}: "
+            "the PI-resize applies to a single linear patch projection"
+        )
+    for name, side in zip(("height", "width"), img_size):
+        if side % patch_size:
+            divisors = [d for d in range(1, side + 1) if img_size[0] % d == 0 and img_size[1] % d == 0]
+            raise ValueError(
+                f"patch size {patch_size} does not divide the image {name} {side} (img_size {img_size[0]}x"
+                f"{img_size[1]}); patch sizes that do: {divisors}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,6 +222,10 @@ class VisionTransformer(ContractMixin, nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, D))
         else:
             self.pos_embed = None
+        # CPVT puts its generator after the first block (its best place); with one block that would be after the
+        # last, where the class token no longer reads the patches, so there it goes before the block.
+        self.pos_block = PosConv(D) if cfg.pos_embed == "peg" else None
+        self.pos_block_index = min(1, cfg.depth - 1)  # the block whose input the generator changes
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         self._pos_src: torch.Tensor | None = None  # the learned table the cached resamples were made from
 
@@ -210,11 +260,36 @@ class VisionTransformer(ContractMixin, nn.Module):
         if cfg.distilled:
             self.head_dist = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.init_weights()
+        if cfg.run_patch_size is not None:
+            self.set_patch_size(cfg.run_patch_size)
 
     def build_patch_embed(self, cfg: ViTConfig) -> nn.Module:
-        """The image -> tokens layer named by `cfg.embed_layer`; a family whose embedding needs more than the
-        config's numbers (the hybrids' CNN backbone) overrides this."""
-        return get_layer("embed", cfg.embed_layer)(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        """The image -> tokens layer named by `cfg.embed_layer` with `cfg.embed_args`; a family whose embedding
+        needs more than the config's numbers (the hybrids' CNN backbone) overrides this."""
+        return get_layer("embed", cfg.embed_layer)(cfg.patch_size, cfg.in_chans, cfg.embed_dim, **cfg.embed_args)
+
+    # --- FlexiViT -------------------------------------------------------------------------------------------
+    @property
+    def patch_size(self) -> int:
+        """The patch size the model runs at (`set_patch_size`); `cfg.patch_size` is the trained kernel's."""
+        return self.patch_embed.patch_size[0]
+
+    def set_patch_size(self, patch_size: int) -> None:
+        """Run at another patch size (FlexiViT, Beyer et al. 2023), e.g. a model trained at 8 at 16 (4x fewer tokens).
+
+        The trained kernel stays the parameter: every forward PI-resizes it (`vitkit.layers.pi_resize_kernel`), so
+        `set_patch_size(cfg.patch_size)` gives back the trained model exactly and fine-tuning at the new size updates
+        the trained kernel. The learned position table (at the trained grid, `native_grid`) is resampled to the new
+        grid as for any input size. The size is saved (`cfg.run_patch_size`) and restored by `load_model`.
+
+        Raises:
+            TypeError: not an int.
+            ValueError: < 1, not dividing the native image size `cfg.img_size`, or an embedding other than
+                "patch" (overlap, conv stem and hybrid embeddings have no single patch kernel to resize).
+        """
+        check_run_patch_size(patch_size, self.cfg.img_size, self.cfg.embed_layer)
+        self.patch_embed.set_patch_size(patch_size)
+        self.cfg.run_patch_size = None if patch_size == self.cfg.patch_size else patch_size
 
     # --- the head as it is ------------------------------------------------------------------------------------
     def __setattr__(self, name: str, value: Any) -> None:
@@ -286,7 +361,7 @@ class VisionTransformer(ContractMixin, nn.Module):
     def _pos_embed_for(self, grid: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         """Position table (1, pos_prefix + H'*W', D) for a patch grid: learned (resampled when not native) or sin-cos."""
         cfg = self.cfg
-        if cfg.pos_embed == "none":
+        if cfg.pos_embed in ("none", "peg"):  # PEG adds its positions after the first block (`_pos_block`)
             return None
         if cfg.pos_embed == "sincos":
             # Fixed: computed exactly for any grid; the class/distillation tokens get a zero position.
@@ -337,7 +412,14 @@ class VisionTransformer(ContractMixin, nn.Module):
         return self.pos_drop(x)
 
     # --- transformer ----------------------------------------------------------------------------------------
+    def _pos_block(self, i: int, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Tokens entering block i, with CPVT's generator applied when it sits before that block."""
+        if self.pos_block is None or i != self.pos_block_index:
+            return x
+        return self.pos_block(x, grid, self.num_prefix_tokens)
+
     def _run_block(self, i: int, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        x = self._pos_block(i, x, grid)
         blk = self.blocks[i]
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             # The backward pass recomputes the block after any capture context has closed: hand the captures in,
@@ -400,6 +482,7 @@ class VisionTransformer(ContractMixin, nn.Module):
                     x = self._run_block(i, x, grid)
                 # The head reads the class (and distillation) token only: the last block computes just those rows.
                 keep = 1 + int(self.head_dist is not None)
+                x = self._pos_block(len(self.blocks) - 1, x, grid)
                 return self.forward_head(self.norm(self.blocks[-1].forward_queries(x, keep)))
             return self.forward_head(self.forward_features(x))
         feats, attns = self.forward_features(x, return_attention=return_attention)
@@ -487,7 +570,7 @@ class VisionTransformer(ContractMixin, nn.Module):
     def feature_info(self) -> list[dict[str, Any]]:
         """One entry per block, as timm: `num_chs` (channels), `reduction` (stride in pixels), `module` (name)."""
         return [
-            {"num_chs": self.embed_dim, "reduction": self.cfg.patch_size, "module": f"blocks.{i}"}
+            {"num_chs": self.embed_dim, "reduction": self.patch_embed.patch_size[0], "module": f"blocks.{i}"}
             for i in range(len(self.blocks))
         ]
 
@@ -501,6 +584,8 @@ class VisionTransformer(ContractMixin, nn.Module):
         depth+1 = final norm and head (BEiT's numbering)."""
         if name.startswith(("cls_token", "dist_token", "reg_token", "pos_embed", "patch_embed")):
             return 0
+        if name.startswith("pos_block."):
+            return self.pos_block_index  # with the block it follows (the embeddings when it precedes block 0)
         if name.startswith("blocks."):
             return int(name.split(".")[1]) + 1
         return len(self.blocks) + 1

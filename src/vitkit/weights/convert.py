@@ -134,6 +134,7 @@ def load_model(
     model_name: str | None = None,
     num_classes: int | None = None,
     img_size: int | tuple[int, int] | None = None,
+    patch_size: int | None = None,
     map_location: str | torch.device = "cpu",
     log: LogFn | None = None,
 ) -> nn.Module:
@@ -149,6 +150,9 @@ def load_model(
             initialised one (for fine-tuning); 0 removes it. None keeps the checkpoint's head.
         img_size: input size (int or (H, W)) to build the model for; learned position tables are resampled
             from the checkpoint's grid. None keeps the checkpoint's size.
+        patch_size: run the model at this patch size (FlexiViT, `model.set_patch_size`): the trained patch kernel
+            is PI-resized and the position table resampled; the weights stay the trained ones. None keeps the
+            size the model was saved with.
         map_location: device the returned model is moved to.
         log: receives one line per inference, assumption or change (e.g. `print`); None sends them to the
             `vitkit.weights` logger.
@@ -158,6 +162,14 @@ def load_model(
         FileNotFoundError: nothing at `path`.
     """
     model, _ = _load(path, model_name=model_name, num_classes=num_classes, img_size=img_size, log=log)
+    if patch_size is not None:
+        if not hasattr(model, "set_patch_size"):
+            raise ValueError(
+                f"patch_size={patch_size!r}: family {getattr(model, 'family', type(model).__name__)!r} cannot change "
+                "its patch size at run time (FlexiViT's resize needs a ViT with embed_layer='patch')"
+            )
+        model.set_patch_size(patch_size)
+        as_reporter(log).info(f"running at patch size {patch_size} (trained at {model.cfg.patch_size}; PI-resized)")
     return model.to(map_location)
 
 

@@ -62,6 +62,8 @@ def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         value = getattr(cfg, name, allowed[0])
         if value not in allowed:
             raise ValueError(f"{name}={value!r} has no timm counterpart (timm's ViT has {', '.join(allowed)})")
+    if getattr(cfg, "pos_embed", None) == "peg":
+        raise ValueError("pos_embed='peg' has no timm counterpart: timm's ViT has no position generator (pos_block)")
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
