@@ -206,3 +206,18 @@ def run_tome_blocks(
         else:
             x, size, source = tome_block(blk, x, size, source, r, prefix)
     return x
+
+
+def apply_tome(model: nn.Module, r: TomeSetting) -> None:
+    """`model.set_tome(r)` for any model, or a ValueError naming a model that cannot merge tokens (a CNN, Swin);
+    r = 0 is accepted for every model (nothing to turn off). Used by the CLI's `--tome R`."""
+    setter = getattr(model, "set_tome", None)
+    if setter is None:
+        if isinstance(r, int) and not isinstance(r, bool) and r == 0:
+            return
+        name = getattr(model, "model_name", None) or type(model).__name__
+        raise ValueError(
+            f"token merging (--tome {r}) needs a plain ViT (global attention over a token sequence); {name} "
+            f"({type(model).__name__}) has none"
+        )
+    setter(r)
