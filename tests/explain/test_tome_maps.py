@@ -77,3 +77,18 @@ def test_gradcam_refuses_with_merging_by_name(images):
     model.set_tome(2)
     with pytest.raises(ValueError, match="set_tome\\(0\\)"):
         explain(model, images, method="gradcam")
+
+
+def test_cli_explain_with_tome_writes_overlays(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vitkit.cli import main
+
+    model = make_model("registers", depth=3)
+    model.save_pretrained(tmp_path / "model")
+    path = tmp_path / "img.png"
+    Image.fromarray((np.random.default_rng(0).random((H, W, 3)) * 255).astype(np.uint8)).save(path)
+    args = ["explain", str(path), "--checkpoint", str(tmp_path / "model"), "--method", "rollout", "--tome", "3"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1

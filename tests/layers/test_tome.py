@@ -210,3 +210,54 @@ def test_small_r_agrees_with_unmerged_on_held_out_digits():
     agree = (ref == merged).float().mean().item()
     assert acc > 0.5, f"the tiny model did not learn digits (accuracy {acc:.3f}, chance 0.1)"
     assert agree >= 0.9, f"r=2 agrees with the unmerged model on {agree:.3f} of {len(test)} held-out digits"
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    from PIL import Image
+
+    from vitkit.data.shapes import SHAPE_CLASSES, make_shapes
+
+    model = tiny_vit(num_classes=len(SHAPE_CLASSES))
+    model.save_pretrained(tmp_path / "model")
+    images, labels, _, _ = make_shapes(len(SHAPE_CLASSES), 32, 32, seed=0)
+    paths = []
+    for i in range(3):
+        folder = tmp_path / "data" / SHAPE_CLASSES[int(labels[i])]
+        folder.mkdir(parents=True, exist_ok=True)
+        paths.append(folder / f"{i}.png")
+        Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(paths[-1])
+    return tmp_path / "model", paths
+
+
+def test_cli_predict_and_eval_take_tome(saved_model, capsys):
+    import json
+
+    from vitkit.cli import main
+    from vitkit.train.evaluate import predict
+
+    model_dir, paths = saved_model
+    assert main(["predict", "--checkpoint", str(model_dir), *map(str, paths), "--tome", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    # The same numbers as the library with merging, and not those without: the flag reached the model.
+    merged = predict(model_dir, paths, device="cpu", threads=None, tome=3)
+    plain = predict(model_dir, paths, device="cpu", threads=None)
+    assert [r["top"][0]["prob"] for r in out] == pytest.approx([r["top"][0]["prob"] for r in merged], abs=1e-6)
+    assert [r["top"][0]["prob"] for r in out] != pytest.approx([r["top"][0]["prob"] for r in plain], abs=1e-6)
+    data = str(paths[0].parent.parent)
+    assert main(["eval", "--checkpoint", str(model_dir), "--data", data, "--split", "all", "--tome", "3"]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(model_dir), str(paths[0]), "--tome", "-2"]) != 0
+    assert "r must be >= 0" in capsys.readouterr().err
+
+
+def test_train_config_applies_tome():
+    from vitkit.train.config import TrainConfig
+    from vitkit.train.run import build_model
+
+    cfg = TrainConfig(model="vit_nano_patch4_32", model_args={"depth": 2}, tome=3)
+    assert build_model(cfg, 4, print).tome_r == [3, 3]
+    with pytest.raises(ValueError, match="tome must be an int >= 0"):
+        TrainConfig(tome=-1)
+    with pytest.raises(ValueError, match="ResNet"):
+        build_model(TrainConfig(model="resnet18", tome=2), 4, print)
