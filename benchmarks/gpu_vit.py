@@ -230,6 +230,8 @@ def main() -> int:
         "compile_mode": args.compile_mode,
         "budget_s": args.budget,
         "quick": args.quick,
+        "sdpa_flash_enabled": torch.backends.cuda.flash_sdp_enabled(),
+        "cuda": torch.version.cuda,
     }
     res = Results(Path(args.out), meta)
 

@@ -85,7 +85,9 @@ def _bipartite_matching(
     if r <= 0:
         return None
     with torch.no_grad():
-        m = metric[:, prefix:]
+        # fp32: the (Na x Nb) similarity is small, and bf16 would round near-ties (and on CPUs without bf16
+        # kernels run a slow generic matmul).
+        m = metric[:, prefix:].float()
         m = m / m.norm(dim=-1, keepdim=True)
         a, b = m[:, ::2], m[:, 1::2]  # (B, Na, d), (B, Nb, d)
         scores = a @ b.transpose(-1, -2)  # (B, Na, Nb) cosine similarities
