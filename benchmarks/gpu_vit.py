@@ -107,7 +107,7 @@ class Results:
             "",
         ]
         mm = self.matmul_tflops()
-        lines.append(f"measured bf16 matmul rate: {mm:.1f} TFLOP/s" if mm else "measured bf16 matmul rate: n/a")
+        lines.append(f"measured bf16 matmul rate: {mm:.4g} TFLOP/s" if mm else "measured bf16 matmul rate: n/a")
         lines += [
             "",
             "| item | mode | tome r | img/s | GFLOP/img | TFLOP/s | MFU (measured mm) | MFU (nominal) | speed-up | "
@@ -125,7 +125,7 @@ class Results:
 
             lines.append(
                 f"| {r['item']} | {r.get('mode', '-')} | {r.get('tome', '-')} | {f('img_s', '.0f')} | "
-                f"{f('gflop_per_img', '.2f')} | {f('tflops', '.1f')} | {f('mfu_measured', '.1%')} | "
+                f"{f('gflop_per_img', '.2f')} | {f('tflops', '.4g')} | {f('mfu_measured', '.1%')} | "
                 f"{f('mfu_nominal', '.1%')} | {f('speedup', '.2f')} | {note.splitlines()[0][:120]} |"
             )
         return "\n".join(lines) + "\n"

@@ -497,6 +497,13 @@ class VisionTransformer(ContractMixin, nn.Module):
         sched = tome_schedule(r, len(self.blocks))
         if any(sched):
             check_tome_blocks(self.blocks, type(self).__name__, self.cfg.attn_layer)
+            # Positions added inside the block stack (a conditional position generator) need the patch grid that
+            # merging removes; only the embedding-time positions run with merging.
+            if self.cfg.pos_embed not in ("learn", "sincos", "none"):
+                raise ValueError(
+                    f"token merging needs positions added at the embedding (pos_embed 'learn', 'sincos' or 'none'); "
+                    f"this model has pos_embed={self.cfg.pos_embed!r}"
+                )
         self.tome_r = sched if any(sched) else []
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
