@@ -22,6 +22,7 @@ What is measured:
 Usage (GPU):
     OUT=gpu_out python benchmarks/gpu_vit.py
     python benchmarks/gpu_vit.py --quick        # a tiny ViT on the CPU in seconds (checks the script itself)
+    python benchmarks/gpu_vit.py --quick --quick-compile   # the same with the compiled rows (minutes on a CPU)
 """
 
 from __future__ import annotations
@@ -204,6 +205,7 @@ def main() -> int:
     p.add_argument("--matmul-n", type=int, default=8192)
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune ...)")
     p.add_argument("--no-compile", action="store_true", help="eager rows only")
+    p.add_argument("--quick-compile", action="store_true", help="with --quick, also the compiled rows (minutes)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5)
@@ -212,6 +214,7 @@ def main() -> int:
     if args.quick:
         args.model, args.img_size, args.infer_batch, args.train_batch = "vit_tiny_patch16_224", 64, 4, 4
         args.tome, args.matmul_n, args.warmup, args.iters, args.repeats = [2], 256, 1, 1, 2
+        args.no_compile = args.no_compile or not args.quick_compile  # CPU compilation takes minutes
         device = torch.device("cpu")
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
