@@ -39,6 +39,7 @@ def _set_threads(setting) -> None:
 
 
 _THREADS_HELP = "CPU threads: N, or auto (default): the CPUs idle at the start (see docs/train.md)"
+_TOME_HELP = "token merging (ToMe): merge R tokens per block, ViTs with plain attention only (0 = off, docs/deploy.md)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,11 +128,13 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--html-flow", action="store_true", help="add attention flow to the explorer (seconds per image)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=_threads_arg, default="auto", metavar="N|auto", help=_THREADS_HELP)
+    p.add_argument("--tome", type=int, default=0, metavar="R", help=_TOME_HELP + "; maps are unmerged to the grid")
     p.set_defaults(func=_cmd_explain)
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     from vitkit.explain import load_checkpoint
+    from vitkit.layers.tome import apply_tome
     from vitkit.viz import write_explorer
     from vitkit.viz.outputs import parse_target, save_explanations
 
@@ -144,6 +147,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         )
     _set_threads(args.threads)
     model = load_checkpoint(args.checkpoint, device=args.device)
+    apply_tome(model, args.tome)
     target = parse_target(args.target, model.preprocess.class_names, model.num_classes)
     common = dict(head_fusion=args.head_fusion, discard_ratio=args.discard_ratio)
     if args.out is not None:
@@ -243,7 +247,7 @@ _TRAIN_FLAGS = {
     "layer_decay": "layer_decay", "head_lr_mult": "head_lr_mult", "freeze_layers": "freeze_layers",
     "accum_steps": "accum_steps", "clip_grad": "clip_grad", "patience": "patience", "monitor": "monitor",
     "strict": "strict", "tensorboard": "tensorboard", "workers": "workers", "device": "device",
-    "ckpt_every_steps": "ckpt_every_steps", "progress": "progress", "threads": "threads",
+    "ckpt_every_steps": "ckpt_every_steps", "progress": "progress", "threads": "threads", "tome": "tome",
 }  # fmt: skip
 
 
@@ -309,6 +313,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--amp", choices=choices(Amp), help="autocast dtype (fp16 needs CUDA)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--tome", type=int, metavar="R", help=_TOME_HELP)
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="EMA of the weights")
     g.add_argument("--ema-decay", type=float)
     p.set_defaults(func=_cmd_train)
@@ -388,6 +393,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=_threads_arg, default="auto", metavar="N|auto", help=_THREADS_HELP)
     p.add_argument("--out", metavar="DIR", help="write eval.json and confusion.png here")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("--tome", type=int, default=0, metavar="R", help=_TOME_HELP)
     p.set_defaults(func=_cmd_eval)
 
 
@@ -398,7 +404,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     r = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, device=args.device,
-                 out=args.out, threads=None)  # fmt: skip
+                 out=args.out, threads=None, tome=args.tome)  # fmt: skip
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -425,6 +431,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=_threads_arg, default="auto", metavar="N|auto", help=_THREADS_HELP)
     p.add_argument("--json", action="store_true", help="print JSON (one object per image)")
+    p.add_argument("--tome", type=int, default=0, metavar="R", help=_TOME_HELP)
     p.set_defaults(func=_cmd_predict)
 
 
@@ -434,7 +441,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from vitkit.train import predict
 
     _set_threads(args.threads)
-    results = predict(args.checkpoint, args.images, topk=args.topk, device=args.device, threads=None)
+    results = predict(args.checkpoint, args.images, topk=args.topk, device=args.device, threads=None, tome=args.tome)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

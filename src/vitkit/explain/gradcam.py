@@ -90,6 +90,9 @@ def grad_cam(
         ValueError: a layer index out of range, naming the allowed range.
     """
     _check_images(images)
+    if any(getattr(model, "tome_r", ())):
+        # Token merging leaves fewer tokens than patches: a block's output is no longer a patch grid to weight.
+        raise ValueError("gradcam needs the patch grid, which token merging removes; call model.set_tome(0) first")
     info = _feature_info(model)
     layer = default_gradcam_layer(model) if layer is None else layer
     if isinstance(layer, bool) or not isinstance(layer, int) or not -len(info) <= layer < len(info):

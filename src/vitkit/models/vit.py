@@ -37,6 +37,7 @@ from vitkit.layers import (
     run_with_captures,
     sincos_2d,
 )
+from vitkit.layers.tome import TomeSetting, check_tome_blocks, run_tome_blocks, tome_schedule
 from vitkit.models.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -206,6 +207,7 @@ class VisionTransformer(ContractMixin, nn.Module):
         D = cfg.embed_dim
         self.embed_dim = self.num_features = D
         self.grad_checkpointing = False
+        self.tome_r: list[int] = []  # token merges per block (set_tome); a runtime setting, not in config.json
         self._pos_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # grid -> table, a few recent grids
 
         norm_layer = get_norm(cfg.norm_layer, cfg.norm_eps)
@@ -436,6 +438,9 @@ class VisionTransformer(ContractMixin, nn.Module):
             size = x.shape[-2:]
             x = self.embed(x)  # checks the input first: its errors name the shape or size
             grid = self.patch_grid(*size)
+            if any(self.tome_r):  # token merging: (B, N - merged, D), the grid no longer holds
+                x = run_tome_blocks(self.blocks, x, self.tome_r, self.num_prefix_tokens, self.grad_checkpointing)
+                return self.norm(x)
             for i in range(len(self.blocks)):
                 x = self._run_block(i, x, grid)
             return self.norm(x)
@@ -494,6 +499,8 @@ class VisionTransformer(ContractMixin, nn.Module):
         the last block's or the final norm's tokens (module hooks there, or global module hooks)."""
         if self.training or torch.is_grad_enabled() or self.cfg.pool != "token" or not self.cfg.class_token:
             return False
+        if any(self.tome_r):  # the last block's keys are merged tokens with sizes: the full tome path handles them
+            return False
         blk = self.blocks[-1]
         if type(blk) is not Block or type(blk.attn) is not Attention or blk.attn.capture is not None:
             return False
@@ -513,6 +520,10 @@ class VisionTransformer(ContractMixin, nn.Module):
                 form every family gives (see `feature_info`).
             norm: apply the final norm to each output (a no-op for models that norm after pooling, pool='avg').
         """
+        if any(self.tome_r):
+            raise ValueError(
+                "forward_intermediates needs the patch grid, which token merging removes; call set_tome(0) first"
+            )
         depth = len(self.blocks)
         wanted = resolve_intermediates(indices, depth, "block")
         gh, gw = self.patch_grid(x.shape[-2], x.shape[-1])
@@ -554,6 +565,29 @@ class VisionTransformer(ContractMixin, nn.Module):
                 nn.init.zeros_(h.bias)
         if self.preprocess.class_names is not None and len(self.preprocess.class_names) != num_classes:
             self.preprocess.class_names = None
+
+    def set_tome(self, r: TomeSetting) -> None:
+        """Token merging (ToMe, `vitkit.layers.tome`): merge `r` patch tokens in every block (or `r[i]` in block i,
+        a list of one int per block); 0 turns it off. A runtime setting like `set_grad_checkpointing`: the same
+        weights run with or without it, so it is not saved in config.json. Prefix tokens are never merged; captured
+        attention maps are unmerged to the original tokens. With merging on, `forward_features` returns fewer
+        tokens (B, prefix + remaining patches, D) and `forward_intermediates` refuses (no patch grid is left).
+
+        Raises:
+            TypeError: r is not an int or a list of ints.
+            ValueError: a negative r, a list whose length is not the depth, or an attention other than "mha".
+        """
+        sched = tome_schedule(r, len(self.blocks))
+        if any(sched):
+            check_tome_blocks(self.blocks, type(self).__name__, self.cfg.attn_layer)
+            # Positions added inside the block stack (a conditional position generator) need the patch grid that
+            # merging removes; only the embedding-time positions run with merging.
+            if self.cfg.pos_embed not in ("learn", "sincos", "none"):
+                raise ValueError(
+                    f"token merging needs positions added at the embedding (pos_embed 'learn', 'sincos' or 'none'); "
+                    f"this model has pos_embed={self.cfg.pos_embed!r}"
+                )
+        self.tome_r = sched if any(sched) else []
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them (less memory)."""

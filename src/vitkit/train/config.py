@@ -49,6 +49,7 @@ class TrainConfig:
     pretrained: str | None = None  # fine-tune from a checkpoint: vitkit dir, timm/HF file or dir, JAX .npz
     freeze_layers: int = 0  # fine-tuning: freeze embeddings + the first N blocks (0 = train everything)
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
+    tome: int = 0  # token merging (ToMe): tokens merged per block while training and validating; 0 = off
 
     # --- optimisation -----------------------------------------------------------------------------------------
     epochs: int = 30  # passes over the training split
@@ -107,6 +108,8 @@ class TrainConfig:
         _positive_int("epochs", self.epochs)
         _positive_int("batch_size", self.batch_size)
         _positive_int("accum_steps", self.accum_steps)
+        if isinstance(self.tome, bool) or not isinstance(self.tome, int) or self.tome < 0:
+            raise ValueError(f"tome must be an int >= 0 (tokens merged per block, 0 = off), got {self.tome!r}")
         _positive_int("shapes_size", self.shapes_size)
         for name in ("workers", "patience", "ckpt_every_steps", "freeze_layers", "seed"):
             _nonneg_int(name, getattr(self, name))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit._io import atomic_write_text
+from vitkit.layers.tome import apply_tome
 from vitkit.runs import resolve_checkpoint
 from vitkit.threads import ThreadSetting, set_threads
 from vitkit.train.metrics import confusion_matrix, topk_correct
@@ -63,6 +64,7 @@ def evaluate(
     seed: int | None = None,
     out: str | os.PathLike | None = None,
     threads: ThreadSetting | None = "auto",
+    tome: int = 0,
 ) -> dict[str, Any]:
     """Top-1, top-5 (over 5 classes only) and per-class accuracy, loss and confusion matrix of a checkpoint on a split.
 
@@ -77,6 +79,7 @@ def evaluate(
         out: a directory for eval.json and confusion.png; None writes nothing.
         threads: CPU intra-op threads: N, "auto" (vitkit.threads decides from the idle CPUs) or None to keep
             torch's current count (the CLI has set it already).
+        tome: token merging, tokens merged per block (`model.set_tome`); 0 = off. ViTs with plain attention only.
 
     Returns:
         {"top1", "top5", "loss", "n", "per_class": {name: {"acc", "n"}}, "confusion": [[...]], "class_names", ...};
@@ -95,6 +98,7 @@ def evaluate(
     dev = _device(device)
     dtype = amp_dtype(amp, dev)
     model, record = load_checkpoint(checkpoint, dev)
+    apply_tome(model, tome)
     spec = data or record.get("data")
     if spec is None:
         raise ValueError(f"{checkpoint} does not record its training data: pass data=...")
@@ -185,6 +189,7 @@ def predict(
     topk: int = 5,
     device: str | torch.device | None = "auto",
     threads: ThreadSetting | None = "auto",
+    tome: int = 0,
 ) -> list[dict[str, Any]]:
     """Top-k classes with probabilities for each image file.
 
@@ -195,6 +200,7 @@ def predict(
         topk: How many classes to list per image.
         device: Where to run ('auto' = cuda when available).
         threads: CPU intra-op threads as in `evaluate` (None keeps torch's current count).
+        tome: token merging as in `evaluate` (0 = off).
 
     Returns:
         One {"path", "top": [{"class", "index", "prob"}, ...]} per image, best first.
@@ -216,6 +222,7 @@ def predict(
         set_threads(threads)
     dev = _device(device)
     model, _record = load_checkpoint(checkpoint, dev)
+    apply_tome(model, tome)
     names = model.preprocess.class_names or [str(i) for i in range(model.num_classes)]
     k = min(topk, len(names))
     results = []

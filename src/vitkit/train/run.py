@@ -58,6 +58,7 @@ def default_run_dir(cfg: TrainConfig, root: str | os.PathLike = "runs") -> Path:
 
 def build_model(cfg: TrainConfig, num_classes: int, log: Callable[[str], None]) -> nn.Module:
     """The model a config asks for: a registered architecture from scratch, or a checkpoint to fine-tune."""
+    from vitkit.layers.tome import apply_tome
     from vitkit.models import create_model
 
     if cfg.pretrained:
@@ -70,6 +71,7 @@ def build_model(cfg: TrainConfig, num_classes: int, log: Callable[[str], None]) 
         )
         if getattr(model, "num_classes", num_classes) != num_classes:
             raise ValueError(f"loading {cfg.pretrained} gave {model.num_classes} classes, expected {num_classes}")
+        apply_tome(model, cfg.tome)
         return model
     from vitkit.models.registry import get_family, model_family
 
@@ -82,6 +84,7 @@ def build_model(cfg: TrainConfig, num_classes: int, log: Callable[[str], None]) 
     model = create_model(name, num_classes=num_classes, **overrides)
     if cfg.img_size is not None and not sized:
         model.preprocess.input_size = (cfg.img_size, cfg.img_size)
+    apply_tome(model, cfg.tome)  # a runtime setting: the saved model runs unmerged unless asked again
     return model
 
 

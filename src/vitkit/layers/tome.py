@@ -1,0 +1,226 @@
+"""Token merging (ToMe: Bolya et al. 2023, "Token Merging: Your ViT But Faster") for vitkit's plain ViT blocks.
+
+In every block with r > 0, after the attention, the patch tokens are split alternately into two sets A and B; each
+A token is matched to its most similar B token (cosine similarity of the attention keys averaged over heads), and
+the r best-matching A tokens are merged into their B partners by a size-weighted average. A token's `size` counts
+the original patches it holds; later blocks use proportional attention (log(size) added to the logits of each key),
+so a merged key weighs as much as the `size` keys it replaced. Prefix tokens (class, distillation, registers) are
+never merged: matching runs on the patch tokens only, and the prefix is carried through unchanged in place.
+
+The matching is a discrete choice made without gradient (as in ToMe); the weighted average and the attention
+with the size bias are differentiable, so merging works for training too.
+
+Explanations: while an attention capture is attached (`vitkit.layers.capture_attention`), the runner also tracks
+the source matrix S (B, N', N) (ToMe's `trace_source`: S[b, n', t] = 1 when original token t is inside merged
+token n') and hands the capture the map unmerged to the original tokens, (B, heads, N, N):
+`full[t, u] = A[n'(t), m'(u)] / size[m'(u)]`. A merged query's row is copied to each of its sources, and a merged
+key's weight is divided equally among its sources: with proportional attention, a key of size s is exactly s equal
+copies of one key, so each copy receives 1/s of the merged weight. Rows still sum to 1. The block then computes its
+output from this full map (the same numbers), so relevance gradients reach it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vitkit.layers.attention import Attention
+from vitkit.layers.block import Block
+
+TomeSetting = int | Sequence[int]
+
+
+def tome_schedule(r: TomeSetting, depth: int) -> list[int]:
+    """The per-block merge counts for a `set_tome` setting: an int r (the same r in every block; 0 = off) or a
+    list of `depth` ints (ToMe's decreasing schedules).
+
+    Raises:
+        TypeError: r is not an int or a sequence of ints.
+        ValueError: a negative count, or a list whose length is not the number of blocks.
+    """
+    if isinstance(r, bool) or not isinstance(r, (int, Sequence)) or isinstance(r, str):
+        raise TypeError(
+            f"token merging r must be an int (tokens merged per block, 0 = off) or a list of ints, got {r!r}"
+        )
+    if isinstance(r, int):
+        if r < 0:
+            raise ValueError(f"token merging r must be >= 0 (tokens merged per block, 0 = off), got {r}")
+        return [r] * depth
+    sched = list(r)
+    if len(sched) != depth:
+        raise ValueError(f"a token merging schedule needs one r per block ({depth}), got {len(sched)}: {sched}")
+    for v in sched:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"every r of a token merging schedule must be an int >= 0, got {v!r} in {sched}")
+    return sched
+
+
+def check_tome_blocks(blocks: Sequence[nn.Module], model_name: str, attn_layer: str) -> None:
+    """Raise a ValueError unless every block is vitkit's `Block` with plain multi-head attention ("mha").
+
+    Merging needs the keys of a global attention and the freedom to drop tokens from the grid, which windowed,
+    axial, local or relative-position variants do not give.
+    """
+    for blk in blocks:
+        if type(blk) is not Block or type(blk.attn) is not Attention:
+            raise ValueError(
+                f"token merging (tome) needs vitkit's plain multi-head attention (attn_layer='mha'); {model_name} "
+                f"uses attn_layer={attn_layer!r} ({type(getattr(blk, 'attn', blk)).__name__})"
+            )
+
+
+def _bipartite_matching(
+    metric: torch.Tensor, r: int, prefix: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Indices of ToMe's bipartite soft matching on the patch tokens of `metric` (B, N, d) (prefix excluded).
+
+    Returns (unm_idx (B, Na - r, 1), src_idx (B, r, 1), dst_idx (B, r, 1)) into the A (even) and B (odd) patch
+    tokens, or None when nothing can be merged.
+    """
+    r = min(r, (metric.shape[1] - prefix) // 2)
+    if r <= 0:
+        return None
+    with torch.no_grad():
+        # fp32: the (Na x Nb) similarity is small, and bf16 would round near-ties (and on CPUs without bf16
+        # kernels run a slow generic matmul).
+        m = metric[:, prefix:].float()
+        m = m / m.norm(dim=-1, keepdim=True)
+        a, b = m[:, ::2], m[:, 1::2]  # (B, Na, d), (B, Nb, d)
+        scores = a @ b.transpose(-1, -2)  # (B, Na, Nb) cosine similarities
+        node_max, node_idx = scores.max(dim=-1)  # (B, Na) best B partner of each A token
+        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]  # (B, Na, 1)
+        unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
+        dst_idx = node_idx[..., None].gather(dim=1, index=src_idx)  # (B, r, 1)
+    return unm_idx, src_idx, dst_idx
+
+
+def _merge(x: torch.Tensor, idx: tuple[torch.Tensor, torch.Tensor, torch.Tensor], prefix: int) -> torch.Tensor:
+    """Sum-merge x (B, N, c) with matching indices -> (B, N - r, c) as [prefix, unmerged A, B (with merged A)]."""
+    unm_idx, src_idx, dst_idx = idx
+    pre, patches = x[:, :prefix], x[:, prefix:]
+    src, dst = patches[:, ::2], patches[:, 1::2]  # (B, Na, c), (B, Nb, c)
+    B, na, c = src.shape
+    r = src_idx.shape[1]
+    unm = src.gather(dim=1, index=unm_idx.expand(B, na - r, c))  # (B, Na - r, c)
+    src = src.gather(dim=1, index=src_idx.expand(B, r, c))  # (B, r, c)
+    dst = dst.scatter_reduce(1, dst_idx.expand(B, r, c), src, reduce="sum")  # (B, Nb, c)
+    return torch.cat([pre, unm, dst], dim=1)
+
+
+def unmerge_attention(attn: torch.Tensor, source: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """A map over merged tokens (B, heads, N', N') -> the map over the original tokens (B, heads, N, N).
+
+    Args:
+        attn: attention probabilities between merged tokens.
+        source: (B, N', N), 1 where an original token is inside a merged token (each column has one 1).
+        size: (B, N') original tokens per merged token (the row sums of `source`).
+
+    A query row is copied to every source of its merged token; a key's weight is split equally among its sources
+    (with proportional attention that is exactly the weight each of the `size` identical keys gets). Rows keep
+    their sums.
+    """
+    s = source.to(attn.dtype)[:, None]  # (B, 1, N', N)
+    per_key = attn / size.to(attn.dtype)[:, None, None, :]  # (B, h, N', N'): each source's share of a merged key
+    return s.transpose(-1, -2) @ (per_key @ s)  # (B, h, N, N)
+
+
+def _attend(
+    attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor | None, source
+) -> torch.Tensor:
+    """Attention with proportional attention (log(size) on the key logits): q, k, v (B, h, N', d) -> (B, h, N', d)."""
+    if size is None:  # nothing merged yet: plain attention (fused, or explicit for a capture)
+        return attn.attend(q, k, v)
+    bias = size.log().to(q.dtype)[:, None, None, :]  # (B, 1, 1, N')
+    capture = attn.capture
+    if capture is None:
+        p = attn.attn_drop.p if attn.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+    probs = ((q * attn.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B, h, N', N')
+    if source is None:
+        capture(attn, probs)
+        return attn.attn_drop(probs) @ v
+    full = unmerge_attention(probs, source, size)  # (B, h, N, N)
+    capture(attn, full)
+    s = source.to(v.dtype)[:, None]  # (B, 1, N', N)
+    v_full = s.transpose(-1, -2) @ v  # (B, h, N, d): each original token carries its merged token's value
+    out_full = attn.attn_drop(full) @ v_full  # (B, h, N, d); equal rows for the sources of one merged query
+    return (s @ out_full) / size.to(v.dtype)[:, None, :, None]  # (B, h, N', d): the mean over those equal rows
+
+
+def tome_block(
+    blk: Block,
+    x: torch.Tensor,
+    size: torch.Tensor | None,
+    source: torch.Tensor | None,
+    r: int,
+    prefix: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One pre-norm block with merging after its attention.
+
+    Args:
+        blk: a vitkit `Block` with plain `Attention`.
+        x: tokens (B, N', C): [prefix tokens, patch tokens].
+        size: (B, N') original tokens per token, or None before the first merge (all ones).
+        source: (B, N', N) source matrix while tracing (explanations), else None.
+        r: tokens to merge in this block (fewer when fewer than 2r patch tokens remain).
+        prefix: leading tokens that are never merged.
+
+    Returns:
+        (x (B, N' - r, C), size, source) after the block.
+    """
+    attn = blk.attn
+    q, k, v = attn.project_qkv(blk.norm1(x))  # each (B, h, N', d)
+    x = x + blk.drop_path1(blk.ls1(attn.project_out(_attend(attn, q, k, v, size, source))))
+    idx = _bipartite_matching(k.mean(dim=1), r, prefix) if r > 0 else None  # keys averaged over heads: (B, N', d)
+    if idx is not None:
+        w = x.new_ones(x.shape[:2]) if size is None else size.to(x.dtype)  # (B, N')
+        # Tokens and sizes merge in one pass (the size as an extra channel): fewer small ops per block.
+        merged = _merge(torch.cat([x * w[..., None], w[..., None]], dim=-1), idx, prefix)  # (B, N' - r, C + 1)
+        size = merged[..., -1]  # (B, N' - r) summed sizes
+        x = merged[..., :-1] / size[..., None]  # size-weighted sum / summed size: the weighted average
+        if source is not None:
+            source = _merge(source, idx, prefix)  # (B, N' - r, N)
+    x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    return x, size, source
+
+
+def run_tome_blocks(
+    blocks: Sequence[Block], x: torch.Tensor, schedule: Sequence[int], prefix: int, grad_checkpointing: bool = False
+) -> torch.Tensor:
+    """Run `blocks` on tokens x (B, N, C) merging `schedule[i]` tokens in block i -> (B, N - merged, C).
+
+    The source matrix is tracked (and captured maps unmerged to (B, heads, N, N)) while any block's attention has
+    a capture attached.
+    """
+    tracing = any(blk.attn.capture is not None for blk in blocks)
+    size: torch.Tensor | None = None
+    source = None
+    if tracing:
+        B, N, _ = x.shape
+        source = torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N)  # (B, N, N)
+    for blk, r in zip(blocks, schedule):
+        # Not while tracing: the recomputation in backward would run after the capture has closed.
+        if grad_checkpointing and torch.is_grad_enabled() and not tracing:
+            x, size, source = checkpoint(tome_block, blk, x, size, source, r, prefix, use_reentrant=False)
+        else:
+            x, size, source = tome_block(blk, x, size, source, r, prefix)
+    return x
+
+
+def apply_tome(model: nn.Module, r: TomeSetting) -> None:
+    """`model.set_tome(r)` for any model, or a ValueError naming a model that cannot merge tokens (a CNN, Swin);
+    r = 0 is accepted for every model (nothing to turn off). Used by the CLI's `--tome R`."""
+    setter = getattr(model, "set_tome", None)
+    if setter is None:
+        if isinstance(r, int) and not isinstance(r, bool) and r == 0:
+            return
+        name = getattr(model, "model_name", None) or type(model).__name__
+        raise ValueError(
+            f"token merging (--tome {r}) needs a plain ViT (global attention over a token sequence); {name} "
+            f"({type(model).__name__}) has none"
+        )
+    setter(r)
