@@ -222,3 +222,14 @@ def test_missing_grid_is_refused_by_name():
         layer.attend(q, k, v, None)
     with pytest.raises(ValueError, match="attn_layer='relpos_decomposed' .* needs grid"):
         DecomposedRelPosAttention(12, 3, grid_size=4).attend(q, k, v, None)
+
+
+@pytest.mark.parametrize("name", ["relpos", "relpos_decomposed"])
+def test_vit_sizes_the_tables_for_its_own_grid_unless_told(name):
+    model = create_model("vit_nano_patch4_32", num_classes=3, depth=1, attn_layer=name)  # 32 px / 4 -> 8 x 8
+    assert model.blocks[0].attn.grid_size == (8, 8)
+    assert model.cfg.attn_args == {}  # nothing extra stored: the same config rebuilds the same model
+    told = create_model("vit_nano_patch4_32", num_classes=3, depth=1, attn_layer=name, attn_args={"grid_size": 14})
+    assert told.blocks[0].attn.grid_size == (14, 14)
+    wide = create_model("vit_nano_patch4_32", num_classes=3, depth=1, attn_layer=name, img_size=(16, 40))
+    assert wide.blocks[0].attn.grid_size == (4, 10)

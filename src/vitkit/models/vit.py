@@ -32,6 +32,7 @@ from vitkit.layers import (
     drop_path_rates,
     get_layer,
     get_norm,
+    layer_options,
     resample_pos_embed,
     resolve_intermediates,
     run_with_captures,
@@ -248,7 +249,7 @@ class VisionTransformer(ContractMixin, nn.Module):
                 act_layer=get_layer("act", cfg.act_layer),
                 attn_layer=get_layer("attn", cfg.attn_layer),
                 mlp_layer=get_layer("mlp", cfg.mlp_layer),
-                attn_args=cfg.attn_args,
+                attn_args=self._attn_args(cfg),
             )
             for i in range(cfg.depth)
         )
@@ -264,6 +265,15 @@ class VisionTransformer(ContractMixin, nn.Module):
         self.init_weights()
         if cfg.run_patch_size is not None:
             self.set_patch_size(cfg.run_patch_size)
+
+    def _attn_args(self, cfg: ViTConfig) -> dict[str, Any]:
+        """The attention options: `cfg.attn_args`, plus the model's native patch grid for a variant whose parameters
+        are sized by a `grid_size` option (the relative-position tables) when the config leaves it out, so the tables
+        fit the model's own grid (nothing extra is stored: the same config rebuilds the same model)."""
+        args = dict(cfg.attn_args)
+        if "grid_size" in layer_options("attn", cfg.attn_layer) and "grid_size" not in args:
+            args["grid_size"] = list(self.native_grid)
+        return args
 
     def build_patch_embed(self, cfg: ViTConfig) -> nn.Module:
         """The image -> tokens layer named by `cfg.embed_layer` with `cfg.embed_args`; a family whose embedding
