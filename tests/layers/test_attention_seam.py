@@ -72,3 +72,24 @@ def test_model_args_merge_recipe_and_overrides():
         {"model": "vit_nano_patch4_32", "model_args": {"depth": 2}}, {"model_args": {"attn_layer": "mha"}}
     )
     assert cfg.model_args == {"depth": 2, "attn_layer": "mha"}
+
+
+class OldContract(torch.nn.Module):
+    """An attention layer written before the grid was passed: `forward(x)` only, options through **kwargs."""
+
+    def __init__(self, dim, num_heads, **kwargs):
+        super().__init__()
+        self.proj, self.kwargs = torch.nn.Linear(dim, dim), kwargs
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_attention_without_grid_or_with_kwargs_still_plugs_in():
+    register_layer("attn", "old", OldContract)
+    try:
+        model = create_model("vit_nano_patch4_32", num_classes=3, depth=1, attn_layer="old", attn_args={"tau": 2})
+        assert model(torch.randn(1, 3, 16, 24)).shape == (1, 3)
+        assert model.blocks[0].attn.kwargs["tau"] == 2
+    finally:
+        del _TABLE["attn"]["old"]

@@ -228,8 +228,30 @@ def test_missing_grid_is_refused_by_name():
 def test_vit_sizes_the_tables_for_its_own_grid_unless_told(name):
     model = create_model("vit_nano_patch4_32", num_classes=3, depth=1, attn_layer=name)  # 32 px / 4 -> 8 x 8
     assert model.blocks[0].attn.grid_size == (8, 8)
-    assert model.cfg.attn_args == {}  # nothing extra stored: the same config rebuilds the same model
+    assert model.cfg.attn_args == {"grid_size": [8, 8]}  # stored, so a load at another img_size keeps the tables
     told = create_model("vit_nano_patch4_32", num_classes=3, depth=1, attn_layer=name, attn_args={"grid_size": 14})
     assert told.blocks[0].attn.grid_size == (14, 14)
     wide = create_model("vit_nano_patch4_32", num_classes=3, depth=1, attn_layer=name, img_size=(16, 40))
     assert wide.blocks[0].attn.grid_size == (4, 10)
+
+
+@pytest.mark.parametrize("name", ["relpos", "relpos_decomposed"])
+def test_saved_variant_loads_at_another_image_size(name, tmp_path):
+    torch.manual_seed(0)
+    model = create_model("vit_nano_patch4_32", num_classes=3, depth=1, attn_layer=name).eval()
+    save_pretrained(model, tmp_path / "m")
+    bigger = load_model(tmp_path / "m", img_size=48).eval()  # 12 x 12 grid; the tables stay 8 x 8 and resample
+    assert bigger.blocks[0].attn.grid_size == (8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(torch.ones(1, 3, 32, 32)), load_model(tmp_path / "m").eval()(torch.ones(1, 3, 32, 32)))
+        assert bigger(torch.randn(2, 3, 48, 48)).shape == (2, 3)
+
+
+def test_relative_position_tables_are_not_weight_decayed():
+    for name, tables in (
+        ("relpos", {"relative_position_bias_table"}),
+        ("relpos_decomposed", {"rel_pos_h", "rel_pos_w"}),
+    ):
+        model = create_model("vit_nano_patch4_32", depth=2, attn_layer=name)
+        skipped = {n.rsplit(".", 1)[-1] for n in model.no_weight_decay() if n.startswith("blocks.")}
+        assert skipped == tables

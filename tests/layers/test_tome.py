@@ -261,3 +261,21 @@ def test_train_config_applies_tome():
         TrainConfig(tome=-1)
     with pytest.raises(ValueError, match="ResNet"):
         build_model(TrainConfig(model="resnet18", tome=2), 4, print)
+
+
+def test_average_pooling_weights_merged_tokens_by_their_size():
+    """With pool='avg' a merged token stands for `size` patches: the size-weighted mean (ToMe's reference) keeps
+    the pooled features of a merged model close to the unmerged ones; the plain mean over merged tokens does not."""
+    torch.manual_seed(0)
+    model = create_model("vit_nano_patch4_32", num_classes=3, depth=3, class_token=False, pool="avg").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model.forward_head(model.forward_features(x), pre_logits=True)
+        model.set_tome(8)
+        feats, sizes = model._features(x)
+        weighted = model.forward_head(feats, pre_logits=True, token_sizes=sizes)
+        plain = model.forward_head(feats, pre_logits=True)
+        logits = model(x)
+    assert sizes is not None and sizes.shape == (2, feats.shape[1], 1) and float(sizes[0].sum()) == 64
+    assert torch.allclose(logits, model.head(weighted))  # forward pools with the sizes
+    assert (weighted - ref).norm() < (plain - ref).norm()

@@ -303,3 +303,8 @@ def test_backbone_module_with_any_head_is_saved_by_name(tmp_path):
     x = torch.randn(1, 3, 32, 48)
     with torch.no_grad():
         assert torch.equal(vitkit.load_model(tmp_path / "m").eval()(x), model(x))
+
+
+def test_hybrid_refuses_another_patch_embedding_by_name():
+    with pytest.raises(ValueError, match=r"embed_layer='overlap' is not possible for a HybridViT"):
+        create_model("vit_small_r26_s32_224", embed_layer="overlap")

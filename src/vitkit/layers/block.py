@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,15 @@ from vitkit.layers.attention import Attention
 from vitkit.layers.drop import DropPath
 from vitkit.layers.layer_scale import LayerScale
 from vitkit.layers.mlp import Mlp
+
+
+def _accepts_grid(module: nn.Module) -> bool:
+    """Whether `module.forward` takes a `grid` keyword (or any keyword)."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):  # a builtin or C forward: call it the plain way
+        return False
+    return "grid" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 class Block(nn.Module):
@@ -64,6 +74,8 @@ class Block(nn.Module):
             norm_layer=norm_layer,
             **(attn_args or {}),
         )
+        # Attention layers written before the grid was passed (`forward(x)` only) keep working without it.
+        self._attn_takes_grid = _accepts_grid(self.attn)
         self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
@@ -74,7 +86,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """Tokens (B, N, dim) -> tokens (B, N, dim); `grid` is the patch grid (H', W') of the last H'*W' tokens,
         passed to the attention (variants that mix tokens by position need it)."""
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), grid=grid)))
+        h = self.attn(self.norm1(x), grid=grid) if self._attn_takes_grid else self.attn(self.norm1(x))
+        x = x + self.drop_path1(self.ls1(h))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 

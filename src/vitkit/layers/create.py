@@ -103,6 +103,10 @@ def check_layer_args(kind: str, name: str, args: dict[str, Any]) -> None:
     Raises:
         ValueError: an unknown option, e.g. `attn_args={"windw": 7}` for `attn_layer="local"`.
     """
+    factory = get_layer(kind, name)
+    target = factory.func if isinstance(factory, functools.partial) else factory
+    if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(target).parameters.values()):
+        return  # the layer takes any keyword (**kwargs): it checks its own options
     allowed = layer_options(kind, name)
     bad = sorted(set(args) - set(allowed))
     if bad:

@@ -190,8 +190,9 @@ def tome_block(
 
 def run_tome_blocks(
     blocks: Sequence[Block], x: torch.Tensor, schedule: Sequence[int], prefix: int, grad_checkpointing: bool = False
-) -> torch.Tensor:
-    """Run `blocks` on tokens x (B, N, C) merging `schedule[i]` tokens in block i -> (B, N - merged, C).
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run `blocks` on tokens x (B, N, C) merging `schedule[i]` tokens in block i -> tokens (B, N - merged, C)
+    and their sizes (B, N - merged): how many original tokens each stands for (None if nothing merged).
 
     The source matrix is tracked (and captured maps unmerged to (B, heads, N, N)) while any block's attention has
     a capture attached.
@@ -208,7 +209,7 @@ def run_tome_blocks(
             x, size, source = checkpoint(tome_block, blk, x, size, source, r, prefix, use_reentrant=False)
         else:
             x, size, source = tome_block(blk, x, size, source, r, prefix)
-    return x
+    return x, size
 
 
 def apply_tome(model: nn.Module, r: TomeSetting) -> None:

@@ -105,11 +105,11 @@ class DeiT(VisionTransformer):
         self.distilled_training = bool(enable)
 
     def forward_head(
-        self, x: torch.Tensor, pre_logits: bool = False
+        self, x: torch.Tensor, pre_logits: bool = False, token_sizes: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Tokens (B, N, D) -> logits (B, classes); in distilled training, `(cls_logits, dist_logits)`."""
         if pre_logits or self.head_dist is None or not (self.distilled_training and self.training):
-            return super().forward_head(x, pre_logits=pre_logits)
+            return super().forward_head(x, pre_logits=pre_logits, token_sizes=token_sizes)
         x_cls, x_dist = self.fc_norm(x[:, 0]), self.fc_norm(x[:, 1])  # (B, D) each: class, distillation token
         return self.head(self.head_drop(x_cls)), self.head_dist(self.head_drop(x_dist))
 

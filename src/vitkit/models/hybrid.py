@@ -44,6 +44,12 @@ class HybridViTConfig(ViTConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.embed_layer != "hybrid":
+            raise ValueError(
+                f"embed_layer={self.embed_layer!r} is not possible for a HybridViT, which embeds through its CNN "
+                "backbone: embed_layer must be 'hybrid' (use a plain ViT, e.g. vit_small_patch16_224, for "
+                f"embed_layer={self.embed_layer!r})"
+            )
         if self.backbone is not None and self.backbone not in list_models():
             import difflib
 

@@ -269,10 +269,12 @@ class VisionTransformer(ContractMixin, nn.Module):
     def _attn_args(self, cfg: ViTConfig) -> dict[str, Any]:
         """The attention options: `cfg.attn_args`, plus the model's native patch grid for a variant whose parameters
         are sized by a `grid_size` option (the relative-position tables) when the config leaves it out, so the tables
-        fit the model's own grid (nothing extra is stored: the same config rebuilds the same model)."""
+        fit the model's own grid. It is written into the config (and so config.json): loading the model at another
+        `img_size` keeps the tables' size, and the layer resamples them to the grid it sees."""
         args = dict(cfg.attn_args)
         if "grid_size" in layer_options("attn", cfg.attn_layer) and "grid_size" not in args:
             args["grid_size"] = list(self.native_grid)
+            cfg.attn_args = dict(args)
         return args
 
     def build_patch_embed(self, cfg: ViTConfig) -> nn.Module:
@@ -443,38 +445,53 @@ class VisionTransformer(ContractMixin, nn.Module):
     def forward_features(
         self, x: torch.Tensor, return_attention: bool | int | Sequence[int] = False
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Image -> normalised tokens (B, N, D); with `return_attention`, also the requested attention maps."""
+        """Image -> normalised tokens (B, N, D); with `return_attention`, also the requested attention maps. With
+        token merging on (`set_tome`), N is the number of tokens left."""
         if return_attention is False or return_attention is None:
-            size = x.shape[-2:]
-            x = self.embed(x)  # checks the input first: its errors name the shape or size
-            grid = self.patch_grid(*size)
-            if any(self.tome_r):  # token merging: (B, N - merged, D), the grid no longer holds
-                x = run_tome_blocks(self.blocks, x, self.tome_r, self.num_prefix_tokens, self.grad_checkpointing)
-                return self.norm(x)
-            for i in range(len(self.blocks)):
-                x = self._run_block(i, x, grid)
-            return self.norm(x)
+            return self._features(x)[0]
         with capture_attention(self, return_attention) as rec:  # only requested layers leave the fused kernel
-            x = self.forward_features(x)
+            x = self._features(x)[0]
         return x, rec.maps
 
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, N, D) -> pooled features (B, D) (or the tokens unchanged for pool='none')."""
+    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised tokens (B, N, D) and, with token merging on, each token's size (B, N, 1): how many original
+        tokens it stands for (None without merging)."""
+        size = x.shape[-2:]
+        x = self.embed(x)  # checks the input first: its errors name the shape or size
+        grid = self.patch_grid(*size)
+        if any(self.tome_r):  # token merging: (B, N - merged, D), the grid no longer holds
+            x, sizes = run_tome_blocks(self.blocks, x, self.tome_r, self.num_prefix_tokens, self.grad_checkpointing)
+            return self.norm(x), None if sizes is None else sizes[..., None]
+        for i in range(len(self.blocks)):
+            x = self._run_block(i, x, grid)
+        return self.norm(x), None
+
+    def pool(self, x: torch.Tensor, token_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens (B, N, D) -> pooled features (B, D) (or the tokens unchanged for pool='none'). `token_sizes`
+        (B, N, 1), from token merging, weights the average by how many patches each token holds (as ToMe's
+        reference does), so a merged model averages over the same patches as the unmerged one."""
         if self.cfg.pool == "token":
             return x[:, 0]
         if self.cfg.pool == "avg":
-            return x[:, self.num_prefix_tokens :].mean(dim=1)
+            p = self.num_prefix_tokens
+            if token_sizes is None:
+                return x[:, p:].mean(dim=1)
+            w = token_sizes[:, p:].to(x.dtype)  # (B, N - p, 1)
+            return (x[:, p:] * w).sum(dim=1) / w.sum(dim=1)
         return x
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens (B, N, D) -> logits (B, classes), or the pooled features when `pre_logits`."""
+    def forward_head(
+        self, x: torch.Tensor, pre_logits: bool = False, token_sizes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Tokens (B, N, D) -> logits (B, classes), or the pooled features when `pre_logits`; `token_sizes` as in
+        `pool`."""
         if self.head_dist is not None:
             # DeiT: the class token feeds `head`, the distillation token feeds `head_dist`; average at inference.
             x_cls, x_dist = self.fc_norm(x[:, 0]), self.fc_norm(x[:, 1])
             if pre_logits:
                 return (x_cls + x_dist) / 2
             return (self.head(self.head_drop(x_cls)) + self.head_dist(self.head_drop(x_dist))) / 2
-        x = self.head_drop(self.fc_norm(self.pool(x)))
+        x = self.head_drop(self.fc_norm(self.pool(x, token_sizes)))
         return x if pre_logits else self.head(x)
 
     def forward(
@@ -499,9 +516,12 @@ class VisionTransformer(ContractMixin, nn.Module):
                 keep = 1 + int(self.head_dist is not None)
                 x = self._pos_block(len(self.blocks) - 1, x, grid)
                 return self.forward_head(self.norm(self.blocks[-1].forward_queries(x, keep)))
-            return self.forward_head(self.forward_features(x))
-        feats, attns = self.forward_features(x, return_attention=return_attention)
-        return self.forward_head(feats), attns
+            feats, sizes = self._features(x)
+            return self.forward_head(feats, token_sizes=sizes) if sizes is not None else self.forward_head(feats)
+        with capture_attention(self, return_attention) as rec:  # only requested layers leave the fused kernel
+            feats, sizes = self._features(x)
+        logits = self.forward_head(feats, token_sizes=sizes) if sizes is not None else self.forward_head(feats)
+        return logits, rec.maps
 
     def _last_block_reads_prefix_only(self) -> bool:
         """Whether `forward` may compute only the prefix rows of the last block: inference (eval, no autograd),
@@ -604,8 +624,11 @@ class VisionTransformer(ContractMixin, nn.Module):
         self.grad_checkpointing = bool(enable)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameters that should not be weight-decayed (besides norms and biases)."""
-        return {n for n in ("pos_embed", "cls_token", "dist_token", "reg_token") if getattr(self, n) is not None}
+        """Parameters that should not be weight-decayed (besides norms and biases): position embeddings and prefix
+        tokens, and the relative-position tables of the attention variants (as Swin, BEiT and MViTv2 do)."""
+        names = {n for n in ("pos_embed", "cls_token", "dist_token", "reg_token") if getattr(self, n) is not None}
+        tables = ("relative_position_bias_table", "rel_pos_h", "rel_pos_w")
+        return names | {n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in tables}
 
     def get_classifier(self) -> nn.Module:
         return self.head
