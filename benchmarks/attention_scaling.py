@@ -219,6 +219,7 @@ def goals(results: dict) -> list[str]:
 def plot(results: dict, variants: list[str], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     fig = Figure(figsize=(11, 8), layout="constrained")
     panels = [("layer", "ms", "one layer forward, ms"), ("layer", "mb", "one layer forward, peak MB"),
@@ -231,6 +232,9 @@ def plot(results: dict, variants: list[str], path: Path) -> None:
                 ax.plot(*zip(*pts), marker="o", label=v)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ns = sorted({n for v in variants for n, p in results[kind].get(v, {}).items() if p.get(key, 0) > 0})
+        ax.set_xticks(ns, [f"{n:,}" for n in ns], rotation=45, fontsize=8)  # the measured N, not decade ticks
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("tokens N (patches at patch 16)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
