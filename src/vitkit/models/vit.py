@@ -234,6 +234,7 @@ class VisionTransformer(ContractMixin, nn.Module):
 
         # The transformer.
         dpr = drop_path_rates(cfg.drop_path_rate, cfg.depth)
+        attn_args = self._attn_args(cfg)  # once for all blocks
         self.blocks = nn.ModuleList(
             Block(
                 D,
@@ -249,7 +250,7 @@ class VisionTransformer(ContractMixin, nn.Module):
                 act_layer=get_layer("act", cfg.act_layer),
                 attn_layer=get_layer("attn", cfg.attn_layer),
                 mlp_layer=get_layer("mlp", cfg.mlp_layer),
-                attn_args=self._attn_args(cfg),
+                attn_args=attn_args,
             )
             for i in range(cfg.depth)
         )
@@ -516,12 +517,15 @@ class VisionTransformer(ContractMixin, nn.Module):
                 keep = 1 + int(self.head_dist is not None)
                 x = self._pos_block(len(self.blocks) - 1, x, grid)
                 return self.forward_head(self.norm(self.blocks[-1].forward_queries(x, keep)))
-            feats, sizes = self._features(x)
-            return self.forward_head(feats, token_sizes=sizes) if sizes is not None else self.forward_head(feats)
+            return self._head(*self._features(x))
         with capture_attention(self, return_attention) as rec:  # only requested layers leave the fused kernel
             feats, sizes = self._features(x)
-        logits = self.forward_head(feats, token_sizes=sizes) if sizes is not None else self.forward_head(feats)
-        return logits, rec.maps
+        return self._head(feats, sizes), rec.maps
+
+    def _head(self, feats: torch.Tensor, sizes: torch.Tensor | None) -> torch.Tensor:
+        """`forward_head`, given the token sizes only when merging produced them (a subclass's `forward_head`
+        written without `token_sizes` keeps working for unmerged models)."""
+        return self.forward_head(feats) if sizes is None else self.forward_head(feats, token_sizes=sizes)
 
     def _last_block_reads_prefix_only(self) -> bool:
         """Whether `forward` may compute only the prefix rows of the last block: inference (eval, no autograd),
