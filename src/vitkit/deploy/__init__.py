@@ -1,0 +1,5 @@
+"""Deployment: exporting models (ONNX, torch.export) and int8 post-training quantization.
+
+Sits beside `vitkit.explain` in the data flow (layers -> models -> weights -> data -> train -> explain/deploy -> cli):
+it may use models, weights and data (for calibration and the preprocessing recorded in exports), never the CLI.
+"""
