@@ -1,7 +1,11 @@
-"""Inference speed of vitkit's ViT against transformers' ViTForImageClassification with the same weights.
+"""Inference speed of vitkit's ViT against transformers' ViTForImageClassification and timm's VisionTransformer
+with the same weights.
 
-Rows: model x batch x precision x mode, for vitkit and transformers in the same process and run, with the
-speed ratio. Precisions: fp32; bf16 autocast (fp32 weights); bf16 weights (model and input cast to bf16).
+Rows: model x batch x precision x mode, for vitkit, transformers and (when importable) timm in the same process
+and run, timed in interleaved rounds (vitkit, transformers, timm, vitkit, ...) so that load from other work on a
+shared machine falls on all of them alike; each takes the median of its rounds. timm is not installed in the
+project's environment: run the script with the peer environment (`../shared/tools/peer-venv.sh`) to get its
+columns. Precisions: fp32; bf16 autocast (fp32 weights); bf16 weights (model and input cast to bf16).
 Modes: eager and torch.compile. Also measures the machine's dense matmul rate so "achieved GFLOP/s" can be
 read against what the hardware does.
 
@@ -15,6 +19,7 @@ Usage:
     python benchmarks/models.py                       # the full table (slow on 2 cores: ~30+ min with compile)
     python benchmarks/models.py --models vit_tiny_patch16_224 --modes eager --batches 1 16
     python benchmarks/models.py --device cuda --batches 256 --precisions bf16-weights   # GPU rows, adds MFU
+    V=$(../shared/tools/peer-venv.sh) && $V/bin/pip install -q -e . && $V/bin/python benchmarks/models.py  # + timm
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import copy
 import json
 import os
 import platform
+import statistics
 import sys
 import threading
 import time
@@ -142,23 +148,43 @@ def hf_twin(model: torch.nn.Module):
     return hf
 
 
-def measure(fn, x, device: str, min_iters: int, min_seconds: float) -> tuple[float, float]:
-    """(seconds per call, peak working memory in MiB)."""
+def timm_twin(model: torch.nn.Module):
+    """timm's VisionTransformer with exactly the weights of a vitkit ViT (same state-dict keys), or None without timm."""
+    try:
+        import timm
+    except ImportError:
+        return None
+    c = model.cfg
+    twin = timm.create_model(model.model_name, pretrained=False, num_classes=c.num_classes, img_size=c.img_size)
+    twin.load_state_dict(model.state_dict(), strict=True)
+    return twin
+
+
+def measure(fns: dict, x, device: str, min_iters: int, min_seconds: float, rounds: int = 5) -> dict:
+    """{impl: (seconds per call, peak working memory in MiB)}, timed in `rounds` interleaved rounds."""
+    out = {}
     with torch.inference_mode():
-        for _ in range(2):
-            fn(x)  # warm-up (and compilation)
-        sync(device)
-        with PeakRSS() as mem:
-            iters, t0 = 0, time.perf_counter()
-            while iters < min_iters or time.perf_counter() - t0 < min_seconds:
-                fn(x)
-                iters += 1
+        for name, fn in fns.items():
+            for _ in range(2):
+                fn(x)  # warm-up (and compilation)
             sync(device)
-            dt = (time.perf_counter() - t0) / iters
-    peak = mem.delta_mb
-    if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    return dt, peak
+            with PeakRSS() as mem:  # memory in its own pass: the timed rounds interleave implementations
+                fn(x)
+                sync(device)
+            peak = mem.delta_mb
+            if device.startswith("cuda"):
+                peak = torch.cuda.max_memory_allocated() / 2**20
+            out[name] = [[], peak]
+        per_round = max(1, min_iters // rounds + (min_iters % rounds > 0))
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                iters, t0 = 0, time.perf_counter()
+                while iters < per_round or time.perf_counter() - t0 < min_seconds / rounds:
+                    fn(x)
+                    iters += 1
+                sync(device)
+                out[name][0].append((time.perf_counter() - t0) / iters)
+    return {name: (statistics.median(times), peak) for name, (times, peak) in out.items()}
 
 
 def runner(model, precision: str, mode: str, device: str):
@@ -166,7 +192,7 @@ def runner(model, precision: str, mode: str, device: str):
     if precision == "bf16-weights":
         model = model.to(torch.bfloat16)
     call = torch.compile(model, dynamic=False) if mode == "compile" else model
-    is_hf = not isinstance(model, vitkit.VisionTransformer)
+    is_hf = type(model).__module__.startswith("transformers")
 
     def fn(x):
         if precision == "bf16-autocast":
@@ -211,15 +237,26 @@ def main() -> None:
         f"# torch {torch.__version__}, {os.cpu_count()} CPUs ({cpu}), threads={torch.get_num_threads()}, device={dev}"
     )
     print(f"# 2048^2 matmul: fp32 {peak_fp32:.0f} GFLOP/s, bf16 {peak_bf16:.0f} GFLOP/s")
+    try:
+        import timm  # noqa: F401
+
+        has_timm = True
+    except ImportError:
+        has_timm = False
+    print(f"# timm: {'yes' if has_timm else 'not importable (run with the peer environment for its columns)'}")
+    peers = ["transformers", "timm"] if has_timm else ["transformers"]
+    head = " | ".join(f"{p} img/s | vitkit / {p}" for p in peers)
     print(
-        "| model | batch | precision | mode | vitkit img/s | transformers img/s | ratio | vitkit GFLOP/s | "
-        "% of matmul peak | vitkit peak MiB | transformers peak MiB |"
+        f"| model | batch | precision | mode | vitkit img/s | {head} | vitkit GFLOP/s | % of matmul peak | vitkit peak MiB |"
     )
-    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---|---:|" + "---:|---:|" * len(peers) + "---:|---:|---:|")
     rows = []
     for name in args.models:
         torch.manual_seed(0)
         base = vitkit.create_model(name)
+        twins = {"vitkit": base, "transformers": hf_twin(base)}
+        if has_timm:
+            twins["timm"] = timm_twin(base)
         gflop_per_img = 2 * model_row(name).gmacs  # counted on the meta device, attention included
         for batch in args.batches:
             x32 = torch.randn(batch, 3, *base.cfg.img_size, device=dev)
@@ -227,13 +264,12 @@ def main() -> None:
                 x = x32.to(torch.bfloat16) if precision == "bf16-weights" else x32
                 for mode in args.modes:
                     torch._dynamo.reset()
-                    res = {}
-                    for impl in ("vitkit", "transformers"):
-                        model = base if impl == "vitkit" else hf_twin(base)
-                        fn = runner(copy.deepcopy(model), precision, mode, dev)
-                        dt, mem = measure(fn, x, dev, args.min_iters, args.min_seconds)
-                        res[impl] = (batch / dt, mem)
-                    v, h = res["vitkit"], res["transformers"]
+                    fns = {impl: runner(copy.deepcopy(m), precision, mode, dev) for impl, m in twins.items()}
+                    res = {
+                        impl: (batch / dt, mem)
+                        for impl, (dt, mem) in measure(fns, x, dev, args.min_iters, args.min_seconds).items()
+                    }
+                    v = res["vitkit"]
                     gflops = gflop_per_img * v[0]
                     ceiling = peak_fp32 if precision == "fp32" else peak_bf16
                     row = dict(
@@ -242,17 +278,17 @@ def main() -> None:
                         precision=precision,
                         mode=mode,
                         vitkit_img_s=v[0],
-                        hf_img_s=h[0],
-                        ratio=v[0] / h[0],
                         gflops=gflops,
                         pct_peak=100 * gflops / ceiling,
                         vitkit_mib=v[1],
-                        hf_mib=h[1],
                     )
+                    for p in peers:
+                        row[f"{p}_img_s"], row[f"{p}_mib"], row[f"ratio_{p}"] = res[p][0], res[p][1], v[0] / res[p][0]
                     rows.append(row)
+                    cells = " | ".join(f"{res[p][0]:.1f} | {v[0] / res[p][0]:.2f}x" for p in peers)
                     print(
-                        f"| {name} | {batch} | {precision} | {mode} | {v[0]:.1f} | {h[0]:.1f} | {v[0] / h[0]:.2f}x "
-                        f"| {gflops:.0f} | {100 * gflops / ceiling:.0f}% | {v[1]:.0f} | {h[1]:.0f} |",
+                        f"| {name} | {batch} | {precision} | {mode} | {v[0]:.1f} | {cells} "
+                        f"| {gflops:.0f} | {100 * gflops / ceiling:.0f}% | {v[1]:.0f} |",
                         flush=True,
                     )
     if args.json:

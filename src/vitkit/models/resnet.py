@@ -96,6 +96,11 @@ def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tenso
 
     Folding rounds differently from two passes: max |delta| about 1e-6 of the output's magnitude in fp32.
     """
+    if torch.compiler.is_compiling():
+        # The compiler sees the whole graph and folds or fuses BatchNorm itself; the eager fold cache below keys on
+        # version counters and `is_inference()`, which cannot be traced (a graph break in every block). A fold
+        # cached by an earlier eager call stays guarded by its value fingerprints.
+        return bn(conv(x))
     plain = bn.training or torch.is_grad_enabled() or bn.running_mean is None or bn.running_var is None
     # Weights made inside `torch.inference_mode` (e.g. `model.to(dtype)` there) keep no version counter, so a fold
     # of them could not tell when it went stale: such a model runs unfolded.

@@ -264,6 +264,10 @@ class SwinBlock(nn.Module):
         from (one `torch.equal` of a ((2w-1)^2, heads) table per call): optimiser steps, `load_state_dict`, writes
         through `.data` and reassignment all change the values, and any change drops every entry.
         """
+        if torch.compiler.is_compiling():
+            # Traced once per compiled geometry: the compiler keeps the result as a constant of the graph, and the
+            # cache's value check (`torch.equal`) is data-dependent control flow it cannot trace.
+            return self._make_geometry(height, width, window, shift, dtype, device)
         table = self.attn.relative_position_bias_table
         src = self._bias_src
         if src is None or src.shape != table.shape or src.dtype != table.dtype or src.device != table.device:
@@ -276,16 +280,21 @@ class SwinBlock(nn.Module):
         key = (height, width, window, shift, dtype, device)
         entry = self._geometry.get(key)
         if entry is None:
-            mask = shift_mask(height, width, window, shift, dtype, device) if shift else None
-            index = shifted_window_index(height, width, window, shift, device) if shift else None
-            bias = self.attn.attention_bias(window, mask, dtype)  # (1 or nW, heads, N, N)
-            entry = (bias, index, None if index is None else torch.argsort(index))
+            entry = self._make_geometry(height, width, window, shift, dtype, device)
             self._geometry[key] = entry
             while len(self._geometry) > self.GEOMETRY_CACHE_SIZE:
                 self._geometry.popitem(last=False)
         else:
             self._geometry.move_to_end(key)
         return entry
+
+    def _make_geometry(
+        self, height: int, width: int, window: int, shift: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        mask = shift_mask(height, width, window, shift, dtype, device) if shift else None
+        index = shifted_window_index(height, width, window, shift, device) if shift else None
+        bias = self.attn.attention_bias(window, mask, dtype)  # (1 or nW, heads, N, N)
+        return bias, index, None if index is None else torch.argsort(index)
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
