@@ -82,3 +82,10 @@ def test_dataset_spec_records_indices_and_labels():
         extract_features(model, "digits", split="dev")
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         extract_features(model, "digits", batch_size=0)
+
+
+def test_an_unreadable_image_is_named(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not a png")
+    with pytest.raises(ValueError, match=r"cannot read image '.*bad\.png'"):
+        extract_features(tiny_vit(), [str(bad)])

@@ -194,8 +194,9 @@ def search(
     return result
 
 
-def item_image(feats: FeatureSet, row: int):
-    """The uint8 (H, W, 3) image behind row `row` of a feature set: its file, or its dataset image re-loaded."""
+def item_image(feats: FeatureSet, row: int, cache: dict | None = None):
+    """The uint8 (H, W, 3) image behind row `row` of a feature set: its file, or its dataset image re-loaded (the
+    loaded split is kept in `cache`, when given, for the next row)."""
     from vitkit.data.images import decode_image
     from vitkit.features.extract import load_splits, split_dataset
 
@@ -205,7 +206,7 @@ def item_image(feats: FeatureSet, row: int):
     if src.get("kind") != "dataset" or not src.get("spec"):
         raise ValueError(f"row {row} has no file and its dataset is not recorded, so it cannot be shown")
     key = (src["spec"], src.get("seed", 0), src.get("split"), src.get("load_size"))
-    cache = feats.__dict__.setdefault("_images", {})
+    cache = {} if cache is None else cache
     if key not in cache:
         splits = load_splits(src["spec"], seed=src.get("seed", 0), load_size=src.get("load_size"))
         cache[key] = split_dataset(splits, src["split"])
@@ -223,9 +224,10 @@ def contact_sheet(
     from vitkit.train.plots import _save
 
     panels = [(decode_image(query), "query")]
+    cache: dict = {}
     for nb in neighbours:
         title = f"#{nb['rank']}  {nb['score']:.3f}" + (f"\n{nb['label']}" if nb["label"] is not None else "")
-        panels.append((item_image(feats, nb["row"]), title))
+        panels.append((item_image(feats, nb["row"], cache), title))
     fig = Figure(figsize=(1.7 * len(panels), 2.2))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (image, title) in zip(axes, panels, strict=True):
