@@ -13,6 +13,7 @@ Usage:
     python benchmarks/features.py                          # trains the digits default first (50 epochs)
     python benchmarks/features.py --run runs/digits-...    # reuse a trained run: features only
     python benchmarks/features.py --smoke                  # 1 epoch of a 2-block model: checks the script runs
+    python benchmarks/features.py --search-timing 100000 1000000 --threads 1   # torch vs FAISS exact search only
 """
 
 from __future__ import annotations
@@ -82,6 +83,34 @@ def measure(name: str, model_or_dir, seed: int) -> dict:
     return row
 
 
+def search_timing(sizes: list[int], dim: int = 192, k: int = 8, repeats: int = 3) -> list[dict]:
+    """Best-of-`repeats` seconds of exact top-k search in torch (chunked) and FAISS (IndexFlatIP) on random unit
+    rows, for 1 and 64 queries. The libraries take turns within each repeat, so load from other processes skews
+    both alike; FAISS uses as many OpenMP threads as torch has."""
+    import torch.nn.functional as F
+
+    from vitkit.features.retrieval import faiss_topk, import_faiss, topk_cosine
+
+    import_faiss().omp_set_num_threads(torch.get_num_threads())
+    rows = []
+    for n in sizes:
+        g = torch.Generator().manual_seed(0)
+        index = F.normalize(torch.randn(n, dim, generator=g), dim=1)
+        for q in (1, 64):
+            queries = F.normalize(torch.randn(q, dim, generator=g), dim=1)
+            best = {"torch": float("inf"), "faiss": float("inf")}
+            for _ in range(repeats):
+                for name, fn in (("torch", topk_cosine), ("faiss", faiss_topk)):
+                    t0 = time.perf_counter()
+                    fn(queries, index, k)
+                    best[name] = min(best[name], time.perf_counter() - t0)
+            rows.append({"rows": n, "queries": q, "torch_s": best["torch"], "faiss_s": best["faiss"]})
+            print(
+                f"| {n:,} | {q} | {torch.get_num_threads()} | {best['torch'] * 1e3:.0f} ms | {best['faiss'] * 1e3:.0f} ms |"
+            )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default=None, help="a run or model directory trained on digits (skips training)")
@@ -89,11 +118,19 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="1 epoch of a 2-block model: checks the script runs")
     parser.add_argument("--threads", default="auto", help="CPU threads for training and features (N or auto)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--search-timing", type=int, nargs="+", default=None, metavar="ROWS",
+        help="only time exact search, torch vs FAISS's IndexFlatIP, at these index sizes (the FAISS_AUTO_MIN choice)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     from vitkit.threads import parse_threads, set_threads
 
     set_threads(parse_threads(args.threads), log=print)
+    if args.search_timing:
+        print("| rows | queries | threads | torch | FAISS IndexFlatIP |\n|---|---|---|---|---|")
+        search_timing(args.search_timing)
+        return
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.run) if args.run else train_supervised(Path(tmp) / "run", args.epochs, args.smoke, args.threads)

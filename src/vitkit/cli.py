@@ -511,7 +511,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _add_search(sub: argparse._SubParsersAction) -> None:
-    from vitkit.features.search import Backend
+    from vitkit.features.retrieval import Backend
 
     p = sub.add_parser("search", help="nearest images of a feature index by cosine similarity, with a contact sheet")
     p.add_argument("query", metavar="QUERY_IMAGE", help="the query image file")
@@ -521,7 +521,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, metavar="SHEET.png", help="write a contact sheet (query + neighbours)")
     p.add_argument(
         "--backend", default="auto", choices=choices(Backend),
-        help="exact search in torch or FAISS's IndexFlatIP (pip install 'vitkit[faiss]'); auto: torch below 1M rows",
+        help="exact search in torch or FAISS's IndexFlatIP (pip install 'vitkit[faiss]'); auto: torch (docs/features.md)",
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")

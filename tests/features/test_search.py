@@ -32,7 +32,7 @@ def test_torch_and_faiss_give_the_same_neighbours():
     assert used == "faiss" and torch.equal(i, i_ref)
 
 
-def test_auto_backend_is_torch_for_small_indexes():
+def test_auto_backend_is_torch():
     _s, _i, used = nearest(_unit(3, 8, 0), _unit(100, 8, 1), 5, backend="auto")
     assert used == "torch"
     with pytest.raises(ValueError, match="backend='annoy' is not allowed; choose one of 'auto', 'torch', 'faiss'"):
@@ -117,3 +117,12 @@ def test_a_stale_pair_is_refused(model_dir, image_folder, tmp_path):
     (tmp_path / "a.safetensors").write_bytes((tmp_path / "b.safetensors").read_bytes())
     with pytest.raises(ValueError, match="does not match .*a.json"):
         load_features(tmp_path / "a")
+
+
+def test_auto_switches_at_the_configured_size(monkeypatch):
+    pytest.importorskip("faiss")
+    import vitkit.features.retrieval as retrieval
+
+    monkeypatch.setattr(retrieval, "FAISS_AUTO_MIN", 50)
+    assert retrieval.choose_backend("auto", 49) == "torch"
+    assert retrieval.choose_backend("auto", 50) == "faiss"

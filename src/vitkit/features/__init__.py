@@ -13,7 +13,7 @@ See docs/features.md.
 from vitkit.features.extract import FeatureSet, extract_features, list_images, model_and_splits, pooled_features
 from vitkit.features.knn import knn_evaluate, knn_predict, knn_scores
 from vitkit.features.probe import LinearProbe, fit_linear_probe, fold_into_model, probe
-from vitkit.features.search import contact_sheet, faiss_topk, nearest, search, topk_cosine
+from vitkit.features.retrieval import contact_sheet, faiss_topk, nearest, search, topk_cosine
 from vitkit.features.store import embed, feature_paths, load_features, save_features
 
 __all__ = [

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit.features.search import check_k, topk_cosine
+from vitkit.features.retrieval import check_k, topk_cosine
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07

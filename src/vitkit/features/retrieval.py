@@ -3,11 +3,14 @@
 Both are exact: on unit-norm rows the inner product is the cosine, and a flat index compares the query with every
 row. FAISS (`pip install vitkit[faiss]`) is imported only when it is used.
 
-Which backend `auto` picks: torch below `FAISS_AUTO_MIN` rows, FAISS (when installed) from there on. On 2 shared
-CPU cores torch's search was as fast as or faster than IndexFlatIP at every size measured (10k, 100k and 500k rows
-of 192 dims, 1 and 64 queries: 86 ms vs 165 ms for one query over 500k rows), so the switch sits above that range,
-where FAISS's multi-threaded kernels keep a constant memory per query while torch's score chunks grow with the
-query batch. Both give the same neighbours (tests/features/test_search.py).
+Which backend `auto` picks: torch, at every index size, because it was the faster one everywhere it was measured
+(`python benchmarks/features.py --search-timing`, 2 CPU cores shared with other jobs, 192-dim rows, top-8, one
+thread per library, best of 3). `faiss_topk` builds its IndexFlatIP from the features on each call, as `search`
+does, and that copy dominates: one query over 100k rows took 40 ms in torch and 281 ms with FAISS, over 1M rows
+153 ms vs 2.4 s; 64 queries over 1M rows 2.2 s vs 13.2 s. Even with the index built beforehand, FAISS led only for
+single queries with one thread (177 vs 404 ms at 1M rows) and lost with two (548 vs 281 ms). So `FAISS_AUTO_MIN`
+is None (auto never switches); set it to a row count where a quiet machine shows FAISS ahead. `backend="faiss"`
+forces it; both give the same neighbours (tests/features/test_search.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from vitkit._validate import check_choice
 from vitkit.features.extract import FeatureSet
 
 Backend = Literal["auto", "torch", "faiss"]
-FAISS_AUTO_MIN = 1_000_000  # rows from which `backend="auto"` uses FAISS (see the module docstring)
+FAISS_AUTO_MIN: int | None = None  # rows from which `backend="auto"` uses FAISS; None = never (module docstring)
 CHUNK_ROWS = 65_536  # index rows compared per matmul: bounds the (queries, chunk) score block
 
 
@@ -110,7 +113,8 @@ def choose_backend(backend: Backend, n: int) -> str:
     """The backend `nearest` runs for an index of `n` rows (see the module docstring for `auto`)."""
     check_choice("backend", backend, Backend)
     if backend == "auto":
-        return "faiss" if n >= FAISS_AUTO_MIN and faiss_available() else "torch"
+        use_faiss = FAISS_AUTO_MIN is not None and n >= FAISS_AUTO_MIN and faiss_available()
+        return "faiss" if use_faiss else "torch"
     return backend
 
 
