@@ -514,11 +514,11 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     from vitkit.features.retrieval import Backend
 
     p = sub.add_parser("search", help="nearest images of a feature index by cosine similarity, with a contact sheet")
-    p.add_argument("query", metavar="QUERY_IMAGE", help="the query image file")
+    p.add_argument("query", metavar="QUERY_IMAGE", help="the query image file (a folder: each image in it)")
     p.add_argument("--index", required=True, metavar="FEATS", help="a feature index written by vitkit embed")
     p.add_argument("-k", type=int, default=8, help="neighbours to return (default 8)")
     p.add_argument("--checkpoint", default=None, metavar="SRC", help="model for the query (default: the index's)")
-    p.add_argument("--out", default=None, metavar="SHEET.png", help="write a contact sheet (query + neighbours)")
+    p.add_argument("--out", default=None, metavar="SHEET.png", help="write a contact sheet (first query + neighbours)")
     p.add_argument(
         "--backend", default="auto", choices=choices(Backend),
         help="exact search in torch or FAISS's IndexFlatIP (pip install 'vitkit[faiss]'); auto: torch (docs/features.md)",
@@ -540,10 +540,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    print(f"{args.query}: {args.k} nearest of {args.index} (cosine, {r['backend']})")
-    for nb in r["queries"][0]["neighbours"]:
-        label = f"  [{nb['label']}]" if nb["label"] is not None else ""
-        print(f"  {nb['rank']:>3}  {nb['score']:.4f}  {nb['item']}{label}")
+    for q in r["queries"]:  # a folder as QUERY_IMAGE queries with each of its images
+        print(f"{q['query']}: {args.k} nearest of {args.index} (cosine, {r['backend']})")
+        for nb in q["neighbours"]:
+            label = f"  [{nb['label']}]" if nb["label"] is not None else ""
+            print(f"  {nb['rank']:>3}  {nb['score']:.4f}  {nb['item']}{label}")
     print(f"wrote {r['sheet']}" if r["sheet"] else "add --out SHEET.png for a contact sheet")
     return 0
 

@@ -23,7 +23,7 @@ from vitkit._validate import check_choice
 from vitkit.data.dataset import DataSplits, ImageDataset
 from vitkit.data.images import IMAGE_EXTENSIONS, is_image_file, list_image_files
 from vitkit.data.inference import decode_for_model, eval_transform
-from vitkit.models.base import model_label
+from vitkit.models.base import config_to_dict, model_label
 
 DataSplit = Literal["train", "val", "test", "all"]
 LIST_SUFFIXES = (".txt", ".lst")  # a file list: one image path per line
@@ -202,9 +202,7 @@ def extract_features(
     check_choice("split", split, DataSplit)
     model.eval()
     pre = model.preprocess
-    common = dict(
-        normalised=normalize, model=model_record(model, checkpoint), preprocess=_preprocess_dict(pre)
-    )  # fmt: skip
+    common = dict(normalised=normalize, model=model_record(model, checkpoint), preprocess=config_to_dict(pre))
     if isinstance(data, ImageDataset):
         feats = _embed_batches(model, _dataset_batches(model, data, batch_size), normalize)
         return FeatureSet(
@@ -229,12 +227,6 @@ def extract_features(
         feats, labels=None if labels is None else torch.tensor(labels, dtype=torch.long), class_names=class_names,
         paths=paths, source=source, **common,
     )  # fmt: skip
-
-
-def _preprocess_dict(pre: Any) -> dict[str, Any]:
-    from vitkit.models.base import config_to_dict
-
-    return config_to_dict(pre)
 
 
 def _is_path_source(text: str) -> bool:
