@@ -630,7 +630,10 @@ _ARG_FLAGS: dict[str, dict[str, str]] = {
     },
     "embed": {"batch_size": "--batch-size", "split": "--split", "device": "--device", "checkpoint": "--checkpoint"},
     "search": {"k": "-k", "backend": "--backend", "checkpoint": "--checkpoint", "device": "--device"},
-    "probe": {"data": "--data", "weight_decays": "--weight-decays", "batch_size": "--batch-size", "device": "--device"},
+    "probe": {
+        "data": "--data", "weight_decays": "--weight-decays", "batch_size": "--batch-size", "device": "--device",
+        "out": "--out",
+    },
     "predict": {"topk": "--topk", "device": "--device"},
     "explain": {
         "target": "--target", "method": "--method", "layer": "--layer", "head": "--head",

@@ -78,3 +78,9 @@ def test_eval_knn_matches_the_library(model_dir, capsys):
     assert "--knn-k 0 neighbours is not allowed for a train split of" in capsys.readouterr().err
     assert main(["eval", "--knn", "--checkpoint", str(model_dir), "--split", "train", "--threads", "1"]) == 2
     assert "--split train is not allowed for k-NN" in capsys.readouterr().err
+
+
+def test_probe_refuses_to_overwrite_its_checkpoint(model_dir, capsys):
+    args = ["probe", "--checkpoint", str(model_dir), "--out", str(model_dir), "--threads", "1"]
+    assert main(args) == 2
+    assert f"--out {model_dir} is the checkpoint or a training run" in capsys.readouterr().err

@@ -18,6 +18,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -203,7 +204,14 @@ def probe(
         ValueError: an empty val or test split, or a bad grid.
     """
     from vitkit.features.extract import extract_features, model_and_splits
+    from vitkit.runs import is_run_dir, resolve_checkpoint
 
+    if out is not None:
+        # The probe replaces a head: never write it over the checkpoint it was fitted on, or into a run.
+        target = Path(out).resolve()
+        source = None if isinstance(checkpoint, nn.Module) else resolve_checkpoint(checkpoint).resolve()
+        if target == source or is_run_dir(target):
+            raise ValueError(f"out={str(out)!r} is the checkpoint or a training run; save the probe to a new folder")
     model, splits, info = model_and_splits(checkpoint, data, seed=seed, device=device)
     for name in ("train", "val", "test"):
         if len(getattr(splits, name)) == 0:
