@@ -105,6 +105,13 @@ def test_errors_name_their_values(model_dir, image_folder, tmp_path):
     for k in (0, 9):
         with pytest.raises(ValueError, match=rf"k={k} neighbours is not allowed for an index of 8 rows"):
             search(query, tmp_path / "index", k=k, device="cpu")
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.move(model_dir, moved)
+    with pytest.raises(FileNotFoundError, match=r"embedded with checkpoint .*model', which no longer exists"):
+        search(query, tmp_path / "index", k=2, device="cpu")
+    assert search(query, tmp_path / "index", k=1, checkpoint=moved, device="cpu")["checkpoint"] == str(moved)
     wide = tmp_path / "wide"
     save_pretrained(tiny_vit(embed_dim=24), wide)
     with pytest.raises(ValueError, match="gives 24-dimensional features but index .* holds 16-dimensional ones"):

@@ -167,6 +167,11 @@ def search(
     ckpt = checkpoint if checkpoint is not None else feats.model.get("checkpoint")
     if ckpt is None:
         raise ValueError(f"index {index!r} records no checkpoint: pass checkpoint=... (the model that embedded it)")
+    if checkpoint is None and not os.path.exists(ckpt):
+        raise FileNotFoundError(
+            f"index {index!r} was embedded with checkpoint {ckpt!r}, which no longer exists: pass checkpoint=... "
+            "(the same model, moved)"
+        )
     model, _record = load_eval_model(ckpt, resolve_device(device))
     if int(model.num_features) != feats.dim:
         raise ValueError(
