@@ -394,7 +394,28 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="write eval.json and confusion.png here")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--tome", type=int, default=0, metavar="R", help=_TOME_HELP)
+    p.add_argument("--knn", action="store_true", help="weighted k-NN on frozen features (DINO; docs/features.md)")
+    p.add_argument("--knn-k", type=int, default=20, metavar="K", help="--knn: neighbours that vote (default 20)")
+    p.add_argument("--knn-temperature", type=float, default=0.07, metavar="T", help="--knn: vote temperature (0.07)")
     p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval_knn(args: argparse.Namespace) -> int:
+    import json
+
+    from vitkit.features import knn_evaluate
+
+    if args.out or args.tome:
+        raise ValueError("--knn prints accuracies only: drop --out and --tome")
+    r = knn_evaluate(args.checkpoint, args.data, k=args.knn_k, temperature=args.knn_temperature, split=args.split,
+                     batch_size=args.batch_size, device=args.device)  # fmt: skip
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    top5 = f"  top-5 {r['top5']:.4f}" if r["top5"] is not None else ""
+    print(f"{r['data']} ({r['split']}, {r['n']} images): k-NN top-1 {r['top1']:.4f}{top5}  "
+          f"(k={r['k']}, T={r['temperature']:g}, {r['n_train']} train features of {r['dim']} dims)")  # fmt: skip
+    return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -403,6 +424,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vitkit.train import evaluate
 
     _set_threads(args.threads)
+    if args.knn:
+        return _cmd_eval_knn(args)
     r = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, device=args.device,
                  out=args.out, threads=None, tome=args.tome)  # fmt: skip
     if args.json:
@@ -453,6 +476,124 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# vitkit embed DATA --checkpoint SRC --out FEATS / search IMAGE --index FEATS / probe --checkpoint SRC (features)
+# ----------------------------------------------------------------------------------------------------------------
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    from vitkit.features.extract import DataSplit
+
+    p = sub.add_parser("embed", help="frozen features of images (any family) -> FEATS.safetensors + FEATS.json")
+    p.add_argument(
+        "data", metavar="DATA", help="a folder (class subfolders give labels), a file list (.txt, one path per line), "
+        "a CSV of path,label rows, or a dataset spec such as digits or shapes:N",
+    )  # fmt: skip
+    p.add_argument("--checkpoint", required=True, metavar="SRC", help="run dir (RUN/best, else RUN/last) or model dir")
+    p.add_argument("--out", required=True, metavar="FEATS", help="writes FEATS.safetensors and FEATS.json")
+    p.add_argument("--split", default="train", choices=choices(DataSplit), help="a dataset spec's split (train)")
+    p.add_argument("--seed", type=int, default=0, help="a dataset spec's split seed (default 0, as vitkit train)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    p.add_argument("--threads", type=_threads_arg, default="auto", metavar="N|auto", help=_THREADS_HELP)
+    p.set_defaults(func=_cmd_embed)
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from vitkit.features import embed
+
+    _set_threads(args.threads)
+    feats, st_path, json_path = embed(
+        args.data, args.checkpoint, args.out, batch_size=args.batch_size, split=args.split, seed=args.seed,
+        device=args.device,
+    )  # fmt: skip
+    labels = f", {len(feats.class_names)} classes" if feats.labels is not None else ", no labels"
+    print(f"embedded {len(feats)} images into {feats.dim}-dimensional unit-norm features{labels}")
+    print(f"wrote {st_path} and {json_path}")
+    return 0
+
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    from vitkit.features.retrieval import Backend
+
+    p = sub.add_parser("search", help="nearest images of a feature index by cosine similarity, with a contact sheet")
+    p.add_argument("query", metavar="QUERY_IMAGE", help="the query image file (a folder: each image in it)")
+    p.add_argument("--index", required=True, metavar="FEATS", help="a feature index written by vitkit embed")
+    p.add_argument("-k", type=int, default=8, help="neighbours to return (default 8)")
+    p.add_argument("--checkpoint", default=None, metavar="SRC", help="model for the query (default: the index's)")
+    p.add_argument("--out", default=None, metavar="SHEET.png", help="write a contact sheet (first query + neighbours)")
+    p.add_argument(
+        "--backend", default="auto", choices=choices(Backend),
+        help="exact search in torch or FAISS's IndexFlatIP (pip install 'vitkit[faiss]'); auto: torch (docs/features.md)",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    p.add_argument("--threads", type=_threads_arg, default="auto", metavar="N|auto", help=_THREADS_HELP)
+    p.set_defaults(func=_cmd_search)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import json
+
+    from vitkit.features import search
+
+    _set_threads(args.threads)
+    r = search(args.query, args.index, args.k, checkpoint=args.checkpoint, backend=args.backend, device=args.device,
+               sheet=args.out)  # fmt: skip
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    for q in r["queries"]:  # a folder as QUERY_IMAGE queries with each of its images
+        print(f"{q['query']}: {args.k} nearest of {args.index} (cosine, {r['backend']})")
+        for nb in q["neighbours"]:
+            label = f"  [{nb['label']}]" if nb["label"] is not None else ""
+            print(f"  {nb['rank']:>3}  {nb['score']:.4f}  {nb['item']}{label}")
+    print(f"wrote {r['sheet']}" if r["sheet"] else "add --out SHEET.png for a contact sheet")
+    return 0
+
+
+def _add_probe(sub: argparse._SubParsersAction) -> None:
+    from vitkit.features.probe import WEIGHT_DECAYS
+
+    p = sub.add_parser("probe", help="linear probe: logistic regression on a checkpoint's frozen features")
+    p.add_argument("--checkpoint", required=True, metavar="SRC", help="run dir (RUN/best, else RUN/last) or model dir")
+    p.add_argument("--data", default=None, help="data spec (default: the data the checkpoint was trained on)")
+    p.add_argument(
+        "--out", default=None, metavar="DIR", help="save the backbone + probe head as a model dir (vitkit predict/eval "
+        "--checkpoint DIR use it)",
+    )  # fmt: skip
+    p.add_argument(
+        "--weight-decays", type=float, nargs="+", default=list(WEIGHT_DECAYS), metavar="WD",
+        help=f"L2 grid chosen from on the val split (default {' '.join(map(str, WEIGHT_DECAYS))})",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=None, help="split seed (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    p.add_argument("--threads", type=_threads_arg, default="auto", metavar="N|auto", help=_THREADS_HELP)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_cmd_probe)
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    import json
+
+    from vitkit.features import probe
+
+    _set_threads(args.threads)
+    r = probe(args.checkpoint, args.data, out=args.out, weight_decays=args.weight_decays, batch_size=args.batch_size,
+              device=args.device, seed=args.seed)  # fmt: skip
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"linear probe on {r['dim']}-dimensional frozen features of {r['data']} "
+          f"({r['n_train']} train, {r['n_val']} val, {r['n_test']} test images)")  # fmt: skip
+    for row in r["grid"]:
+        mark = "  <- chosen" if row["weight_decay"] == r["weight_decay"] else ""
+        print(f"  weight decay {row['weight_decay']:g}: val accuracy {row['val_acc']:.4f}{mark}")
+    print(f"val accuracy {r['val_acc']:.4f}  test accuracy {r['test_acc']:.4f}")
+    if r["out"]:
+        print(f"wrote {r['out']} (vitkit predict --checkpoint {r['out']} IMAGE)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Command table. Add a command by writing its _add_/_cmd_ pair above and listing _add_<name> here.
 # ----------------------------------------------------------------------------------------------------------------
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -464,6 +605,9 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_explain,
     _add_visualize,
     _add_explain_eval,
+    _add_embed,
+    _add_search,
+    _add_probe,
 ]
 
 
@@ -480,7 +624,16 @@ _ARG_FLAGS: dict[str, dict[str, str]] = {
         **{field: "--" + flag.replace("_", "-") for flag, field in _TRAIN_FLAGS.items()},
         **{name: "--" + name.replace("_", "-") for name in _MODEL_ARG_FLAGS},
     },
-    "eval": {"data": "--data", "split": "--split", "batch_size": "--batch-size", "device": "--device"},
+    "eval": {
+        "data": "--data", "split": "--split", "batch_size": "--batch-size", "device": "--device", "k": "--knn-k",
+        "temperature": "--knn-temperature",
+    },
+    "embed": {"batch_size": "--batch-size", "split": "--split", "device": "--device", "checkpoint": "--checkpoint"},
+    "search": {"k": "-k", "backend": "--backend", "checkpoint": "--checkpoint", "device": "--device"},
+    "probe": {
+        "data": "--data", "weight_decays": "--weight-decays", "batch_size": "--batch-size", "device": "--device",
+        "out": "--out",
+    },
     "predict": {"topk": "--topk", "device": "--device"},
     "explain": {
         "target": "--target", "method": "--method", "layer": "--layer", "head": "--head",
