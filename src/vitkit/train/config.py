@@ -151,6 +151,12 @@ class TrainConfig:
             # fp16 needs a GradScaler whose inf/NaN check sees every shard's gradients; the plain one sees only
             # this process's shard, so processes could disagree on skipping a step and their weights diverge.
             raise ValueError("amp='fp16' cannot be used with parallel='fsdp'; use amp='bf16' (no scaler needed)")
+        if self.parallel == "fsdp" and self.tome:
+            # Merging runs a block's parts (norm, qkv, projection) outside the block's forward, where FSDP gathers
+            # the block's parameters: the parts would see shards.
+            raise ValueError(
+                f"tome={self.tome} cannot be used with parallel='fsdp'; train with tome=0 (merge at inference)"
+            )
         if self.monitor.startswith("ema_") and not self.ema:
             raise ValueError(f"monitor={self.monitor!r} needs ema: true")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):

@@ -209,6 +209,18 @@ def no_grad_sync(model: nn.Module) -> Iterator[None]:
         inner.set_requires_gradient_sync(True)
 
 
+def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (e.g. BatchNorm running statistics) on every process.
+
+    FSDP shards parameters but leaves buffers alone, so each process's running statistics follow its own batches
+    (DDP instead broadcasts rank 0's before every forward). Synchronising them before evaluating and saving makes
+    every process evaluate with the statistics that are saved, and a resumed run start from what the uninterrupted
+    run holds at that point.
+    """
+    for buf in model.buffers():
+        dist.broadcast(buf.data, src=0)
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole (unsharded) state dict of a sharded model, on rank 0's CPU; {} on the other ranks.
 

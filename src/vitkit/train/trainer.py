@@ -36,10 +36,12 @@ from vitkit.train.distributed import (
     DistInfo,
     all_reduce_max,
     all_reduce_sum,
+    broadcast_buffers,
     broadcast_object,
     device_mesh,
     full_state_dict,
     gather_objects,
+    is_sharded,
     local_tensor,
     no_grad_sync,
     resolve_device,
@@ -371,6 +373,9 @@ class Trainer:
     def save(self, name: str = "last", weights: nn.Module | None = None) -> Path | None:
         """Write RUN_DIR/<name> (weights + training state). Every process must call it (RNG states are gathered)."""
         weights = weights or self.model
+        if self.sharded:  # the buffers saved (rank 0's) are then every process's
+            for module in [self.model] + ([self.ema.module] if self.ema is not None else []):
+                broadcast_buffers(module, self.dist)
         # A finite loss can still leave inf/NaN weights behind (e.g. an absurd LR); never let them replace a good
         # checkpoint. Sharded: each process checks its shards and all agree.
         finite = all(bool(torch.isfinite(local_tensor(p)).all()) for p in weights.parameters())
@@ -482,6 +487,8 @@ class Trainer:
             model: the model to evaluate (e.g. the EMA copy); default the trained one.
         """
         model = unwrap(model or self.model).to(self.device)
+        if is_sharded(model):
+            broadcast_buffers(model, self.dist)  # every process evaluates with the statistics that are saved
         was_training = model.training
         model.eval()
         if not self._task_ready:
