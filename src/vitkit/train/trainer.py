@@ -174,7 +174,8 @@ class Trainer:
         train_transform: for the default classification task: module applied to uint8 train batches (default
             `TrainTransform` from config + preprocess). Give a custom task its transforms directly.
         eval_transform: likewise for uint8 eval batches (default `EvalTransform` from preprocess).
-        dist: process-group info when running under torchrun (see `init_distributed`).
+        dist: process-group info when running under torchrun (see `init_distributed`). With
+            config.parallel='fsdp', `model` is sharded in place (FSDP2) when training starts.
         log: where messages go (rank 0 only); print to stderr by default.
         checkpoint_extra: extra JSON fields for the checkpoints' config.json (e.g. a `training` record).
         task: what is learned: batch fields, loss, metrics, evaluation (see `vitkit.train.tasks`); None =
@@ -182,6 +183,7 @@ class Trainer:
 
     Raises:
         TypeError: transforms given together with a task.
+        ValueError: parallel='fsdp' in a single process.
     """
 
     def __init__(
@@ -324,7 +326,9 @@ class Trainer:
         """Restore a `state_dict()` (the weights are loaded separately, into `self.model`).
 
         Raises:
-            ValueError: the state was written by a run of another task (states from before tasks are classification).
+            ValueError: the state was written by a run of another task (states from before tasks are classification),
+                with another `parallel` setting, or without the EMA weights this run needs.
+            FileNotFoundError: a sharded (FSDP) state whose shard files are missing.
         """
         task = state.get("task", "ClassificationTask")
         if task != type(self.task).__name__:
