@@ -166,7 +166,12 @@ def load_weights_into(model: nn.Module, directory: str | os.PathLike, map_locati
         return
     state = load_file(source, device="cpu")  # sharding copies each process's slices to its device
     own = model.state_dict()  # DTensors report the whole (global) shape
-    bad = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]
-    if bad:
-        raise ValueError(f"cannot load {source} into the sharded {type(model).__name__}: keys or shapes differ: {bad}")
+    problems = {
+        "missing keys": sorted(set(own) - set(state)),
+        "unexpected keys": sorted(set(state) - set(own)),
+        "shape mismatches": [k for k in sorted(own) if k in state and own[k].shape != state[k].shape],
+    }
+    if any(problems.values()):
+        listed = "; ".join(f"{what}: {keys}" for what, keys in problems.items() if keys)
+        raise ValueError(f"cannot load {source} into the sharded {type(model).__name__}: {listed}")
     load_full_state_dict(model, state)
