@@ -222,6 +222,16 @@ def test_fsdp_in_a_single_process_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()  # refused before a run directory was made
 
 
+def test_a_sharded_state_is_refused_by_a_ddp_trainer():
+    from vitkit.train.trainer import Trainer
+
+    model = vitkit.create_model("vit_nano_patch4_32", num_classes=2, img_size=8, depth=1, embed_dim=16, num_heads=1)
+    trainer = Trainer(model, device="cpu", config=TrainConfig())
+    state = {"task": "ClassificationTask", "epoch": 1, "batches_done": 0, "step": 5, "epoch_accum": {}}
+    with pytest.raises(ValueError, match=r"written with parallel='fsdp', this run has parallel='ddp'"):
+        trainer.load_state_dict({**state, "sharded": {"world_size": 2, "ema": False}})
+
+
 def test_fsdp_config_refusals_and_cli_flags():
     from vitkit.cli import _add_train
 
