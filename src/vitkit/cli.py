@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 # Choices come from the Literals of the library's configs, so the CLI and the library never disagree.
 from vitkit._validate import choices
 from vitkit.explain.maps import HeadFusion, Method
-from vitkit.train.config import Amp, AutoAugment, Monitor, TrainConfig
+from vitkit.train.config import Amp, AutoAugment, Monitor, Parallel, TrainConfig
 from vitkit.train.evaluate import Split
 from vitkit.viz.outputs import VISUALIZATIONS
 from vitkit.weights.convert import TargetFormat
@@ -248,6 +248,7 @@ _TRAIN_FLAGS = {
     "accum_steps": "accum_steps", "clip_grad": "clip_grad", "patience": "patience", "monitor": "monitor",
     "strict": "strict", "tensorboard": "tensorboard", "workers": "workers", "device": "device",
     "ckpt_every_steps": "ckpt_every_steps", "progress": "progress", "threads": "threads", "tome": "tome",
+    "parallel": "parallel",
 }  # fmt: skip
 
 
@@ -316,6 +317,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tome", type=int, metavar="R", help=_TOME_HELP)
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="EMA of the weights")
     g.add_argument("--ema-decay", type=float)
+    g.add_argument(
+        "--parallel", choices=choices(Parallel), help="under torchrun: ddp (replicas, default) or fsdp (sharded)"
+    )
+    g.add_argument(
+        "--fsdp", dest="parallel", action="store_const", const="fsdp", help="same as --parallel fsdp (FSDP2)"
+    )
     p.set_defaults(func=_cmd_train)
 
 

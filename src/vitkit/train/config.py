@@ -24,6 +24,7 @@ from vitkit.threads import ThreadSetting, check_threads
 DEFAULT_MODEL = "vit_nano_patch4_32"  # a 1.2M-parameter ViT that trains on CPU in minutes
 Amp = Literal["none", "bf16", "fp16"]
 Monitor = Literal["val_acc", "val_loss", "ema_acc", "ema_loss"]
+Parallel = Literal["ddp", "fsdp"]
 
 
 @dataclass
@@ -83,6 +84,9 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...
     amp: Amp = "none"  # autocast: bf16 (CPU with AMX, or GPU) or fp16 (GPU only, with a GradScaler)
     compile: bool = False  # torch.compile the model (slow first steps; pays off on long GPU runs)
+    # Under torchrun: ddp = a full replica per process; fsdp = FSDP2, parameters, gradients and optimiser state
+    # sharded over the processes (for models that do not fit one device; docs/train.md says when to choose which).
+    parallel: Parallel = "ddp"
     ema: bool = False  # keep an exponential moving average of the weights, evaluated alongside (ema_acc)
     ema_decay: float = 0.999  # EMA decay per optimiser step (warmed up as min(decay, (1+s)/(10+s)))
     threads: ThreadSetting = "auto"  # CPU intra-op threads: N, or auto = the CPUs idle at the start (vitkit.threads)
@@ -101,6 +105,7 @@ class TrainConfig:
         self.ratio = tuple(float(v) for v in self.ratio)
         self.model_args = dict(self.model_args or {})
         check_literal("amp", self.amp, Amp)
+        check_literal("parallel", self.parallel, Parallel)
         check_literal("monitor", self.monitor, Monitor)
         check_literal("auto_augment", self.auto_augment, AutoAugment)
         check_literal("interpolation", self.interpolation, Interpolation)
@@ -142,6 +147,16 @@ class TrainConfig:
             raise ValueError(f"crop_fraction must be in (0, 1], got {self.crop_fraction}")
         if not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.parallel == "fsdp" and self.amp == "fp16":
+            # fp16 needs a GradScaler whose inf/NaN check sees every shard's gradients; the plain one sees only
+            # this process's shard, so processes could disagree on skipping a step and their weights diverge.
+            raise ValueError("amp='fp16' cannot be used with parallel='fsdp'; use amp='bf16' (no scaler needed)")
+        if self.parallel == "fsdp" and self.tome:
+            # Merging runs a block's parts (norm, qkv, projection) outside the block's forward, where FSDP gathers
+            # the block's parameters: the parts would see shards.
+            raise ValueError(
+                f"tome={self.tome} cannot be used with parallel='fsdp'; train with tome=0 (merge at inference)"
+            )
         if self.monitor.startswith("ema_") and not self.ema:
             raise ValueError(f"monitor={self.monitor!r} needs ema: true")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):

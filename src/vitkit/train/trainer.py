@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,9 +30,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vitkit.train.checkpoint import get_rng_state, has_checkpoint, set_rng_state, write_checkpoint
+from vitkit.train.checkpoint import SHARDED_METADATA, get_rng_state, has_checkpoint, set_rng_state, write_checkpoint
 from vitkit.train.config import TrainConfig
-from vitkit.train.distributed import DistInfo, all_reduce_max, all_reduce_sum, gather_objects, resolve_device
+from vitkit.train.distributed import (
+    DistInfo,
+    all_reduce_max,
+    all_reduce_sum,
+    broadcast_buffers,
+    broadcast_object,
+    device_mesh,
+    full_state_dict,
+    gather_objects,
+    is_sharded,
+    local_tensor,
+    no_grad_sync,
+    resolve_device,
+    shard_model,
+)
 from vitkit.train.metrics import History, TensorBoardLogger, write_metric_files
 from vitkit.train.optim import (
     WarmupCosine,
@@ -75,6 +91,10 @@ class ModelEma:
 
     The decay is warmed up as min(decay, (1 + step) / (10 + step)) so the average is useful in short runs instead
     of being dominated by the random initialisation for the first ~1/(1 - decay) steps.
+
+    Under FSDP the copy is sharded like the model and each process averages its own shards: the average is
+    element-wise, so every element is bit for bit what averaging the whole tensors would give, at 1/world_size
+    of the memory.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
@@ -86,8 +106,8 @@ class ModelEma:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        ema = self.module.state_dict()
-        src = model.state_dict()
+        ema = {k: local_tensor(v) for k, v in self.module.state_dict().items()}
+        src = {k: local_tensor(v) for k, v in model.state_dict().items()}
         floats = [k for k, v in ema.items() if v.is_floating_point()]
         torch._foreach_lerp_([ema[k] for k in floats], [src[k].detach() for k in floats], 1.0 - d)
         for k, v in ema.items():
@@ -133,7 +153,7 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside torch.compile and DDP wrappers."""
+    """The plain module inside torch.compile and DDP wrappers (an FSDP2 module is its own plain module)."""
     model = getattr(model, "_orig_mod", model)
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
@@ -154,7 +174,8 @@ class Trainer:
         train_transform: for the default classification task: module applied to uint8 train batches (default
             `TrainTransform` from config + preprocess). Give a custom task its transforms directly.
         eval_transform: likewise for uint8 eval batches (default `EvalTransform` from preprocess).
-        dist: process-group info when running under torchrun (see `init_distributed`).
+        dist: process-group info when running under torchrun (see `init_distributed`). With
+            config.parallel='fsdp', `model` is sharded in place (FSDP2) when training starts.
         log: where messages go (rank 0 only); print to stderr by default.
         checkpoint_extra: extra JSON fields for the checkpoints' config.json (e.g. a `training` record).
         task: what is learned: batch fields, loss, metrics, evaluation (see `vitkit.train.tasks`); None =
@@ -162,6 +183,7 @@ class Trainer:
 
     Raises:
         TypeError: transforms given together with a task.
+        ValueError: parallel='fsdp' in a single process.
     """
 
     def __init__(
@@ -194,6 +216,15 @@ class Trainer:
         self.task.check_model(model)
         self._check_model_settings()
         self.amp_dtype = amp_dtype(self.cfg.amp, self.device)
+        self.sharded = self.cfg.parallel == "fsdp"
+        if self.sharded and not self.dist.enabled:
+            # Refused rather than ignored: one process has nothing to shard over, so the memory the setting asks
+            # for would silently not be saved, and the run's checkpoints would take another layout than asked.
+            raise ValueError(
+                "parallel='fsdp' shards the model over the processes of a torchrun launch, but this is a single "
+                "process (WORLD_SIZE=1): start it with `torchrun --nproc_per_node=N -m vitkit train ...` (N >= 2), "
+                "or use parallel='ddp' (the default), which trains a single process as a plain model"
+            )
         self._task_ready = False
         self.history = History()
         self.step = 0
@@ -233,7 +264,21 @@ class Trainer:
         # EMA copies the plain module before any wrapper, so it never sees DDP/compile internals.
         self.ema = ModelEma(model, cfg.ema_decay) if cfg.ema else None
         train_model: nn.Module = model
-        if self.dist.enabled:
+        if self.sharded:
+            # In place: `model` (and so `self.model`) becomes the sharded module; the EMA copy is sharded alike so
+            # its shards line up with the model's.
+            mesh = device_mesh(self.dist)
+            units = shard_model(model, mesh, self.amp_dtype)
+            if self.ema is not None:
+                shard_model(self.ema.module, mesh, self.amp_dtype)
+            self.log(
+                f"FSDP: {units} blocks/stages sharded as units of their own, the rest at the root, over "
+                f"{self.dist.world_size} processes"
+                if units
+                else f"FSDP: {type(model).__name__} lists no blocks (no feature_info): sharded at the root only, so "
+                "the whole model is gathered for each forward and backward"
+            )
+        elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -261,9 +306,11 @@ class Trainer:
             "epoch_perm_seed": self.cfg.seed * 1000 + self.epoch,
             "task": type(self.task).__name__,
             "epoch_accum": dict(self.accum),
-            "optimizer": self.optimizer.state_dict(),
+            # Sharded runs keep the optimiser and EMA state in the checkpoint's shard files (see `save`).
+            "optimizer": None if self.sharded else self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None and not self.sharded else None,
+            "sharded": {"world_size": self.dist.world_size, "ema": self.ema is not None} if self.sharded else None,
             # Every process draws its own augmentation randomness, so each one's RNG is saved.
             "rng": gather_objects(get_rng_state(), self.dist),
             "world_size": self.dist.world_size,
@@ -279,7 +326,9 @@ class Trainer:
         """Restore a `state_dict()` (the weights are loaded separately, into `self.model`).
 
         Raises:
-            ValueError: the state was written by a run of another task (states from before tasks are classification).
+            ValueError: the state was written by a run of another task (states from before tasks are classification),
+                with another `parallel` setting, or without the EMA weights this run needs.
+            FileNotFoundError: a sharded (FSDP) state whose shard files are missing.
         """
         task = state.get("task", "ClassificationTask")
         if task != type(self.task).__name__:
@@ -288,12 +337,22 @@ class Trainer:
         self.batches_done = int(state["batches_done"])
         self.step = int(state["step"])
         self.accum = dict(state["epoch_accum"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        sharded = state.get("sharded")
+        if bool(sharded) != self.sharded:
+            written = "fsdp" if sharded else "ddp"
+            raise ValueError(
+                f"the checkpoint was written with parallel={written!r}, this run has parallel={self.cfg.parallel!r}: "
+                f"resume it with parallel={written!r}"
+            )
+        if self.ema is not None and not (sharded["ema"] if sharded else state.get("ema") is not None):
+            raise ValueError("the checkpoint has no EMA weights but this run has ema: true")
+        if sharded:
+            self._load_sharded(state)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
         self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None:
-            if state.get("ema") is None:
-                raise ValueError("the checkpoint has no EMA weights but this run has ema: true")
-            self.ema.load_state_dict(state["ema"])
         rng = state["rng"]
         if len(rng) != self.dist.world_size:
             self.log(
@@ -318,9 +377,15 @@ class Trainer:
     def save(self, name: str = "last", weights: nn.Module | None = None) -> Path | None:
         """Write RUN_DIR/<name> (weights + training state). Every process must call it (RNG states are gathered)."""
         weights = weights or self.model
+        if self.sharded:  # the buffers saved (rank 0's) are then every process's
+            for module in [self.model] + ([self.ema.module] if self.ema is not None else []):
+                broadcast_buffers(module, self.dist)
         # A finite loss can still leave inf/NaN weights behind (e.g. an absurd LR); never let them replace a good
-        # checkpoint.
-        if not all(bool(torch.isfinite(p).all()) for p in weights.parameters()):
+        # checkpoint. Sharded: each process checks its shards and all agree.
+        finite = all(bool(torch.isfinite(local_tensor(p)).all()) for p in weights.parameters())
+        if self.sharded:
+            finite = not all_reduce_max([0.0 if finite else 1.0], self.dist)[0]
+        if not finite:
             raise NonFiniteLossError(
                 f"the weights became NaN/inf by step {self.step} (epoch {self.epoch + 1}); not saving them over "
                 f"RUN_DIR/{name}. Try a lower lr (now {self.cfg.lr:g}), warmup_epochs or clip_grad",
@@ -328,9 +393,70 @@ class Trainer:
                 epoch=self.epoch + 1,
             )
         state = self.state_dict()
+        if self.sharded:
+            return self._save_sharded(name, weights, state)
         if self.run_dir is None or not self.dist.is_main:
             return None
         return write_checkpoint(self.run_dir / name, weights, state, **self._checkpoint_extra())
+
+    def _sharded_state(self) -> dict[str, Any]:
+        """Model and optimiser (+ EMA) state as DTensors: each process holds, saves and loads only its shards."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        model, optimizer = get_state_dict(self.model, self.optimizer)
+        shards = {"model": model, "optimizer": optimizer}
+        if self.ema is not None:
+            shards["ema"] = get_model_state_dict(self.ema.module)
+        return shards
+
+    def _save_sharded(self, name: str, weights: nn.Module, state: dict[str, Any]) -> Path | None:
+        """RUN_DIR/<name> for FSDP: the whole model gathered on rank 0 (a plain model directory that
+        `vitkit.load_model` opens) plus the shard files of model, optimiser and EMA that each process writes."""
+        import torch.distributed.checkpoint as dcp
+
+        if self.run_dir is None:
+            return None
+        full = full_state_dict(weights)  # every process sends its shards; rank 0 receives them on the CPU
+        staging = None
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            staging = tempfile.mkdtemp(prefix=f".{name}.shards.", suffix=".tmp", dir=self.run_dir)
+        # The shards are written aside first; rank 0 then moves them into the directory that is swapped in whole,
+        # so a kill at any moment still leaves the previous checkpoint or the new one, never a mix of shards.
+        staging = Path(broadcast_object(staging, self.dist))
+        dcp.save(self._sharded_state(), checkpoint_id=staging)  # returns once every process's shards are written
+        if not self.dist.is_main:
+            return None
+        try:
+            return write_checkpoint(
+                self.run_dir / name,
+                weights,
+                state,
+                weights_state=full,
+                sharded_dir=staging,
+                **self._checkpoint_extra(),
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _load_sharded(self, state: dict[str, Any]) -> None:
+        """Model, optimiser and EMA shards from the checkpoint `state` was read from (any number of processes)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+        directory = state.get("directory")
+        if directory is None or not (Path(directory) / SHARDED_METADATA).is_file():
+            raise FileNotFoundError(
+                f"the FSDP training state has no shard files next to it ({directory}/{SHARDED_METADATA}); read it "
+                "with read_training_state(RUN_DIR/'last') from a complete checkpoint"
+            )
+        shards = self._sharded_state()
+        dcp.load(shards, checkpoint_id=directory)  # in place, each process its own shards
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"]
+        )
+        if self.ema is not None:
+            set_model_state_dict(self.ema.module, shards["ema"])
 
     # --- signals ----------------------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -365,6 +491,8 @@ class Trainer:
             model: the model to evaluate (e.g. the EMA copy); default the trained one.
         """
         model = unwrap(model or self.model).to(self.device)
+        if is_sharded(model):
+            broadcast_buffers(model, self.dist)  # every process evaluates with the statistics that are saved
         was_training = model.training
         model.eval()
         if not self._task_ready:
@@ -504,7 +632,7 @@ class Trainer:
 
                 batch = task.train_batch(raw)  # fields on the device, augmented and mixed
                 # DDP all-reduces gradients in backward; skip that on all but the last micro-batch of a group.
-                sync = contextlib.nullcontext() if (last_in_group or not self.dist.enabled) else model.no_sync()
+                sync = contextlib.nullcontext() if (last_in_group or not self.dist.enabled) else no_grad_sync(model)
                 with sync:
                     with self._autocast():
                         out = task.forward(model, batch)
