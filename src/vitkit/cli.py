@@ -494,6 +494,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from vitkit.compare import ModelSpec, compare
+    from vitkit.train import TrainingInterrupted
 
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     overrides: dict[str, dict] = {}
@@ -509,22 +510,26 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
     except ValueError:
         raise ValueError(f"--fractions expects numbers such as 0.1,0.5,1.0, got {args.fractions!r}") from None
-    results = compare(
-        [ModelSpec(n, overrides.get(n, {})) for n in names],
-        data=args.data,
-        out=args.out,
-        epochs=args.epochs,
-        budget_minutes=args.budget_minutes,
-        fractions=fractions,
-        img_size=args.img_size,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        device=args.device,
-        probe_images=args.probe_images,
-        explain_images=args.explain_images,
-        train_overrides=_parse_sets(args.set),
-        log=_printer("compare", sys.stderr),
-    )
+    try:
+        results = compare(
+            [ModelSpec(n, overrides.get(n, {})) for n in names],
+            data=args.data,
+            out=args.out,
+            epochs=args.epochs,
+            budget_minutes=args.budget_minutes,
+            fractions=fractions,
+            img_size=args.img_size,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=args.device,
+            probe_images=args.probe_images,
+            explain_images=args.explain_images,
+            train_overrides=_parse_sets(args.set),
+            log=_printer("compare", sys.stderr),
+        )
+    except TrainingInterrupted as e:
+        print(f"vitkit compare: {e}; run the same compare command again to continue", file=sys.stderr)
+        return e.exit_code
     for line in results["recommendations"]:
         print(line)
     print(f"report: {args.out}/report.html  {args.out}/report.md  (numbers: {args.out}/results.json)")
@@ -575,27 +580,32 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from vitkit.compare.sweep import sweep
+    from vitkit.train import TrainingInterrupted
 
     vary: dict[str, list] = {}
     for key, values in args.vary:
         if key in vary:
             raise ValueError(f"--vary names {key!r} twice; give all its values once, e.g. {key}=a,b,c")
         vary[key] = values
-    results = sweep(
-        args.model,
-        vary,
-        data=args.data,
-        out=args.out,
-        grid=args.grid,
-        epochs=args.epochs,
-        budget_minutes=args.budget_minutes,
-        img_size=args.img_size,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        device=args.device,
-        train_overrides=_parse_sets(args.set),
-        log=_printer("sweep", sys.stderr),
-    )
+    try:
+        results = sweep(
+            args.model,
+            vary,
+            data=args.data,
+            out=args.out,
+            grid=args.grid,
+            epochs=args.epochs,
+            budget_minutes=args.budget_minutes,
+            img_size=args.img_size,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=args.device,
+            train_overrides=_parse_sets(args.set),
+            log=_printer("sweep", sys.stderr),
+        )
+    except TrainingInterrupted as e:
+        print(f"vitkit sweep: {e}; run the same sweep command again to continue", file=sys.stderr)
+        return e.exit_code
     print(results["summary"])
     print(f"report: {args.out}/report.html  {args.out}/report.md  (numbers: {args.out}/results.json)")
     return 0

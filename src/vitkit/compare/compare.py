@@ -164,10 +164,12 @@ def compare(
     n_val = len(splits.val)
     subsets = {f: train_subset(splits.train, f, cfg.seed) for f in fr}
 
-    def per_epoch(spec: ModelSpec) -> float:
+    def train_s(spec: ModelSpec, n_epochs: int) -> float:
         c = costs[spec.label]
         return sum(
-            training_seconds(c["train_step_s"], c["infer_img_s"], len(ds), n_val, fitted_batch_size(cfg, len(ds)), 1)
+            training_seconds(
+                c["train_step_s"], c["infer_img_s"], len(ds), n_val, fitted_batch_size(cfg, len(ds)), n_epochs
+            )
             for ds in subsets.values()
         )
 
@@ -176,7 +178,9 @@ def compare(
         if budget_minutes is not None:
             budget_s = budget_minutes * 60
             reserve = max(BUDGET_RESERVE * budget_s, sum(probe_s.values()))
-            chosen = epochs_for_budget(budget_s, sum(per_epoch(s) for s in specs), reserve)
+            fixed = sum(train_s(s, 0) for s in specs)
+            per_epoch = sum(train_s(s, 1) for s in specs) - fixed
+            chosen = epochs_for_budget(budget_s, per_epoch, reserve + fixed)
             say(f"budget {budget_minutes:g} min: {chosen} epochs per training unit fit it")
         else:
             chosen = 10
@@ -184,7 +188,7 @@ def compare(
         store.write_plan(plan)
     n_epochs = int(plan["epochs"])
     cfg = cfg.replace(epochs=n_epochs)
-    est = {s.label: n_epochs * per_epoch(s) + probe_s[s.label] for s in specs}
+    est = {s.label: train_s(s, n_epochs) + probe_s[s.label] for s in specs}
     say(
         f"estimate: {len(specs)} models x {len(fr)} fractions, {n_epochs} epochs each: about "
         f"{format_minutes(sum(est.values()))} in all ("
@@ -288,14 +292,17 @@ def measure_cost(
     model = model.to(device)
     size = tuple(model.preprocess.input_size)
     batch = fitted_batch_size(cfg, len(splits.train))
+    step_s = M.train_step_time(model, batch, size, splits.num_classes, repeats=repeats)
+    # Memory on a second, single step: the first steps of a process also pay one-time allocations (thread pools,
+    # kernel caches) that would be charged to whichever model is measured first.
     with M.PeakMemory(device) as mem:
-        step_s = M.train_step_time(model, batch, size, splits.num_classes, repeats=repeats)
+        M.train_step_time(model, batch, size, splits.num_classes, repeats=1, warmup=0)
     infer = M.inference_throughput(model, batch, size, repeats=repeats)
     if sizes is None:
         sizes = (size[0], 2 * size[0])
     per_size: dict[str, list] = {"side_px": [], "gmacs": [], "infer_ms_per_img": []}
     skipped = []
-    small_batch = max(1, min(batch, 16))
+    small_batch = max(1, min(batch, 8))  # large sides cost much more per image; 8 keeps the largest ones short
     for s in sizes:
         try:
             g = M.model_gmacs(model, s)

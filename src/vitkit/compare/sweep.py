@@ -185,24 +185,24 @@ def sweep(
                 on_unit(unit)
         costs.append(store.read(unit))
 
-    def per_epoch(i: int) -> float:
+    def train_s(i: int, n_epochs: int) -> float:
         c, pcfg = costs[i], configs[i][0]
         n = len(splits.train)
-        return training_seconds(c["train_step_s"], c["infer_img_s"], n, n_val, fitted_batch_size(pcfg, n), 1)
+        return training_seconds(c["train_step_s"], c["infer_img_s"], n, n_val, fitted_batch_size(pcfg, n), n_epochs)
 
     if plan.get("epochs") is None:
         if budget_minutes is not None:
             budget_s = budget_minutes * 60
-            chosen = epochs_for_budget(
-                budget_s, sum(per_epoch(i) for i in range(len(points))), BUDGET_RESERVE * budget_s
-            )
+            fixed = sum(train_s(i, 0) for i in range(len(points)))
+            per_epoch = sum(train_s(i, 1) for i in range(len(points))) - fixed
+            chosen = epochs_for_budget(budget_s, per_epoch, BUDGET_RESERVE * budget_s + fixed)
             say(f"budget {budget_minutes:g} min: {chosen} epochs per point fit it")
         else:
             chosen = 10
         plan["epochs"] = chosen
         store.write_plan(plan)
     n_epochs = int(plan["epochs"])
-    est = [n_epochs * per_epoch(i) for i in range(len(points))]
+    est = [train_s(i, n_epochs) for i in range(len(points))]
     say(
         f"estimate: {len(points)} points ({'grid' if grid else 'one setting at a time'}), {n_epochs} epochs each: "
         f"about {format_minutes(sum(est))} (from one measured training step per point)"

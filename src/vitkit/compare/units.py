@@ -291,13 +291,20 @@ def load_trained(spec: ModelSpec, cfg: TrainConfig, splits: DataSplits, run_dir:
 # ----------------------------------------------------------------------------------------------------------------
 # Time estimate
 # ----------------------------------------------------------------------------------------------------------------
+# Fixed costs the step time does not cover, measured on 2 busy CPU cores with small models: per epoch, writing the
+# last/ and best/ checkpoints; per unit, building the model, the curves figure and the test pass.
+EPOCH_OVERHEAD_S = 0.5
+UNIT_OVERHEAD_S = 3.0
+
+
 def training_seconds(step_s: float, infer_img_s: float, n_train: int, n_val: int, batch: int, epochs: int) -> float:
-    """Estimated seconds of one training unit: epochs x (steps x measured step time + one validation pass).
+    """Estimated seconds of one training unit: epochs x (steps x measured step time + one validation pass +
+    EPOCH_OVERHEAD_S) + UNIT_OVERHEAD_S.
 
     Steps per epoch are floor(n_train / batch) (the last incomplete batch is dropped, as the Trainer does).
     """
     steps = max(1, n_train // batch)
-    return epochs * (steps * step_s + n_val / max(infer_img_s, 1e-9))
+    return epochs * (steps * step_s + n_val / max(infer_img_s, 1e-9) + EPOCH_OVERHEAD_S) + UNIT_OVERHEAD_S
 
 
 def epochs_for_budget(budget_s: float, seconds_per_epoch: float, reserve_s: float) -> int:
