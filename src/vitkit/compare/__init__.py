@@ -11,6 +11,7 @@ See docs/compare.md for what each section measures and how.
 from vitkit.compare.compare import DEFAULT_FRACTIONS, compare, explain_best, measure_cost, probe_model
 from vitkit.compare.measure import (
     PeakMemory,
+    attention_distance_from_maps,
     count_params,
     effective_receptive_field,
     erf_radius,
@@ -31,6 +32,7 @@ __all__ = [
     "DEFAULT_FRACTIONS",
     "ModelSpec",
     "PeakMemory",
+    "attention_distance_from_maps",
     "compare",
     "count_params",
     "effective_receptive_field",

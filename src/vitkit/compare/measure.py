@@ -332,6 +332,18 @@ def mean_attention_distance(model: nn.Module, images: Tensor) -> Tensor:
     return _mad(model, images)
 
 
+def attention_distance_from_maps(
+    attns: Sequence[Tensor], grid: tuple[int, int], patch_size: int, num_prefix_tokens: int
+) -> Tensor:
+    """`mean_attention_distance` on attention maps you already have: [(B, heads, N, N)] per layer -> (layers, heads).
+
+    Token layout: `num_prefix_tokens` prefix tokens, then the grid's patches row by row, each `patch_size` pixels.
+    """
+    from vitkit.explain import mean_attention_distance_from_attentions
+
+    return mean_attention_distance_from_attentions(attns, grid, patch_size, num_prefix_tokens, renormalize=True)
+
+
 def has_global_attention(model: nn.Module) -> bool:
     """Whether the model has capturable N x N self-attention (ViTs, hybrids), i.e. attention distances exist."""
     from vitkit.layers import attention_layers
