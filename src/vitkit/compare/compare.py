@@ -27,7 +27,9 @@ from vitkit.compare.units import (
     ModelSpec,
     UnitStore,
     base_config,
+    check_budget,
     check_models,
+    default_img_size,
     default_log,
     epochs_for_budget,
     fitted_batch_size,
@@ -113,10 +115,7 @@ def compare(
     say = log or default_log
     specs = check_models(models, min_count=1)
     fr = _check_fractions(fractions)
-    if epochs is not None and budget_minutes is not None:
-        raise ValueError("give either epochs or budget_minutes, not both")
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    check_budget(epochs, budget_minutes)
     for name, v in (("probe_images", probe_images), ("explain_images", explain_images), ("max_shift", max_shift)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -135,6 +134,7 @@ def compare(
         f"data {data}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images, "
         f"{splits.num_classes} classes"
     )
+    cfg = default_img_size(cfg, splits, say)
     plan = {
         "kind": "compare",
         "models": [s.to_dict() for s in specs],
@@ -176,8 +176,9 @@ def compare(
     probe_s = {s.label: _probe_seconds(costs[s.label], probe_images, max_shift) for s in specs}
     if plan.get("epochs") is None:
         if budget_minutes is not None:
-            budget_s = budget_minutes * 60
-            reserve = max(BUDGET_RESERVE * budget_s, sum(probe_s.values()))
+            # What this run has spent already (loading, cost measurements) comes out of the budget.
+            budget_s = budget_minutes * 60 - (time.perf_counter() - t_start)
+            reserve = max(BUDGET_RESERVE * budget_minutes * 60, sum(probe_s.values()))
             fixed = sum(train_s(s, 0) for s in specs)
             per_epoch = sum(train_s(s, 1) for s in specs) - fixed
             chosen = epochs_for_budget(budget_s, per_epoch, reserve + fixed)

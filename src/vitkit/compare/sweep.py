@@ -31,7 +31,9 @@ from vitkit.compare.units import (
     UnitStore,
     base_config,
     build,
+    check_budget,
     check_models,
+    default_img_size,
     default_log,
     epochs_for_budget,
     fitted_batch_size,
@@ -129,10 +131,7 @@ def sweep(
 
     say = log or default_log
     (spec,) = check_models([model])
-    if epochs is not None and budget_minutes is not None:
-        raise ValueError("give either epochs or budget_minutes, not both")
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    check_budget(epochs, budget_minutes)
     vary = {str(k): list(v) if isinstance(v, (list, tuple)) else v for k, v in vary.items()}
     bad = [k for k in vary if k in NOT_VARIED]
     if bad:
@@ -143,6 +142,8 @@ def sweep(
         data,
         {"img_size": img_size, "seed": seed, "batch_size": batch_size, "device": device, **(train_overrides or {})},
     )
+    splits = load_splits(cfg)
+    cfg = default_img_size(cfg, splits, say)
     # Every point's recipe and model are checked before anything is trained, so a typo fails in seconds.
     configs = []
     for p in points:
@@ -155,7 +156,6 @@ def sweep(
     store = UnitStore(out)
     t_start = time.perf_counter()
     threads = set_threads(cfg.threads, log=say)
-    splits = load_splits(cfg)
     n_val = len(splits.val)
     for p, (pcfg, pspec) in zip(points, configs, strict=True):
         try:
@@ -192,10 +192,10 @@ def sweep(
 
     if plan.get("epochs") is None:
         if budget_minutes is not None:
-            budget_s = budget_minutes * 60
+            budget_s = budget_minutes * 60 - (time.perf_counter() - t_start)  # loading and costs are spent
             fixed = sum(train_s(i, 0) for i in range(len(points)))
             per_epoch = sum(train_s(i, 1) for i in range(len(points))) - fixed
-            chosen = epochs_for_budget(budget_s, per_epoch, BUDGET_RESERVE * budget_s + fixed)
+            chosen = epochs_for_budget(budget_s, per_epoch, BUDGET_RESERVE * budget_minutes * 60 + fixed)
             say(f"budget {budget_minutes:g} min: {chosen} epochs per point fit it")
         else:
             chosen = 10

@@ -308,10 +308,29 @@ def training_seconds(step_s: float, infer_img_s: float, n_train: int, n_val: int
 
 
 def epochs_for_budget(budget_s: float, seconds_per_epoch: float, reserve_s: float) -> int:
-    """The most epochs whose estimated training time fits `budget_s` minus `reserve_s` (at least 1)."""
-    if not budget_s > 0:
-        raise ValueError(f"the time budget must be positive, got {budget_s / 60:g} minutes")
+    """The most epochs whose estimated training time fits `budget_s` minus `reserve_s` (at least 1, even when the
+    budget is already spent)."""
     return max(1, int(math.floor((budget_s - reserve_s) / max(seconds_per_epoch, 1e-9))))
+
+
+def check_budget(epochs: int | None, budget_minutes: float | None) -> None:
+    """Raise a ValueError unless at most one of them is given, epochs a positive integer, the budget positive."""
+    if epochs is not None and budget_minutes is not None:
+        raise ValueError("give either epochs or budget_minutes, not both")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if budget_minutes is not None and not budget_minutes > 0:
+        raise ValueError(f"budget_minutes must be positive, got {budget_minutes!r}")
+
+
+def default_img_size(cfg: TrainConfig, splits: DataSplits, log: Log) -> TrainConfig:
+    """`cfg` with img_size set to the data's own side when the recipe gives none, so every model sees the same
+    resolution (native sizes differ: 32 px for the small ViTs, 224 px for ResNets and ConvNeXts)."""
+    if cfg.img_size is not None:
+        return cfg
+    side = splits.train.image_size[0]
+    log(f"img_size {side} px: the data's own (set img_size to change it)")
+    return cfg.replace(img_size=side)
 
 
 def format_minutes(seconds: float) -> str:
