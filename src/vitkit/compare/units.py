@@ -251,7 +251,18 @@ def run_training(
     train_loader = BatchLoader(train_ds, batch, shuffle=True, drop_last=True, **device_loaders)
     val_loader = BatchLoader(splits.val, 256, **device_loaders) if len(splits.val) else None
     test_loader = BatchLoader(splits.test, 256, **device_loaders) if len(splits.test) else None
-    trainer = Trainer(model, config=cfg, run_dir=run_dir, log=log)
+    # The same `training` record `vitkit train` writes, so eval / predict / explain find the data and its split.
+    record = {
+        "data": cfg.data,
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "test_fraction": cfg.test_fraction,
+        "load_size": cfg.load_size,
+        "shapes_size": cfg.shapes_size,
+        "run_dir": str(run_dir),
+        "threads": torch.get_num_threads(),
+    }
+    trainer = Trainer(model, config=cfg, run_dir=run_dir, log=log, checkpoint_extra={"training": record})
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     trainer.train(train_loader, val_loader, resume_state=state)
