@@ -8,7 +8,17 @@ import torch
 from tests.compare.conftest import SETTINGS, TINY_CNN, TINY_VIT
 from vitkit.compare import compare
 from vitkit.compare.sweep import sweep, sweep_points
-from vitkit.compare.units import ModelSpec, base_config, load_splits, run_training, train_subset
+from vitkit.compare.units import (
+    EPOCH_OVERHEAD_S,
+    UNIT_OVERHEAD_S,
+    ModelSpec,
+    base_config,
+    epochs_for_budget,
+    load_splits,
+    run_training,
+    train_subset,
+    training_seconds,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -77,6 +87,23 @@ def test_bad_arguments_are_named():
         compare(["resnet18", "resnet18"], out="unused")
     with pytest.raises(ValueError, match="vit_nano_patch4_3"):
         compare(["vit_nano_patch4_3"], out="unused")
+
+
+def test_a_model_that_cannot_take_the_size_fails_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"model convnext_tiny at img_size 16: .*smaller than ConvNeXt's total stride"):
+        compare(["vit_nano_patch4_32", "convnext_tiny"], out=tmp_path / "c", img_size=16, log=lambda m: None)
+    assert not (tmp_path / "c").exists()
+
+
+def test_budget_arithmetic():
+    # 600 s budget, 100 s kept back, 50 s per epoch of all runs together: 10 epochs; never fewer than 1.
+    assert epochs_for_budget(600, 50, 100) == 10
+    assert epochs_for_budget(10, 50, 100) == 1
+    # 100 images, batch 32 -> 3 steps of 0.5 s, 20 validation images at 10 img/s, plus the fixed allowances.
+    expected = 2 * (3 * 0.5 + 2.0 + EPOCH_OVERHEAD_S) + UNIT_OVERHEAD_S
+    assert training_seconds(0.5, 10.0, 100, 20, 32, 2) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="budget_minutes must be positive"):
+        compare(["vit_nano_patch4_32"], out="unused", budget_minutes=0)
 
 
 def test_a_killed_training_continues_from_its_checkpoint(tmp_path):

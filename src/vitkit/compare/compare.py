@@ -27,6 +27,7 @@ from vitkit.compare.units import (
     ModelSpec,
     UnitStore,
     base_config,
+    build,
     check_budget,
     check_models,
     default_img_size,
@@ -135,6 +136,13 @@ def compare(
         f"{splits.num_classes} classes"
     )
     cfg = default_img_size(cfg, splits, say)
+    # Every model is built at the chosen size before anything is written, so a model that cannot take it fails now
+    # and the command can be fixed and re-run (a written plan.json would refuse other settings).
+    for spec in specs:
+        try:
+            build(spec, cfg, splits, lambda m: None)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"model {spec.label} at img_size {cfg.img_size}: {e}") from None
     plan = {
         "kind": "compare",
         "models": [s.to_dict() for s in specs],
@@ -284,7 +292,6 @@ def measure_cost(
     time per image at each side in `sizes` (None: the training side and twice it; sides the model cannot take are
     skipped and listed), and the log-log slopes of both against the side.
     """
-    from vitkit.compare.units import build, fitted_batch_size
     from vitkit.train.distributed import resolve_device
 
     torch.manual_seed(cfg.seed)
