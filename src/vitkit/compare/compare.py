@@ -199,7 +199,7 @@ def compare(
     cfg = cfg.replace(epochs=n_epochs)
     est = {s.label: train_s(s, n_epochs) + probe_s[s.label] for s in specs}
     say(
-        f"estimate: {len(specs)} models x {len(fr)} fractions, {n_epochs} epochs each: about "
+        f"estimate: {len(specs)} models x {len(fr)} fractions, {n_epochs} epoch(s) each: about "
         f"{format_minutes(sum(est.values()))} in all ("
         + ", ".join(f"{k} {format_minutes(v)}" for k, v in est.items())
         + "); from one measured training step per model"
@@ -217,7 +217,7 @@ def compare(
                 say(f"[{k}/{total}] {spec.label} on {f:.0%} of the data: done before, skipped")
                 continue
             ds = subsets[f]
-            say(f"[{k}/{total}] {spec.label} on {f:.0%} of the data ({len(ds)} images), {n_epochs} epochs")
+            say(f"[{k}/{total}] {spec.label} on {f:.0%} of the data ({len(ds)} images), {n_epochs} epoch(s)")
             _, result = run_training(spec, cfg, splits, ds, store.runs / unit, say)
             result["fraction"] = f
             store.write(unit, result)
@@ -248,7 +248,7 @@ def compare(
         "epochs": n_epochs,
         "recipe": plan["recipe"],
         "threads": threads.count,
-        "device": str(cfg.device),
+        "device": next(iter(costs.values()))["device"],  # resolved ("cpu", "cuda:0"), not "auto"
         "probe_image_indices": idx.tolist(),
         "estimate_s": est,
         "models": {},

@@ -90,7 +90,7 @@ def figure_data_efficiency(results: dict[str, Any], path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("training images (log scale)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"data efficiency, {results['epochs']} epochs per run")
+    ax.set_title(f"data efficiency, {results['epochs']} epoch(s) per run")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -107,9 +107,12 @@ def figure_cost_vs_size(results: dict[str, Any], path: Path) -> Path:
         ts = r["cost"]["time_slope"]
         a1.plot(c["side_px"], [1000 * g for g in c["gmacs"]], "o-", label=f"{label} (slope {_num(gs, 2)})")
         a2.plot(c["side_px"], c["infer_ms_per_img"], "o-", label=f"{label} (slope {_num(ts, 2)})")
+    sides = sorted({s for r in results["models"].values() for s in r["cost"]["cost_vs_size"]["side_px"]})
     for ax, what in ((a1, "MMACs per image"), (a2, "inference time (ms per image)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(sides, [str(s) for s in sides])  # the measured sides, not decade labels
+        ax.minorticks_off()
         ax.set_xlabel("image side (px, log scale)")
         ax.set_ylabel(f"{what}, log scale")
         ax.grid(alpha=0.3, which="both")
@@ -232,7 +235,7 @@ def recommendations(results: dict[str, Any]) -> list[str]:
     fastest at inference, and the winner's accuracy per GMAC against it; (4) the steepest cost-vs-size slope
     (prefer others for larger images when it exceeds 2.5); (5) the most shift-consistent and the most
     rotation-robust models; (6) the model whose accuracy holds best under occlusion. A caution comes first when the
-    best accuracy at the largest fraction is below 50%.
+    best accuracy at the largest fraction is below 50%, and rules (5) and (6) are then left out.
     """
     models = results["models"]
     if not models:
@@ -252,7 +255,7 @@ def recommendations(results: dict[str, Any]) -> list[str]:
     if top_all < 0.5:
         out.append(
             f"Caution: the best test accuracy is only {100 * top_all:.1f}%, so these models are undertrained and the "
-            "probes below describe weak models; train longer (more epochs or a larger budget) before drawing "
+            "robustness probes are not compared; train longer (more epochs or a larger budget) before drawing "
             "conclusions."
         )
     lo_name, lo_acc, lo_tied = best_at(lo_f)
@@ -301,7 +304,9 @@ def recommendations(results: dict[str, Any]) -> list[str]:
             s += f": for larger images prefer {flat} or shorten {steep}'s sequence (larger patches)"
         out.append(s + ".")
     probes = {k: r["probe"] for k, r in models.items()}
-    if len(models) > 1:
+    # A model that predicts one class for everything is perfectly "shift-consistent": robustness is only compared
+    # between models that learned something.
+    if len(models) > 1 and top_all >= 0.5:
         shift = {k: p["shift"]["consistency"][-1] for k, p in probes.items()}
         px = probes[next(iter(probes))]["shift"]["shift_px"][-1]
         top = max(shift, key=shift.get)
@@ -475,7 +480,7 @@ def write_compare_report(results: dict[str, Any], out: Path, explain_u8: torch.T
     intro = (
         f"{len(results['models'])} models on {results['data']} ({results['split_sizes']['train']} train / "
         f"{results['split_sizes']['val']} val / {results['split_sizes']['test']} test images), "
-        f"{results['epochs']} epochs per training run, {results['threads']} CPU threads, device {results['device']}. "
+        f"{results['epochs']} epoch(s) per training run, {results['threads']} CPU thread(s), device {results['device']}. "
         "Every number below was measured by this run; results.json holds them all."
     )
     md = [f"# Model comparison on {results['data']}", "", intro, ""]
