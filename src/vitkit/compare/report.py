@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.ticker import NullLocator
 
 from vitkit._io import atomic_path, atomic_write_text
 
@@ -112,7 +113,7 @@ def figure_cost_vs_size(results: dict[str, Any], path: Path) -> Path:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(sides, [str(s) for s in sides])  # the measured sides, not decade labels
-        ax.minorticks_off()
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("image side (px, log scale)")
         ax.set_ylabel(f"{what}, log scale")
         ax.grid(alpha=0.3, which="both")
@@ -488,8 +489,10 @@ def write_compare_report(results: dict[str, Any], out: Path, explain_u8: torch.T
     for sid, heading in SECTIONS:
         md_parts, html_parts = [], []
         if sid == "summary":
-            md_parts.append(" ".join(results["recommendations"]))
-            html_parts.append(f"<p>{html.escape(' '.join(results['recommendations']))}</p>")
+            md_parts.append("\n".join(f"- {line}" for line in results["recommendations"]))
+            html_parts.append(
+                "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in results["recommendations"]) + "</ul>"
+            )
         elif sid == "methods":
             for k, text in METHODS_TEXT.items():
                 md_parts.append(f"- **{k}**: {text}")
