@@ -56,6 +56,10 @@ def test_results_hold_every_measurement(compared):
     assert len(vit["probe"]["erf"]) == 2 and len(cnn["probe"]["erf"]) == 4
     assert torch.tensor(vit["probe"]["attention_distance_px"]).shape == (2, 2)
     assert cnn["probe"]["attention_distance_px"] is None
+    from vitkit.viz.attention import uniform_attention_distance
+
+    # 16 px images in 4 px patches: a 4x4 grid.
+    assert vit["probe"]["attention_distance_uniform_px"] == pytest.approx(uniform_attention_distance((4, 4), 4))
     assert vit["probe"]["explain"]["method"] in ("relevance", "grad-rollout", "rollout")
     assert cnn["probe"]["explain"]["method"] == "gradcam"
     assert saved["recommendations"] and all(isinstance(s, str) for s in saved["recommendations"])

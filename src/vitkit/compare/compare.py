@@ -385,10 +385,16 @@ def probe_model(
     out["erf"] = depths
 
     if M.has_global_attention(model):
+        from vitkit.models.base import token_patch_size
+        from vitkit.viz.attention import uniform_attention_distance
+
         d = M.mean_attention_distance(model, x[:64])
         out["attention_distance_px"] = np.round(d.cpu().numpy(), 4).tolist()  # (layers, heads)
+        # What a head attending uniformly to every patch would score: the reference that says "global".
+        grid = tuple(model.patch_grid(*x.shape[-2:]))
+        out["attention_distance_uniform_px"] = uniform_attention_distance(grid, token_patch_size(model))
     else:
-        out["attention_distance_px"] = None
+        out["attention_distance_px"] = out["attention_distance_uniform_px"] = None
 
     out["shift"] = M.shift_consistency(model, x, labels, max_shift=max_shift, mode="pad", fill=fill)
     out["occlusion"] = M.occlusion_accuracy(model, x, labels, ks=(0, 1, 2, 4), grid=4, fill=fill)

@@ -53,7 +53,8 @@ METHODS_TEXT = {
     "of its total weight.",
     "attention-distance": "Mean attention distance (ViT paper, Fig. 7): per query patch, the attention-weighted mean "
     "distance in pixels between its centre and every key patch's centre; prefix tokens excluded and each query's "
-    "patch weights renormalised; averaged over queries and 64 held-out images; one dot per head.",
+    "patch weights renormalised; averaged over queries and 64 held-out images; one dot per head. The dashed line is "
+    "the distance of a head attending uniformly to every patch.",
     "probes": "Shift consistency: fraction of (image, shift) pairs whose prediction equals the one on the unshifted "
     "image, for the 8 shifts (dy, dx) in {-s, 0, s}^2 of each size s, uncovered pixels black. Occlusion: accuracy "
     "with k random cells of a 4x4 grid blacked out per image. Rotation: accuracy on images rotated by each angle "
@@ -158,11 +159,17 @@ def figure_attention_distance(results: dict[str, Any], path: Path) -> Path | Non
         return None
     fig = _new(6.5, 4.2)
     ax = fig.subplots()
+    depth = 0
     for i, (label, d) in enumerate(rows.items()):
         d = np.asarray(d)
         L, H = d.shape
+        depth = max(depth, L)
         offset = (i - (len(rows) - 1) / 2) * 0.12
         ax.scatter(np.repeat(np.arange(L), H) + offset, d.ravel(), s=14, color=f"C{i}", label=f"{label} ({H} heads)")
+        ref = results["models"][label]["probe"].get("attention_distance_uniform_px")
+        if ref is not None:
+            ax.axhline(ref, color=f"C{i}", ls="--", lw=1, label=f"{label}: uniform attention")
+    ax.set_xticks(range(depth))
     ax.set_xlabel("block (depth)")
     ax.set_ylabel("mean attention distance (px)")
     ax.set_ylim(bottom=0)
@@ -401,8 +408,14 @@ def compare_tables(results: dict[str, Any]) -> dict[str, tuple[list[str], list[l
         d = r["probe"]["attention_distance_px"]
         if d is not None:
             d = np.asarray(d)
-            mad_rows.append([label, " / ".join(f"{v:.1f}" for v in d.mean(1)), f"{d.min():.1f}-{d.max():.1f}"])
-    mad = (["model", "mean over heads, per block (px)", "range over heads and blocks (px)"], mad_rows)
+            ref = r["probe"].get("attention_distance_uniform_px")
+            mad_rows.append(
+                [label, " / ".join(f"{v:.1f}" for v in d.mean(1)), f"{d.min():.1f}-{d.max():.1f}", _num(ref, 1)]
+            )
+    mad = (
+        ["model", "mean over heads, per block (px)", "range over heads and blocks (px)", "uniform attention (px)"],
+        mad_rows,
+    )
     probe_rows = []
     for label, r in models.items():
         p = r["probe"]
