@@ -129,6 +129,18 @@ def test_a_killed_training_continues_from_its_checkpoint(tmp_path):
     assert result["steps"] == 2 * (len(ds) // result["batch_size"]) and len(result["val_acc_curve"]) == 2
 
 
+def test_training_fractions_are_stratified_and_nested():
+    splits = load_splits(base_config("digits", {}))
+    subsets = [train_subset(splits.train, f, 0) for f in (0.1, 0.25, 0.5)]
+    assert [len(s) for s in subsets] == [143, 359, 719]
+    for s in subsets:  # every class keeps its share
+        assert torch.bincount(s.labels, minlength=10).min() >= 0.8 * len(s) / 10
+    content = [{x.numpy().tobytes() for x in s.images} for s in subsets]
+    assert content[0] <= content[1] <= content[2]  # a smaller fraction is part of every larger one
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
+        train_subset(splits.train, 1.5, 0)
+
+
 def test_sweep_points_one_at_a_time_and_grid():
     vary = {"img_size": [16, 32], "pool": ["token", "avg"], "depth": [1, 2, 3]}
     one = sweep_points(vary)

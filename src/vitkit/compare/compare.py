@@ -264,7 +264,10 @@ def compare(
     from vitkit.compare.report import write_compare_report
 
     write_compare_report(results, store.out, images_u8[:explain_images])
-    say(f"report: {store.out / 'report.html'} ({time.perf_counter() - t_start:.0f} s this run)")
+    say(
+        f"report: {store.out / 'report.html'} ({format_minutes(time.perf_counter() - t_start)} this run; the "
+        f"estimate for training and probes was {format_minutes(sum(est.values()))})"
+    )
     return results
 
 
