@@ -539,14 +539,3 @@ def rotation_accuracy(
 def _check_positive(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Run a block with `model.eval()`, restoring its training flag afterwards."""
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)

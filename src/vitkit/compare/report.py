@@ -82,6 +82,7 @@ def _new(w: float, h: float):
 
 
 def figure_data_efficiency(results: dict[str, Any], path: Path) -> Path:
+    """Test accuracy (%) against training images (log scale), one line per model."""
     fig = _new(6.5, 4.2)
     ax = fig.subplots()
     sizes = results["subset_sizes"]
@@ -99,6 +100,7 @@ def figure_data_efficiency(results: dict[str, Any], path: Path) -> Path:
 
 
 def figure_cost_vs_size(results: dict[str, Any], path: Path) -> Path:
+    """MMACs and measured inference ms per image against the image side (log-log), slopes in the legend."""
     fig = _new(10, 4)
     a1, a2 = fig.subplots(1, 2)
     for label, r in results["models"].items():
@@ -125,6 +127,7 @@ def figure_cost_vs_size(results: dict[str, Any], path: Path) -> Path:
 
 
 def figure_erf(results: dict[str, Any], path: Path) -> Path:
+    """ERF maps per model (rows) and depth (columns) on a log scale, and r50 (px) against relative depth."""
     models = results["models"]
     cols = max(len(r["probe"]["erf"]) for r in models.values())
     fig = _new(1.6 * cols + 3.8, 1.7 * len(models) + 0.6)
@@ -153,6 +156,8 @@ def figure_erf(results: dict[str, Any], path: Path) -> Path:
 
 
 def figure_attention_distance(results: dict[str, Any], path: Path) -> Path | None:
+    """Mean attention distance (px) per head against block, with the uniform-attention line; None without
+    attention models."""
     rows = {k: r["probe"]["attention_distance_px"] for k, r in results["models"].items()}
     rows = {k: v for k, v in rows.items() if v is not None}
     if not rows:
@@ -180,6 +185,7 @@ def figure_attention_distance(results: dict[str, Any], path: Path) -> Path | Non
 
 
 def figure_probes(results: dict[str, Any], path: Path) -> Path:
+    """Shift consistency (%) against shift (px), accuracy (%) against occluded cells and against rotation (deg)."""
     fig = _new(13, 4)
     a1, a2, a3 = fig.subplots(1, 3)
     for label, r in results["models"].items():
@@ -204,6 +210,7 @@ def figure_probes(results: dict[str, Any], path: Path) -> Path:
 
 
 def figure_explain(results: dict[str, Any], images_u8: torch.Tensor, path: Path) -> Path:
+    """The images (top row) and each model's saliency over them (one row per model, method in the label)."""
     models = results["models"]
     n = len(images_u8)
     fig = _new(max(1.5 * n + 0.5, 6.0), 1.6 * (len(models) + 1))
