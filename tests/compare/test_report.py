@@ -44,3 +44,11 @@ def test_ties_and_undertrained_models():
     assert "vit, cnn are within 1 point" in text
     assert "when labelled data is scarce" not in text
     assert "shift-consistent" not in text  # robustness is not compared between models that learned nothing
+
+
+def test_robustness_is_compared_only_between_models_that_learned():
+    res = _results({"0.1": 0.60, "1.0": 0.97}, {"0.1": 0.80, "1.0": 0.93})
+    res["models"]["weak"] = _model({"0.1": 0.1, "1.0": 0.2}, 0.03, 2.0, 1.0, 0.9, 0.9)  # constant predictor
+    text = " ".join(recommendations(res))
+    assert "weak is left out" in text
+    assert "Most shift-consistent at 2 px: cnn" in text  # not the weak model's trivial 100%

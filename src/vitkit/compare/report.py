@@ -249,8 +249,9 @@ def recommendations(results: dict[str, Any]) -> list[str]:
     (2) when those winners differ, scarce vs plentiful data; (3) the cheapest model per image (GMACs) and the
     fastest at inference, and the winner's accuracy per GMAC against it; (4) the steepest cost-vs-size slope
     (prefer others for larger images when it exceeds 2.5); (5) the most shift-consistent and the most
-    rotation-robust models; (6) the model whose accuracy holds best under occlusion. A caution comes first when the
-    best accuracy at the largest fraction is below 50%, and rules (5) and (6) are then left out.
+    rotation-robust models; (6) the model whose accuracy holds best under occlusion. Rules (5) and (6) compare only
+    models with at least 50% test accuracy at the largest fraction (a constant predictor is perfectly
+    "shift-consistent"); a caution comes first when no model reaches it.
     """
     models = results["models"]
     if not models:
@@ -318,10 +319,17 @@ def recommendations(results: dict[str, Any]) -> list[str]:
         if slopes[steep] > 2.5 and flat != steep:
             s += f": for larger images prefer {flat} or shorten {steep}'s sequence (larger patches)"
         out.append(s + ".")
-    probes = {k: r["probe"] for k, r in models.items()}
     # A model that predicts one class for everything is perfectly "shift-consistent": robustness is only compared
-    # between models that learned something.
-    if len(models) > 1 and top_all >= 0.5:
+    # between models that learned something (at least 50% test accuracy at the largest fraction).
+    learned = [k for k, r in models.items() if _acc(r, hi_f) >= 0.5]
+    probes = {k: models[k]["probe"] for k in learned}
+    left_out = [k for k in models if k not in learned]
+    if len(learned) > 1 and left_out:
+        out.append(
+            f"Robustness below compares only the models above 50% test accuracy; {', '.join(left_out)} "
+            f"{'is' if len(left_out) == 1 else 'are'} left out."
+        )
+    if len(learned) > 1:
         shift = {k: p["shift"]["consistency"][-1] for k, p in probes.items()}
         px = probes[next(iter(probes))]["shift"]["shift_px"][-1]
         top = max(shift, key=shift.get)
