@@ -10,6 +10,7 @@ import base64
 import html
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,7 @@ def figure_erf(results: dict[str, Any], path: Path) -> Path:
             ax.set_yticks([])
             ax.set_title(f"{d['index']} (/{d['reduction']})", fontsize=7)
             if col == 0:
-                ax.set_ylabel(label, fontsize=7)
+                ax.set_ylabel(textwrap.fill(label, 24), fontsize=6)  # long override labels wrap, not overlap
     ax = fig.add_subplot(grid[:, -1])
     for label, r in models.items():
         e = r["probe"]["erf"]
@@ -150,7 +151,7 @@ def figure_erf(results: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("relative depth (stage or block / total)")
     ax.set_ylabel("ERF radius holding 50% of the mass (px)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.12))  # below: curves fill the axes
     fig.suptitle("effective receptive field of the centre unit, log10 |d unit / d input| (title: index, stride)")
     return _save(fig, path)
 
@@ -226,7 +227,7 @@ def figure_explain(results: dict[str, Any], images_u8: torch.Tensor, path: Path)
             axes[i, j].imshow(img)
             axes[i, j].imshow(np.asarray(e["maps"][j]), cmap="jet", alpha=0.5, vmin=0, vmax=1)
             if j == 0:
-                axes[i, j].set_ylabel(f"{label}\n{e['method']}", fontsize=6)
+                axes[i, j].set_ylabel(f"{textwrap.fill(label, 24)}\n{e['method']}", fontsize=6)
     axes[0, 0].set_ylabel("image", fontsize=7)
     for ax in axes.ravel():
         ax.set_xticks([])
