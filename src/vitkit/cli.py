@@ -603,6 +603,162 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Command table. Add a command by writing its _add_/_cmd_ pair above and listing _add_<name> here.
 # ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# vitkit compare --models A,B --data digits --out DIR   /   vitkit sweep --model M --vary depth=2,4 --out DIR
+# ----------------------------------------------------------------------------------------------------------------
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="train and probe several models on the same data; one HTML/markdown report (docs/compare.md)",
+        description="Train every model on fractions of the same data with the same recipe, then measure cost, "
+        "receptive fields, attention distances, shift/occlusion/rotation robustness and saliency. Resumable: run "
+        "the same command again to continue. See docs/compare.md.",
+    )
+    p.add_argument("--models", required=True, metavar="A,B,C", help="registered model names, comma-separated")
+    p.add_argument(
+        "--model-args",
+        action="append",
+        default=[],
+        metavar="NAME=MAPPING",
+        help="architecture overrides of one model as YAML, e.g. 'resnet18={widths: [32, 64, 128, 256]}' (repeatable)",
+    )
+    p.add_argument("--data", default="digits", help="digits (default), shapes[:N], FOLDER, csv:FILE ...")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (re-run to resume)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=int, help="epochs of every training run (default 10)")
+    g.add_argument("--budget-minutes", type=float, metavar="M", help="choose the epochs so the estimate fits M minutes")
+    p.add_argument("--fractions", default="0.1,0.25,0.5,1.0", help="training-data fractions (default 0.1,0.25,0.5,1.0)")
+    p.add_argument("--img-size", type=int, help="resolution (default: the recipe's, 16 px on digits)")
+    p.add_argument("--batch-size", type=int, help="training batch (default: the recipe's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--probe-images", type=int, default=200, metavar="N", help="held-out images for the probes")
+    p.add_argument("--explain-images", type=int, default=6, metavar="N", help="images explained by every model")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig setting, e.g. --set lr=5e-4"
+    )
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from vitkit.compare import ModelSpec, compare
+    from vitkit.train import TrainingInterrupted
+
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    overrides: dict[str, dict] = {}
+    for item in args.model_args:
+        name, eq, text = item.partition("=")
+        if not eq or name.strip() not in names:
+            raise ValueError(f"--model-args expects NAME=MAPPING with NAME one of --models {names}, got {item!r}")
+        try:
+            overrides[name.strip()] = _mapping_arg(text)
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"--model-args {item!r}: {e}") from None
+    try:
+        fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
+    except ValueError:
+        raise ValueError(f"--fractions expects numbers such as 0.1,0.5,1.0, got {args.fractions!r}") from None
+    try:
+        results = compare(
+            [ModelSpec(n, overrides.get(n, {})) for n in names],
+            data=args.data,
+            out=args.out,
+            epochs=args.epochs,
+            budget_minutes=args.budget_minutes,
+            fractions=fractions,
+            img_size=args.img_size,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=args.device,
+            probe_images=args.probe_images,
+            explain_images=args.explain_images,
+            train_overrides=_parse_sets(args.set),
+            log=_printer("compare", sys.stderr),
+        )
+    except TrainingInterrupted as e:
+        print(f"vitkit compare: {e}; run the same compare command again to continue", file=sys.stderr)
+        return e.exit_code
+    for line in results["recommendations"]:
+        print(line)
+    print(f"report: {args.out}/report.html  {args.out}/report.md  (numbers: {args.out}/results.json)")
+    return 0
+
+
+def _vary_arg(text: str) -> tuple[str, list]:
+    """argparse type for one --vary item: KEY=V1,V2,... with each value read as YAML (numbers stay numbers)."""
+    import yaml
+
+    key, eq, values = text.partition("=")
+    if not eq or not key.strip() or not values.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=V1,V2,... (e.g. depth=2,4,6), got {text!r}")
+    return key.strip().replace("-", "_"), [yaml.safe_load(v) for v in values.split(",") if v.strip()]
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="train one model at several settings (image size, pooling, depth ...): time and accuracy per point",
+        description="Vary settings of one model, one at a time from the base point (each key's first value) by "
+        "default, or the full grid with --grid. Resumable: run the same command again. See docs/compare.md.",
+    )
+    p.add_argument("--model", required=True, help="registered model name")
+    p.add_argument(
+        "--vary",
+        nargs="+",
+        required=True,
+        type=_vary_arg,
+        metavar="KEY=V1,V2",
+        help="settings and their values, e.g. img_size=16,24,32 pool=token,avg depth=2,4,6",
+    )
+    p.add_argument("--grid", action="store_true", help="every combination instead of one setting at a time")
+    p.add_argument("--data", default="digits", help="digits (default), shapes[:N], FOLDER, csv:FILE ...")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (re-run to resume)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=int, help="epochs per point (default 10)")
+    g.add_argument("--budget-minutes", type=float, metavar="M", help="choose the epochs so the estimate fits M minutes")
+    p.add_argument("--img-size", type=int, help="resolution when img_size is not varied (default: the recipe's)")
+    p.add_argument("--batch-size", type=int, help="training batch (default: the recipe's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig setting, e.g. --set lr=5e-4"
+    )
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from vitkit.compare.sweep import sweep
+    from vitkit.train import TrainingInterrupted
+
+    vary: dict[str, list] = {}
+    for key, values in args.vary:
+        if key in vary:
+            raise ValueError(f"--vary names {key!r} twice; give all its values once, e.g. {key}=a,b,c")
+        vary[key] = values
+    try:
+        results = sweep(
+            args.model,
+            vary,
+            data=args.data,
+            out=args.out,
+            grid=args.grid,
+            epochs=args.epochs,
+            budget_minutes=args.budget_minutes,
+            img_size=args.img_size,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=args.device,
+            train_overrides=_parse_sets(args.set),
+            log=_printer("sweep", sys.stderr),
+        )
+    except TrainingInterrupted as e:
+        print(f"vitkit sweep: {e}; run the same sweep command again to continue", file=sys.stderr)
+        return e.exit_code
+    print(results["summary"])
+    print(f"report: {args.out}/report.html  {args.out}/report.md  (numbers: {args.out}/results.json)")
+    return 0
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_models,
     _add_convert,
@@ -615,6 +771,8 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_embed,
     _add_search,
     _add_probe,
+    _add_compare,
+    _add_sweep,
 ]
 
 
