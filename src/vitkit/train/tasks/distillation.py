@@ -230,7 +230,9 @@ class DistillationTask(ClassificationTask):
             )
         say = log or (lambda m: print(m, file=sys.stderr, flush=True))
         teacher = load_teacher(config.teacher, model_name=config.teacher_model, log=lambda m: say(f"teacher: {m}"))
-        return cls(teacher, source=config.teacher, train_transform=train_transform, eval_transform=eval_transform, log=say)
+        return cls(
+            teacher, source=config.teacher, train_transform=train_transform, eval_transform=eval_transform, log=say
+        )
 
     def describe(self) -> dict[str, Any]:
         """The teacher as a run records it: source, architecture, fingerprint, input size, adaptations."""
