@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitkit.data.transforms import _resize  # the one resize of vitkit's preprocessing (filter, antialias, clamp)
 from vitkit.train.config import TrainConfig
 from vitkit.train.losses import classification_loss
 from vitkit.train.metrics import topk_correct
@@ -129,10 +130,11 @@ def teacher_fingerprint(teacher: nn.Module) -> str:
 
 
 class TeacherInput(nn.Module):
-    """The student's (normalised) batch -> the teacher's input: re-normalised and resized when they differ.
+    """The student's (normalised) batch -> the teacher's input: re-normalised, and resized when the sizes differ.
 
-    x_teacher = resize((x * std_s + mean_s - mean_t) / std_t) to the teacher's size. Per-channel affine maps and
-    the resize filters (weights summing to 1) commute, so this equals normalising the resized image for the teacher.
+    Same size: x * std_s / std_t + (mean_s - mean_t) / std_t. Another size: back to 0..1 images, resized with the
+    teacher's filter exactly as vitkit's eval preprocessing resizes (antialiased; bicubic clamped to 0..1), then
+    normalised for the teacher.
     """
 
     def __init__(
@@ -148,20 +150,18 @@ class TeacherInput(nn.Module):
         s_mean, s_std = torch.tensor(student_mean), torch.tensor(student_std)
         t_mean, t_std = torch.tensor(teacher_mean), torch.tensor(teacher_std)
         self.renormalise = not (torch.equal(s_mean, t_mean) and torch.equal(s_std, t_std))
-        self.register_buffer("scale", (s_std / t_std).view(1, -1, 1, 1), persistent=False)  # (1, C, 1, 1)
-        self.register_buffer("shift", ((s_mean - t_mean) / t_std).view(1, -1, 1, 1), persistent=False)
+        for name, v in (("s_mean", s_mean), ("s_std", s_std), ("t_mean", t_mean), ("t_std", t_std)):
+            self.register_buffer(name, v.view(1, -1, 1, 1), persistent=False)  # (1, C, 1, 1)
         self.size = tuple(size) if size is not None else None
         self.interpolation = interpolation
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.renormalise:
-            x = x * self.scale + self.shift
-        if self.size is not None and tuple(x.shape[-2:]) != self.size:
-            if self.interpolation == "nearest":
-                x = F.interpolate(x, size=self.size, mode="nearest-exact")
-            else:
-                x = F.interpolate(x, size=self.size, mode=self.interpolation, align_corners=False, antialias=True)
-        return x
+        if self.size is None or tuple(x.shape[-2:]) == self.size:
+            if not self.renormalise:
+                return x
+            return (x * self.s_std + self.s_mean - self.t_mean) / self.t_std
+        x = _resize(x * self.s_std + self.s_mean, self.size, self.interpolation)  # (B, C, h, w) on 0..1
+        return (x - self.t_mean) / self.t_std
 
 
 # ----------------------------------------------------------------------------------------------------------------
