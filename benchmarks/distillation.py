@@ -1,0 +1,216 @@
+"""DeiT distillation on small data (issue 10): a CNN teacher trained first, then the same DeiT student with and
+without it, same epochs and seeds.
+
+For each dataset and seed:
+1. the teacher: a small ResNet (vitkit's resnet18 narrowed to 3 stages of 1 basic block) trained on the run's
+   training split. The split depends on the seed, so every seed trains its own teacher: one teacher for all seeds
+   would have seen other seeds' test images.
+2. the student, twice, with identical settings and seed: labels only (`ClassificationTask`), and with
+   `--teacher <the teacher run> --distillation hard` (alpha 0.5, DeiT's best setting). The student is a distilled
+   DeiT (class and distillation tokens, two heads) in both runs, so only the objective differs; without a teacher
+   its prediction, the mean of the two heads, is what cross-entropy trains.
+
+Data (a small fraction of each set is used for training; most of the rest is the test set, so the accuracies are
+measured on many images):
+- digits: scikit-learn's 1,797 8x8 digits; 10% validation, 65% test, 25% (~450 images) training. The student
+  runs at 16 px (4 px patches, 16 tokens); the teacher at 32 px (the student's batches are resized for it).
+- shapes: 2,500 procedural 32 px shape images (4 classes); 10% validation, 50% test, 40% (1,000) training. Student
+  and teacher at 32 px (4 px patches: 64 tokens).
+
+Each run is `python -m vitkit train --config OUT/recipes/<run>.yaml` in its own process with one thread, `--jobs`
+at a time (default 2, one per core). A finished run (its summary.json says so, with the same recipe) is reused, so
+an interrupted sweep continues where it stopped. Output in --out: the run directories, results.json and
+results.md: per dataset the teacher's test accuracy, the student's without and with distillation (mean +- sample
+std over the seeds, each seed's value) and the difference in points (mean of the per-seed differences +- std).
+
+Usage:
+    python benchmarks/distillation.py                 # both datasets, 3 seeds (see docs/train.md for the time)
+    python benchmarks/distillation.py --smoke         # seconds: 1-2 epochs on a few images, checks the script only
+    python benchmarks/distillation.py --datasets digits --seeds 0 1 2 3 4 --distillation soft
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
+
+from vitkit._io import atomic_write_text  # noqa: E402
+
+# Augmentation shared by teacher and student: mild crops that keep the digit / shape in view.
+AUG = {"scale": [0.8, 1.0], "ratio": [0.9, 1.1], "crop_fraction": 1.0, "interpolation": "bilinear",
+       "label_smoothing": 0.1, "weight_decay": 0.05, "batch_size": 64, "progress": False, "threads": 1}  # fmt: skip
+DATA = {
+    "digits": {"data": "digits", "val_fraction": 0.1, "test_fraction": 0.65, "hflip": 0.0},
+    "shapes": {"data": "shapes:2500", "shapes_size": 32, "val_fraction": 0.1, "test_fraction": 0.5, "hflip": 0.5},
+}
+TEACHER = {
+    "digits": {"model": "resnet18", "model_args": {"depths": [1, 1, 1], "widths": [32, 64, 128], "stem_width": 32},
+               "img_size": 32, "epochs": 60, "lr": 2.0e-3, "warmup_epochs": 3},
+    "shapes": {"model": "resnet18", "model_args": {"depths": [1, 1, 1], "widths": [32, 64, 128], "stem_width": 32},
+               "img_size": 32, "epochs": 40, "lr": 2.0e-3, "warmup_epochs": 3},
+}  # fmt: skip
+STUDENT_MODEL = "deit_tiny_distilled_patch16_224"
+STUDENT = {
+    "digits": {"model": STUDENT_MODEL, "model_args": {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4},
+               "img_size": 16, "epochs": 100, "lr": 1.0e-3, "warmup_epochs": 5},
+    "shapes": {"model": STUDENT_MODEL, "model_args": {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4},
+               "img_size": 32, "epochs": 60, "lr": 1.0e-3, "warmup_epochs": 5},
+}  # fmt: skip
+# --smoke: a few seconds per run, only to check the script end to end (the accuracies mean nothing).
+SMOKE = {"digits": {"epochs": 1, "test_fraction": 0.8}, "shapes": {"epochs": 1, "data": "shapes:200"}}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--datasets", nargs="+", choices=sorted(DATA), default=["digits", "shapes"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (at least 3 for a spread)")
+    p.add_argument("--distillation", choices=["hard", "soft"], default="hard", help="DeiT's best: hard")
+    p.add_argument("--alpha", type=float, default=0.5, help="distill_alpha")
+    p.add_argument("--tau", type=float, default=1.0, help="distill_tau (soft)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each (default 2: one per core)")
+    p.add_argument("--out", default="runs/distillation", help="folder for the runs, results.json, results.md")
+    p.add_argument("--smoke", action="store_true", help="1 epoch on a few images, seeds 0 and 1: checks the script")
+    args = p.parse_args()
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.smoke:
+        args.seeds = args.seeds[:2]
+    return args
+
+
+def recipe(args: argparse.Namespace, dataset: str, role: str, seed: int) -> dict:
+    """The complete settings of one run: role is teacher, baseline (student on labels) or distilled."""
+    model = TEACHER[dataset] if role == "teacher" else STUDENT[dataset]
+    settings = {**AUG, **DATA[dataset], **model, "seed": seed, "patience": 0}
+    if args.smoke:
+        settings.update(SMOKE[dataset])
+    if role == "distilled":
+        settings.update(
+            teacher=str(run_dir(args, dataset, "teacher", seed)),
+            distillation=args.distillation,
+            distill_alpha=args.alpha,
+            distill_tau=args.tau,
+        )
+    return settings
+
+
+def run_dir(args: argparse.Namespace, dataset: str, role: str, seed: int) -> Path:
+    name = role if role != "distilled" else f"distilled-{args.distillation}-a{args.alpha:g}-t{args.tau:g}"
+    return Path(args.out) / dataset / f"seed{seed}" / name
+
+
+def run(args: argparse.Namespace, dataset: str, role: str, seed: int) -> dict | None:
+    """Train one run in its own process (or reuse it when finished with the same recipe); its summary or None."""
+    out, settings = run_dir(args, dataset, role, seed), recipe(args, dataset, role, seed)
+    path = Path(args.out) / "recipes" / f"{dataset}-seed{seed}-{out.name}.yaml"
+    summary_file = out / "summary.json"
+    if summary_file.is_file() and path.is_file() and yaml.safe_load(path.read_text()) == settings:
+        summary = json.loads(summary_file.read_text())
+        if summary.get("status") == "finished":
+            print(f"[{dataset} seed {seed} {role}] reusing {out}", flush=True)
+            return summary
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)  # an unfinished or different run: start it over
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, yaml.safe_dump(settings, sort_keys=False))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "vitkit", "train", "--config", str(path), "--out", str(out)]
+    t0 = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.log", "w") as log:
+        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        print(f"[{dataset} seed {seed} {role}] FAILED (exit {rc}), see {out.parent / f'{out.name}.log'}", flush=True)
+        return None
+    summary = json.loads(summary_file.read_text())
+    print(
+        f"[{dataset} seed {seed} {role}] test acc {summary['test_acc']:.4f} in {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
+    return summary
+
+
+def sweep(args: argparse.Namespace) -> dict[tuple[str, int, str], dict]:
+    """Teachers and label-only students first (independent), then the distilled students (each needs its teacher)."""
+    first = [(d, s, r) for d in args.datasets for s in args.seeds for r in ("teacher", "baseline")]
+    second = [(d, s, "distilled") for d in args.datasets for s in args.seeds]
+    done: dict[tuple[str, int, str], dict] = {}
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        for jobs in (first, second):
+            jobs = [j for j in jobs if j[2] != "distilled" or (j[0], j[1], "teacher") in done]
+            for job, summary in zip(jobs, pool.map(lambda j: run(args, j[0], j[2], j[1]), jobs), strict=True):
+                if summary is not None:
+                    done[job] = summary
+    return done
+
+
+def _mean_std(values: list[float]) -> str:
+    std = f"{statistics.stdev(values):.4f}" if len(values) > 1 else "-"
+    return f"{statistics.fmean(values):.4f} +- {std}"
+
+
+def table(args: argparse.Namespace, done: dict[tuple[str, int, str], dict]) -> tuple[list[str], list[dict]]:
+    lines = [
+        "| data | train images | seeds | teacher (CNN) | student, labels only | student, distilled | "
+        "difference (points) | per seed: labels -> distilled (agreement with teacher) | time per run (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = []
+    for d in args.datasets:
+        seeds = [s for s in args.seeds if all((d, s, r) in done for r in ("teacher", "baseline", "distilled"))]
+        if not seeds:
+            continue
+        acc = {r: [done[(d, s, r)]["test_acc"] for s in seeds] for r in ("teacher", "baseline", "distilled")}
+        diff = [100 * (b - a) for a, b in zip(acc["baseline"], acc["distilled"], strict=True)]
+        agree = [done[(d, s, "distilled")]["teacher"]["test_agree"] for s in seeds]
+        per_seed = ", ".join(
+            f"{a:.4f} -> {b:.4f} ({g:.2f})" for a, b, g in zip(acc["baseline"], acc["distilled"], agree, strict=True)
+        )
+        times = {r: statistics.fmean(done[(d, s, r)]["wall_time_s"] for s in seeds) for r in acc}
+        spread = f"{statistics.stdev(diff):.1f}" if len(diff) > 1 else "-"
+        lines.append(
+            f"| {d} | {done[(d, seeds[0], 'baseline')]['split_sizes']['train']} | {len(seeds)} | "
+            f"{_mean_std(acc['teacher'])} | {_mean_std(acc['baseline'])} | {_mean_std(acc['distilled'])} | "
+            f"{statistics.fmean(diff):+.1f} +- {spread} | {per_seed} | "
+            f"{times['teacher']:.0f} / {times['baseline']:.0f} / {times['distilled']:.0f} |"
+        )
+        rows.append({"dataset": d, "seeds": seeds, **{f"test_acc_{r}": v for r, v in acc.items()},
+                     "difference_points": diff, "test_agree": agree, "mean_wall_time_s": times})  # fmt: skip
+    return lines, rows
+
+
+def main() -> None:
+    args = parse_args()
+    t0 = time.perf_counter()
+    done = sweep(args)
+    lines, rows = table(args, done)
+    kind = f"{args.distillation}, alpha {args.alpha:g}" + (f", tau {args.tau:g}" if args.distillation == "soft" else "")
+    head = [
+        f"## DeiT distillation from a CNN teacher on small data (`benchmarks/distillation.py"
+        f"{' --smoke' if args.smoke else ''}`; {kind}; test accuracy, mean +- sample std over seeds)",
+        "",
+    ]
+    text = "\n".join(head + lines) + "\n" + "\nTime per run: teacher / labels only / distilled.\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(rows, indent=1) + "\n")
+    atomic_write_text(out / "results.md", text)
+    print("\n" + text + f"wrote {out / 'results.md'} and {out / 'results.json'} ({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
