@@ -225,7 +225,7 @@ def test_errors_name_what_is_wrong(tmp_path):
 # End to end from the CLI, and exact resume
 # ----------------------------------------------------------------------------------------------------------------
 COMMON = ["--data", "digits", "--threads", "1", "--no-progress", "--set", "hflip=0", "--set", "crop_fraction=1.0"]
-COMMON += ["--set", "val_fraction=0.1", "--set", "test_fraction=0.5", "--batch-size", "32"]  # 719 train images
+COMMON += ["--set", "val_fraction=0.1", "--set", "test_fraction=0.7", "--batch-size", "32"]  # 359 train images
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +260,7 @@ def test_cli_end_to_end_with_a_cnn_teacher(cnn_teacher, tmp_path, capsys):
     assert 0 <= teacher["test_agree"] <= 1 and 0 <= teacher["test_teacher_acc"] <= 1
     # The teacher's test accuracy on the same test split is the teacher run's own.
     own = json.loads((cnn_teacher / "summary.json").read_text())["test_acc"]
-    assert teacher["test_teacher_acc"] == pytest.approx(own, abs=2 / 899)  # float rounding may flip an image
+    assert teacher["test_teacher_acc"] == pytest.approx(own, abs=3 / 1258)  # float rounding may flip an image
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(r["train_distill_loss"] > 0 for r in rows)
     saved = json.loads((run / "best" / "config.json").read_text())
@@ -299,7 +299,7 @@ def test_resume_after_sigkill_reloads_the_teacher_and_is_bit_exact(cnn_teacher, 
         if victim.poll() is None:
             victim.kill()
     killed = read_training_state(run / "last")
-    assert 0 < killed["step"] < 44 and killed["task"] == "DistillationTask"  # 22 steps per epoch, 2 epochs
+    assert 0 < killed["step"] < 22 and killed["task"] == "DistillationTask"  # 11 steps per epoch, 2 epochs
 
     assert main(_student_args(teacher, ref, *args)) == 0
     assert main(["train", "--resume", str(run), "--threads", "1"]) == 0
