@@ -53,19 +53,19 @@ AUG = {"scale": [0.8, 1.0], "ratio": [0.9, 1.1], "crop_fraction": 1.0, "interpol
        "label_smoothing": 0.1, "weight_decay": 0.05, "batch_size": 64, "progress": False, "threads": 1}  # fmt: skip
 DATA = {
     "digits": {"data": "digits", "val_fraction": 0.1, "test_fraction": 0.65, "hflip": 0.0},
-    "shapes": {"data": "shapes:2500", "shapes_size": 32, "val_fraction": 0.1, "test_fraction": 0.5, "hflip": 0.5},
+    "shapes": {"data": "shapes:4000", "shapes_size": 32, "val_fraction": 0.1, "test_fraction": 0.5, "hflip": 0.5},
 }
 TEACHER = {
     "digits": {"model": "resnet18", "model_args": {"depths": [1, 1, 1], "widths": [32, 64, 128], "stem_width": 32},
                "img_size": 32, "epochs": 60, "lr": 2.0e-3, "warmup_epochs": 3},
     "shapes": {"model": "resnet18", "model_args": {"depths": [1, 1, 1], "widths": [32, 64, 128], "stem_width": 32},
-               "img_size": 32, "epochs": 40, "lr": 2.0e-3, "warmup_epochs": 3},
+               "img_size": 32, "epochs": 60, "lr": 2.0e-3, "warmup_epochs": 3},
 }  # fmt: skip
 STUDENT_MODEL = "deit_tiny_distilled_patch16_224"
 STUDENT = {
     "digits": {"model": STUDENT_MODEL, "model_args": {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4},
                "img_size": 16, "epochs": 100, "lr": 1.0e-3, "warmup_epochs": 5},
-    "shapes": {"model": STUDENT_MODEL, "model_args": {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4},
+    "shapes": {"model": STUDENT_MODEL, "model_args": {"patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4},
                "img_size": 32, "epochs": 60, "lr": 1.0e-3, "warmup_epochs": 5},
 }  # fmt: skip
 # --smoke: a few seconds per run, only to check the script end to end (the accuracies mean nothing).
