@@ -111,16 +111,16 @@ def run_dir(args: argparse.Namespace, dataset: str, role: str, seed: int) -> Pat
     return Path(args.out) / dataset / f"seed{seed}" / name
 
 
-def run(args: argparse.Namespace, dataset: str, role: str, seed: int) -> dict | None:
+def run(args: argparse.Namespace, dataset: str, role: str, seed: int, reuse: bool = True) -> dict | None:
     """Train one run in its own process (or reuse it when finished with the same recipe); its summary or None."""
     out, settings = run_dir(args, dataset, role, seed), recipe(args, dataset, role, seed)
     path = Path(args.out) / "recipes" / f"{dataset}-seed{seed}-{out.name}.yaml"
     summary_file = out / "summary.json"
-    if summary_file.is_file() and path.is_file() and yaml.safe_load(path.read_text()) == settings:
+    if reuse and summary_file.is_file() and path.is_file() and yaml.safe_load(path.read_text()) == settings:
         summary = json.loads(summary_file.read_text())
         if summary.get("status") == "finished":
             print(f"[{dataset} seed {seed} {role}] reusing {out}", flush=True)
-            return summary
+            return {**summary, "reused": True}
     if out.exists():
         import shutil
 
@@ -149,10 +149,17 @@ def sweep(args: argparse.Namespace) -> dict[tuple[str, int, str], dict]:
     first = [(d, s, r) for d in args.datasets for s in args.seeds for r in ("teacher", "baseline")]
     second = [(d, s, "distilled") for d in args.datasets for s in args.seeds]
     done: dict[tuple[str, int, str], dict] = {}
+
+    def one(job: tuple[str, int, str]) -> dict | None:
+        d, s, role = job
+        # A student distilled from an older teacher is not reused once that teacher has been trained again.
+        fresh_teacher = role == "distilled" and not done[(d, s, "teacher")].get("reused")
+        return run(args, d, role, s, reuse=not fresh_teacher)
+
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         for jobs in (first, second):
             jobs = [j for j in jobs if j[2] != "distilled" or (j[0], j[1], "teacher") in done]
-            for job, summary in zip(jobs, pool.map(lambda j: run(args, j[0], j[2], j[1]), jobs), strict=True):
+            for job, summary in zip(jobs, pool.map(one, jobs), strict=True):
                 if summary is not None:
                     done[job] = summary
     return done

@@ -221,6 +221,23 @@ def test_errors_name_what_is_wrong(tmp_path):
         Trainer(_student(), "cpu", TrainConfig(teacher=str(tmp_path / "nowhere"), distillation="hard"))
 
 
+def test_a_registry_architecture_with_local_weights_as_teacher(tmp_path):
+    """A timm/torchvision-layout ResNet file says no architecture: teacher_model names it; the input is adapted."""
+    torch.manual_seed(0)
+    torch.save(vitkit.create_model("resnet18", num_classes=4).state_dict(), tmp_path / "r18.pth")
+    cfg = TrainConfig(teacher=str(tmp_path / "r18.pth"), distillation="hard", progress=False)
+    with pytest.raises(ValueError, match=r"pass model_name=.*\(for a teacher: --teacher-model NAME"):
+        Trainer(_student(), "cpu", cfg)
+    notes: list[str] = []
+    trainer = Trainer(_student(), "cpu", cfg.replace(teacher_model="resnet18"), log=notes.append)
+    assert type(trainer.task).__name__ == "DistillationTask" and trainer.task.teacher.family == "resnet"
+    assert notes[-2:] == [
+        f"teacher {tmp_path / 'r18.pth'}: re-normalising the student's batches from mean (0.300, 0.300, 0.300) std "
+        "(0.300, 0.300, 0.300) to the teacher's mean (0.485, 0.456, 0.406) std (0.229, 0.224, 0.225)",
+        f"teacher {tmp_path / 'r18.pth'}: resizing the student's 8x8 batches to the teacher's 224x224 (bilinear)",
+    ]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # End to end from the CLI, and exact resume
 # ----------------------------------------------------------------------------------------------------------------

@@ -110,7 +110,15 @@ def load_teacher(source: str | os.PathLike, *, model_name: str | None = None, lo
             f"teacher {str(source)!r} does not exist (a resumed run reloads the teacher named in its config.yaml: "
             "put the same checkpoint back at that path)"
         )
-    teacher = load_model(source, model_name=model_name, log=log)
+    try:
+        teacher = load_model(source, model_name=model_name, log=log)
+    except ValueError as e:
+        if model_name is not None:
+            raise
+        # load_model's advice names its own flag (--model); for a teacher it is --teacher-model.
+        raise ValueError(
+            f"teacher {str(source)!r}: {e} (for a teacher: --teacher-model NAME, teacher_model in a recipe)"
+        ) from None
     if not getattr(teacher, "num_classes", 0):
         raise ValueError(f"teacher {str(source)!r} has no classifier head (num_classes=0): it cannot give logits")
     return teacher
