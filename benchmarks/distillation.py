@@ -8,7 +8,10 @@ For each dataset and seed:
 2. the student, twice, with identical settings and seed: labels only (`ClassificationTask`), and with
    `--teacher <the teacher run> --distillation hard` (alpha 0.5, DeiT's best setting). The student is a distilled
    DeiT (class and distillation tokens, two heads) in both runs, so only the objective differs; without a teacher
-   its prediction, the mean of the two heads, is what cross-entropy trains.
+   its prediction, the mean of the two heads, is what cross-entropy trains. Students train with DeiT's Mixup 0.8
+   and CutMix 1.0 (--mixup, --cutmix): without mixing, a teacher trained on the same images gives back their own
+   labels on the training set, and hard distillation adds almost nothing (digits, seed 0, no mixing: 0.936 on
+   labels, 0.924 distilled).
 
 Data (a small fraction of each set is used for training; most of the rest is the test set, so the accuracies are
 measured on many images):
@@ -79,6 +82,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--distillation", choices=["hard", "soft"], default="hard", help="DeiT's best: hard")
     p.add_argument("--alpha", type=float, default=0.5, help="distill_alpha")
     p.add_argument("--tau", type=float, default=1.0, help="distill_tau (soft)")
+    p.add_argument("--mixup", type=float, default=0.8, help="students' Mixup alpha (DeiT: 0.8; 0 = off)")
+    p.add_argument("--cutmix", type=float, default=1.0, help="students' CutMix alpha (DeiT: 1.0; 0 = off)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each (default 2: one per core)")
     p.add_argument("--out", default="runs/distillation", help="folder for the runs, results.json, results.md")
     p.add_argument("--smoke", action="store_true", help="1 epoch on a few images, seeds 0 and 1: checks the script")
@@ -94,6 +99,8 @@ def recipe(args: argparse.Namespace, dataset: str, role: str, seed: int) -> dict
     """The complete settings of one run: role is teacher, baseline (student on labels) or distilled."""
     model = TEACHER[dataset] if role == "teacher" else STUDENT[dataset]
     settings = {**AUG, **DATA[dataset], **model, "seed": seed, "patience": 0}
+    if role != "teacher":  # the students train as DeiT's do, with Mixup/CutMix; the teacher is a plain CNN run
+        settings.update(mixup=args.mixup, cutmix=args.cutmix)
     if args.smoke:
         settings.update(SMOKE[dataset])
     if role == "distilled":
@@ -145,23 +152,26 @@ def run(args: argparse.Namespace, dataset: str, role: str, seed: int, reuse: boo
 
 
 def sweep(args: argparse.Namespace) -> dict[tuple[str, int, str], dict]:
-    """Teachers and label-only students first (independent), then the distilled students (each needs its teacher)."""
-    first = [(d, s, r) for d in args.datasets for s in args.seeds for r in ("teacher", "baseline")]
-    second = [(d, s, "distilled") for d in args.datasets for s in args.seeds]
+    """Every run, `args.jobs` at a time: teachers first, then the label-only students, then the distilled ones
+    (each waits for its own teacher)."""
     done: dict[tuple[str, int, str], dict] = {}
 
-    def one(job: tuple[str, int, str]) -> dict | None:
-        d, s, role = job
+    def distilled(d: str, s: int, teacher: concurrent.futures.Future) -> dict | None:
+        summary = teacher.result()
+        if summary is None:
+            print(f"[{d} seed {s} distilled] skipped: its teacher failed", flush=True)
+            return None
         # A student distilled from an older teacher is not reused once that teacher has been trained again.
-        fresh_teacher = role == "distilled" and not done[(d, s, "teacher")].get("reused")
-        return run(args, d, role, s, reuse=not fresh_teacher)
+        return run(args, d, "distilled", s, reuse=bool(summary.get("reused")))
 
+    pairs = [(d, s) for d in args.datasets for s in args.seeds]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        for jobs in (first, second):
-            jobs = [j for j in jobs if j[2] != "distilled" or (j[0], j[1], "teacher") in done]
-            for job, summary in zip(jobs, pool.map(one, jobs), strict=True):
-                if summary is not None:
-                    done[job] = summary
+        futures = {(d, s, r): pool.submit(run, args, d, r, s) for r in ("teacher", "baseline") for d, s in pairs}
+        for d, s in pairs:
+            futures[(d, s, "distilled")] = pool.submit(distilled, d, s, futures[(d, s, "teacher")])
+        for job, future in futures.items():
+            if (summary := future.result()) is not None:
+                done[job] = summary
     return done
 
 
