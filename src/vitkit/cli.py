@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 # Choices come from the Literals of the library's configs, so the CLI and the library never disagree.
 from vitkit._validate import choices
 from vitkit.explain.maps import HeadFusion, Method
-from vitkit.train.config import Amp, AutoAugment, Monitor, Parallel, TrainConfig
+from vitkit.train.config import Amp, AutoAugment, Distillation, Monitor, Parallel, TrainConfig
 from vitkit.train.evaluate import Split
 from vitkit.viz.outputs import VISUALIZATIONS
 from vitkit.weights.convert import TargetFormat
@@ -249,6 +249,8 @@ _TRAIN_FLAGS = {
     "strict": "strict", "tensorboard": "tensorboard", "workers": "workers", "device": "device",
     "ckpt_every_steps": "ckpt_every_steps", "progress": "progress", "threads": "threads", "tome": "tome",
     "parallel": "parallel",
+    "teacher": "teacher", "teacher_model": "teacher_model", "distillation": "distillation",
+    "distill_alpha": "distill_alpha", "distill_tau": "distill_tau",
 }  # fmt: skip
 
 
@@ -309,6 +311,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--mixup", type=float, metavar="ALPHA", help="Mixup alpha (0 = off)")
     g.add_argument("--cutmix", type=float, metavar="ALPHA", help="CutMix alpha (0 = off)")
     g.add_argument("--auto-augment", choices=choices(AutoAugment))
+    g = p.add_argument_group("knowledge distillation (DeiT, docs/train.md)")
+    g.add_argument("--teacher", metavar="SRC", help="teacher: a run or model dir, a timm/HF checkpoint")
+    g.add_argument("--teacher-model", metavar="NAME", help="registered name for a teacher file (e.g. resnet18 .pth)")
+    g.add_argument("--distillation", choices=choices(Distillation), help="hard (teacher argmax) or soft (KL)")
+    g.add_argument("--distill-alpha", type=float, metavar="A", help="weight of the distillation loss (default 0.5)")
+    g.add_argument("--distill-tau", type=float, metavar="T", help="soft distillation temperature (default 1.0)")
     g = p.add_argument_group("speed and memory")
     g.add_argument("--threads", type=_threads_arg, metavar="N|auto", help=_THREADS_HELP)
     g.add_argument("--amp", choices=choices(Amp), help="autocast dtype (fp16 needs CUDA)")

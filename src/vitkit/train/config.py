@@ -25,6 +25,7 @@ DEFAULT_MODEL = "vit_nano_patch4_32"  # a 1.2M-parameter ViT that trains on CPU 
 Amp = Literal["none", "bf16", "fp16"]
 Monitor = Literal["val_acc", "val_loss", "ema_acc", "ema_loss"]
 Parallel = Literal["ddp", "fsdp"]
+Distillation = Literal["none", "soft", "hard"]
 
 
 @dataclass
@@ -80,6 +81,13 @@ class TrainConfig:
     crop_fraction: float = 0.875  # eval: resize to img_size / crop_fraction, centre crop (1.0 for tiny images)
     interpolation: Interpolation = "bicubic"  # resize filter in training and eval
 
+    # --- knowledge distillation (DeiT; vitkit.train.tasks.distillation) -----------------------------------------
+    teacher: str | None = None  # teacher checkpoint: a run or model dir, a timm/HF file or dir; None = no teacher
+    teacher_model: str | None = None  # registered name for a teacher file whose layout does not say (a CNN .pth)
+    distillation: Distillation = "none"  # hard: CE against the teacher's argmax (DeiT's best); soft: KL at tau
+    distill_alpha: float = 0.5  # loss = (1 - alpha) * label loss + alpha * distillation loss (DeiT: 0.5)
+    distill_tau: float = 1.0  # soft distillation temperature; the KL is scaled by tau^2 (DeiT: 1.0)
+
     # --- runtime ----------------------------------------------------------------------------------------------
     device: str = "auto"  # auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...
     amp: Amp = "none"  # autocast: bf16 (CPU with AMX, or GPU) or fp16 (GPU only, with a GradScaler)
@@ -108,6 +116,7 @@ class TrainConfig:
         check_literal("parallel", self.parallel, Parallel)
         check_literal("monitor", self.monitor, Monitor)
         check_literal("auto_augment", self.auto_augment, AutoAugment)
+        check_literal("distillation", self.distillation, Distillation)
         check_literal("interpolation", self.interpolation, Interpolation)
         check_threads(self.threads)
         _positive_int("epochs", self.epochs)
@@ -123,6 +132,17 @@ class TrainConfig:
                 _positive_int(name, getattr(self, name))
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.teacher is not None and self.distillation == "none":
+            raise ValueError(
+                f"teacher={self.teacher!r} needs distillation: 'hard' (DeiT's best) or 'soft'; drop the teacher to "
+                "train on labels alone"
+            )
+        if self.teacher_model is not None and self.teacher is None:
+            raise ValueError(f"teacher_model={self.teacher_model!r} names the architecture of a teacher; give teacher")
+        if not 0 <= self.distill_alpha <= 1:
+            raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        if not self.distill_tau > 0:
+            raise ValueError(f"distill_tau must be > 0, got {self.distill_tau}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
         if self.weight_decay < 0:

@@ -32,6 +32,7 @@ from vitkit.train.checkpoint import has_checkpoint, load_weights_into, read_trai
 from vitkit.train.config import DEFAULT_MODEL, TrainConfig, resolve_config
 from vitkit.train.distributed import DistInfo, barrier, broadcast_object, cleanup_distributed, init_distributed
 from vitkit.train.loader import BatchLoader
+from vitkit.train.tasks import DistillationTask, task_from_config
 from vitkit.train.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, amp_dtype, seed_everything, unwrap
 
 # Settings that only change how a run executes, not what it computes: these may differ when resuming.
@@ -325,7 +326,12 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
         "run_dir": str(run_dir),
         "threads": threads.count,
     }
-    trainer = Trainer(model, config=cfg, run_dir=run_dir, dist=dist, log=say, checkpoint_extra={"training": record})
+    task = task_from_config(cfg, log=say)  # loads the teacher when the recipe distils
+    if isinstance(task, DistillationTask):
+        record["teacher"] = _check_teacher(task, model, run_dir, state)
+    trainer = Trainer(
+        model, config=cfg, run_dir=run_dir, dist=dist, log=say, checkpoint_extra={"training": record}, task=task
+    )
     if resume is None:
         say(f"run directory: {run_dir}")
         if dist.is_main:
@@ -344,6 +350,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
         "split_sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
         "threads": threads.to_dict(),
     }
+    if isinstance(task, DistillationTask):
+        summary["teacher"] = task.describe()
     try:
         trainer.train(train_loader, val_loader, resume_state=state)
     except (TrainingInterrupted, NonFiniteLossError) as e:
@@ -393,6 +401,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
         amp=cfg.amp,
         checkpoints={"best": str(run_dir / "best"), "last": str(run_dir / "last")},
     )
+    if isinstance(task, DistillationTask):
+        summary["teacher"].update(test_agree=test.get("agree"), test_teacher_acc=test.get("teacher_acc"))
     if state is not None and state.get("finished") and (run_dir / "summary.json").is_file():
         # Resuming a finished run only re-tests best/: the training it did is described by its own summary.
         import json
@@ -404,6 +414,22 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
     if dist.is_main:
         _write_summary(run_dir, summary)
     return summary
+
+
+def _check_teacher(task: DistillationTask, model: nn.Module, run_dir: Path, state: Any) -> dict[str, Any]:
+    """The teacher's record for the checkpoints (after checking it against the student, which says how its input
+    is adapted); on resume, refuse a teacher whose weights changed since."""
+    task.check_model(model)
+    info = task.describe()
+    if state is not None:
+        before = (training_record(run_dir / "last").get("teacher") or {}).get("fingerprint")
+        if before is not None and before != info["fingerprint"]:
+            raise ValueError(
+                f"the teacher at {info['source']} is not the one {run_dir} was trained with (weights fingerprint "
+                f"{info['fingerprint']}, recorded {before}): resuming would not continue the run exactly; put the "
+                "original teacher back at that path"
+            )
+    return info
 
 
 def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

@@ -55,7 +55,7 @@ from vitkit.train.optim import (
     require_layer_ids,
     setup_optimizer_groups,
 )
-from vitkit.train.tasks import ClassificationTask, Task
+from vitkit.train.tasks import Task, task_from_config
 
 PLOT_EVERY_S = 30.0  # minimum seconds between redraws of RUN_DIR/curves.png
 
@@ -179,7 +179,8 @@ class Trainer:
         log: where messages go (rank 0 only); print to stderr by default.
         checkpoint_extra: extra JSON fields for the checkpoints' config.json (e.g. a `training` record).
         task: what is learned: batch fields, loss, metrics, evaluation (see `vitkit.train.tasks`); None =
-            `ClassificationTask(train_transform, eval_transform)`.
+            `ClassificationTask(train_transform, eval_transform)`, or a `DistillationTask` loading
+            `config.teacher` when the recipe sets distillation.
 
     Raises:
         TypeError: transforms given together with a task.
@@ -205,13 +206,14 @@ class Trainer:
                 f"train_transform/eval_transform configure the default classification task; with "
                 f"task={type(task).__name__}(...) give the task its transforms"
             )
-        self.task = task if task is not None else ClassificationTask(train_transform, eval_transform)
         self.cfg = config or TrainConfig()
         self.dist = dist or DistInfo(device=resolve_device(device if device is not None else self.cfg.device))
         self.device = self.dist.device
         self.model = model  # the plain module; `self.train_model` is what the loop calls (maybe compiled / DDP)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        # The recipe's task: classification, or distillation when it names a teacher.
+        self.task = task if task is not None else task_from_config(self.cfg, train_transform, eval_transform, self.log)
         self.checkpoint_extra = dict(checkpoint_extra or {})
         self.task.check_model(model)
         self._check_model_settings()

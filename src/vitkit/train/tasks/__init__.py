@@ -2,9 +2,20 @@
 
 from vitkit.train.tasks import ClassificationTask, Task
 Trainer(model, config=cfg, task=ClassificationTask())     # the default
+Trainer(model, config=cfg.replace(teacher="runs/cnn", distillation="hard"))   # DistillationTask from the recipe
 """
 
 from vitkit.train.tasks.base import Batch, Task, to_device
 from vitkit.train.tasks.classification import ClassificationTask
+from vitkit.train.tasks.distillation import DistillationTask, distillation_loss, load_teacher, task_from_config
 
-__all__ = ["Batch", "ClassificationTask", "Task", "to_device"]
+__all__ = [
+    "Batch",
+    "ClassificationTask",
+    "DistillationTask",
+    "Task",
+    "distillation_loss",
+    "load_teacher",
+    "task_from_config",
+    "to_device",
+]
