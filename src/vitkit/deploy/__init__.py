@@ -3,3 +3,14 @@
 Sits beside `vitkit.explain` in the data flow (layers -> models -> weights -> data -> train -> explain/deploy -> cli):
 it may use models, weights and data (for calibration and the preprocessing recorded in exports), never the CLI.
 """
+
+from vitkit.deploy.quantize import (
+    DEFAULT_METHOD,
+    Int8Model,
+    calibration_batches,
+    evaluate_int8,
+    predict_int8,
+    quantize,
+)
+
+__all__ = ["DEFAULT_METHOD", "Int8Model", "calibration_batches", "evaluate_int8", "predict_int8", "quantize"]
