@@ -223,8 +223,11 @@ def main() -> int:
     p.add_argument("--train-images", type=int, default=4000)
     p.add_argument("--heldout", type=int, default=1000)
     p.add_argument("--checkpoint", default=None, help="a vitkit model dir trained on shapes: its agreement too")
-    p.add_argument("--no-compile-agreement", action="store_true",
-                   help="agreement of PT2E without inductor (same numerics up to float rounding, no compile time)")
+    p.add_argument(
+        "--no-compile-agreement",
+        action="store_true",
+        help="agreement of PT2E without inductor (same numerics up to float rounding, no compile time)",
+    )
     p.add_argument("--skip-throughput", action="store_true")
     args = p.parse_args()  # fmt: skip
     args.model_overrides, args.small_overrides, args.small_side = {}, dict(embed_dim=96, depth=6, num_heads=3), 64

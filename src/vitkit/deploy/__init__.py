@@ -5,7 +5,9 @@ it may use models, weights and data (for calibration and the preprocessing recor
 """
 
 from vitkit.deploy.quantize import (
+    DEFAULT_CALIBRATION_IMAGES,
     DEFAULT_METHOD,
+    Int8Method,
     Int8Model,
     calibration_batches,
     evaluate_int8,
@@ -13,4 +15,13 @@ from vitkit.deploy.quantize import (
     quantize,
 )
 
-__all__ = ["DEFAULT_METHOD", "Int8Model", "calibration_batches", "evaluate_int8", "predict_int8", "quantize"]
+__all__ = [
+    "DEFAULT_CALIBRATION_IMAGES",
+    "DEFAULT_METHOD",
+    "Int8Method",
+    "Int8Model",
+    "calibration_batches",
+    "evaluate_int8",
+    "predict_int8",
+    "quantize",
+]

@@ -38,13 +38,13 @@ from torch import Tensor, nn
 
 from vitkit._validate import check_choice
 
-Method = Literal["pt2e", "dynamic"]
+Int8Method = Literal["pt2e", "dynamic"]
 
 # Measured on this project's 2-core AVX2 EPYC (no AVX-512, no VNNI), ViT-S/16 at 224 px, one thread:
 # see `benchmarks/int8_cpu.py` and docs/deploy.md. PT2E compiled is the default because it quantizes the
 # activations of every linear layer with calibrated ranges and fuses the quantize steps into the int8 kernels,
 # where dynamic quantization pays a min/max pass and an fp32 requantization per layer and per batch.
-DEFAULT_METHOD: Method = "pt2e"
+DEFAULT_METHOD: Int8Method = "pt2e"
 
 # Calibration images when the caller does not say how many: the observers' min/max settle after a few hundred
 # images; more only costs time.
@@ -81,7 +81,7 @@ class Int8Model(nn.Module):
         self,
         module: nn.Module,
         *,
-        method: Method,
+        method: Int8Method,
         preprocess: Any,
         num_classes: int,
         model_name: str,
@@ -334,7 +334,9 @@ class _ContractForward(nn.Module):
 
 def _export(model: nn.Module, example: Tensor) -> torch.export.ExportedProgram:
     batch = torch.export.Dim("batch", min=1, max=4096)
-    with torch.no_grad():
+    # Traced with autograd on (the model is in eval mode): inference-only shortcuts that cache on tensor data, such
+    # as ResNet's folded conv+BatchNorm, cannot be traced; prepare_pt2e folds BatchNorm into the convolution itself.
+    with torch.enable_grad():
         return torch.export.export(_ContractForward(model), (example,), dynamic_shapes={"x": {0: batch}})
 
 
@@ -365,7 +367,7 @@ def _pt2e(model: nn.Module, batches: list[Tensor]) -> nn.Module:
 
 def quantize(
     model: nn.Module,
-    method: Method = DEFAULT_METHOD,
+    method: Int8Method = DEFAULT_METHOD,
     calibration: CalibrationData | None = None,
     *,
     num_images: int | None = None,
@@ -398,7 +400,7 @@ def quantize(
             data (see `calibration_batches`).
         TypeError: `model` is not an nn.Module or calibration of the wrong type.
     """
-    check_choice("method", method, Method)
+    check_choice("method", method, Int8Method)
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize needs a torch nn.Module, got {type(model).__name__}")
     name = _model_name(model)
@@ -445,7 +447,7 @@ def quantize(
 # --- predict / evaluate with an int8 copy of a checkpoint -------------------------------------------------------
 def _int8_variant(
     checkpoint: str | os.PathLike,
-    method: Method,
+    method: Int8Method,
     calibration: CalibrationData | None,
     num_images: int | None,
     compile: bool,
@@ -454,7 +456,7 @@ def _int8_variant(
     """The function that turns the checkpoint's loaded fp32 model into its int8 copy (appended to `made`)."""
     from vitkit.runs import resolve_checkpoint, training_record
 
-    check_choice("method", method, Method)
+    check_choice("method", method, Int8Method)
     directory = resolve_checkpoint(checkpoint)
     record = training_record(directory) if directory.is_dir() else {}
     if method == "dynamic" and (calibration is not None or num_images is not None):
@@ -499,7 +501,7 @@ def evaluate_int8(
     checkpoint: str | os.PathLike,
     data: str | None = None,
     *,
-    method: Method = DEFAULT_METHOD,
+    method: Int8Method = DEFAULT_METHOD,
     calibration: CalibrationData | None = None,
     num_images: int | None = None,
     compile: bool = True,
@@ -549,7 +551,7 @@ def predict_int8(
     checkpoint: str | os.PathLike,
     images: list[str | os.PathLike],
     *,
-    method: Method = DEFAULT_METHOD,
+    method: Int8Method = DEFAULT_METHOD,
     calibration: CalibrationData | None = None,
     num_images: int | None = None,
     compile: bool = True,
