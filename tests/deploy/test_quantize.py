@@ -17,7 +17,15 @@ from torch import nn
 from vitkit.cli import main
 from vitkit.data import load_data
 from vitkit.data.inference import eval_transform
-from vitkit.deploy import Int8Model, calibration_batches, evaluate_int8, predict_int8, quantize
+from vitkit.deploy import (
+    Int8Model,
+    calibration_batches,
+    evaluate_int8,
+    load_int8,
+    predict_int8,
+    quantize,
+    save_int8,
+)
 from vitkit.models import create_model
 
 SIZE = 16  # digits (8 px) upsampled to 16 px: a 4x4 grid of patch 4
@@ -170,6 +178,26 @@ def test_refusals_name_the_value_and_the_fix(digits):
     d = quantize(model, "dynamic")
     x24 = torch.randn(2, 3, 24, 24)
     assert _compare(d, model, x24)[1] > 0.99
+
+
+def test_pt2e_save_and_load_round_trip(digits, tmp_path):
+    model, _, test_x = digits
+    q = quantize(model, "pt2e", "digits", num_images=32, compile=False)
+    path = save_int8(q, tmp_path / "digits_int8.pt2")
+    assert [p.name for p in tmp_path.iterdir()] == ["digits_int8.pt2"]  # written atomically: no temporary left
+    loaded = load_int8(path, compile=False)
+    assert (loaded.method, loaded.calibration_images, loaded.input_size) == ("pt2e", 32, (SIZE, SIZE))
+    assert loaded.preprocess == model.preprocess and loaded.model_name == q.model_name
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(test_x), q(test_x), rtol=0, atol=0)
+        assert loaded(test_x[:1]).shape == (1, 10)  # any batch size
+    with pytest.raises(ValueError, match="only method='pt2e' int8 models are saved"):
+        save_int8(quantize(model, "dynamic"), tmp_path / "dyn.pt2")
+    (tmp_path / "junk.pt2").write_bytes(b"not a program")
+    with pytest.raises(ValueError, match="is not a torch.export program"):
+        load_int8(tmp_path / "junk.pt2")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_int8(tmp_path / "missing.pt2")
 
 
 def test_dynamic_refuses_a_model_of_convolutions():

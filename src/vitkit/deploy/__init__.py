@@ -11,8 +11,10 @@ from vitkit.deploy.quantize import (
     Int8Model,
     calibration_batches,
     evaluate_int8,
+    load_int8,
     predict_int8,
     quantize,
+    save_int8,
 )
 
 __all__ = [
@@ -22,6 +24,8 @@ __all__ = [
     "Int8Model",
     "calibration_batches",
     "evaluate_int8",
+    "load_int8",
     "predict_int8",
     "quantize",
+    "save_int8",
 ]

@@ -444,6 +444,89 @@ def quantize(
         model.train(was_training)
 
 
+# --- saving and loading (PT2E) --------------------------------------------------------------------------------
+INT8_META = "vitkit_int8.json"  # the extra file inside a saved .pt2 that makes it a vitkit int8 model
+
+
+def save_int8(q: Int8Model, path: str | os.PathLike) -> Path:
+    """Save a PT2E int8 model as a `torch.export` program (`.pt2`), written atomically.
+
+    The file holds the converted graph (int8 weights, calibrated activation scales, any batch size at the
+    calibrated (H, W)) and, as the extra file `vitkit_int8.json`, the model name, method, calibration count and
+    preprocessing. Inductor's int8 kernels are not saved: `load_int8` compiles again.
+
+    Raises:
+        ValueError: A "dynamic" model: quantizing the fp32 model again takes under a second and gives the same
+            int8 weights, so save the fp32 model (`save_pretrained`) and quantize on load.
+        TypeError: `q` is not an `Int8Model`.
+    """
+    import dataclasses
+    import json
+
+    from vitkit._io import atomic_path
+
+    if not isinstance(q, Int8Model):
+        raise TypeError(f"save_int8 takes an Int8Model from vitkit.deploy.quantize, got {type(q).__name__}")
+    if q.method != "pt2e":
+        raise ValueError(
+            f"only method='pt2e' int8 models are saved, got method={q.method!r}: dynamic quantization of the saved "
+            "fp32 model on load takes under a second and gives the same int8 weights"
+        )
+    _pt2e_modules()
+    h, w = q.input_size
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(q.graph, (torch.zeros(2, 3, h, w),), dynamic_shapes={"x": {0: batch}})
+    meta = {
+        "format": 1,
+        "model_name": q.model_name,
+        "method": q.method,
+        "calibration_images": q.calibration_images,
+        "input_size": [h, w],
+        "num_classes": q.num_classes,
+        "preprocess": dataclasses.asdict(q.preprocess),
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.export.save(program, tmp, extra_files={INT8_META: json.dumps(meta)})
+    return path
+
+
+def load_int8(path: str | os.PathLike, *, compile: bool = True) -> Int8Model:
+    """Load a model saved by `save_int8`; with `compile`, inductor lowers it to int8 kernels on its first call.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: A file that is not a vitkit int8 model.
+    """
+    import json
+
+    from vitkit.models.base import Preprocess
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"int8 model file {str(path)!r} does not exist")
+    _pt2e_modules()  # registers the quantize/dequantize ops the program calls, and inductor's int8 passes
+    extra = {INT8_META: ""}
+    try:
+        program = torch.export.load(path, extra_files=extra)
+    except Exception as e:  # a zip that is not a program, or not a zip at all
+        raise ValueError(f"{str(path)!r} is not a torch.export program ({type(e).__name__}: {e})") from None
+    if not extra[INT8_META]:
+        raise ValueError(f"{str(path)!r} is a torch.export program but not a vitkit int8 model (no {INT8_META})")
+    meta = json.loads(extra[INT8_META])
+    q = Int8Model(
+        program.module(),
+        method=meta["method"],
+        preprocess=Preprocess(**meta["preprocess"]),
+        num_classes=int(meta["num_classes"]),
+        model_name=meta["model_name"],
+        calibration_images=int(meta["calibration_images"]),
+        input_size=tuple(meta["input_size"]),
+        compiled=compile,
+    )
+    return q.eval()
+
+
 # --- predict / evaluate with an int8 copy of a checkpoint -------------------------------------------------------
 def _int8_variant(
     checkpoint: str | os.PathLike,
