@@ -406,6 +406,8 @@ def _int8_requested(args: argparse.Namespace) -> bool:
                                 ("--calib-images", args.calib_images)) if v is not None]  # fmt: skip
         if given:
             raise ValueError(f"{given[0]} needs --int8")
+    elif args.device not in ("auto", "cpu"):
+        raise ValueError(f"--int8 runs on the CPU; got --device {args.device} (use auto or cpu)")
     return bool(args.int8)
 
 

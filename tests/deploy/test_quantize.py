@@ -322,3 +322,5 @@ def test_cli_eval_and_predict_int8(digits, model_dir, tmp_path, monkeypatch, cap
     assert "--calib needs --int8" in capsys.readouterr().err
     assert main(["predict", *ck, "--int8", "--int8-method", "dynamic", "--calib", "digits"]) == 2
     assert "takes no calibration data" in capsys.readouterr().err
+    assert main(["predict", *ck, "--int8", "--device", "cuda"]) == 2
+    assert "--int8 runs on the CPU; got --device cuda" in capsys.readouterr().err
