@@ -6,8 +6,7 @@ Two methods:
   tensor); activations are quantized on the fly, batch by batch, from their own min/max. No calibration and no
   compilation: quantizing takes well under a second, and the model takes every input size the fp32 model takes.
   Convolutions (patch embedding, CNN stages) stay fp32, so the method refuses models whose linear layers hold less
-  than half of the weights (ResNets, ConvNeXt's stem-heavy early stages are fine, a ResNet is not). It relies on
-  `torch.ao.quantization`, which torch marks as deprecated.
+  than half of the weights (a ResNet: 1%). It relies on `torch.ao.quantization`, which torch marks as deprecated.
 - ``"pt2e"``: the static PT2E flow of torchao with the x86 inductor quantizer. `torch.export` traces the model at
   its input size, `prepare_pt2e` inserts observers, the calibration images run through it (the observers record
   activation ranges), `convert_pt2e` turns observers into quantize/dequantize pairs (int8 activations per tensor,
@@ -50,9 +49,6 @@ DEFAULT_METHOD: Int8Method = "pt2e"
 # images; more only costs time.
 DEFAULT_CALIBRATION_IMAGES = 256
 
-# Families whose graphs the PT2E flow cannot take, with the reason (filled in from the registry tests).
-PT2E_UNSUPPORTED: dict[str, str] = {}
-
 CalibrationData = str | os.PathLike | Iterable[Any]
 
 
@@ -74,7 +70,7 @@ class Int8Model(nn.Module):
             model takes).
         compiled: Whether the PT2E graph was lowered by inductor to int8 kernels (False = the converted graph runs
             eagerly, computing in fp32 with int8 rounding simulated).
-        graph: The converted PT2E `torch.fx.GraphModule` (None for "dynamic").
+        module: The quantized model ("dynamic") or the converted PT2E graph ("pt2e").
     """
 
     def __init__(
@@ -97,12 +93,15 @@ class Int8Model(nn.Module):
         self.calibration_images = calibration_images
         self.input_size = input_size
         self.compiled = compiled
-        self.graph = module if method == "pt2e" else None
         self.module = module
-        # torch.compile wraps without copying; kept apart from `module` so state_dict keys stay the graph's own.
-        self._run: Callable[[Tensor], Tensor] = module
-        if method == "pt2e" and compiled:
-            self._run = torch.compile(module, dynamic=None)
+        # The compiled wrapper shares `module`'s tensors; kept out of the submodules so that state_dict and repr
+        # list them once.
+        self.__dict__["_run"] = torch.compile(module) if method == "pt2e" and compiled else module
+
+    @property
+    def graph(self) -> nn.Module | None:
+        """The converted PT2E graph (a `torch.fx.GraphModule`); None for "dynamic"."""
+        return self.module if self.method == "pt2e" else None
 
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, 3, H, W), normalised as `preprocess` says -> logits (B, classes) in fp32.
@@ -343,9 +342,6 @@ def _export(model: nn.Module, example: Tensor) -> torch.export.ExportedProgram:
 def _pt2e(model: nn.Module, batches: list[Tensor]) -> nn.Module:
     prepare_pt2e, convert_pt2e, xiq = _pt2e_modules()
     name = _model_name(model)
-    family = getattr(model, "family", None)
-    if family in PT2E_UNSUPPORTED:
-        raise ValueError(f"method='pt2e' cannot quantize {name}: {PT2E_UNSUPPORTED[family]}")
     example = torch.cat(batches)[:2]
     if len(example) < 2:  # a batch of 1 would specialise the exported graph to batch 1
         example = example.expand(2, -1, -1, -1).contiguous()
