@@ -39,10 +39,14 @@ from vitkit._validate import check_choice
 
 Int8Method = Literal["pt2e", "dynamic"]
 
-# Measured on this project's 2-core AVX2 EPYC (no AVX-512, no VNNI), ViT-S/16 at 224 px, one thread:
-# see `benchmarks/int8_cpu.py` and docs/deploy.md. PT2E compiled is the default because it quantizes the
-# activations of every linear layer with calibrated ranges and fuses the quantize steps into the int8 kernels,
-# where dynamic quantization pays a min/max pass and an fp32 requantization per layer and per batch.
+# PT2E (compiled) is the default because it was the faster int8 path in the one measurement made so far: ViT-S/16 at
+# 224 px, one thread on this project's 2-core AVX2 EPYC (no AVX-512, no VNNI), heavily shared with other jobs, so
+# the numbers are rough (median of 3 calls, two passes). Batch 1: fp32 201-210 ms, dynamic 129-150 ms, PT2E
+# 121-141 ms. Batch 16: fp32 9.2-11.2 s, dynamic 7.1-7.8 s, PT2E 6.0-7.3 s. PT2E quantizes every linear layer's
+# input with a calibrated range, and inductor fuses the quantize steps into the int8 kernels and their epilogues.
+# Dynamic quantization computes a min/max per layer and batch and requantizes around each layer. Dynamic stays the
+# choice when compiling (minutes on 2 cores) or a fixed input size does not fit. `benchmarks/int8_cpu.py` measures
+# both against fp32 and bf16.
 DEFAULT_METHOD: Int8Method = "pt2e"
 
 # Calibration images when the caller does not say how many: the observers' min/max settle after a few hundred
