@@ -26,6 +26,7 @@ from vitkit.deploy import (
     quantize,
     save_int8,
 )
+from vitkit.deploy.quantize import has_vnni
 from vitkit.models import create_model
 
 SIZE = 16  # digits (8 px) upsampled to 16 px: a 4x4 grid of patch 4
@@ -126,9 +127,10 @@ def test_calibration_sets_the_activation_ranges(digits):
     s1 = _input_scale(quantize(model, "pt2e", [x], compile=False))
     s3 = _input_scale(quantize(model, "pt2e", [3 * x], compile=False))
     assert s3 == pytest.approx(3 * s1, rel=0.15)
-    # The scale covers the calibration range: (max - min) / 255 for uint8 activations, within the histogram
-    # observer's trimming of outliers.
-    assert s1 == pytest.approx(float(x.max() - x.min()) / 255, rel=0.3)
+    # The scale covers the calibration range: (max - min) / levels, within the histogram observer's trimming of
+    # outliers; 127 levels on CPUs without VNNI (reduce_range), else 255.
+    levels = 255 if has_vnni() else 127
+    assert s1 == pytest.approx(float(x.max() - x.min()) / levels, rel=0.3)
 
 
 def test_calibration_batches_use_the_models_preprocessing(digits):
@@ -188,6 +190,7 @@ def test_pt2e_save_and_load_round_trip(digits, tmp_path):
     loaded = load_int8(path, compile=False)
     assert (loaded.method, loaded.calibration_images, loaded.input_size) == ("pt2e", 32, (SIZE, SIZE))
     assert loaded.preprocess == model.preprocess and loaded.model_name == q.model_name
+    assert loaded.graph.meta["vitkit_reduce_range"] == (not has_vnni())
     with torch.no_grad():
         torch.testing.assert_close(loaded(test_x), q(test_x), rtol=0, atol=0)
         assert loaded(test_x[:1]).shape == (1, 10)  # any batch size
@@ -266,8 +269,10 @@ def test_compiled_pt2e_runs_int8_kernels_and_matches_the_converted_graph(digits)
         a, b = q(test_x), eager(test_x)
         q(test_x[:3])  # another batch size: the graph has a dynamic batch
     assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] >= 2 * 4  # qkv, proj, fc1, fc2 per block
-    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.97
+    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.95
     assert F.cosine_similarity(a, b, dim=1).mean() >= 0.99
+    agreement, cosine = _compare(q, model, test_x)
+    assert agreement >= 0.95 and cosine >= 0.99, (agreement, cosine)
 
 
 def test_evaluate_and_predict_int8(digits, model_dir, tmp_path, monkeypatch):

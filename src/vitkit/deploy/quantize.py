@@ -322,6 +322,25 @@ def _pt2e_modules():
     return prepare_pt2e, convert_pt2e, xiq
 
 
+def has_vnni() -> bool:
+    """Whether the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX).
+
+    Without them, oneDNN multiplies uint8 activations by int8 weights with `vpmaddubsw`, whose int16 pair sums
+    saturate for activations above 127: the compiled PT2E model then disagrees with its own reference graph (measured
+    here: 91% agreement on a digits ViT). Such CPUs get activations in 0..127 (`reduce_range`, as torchao advises
+    and as the dynamic method's default config does). Read from /proc/cpuinfo on Linux, else from torch's CPU
+    capability (AVX512 taken as VNNI).
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+        if flags:
+            return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    except OSError:
+        pass
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 class _ContractForward(nn.Module):
     """`forward_head(forward_features(x))`, the contract's forward, as the module to export. ViT's own `forward`
     computes only the class-token row of the last block by slicing the qkv weight, and a sliced weight is not a
@@ -343,7 +362,7 @@ def _export(model: nn.Module, example: Tensor) -> torch.export.ExportedProgram:
         return torch.export.export(_ContractForward(model), (example,), dynamic_shapes={"x": {0: batch}})
 
 
-def _pt2e(model: nn.Module, batches: list[Tensor]) -> nn.Module:
+def _pt2e(model: nn.Module, batches: list[Tensor], reduce_range: bool) -> nn.Module:
     prepare_pt2e, convert_pt2e, xiq = _pt2e_modules()
     name = _model_name(model)
     example = torch.cat(batches)[:2]
@@ -357,12 +376,14 @@ def _pt2e(model: nn.Module, batches: list[Tensor]) -> nn.Module:
     except Exception as e:  # torch.export raises many types; all mean the same for the user
         raise ValueError(f"method='pt2e' cannot quantize {name}: torch.export failed: {type(e).__name__}: {e}") from e
     quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
     prepared = prepare_pt2e(program.module(), quantizer)
     with torch.no_grad():
         for x in batches:
             prepared(x)  # the observers record each activation's min/max
-    return convert_pt2e(prepared)
+    converted = convert_pt2e(prepared)
+    converted.meta["vitkit_reduce_range"] = reduce_range
+    return converted
 
 
 def quantize(
@@ -430,7 +451,7 @@ def quantize(
                 "(e.g. the training data) or an iterable of image batches"
             )
         batches = calibration_batches(model, calibration, num_images, batch_size=batch_size, seed=seed)
-        graph = _pt2e(model, batches)
+        graph = _pt2e(model, batches, reduce_range=not has_vnni())
         meta["compiled"] = bool(compile)
         q = Int8Model(
             graph,
@@ -484,6 +505,8 @@ def save_int8(q: Int8Model, path: str | os.PathLike) -> Path:
         "input_size": [h, w],
         "num_classes": q.num_classes,
         "preprocess": dataclasses.asdict(q.preprocess),
+        # Activations in 0..127 (a CPU without VNNI quantized it); full-range files saturate on such CPUs.
+        "reduce_range": bool(q.graph.meta.get("vitkit_reduce_range", True)),
     }
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -514,8 +537,16 @@ def load_int8(path: str | os.PathLike, *, compile: bool = True) -> Int8Model:
     if not extra[INT8_META]:
         raise ValueError(f"{str(path)!r} is a torch.export program but not a vitkit int8 model (no {INT8_META})")
     meta = json.loads(extra[INT8_META])
+    if not meta.get("reduce_range", True) and compile and not has_vnni():
+        raise ValueError(
+            f"{str(path)!r} was quantized on a CPU with VNNI, with activations in 0..255, and this CPU has no VNNI: "
+            "its int8 kernels would saturate. Quantize the fp32 model again on this machine, or load with "
+            "compile=False (the reference graph, not faster)"
+        )
+    graph = program.module()
+    graph.meta["vitkit_reduce_range"] = bool(meta.get("reduce_range", True))
     q = Int8Model(
-        program.module(),
+        graph,
         method=meta["method"],
         preprocess=Preprocess(**meta["preprocess"]),
         num_classes=int(meta["num_classes"]),
