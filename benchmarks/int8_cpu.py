@@ -183,7 +183,7 @@ def markdown(res: dict) -> str:
     if "matmul" in res:
         mm = res["matmul"]
         lines.append(
-            f"\n2048^2 matmul GFLOP/s: fp32 {mm['fp32_before']:.0f} / {mm.get('fp32_after', float('nan')):.0f}, "
+            f"\n{mm['n']}^2 matmul GFLOP/s: fp32 {mm['fp32_before']:.0f} / {mm.get('fp32_after', float('nan')):.0f}, "
             f"bf16 {mm['bf16_before']:.0f} / {mm.get('bf16_after', float('nan')):.0f} (before / after the rows)"
         )
     lines += ["", "| model | batch | row | img/s | vs fp32 | vs best bf16 |", "|---|---|---|---|---|---|"]
@@ -230,12 +230,13 @@ def main() -> int:
         help="agreement of PT2E without inductor (same numerics up to float rounding, no compile time)",
     )
     p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--matmul-n", type=int, default=2048, help="side of the square matmuls timed for the rates")
     args = p.parse_args()  # fmt: skip
     args.model_overrides, args.small_overrides, args.small_side = {}, dict(embed_dim=96, depth=6, num_heads=3), 64
     if args.quick:
         # Two compilations only (bf16 and PT2E at batch 2): inductor's fixed cost dominates at tiny sizes.
         args.models, args.batches, args.img_size, args.rounds = ["vit_tiny_patch16_224"], [2], 32, 1
-        args.no_compile_agreement = True
+        args.no_compile_agreement, args.matmul_n = True, 256
         args.images_per_row, args.model_overrides, args.calib_images = 2, {"depth": 1, "patch_size": 8}, 16
         args.train_seconds, args.train_images, args.heldout = 3.0, 200, 100
         args.small_overrides, args.small_side = dict(embed_dim=32, depth=2, num_heads=2), 32
@@ -274,9 +275,15 @@ def main() -> int:
         res["agreement"] += agreement_rows(ck, cx, hx, hy, f"{args.checkpoint} (shapes)", args)
         flush()
     if not args.skip_throughput:
-        res["matmul"] = {"fp32_before": matmul_rate(torch.float32), "bf16_before": matmul_rate(torch.bfloat16)}
+        n = args.matmul_n
+        print(f"matmul rates ({n}^2)", flush=True)
+        res["matmul"] = {
+            "n": n,
+            "fp32_before": matmul_rate(torch.float32, n),
+            "bf16_before": matmul_rate(torch.bfloat16, n),
+        }
         res["throughput"] = throughput(args)
-        res["matmul"].update(fp32_after=matmul_rate(torch.float32), bf16_after=matmul_rate(torch.bfloat16))
+        res["matmul"].update(fp32_after=matmul_rate(torch.float32, n), bf16_after=matmul_rate(torch.bfloat16, n))
         flush()
     print(markdown(res))
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
