@@ -42,11 +42,12 @@ Int8Method = Literal["pt2e", "dynamic"]
 # PT2E (compiled) is the default because it was the faster int8 path in the one measurement made so far: ViT-S/16 at
 # 224 px, one thread on this project's 2-core AVX2 EPYC (no AVX-512, no VNNI), heavily shared with other jobs, so
 # the numbers are rough (median of 3 calls, two passes). Batch 1: fp32 201-210 ms, dynamic 129-150 ms, PT2E
-# 121-141 ms. Batch 16: fp32 9.2-11.2 s, dynamic 7.1-7.8 s, PT2E 6.0-7.3 s. PT2E quantizes every linear layer's
-# input with a calibrated range, and inductor fuses the quantize steps into the int8 kernels and their epilogues.
-# Dynamic quantization computes a min/max per layer and batch and requantizes around each layer. Dynamic stays the
-# choice when compiling (minutes on 2 cores) or a fixed input size does not fit. `benchmarks/int8_cpu.py` measures
-# both against fp32 and bf16.
+# 121-141 ms. Batch 16: fp32 9.2-11.2 s, dynamic 7.1-7.8 s, PT2E 6.0-7.3 s. (Measured with activations in 0..255;
+# `has_vnni` now limits them to 0..127 on this CPU, which changes the scales, not the kernels.) PT2E quantizes
+# every linear layer's input with a calibrated range, and inductor fuses the quantize steps into the int8 kernels
+# and their epilogues. Dynamic quantization computes a min/max per layer and batch and requantizes around each
+# layer. Dynamic stays the choice when compiling (minutes on 2 cores) or a fixed input size does not fit.
+# `benchmarks/int8_cpu.py` measures both against fp32 and bf16.
 DEFAULT_METHOD: Int8Method = "pt2e"
 
 # Calibration images when the caller does not say how many: the observers' min/max settle after a few hundred
