@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 # Choices come from the Literals of the library's configs, so the CLI and the library never disagree.
 from vitkit._validate import choices
+from vitkit.deploy.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_METHOD, Int8Method
 from vitkit.explain.maps import HeadFusion, Method
 from vitkit.train.config import Amp, AutoAugment, Distillation, Monitor, Parallel, TrainConfig
 from vitkit.train.evaluate import Split
@@ -398,6 +399,37 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_int8_flags(p: argparse.ArgumentParser) -> None:
+    """--int8 and its options, shared by eval and predict (vitkit.deploy.quantize; docs/deploy.md)."""
+    p.add_argument("--int8", action="store_true", help="run an int8 copy of the model, quantized on load (CPU)")
+    p.add_argument(
+        "--int8-method", choices=choices(Int8Method), default=None,
+        help=f"pt2e: calibrated, compiled int8 kernels (default: {DEFAULT_METHOD}); dynamic: linear layers, no "
+        "calibration, no compilation",
+    )  # fmt: skip
+    p.add_argument("--calib", metavar="DATA", help="pt2e calibration data (default: the checkpoint's training data)")
+    p.add_argument(
+        "--calib-images", type=int, metavar="N",
+        help=f"calibration images (default: {DEFAULT_CALIBRATION_IMAGES}, or all if fewer)",
+    )  # fmt: skip
+
+
+def _int8_requested(args: argparse.Namespace) -> bool:
+    """Whether --int8 is on; its options without it are an error, not ignored."""
+    if not args.int8:
+        given = [f for f, v in (("--int8-method", args.int8_method), ("--calib", args.calib),
+                                ("--calib-images", args.calib_images)) if v is not None]  # fmt: skip
+        if given:
+            raise ValueError(f"{given[0]} needs --int8")
+    elif args.device not in ("auto", "cpu"):
+        raise ValueError(f"--int8 runs on the CPU; got --device {args.device} (use auto or cpu)")
+    return bool(args.int8)
+
+
+def _int8_kwargs(args: argparse.Namespace) -> dict:
+    return dict(method=args.int8_method or DEFAULT_METHOD, calibration=args.calib, num_images=args.calib_images)
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="top-1/top-5/per-class accuracy and a confusion matrix of a checkpoint")
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|MODEL_DIR", help="a run (uses best/) or model dir")
@@ -412,6 +444,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--knn", action="store_true", help="weighted k-NN on frozen features (DINO; docs/features.md)")
     p.add_argument("--knn-k", type=int, default=20, metavar="K", help="--knn: neighbours that vote (default 20)")
     p.add_argument("--knn-temperature", type=float, default=0.07, metavar="T", help="--knn: vote temperature (0.07)")
+    _add_int8_flags(p)
     p.set_defaults(func=_cmd_eval)
 
 
@@ -422,6 +455,8 @@ def _cmd_eval_knn(args: argparse.Namespace) -> int:
 
     if args.out or args.tome:
         raise ValueError("--knn prints accuracies only: drop --out and --tome")
+    if _int8_requested(args):
+        raise ValueError("--knn runs the fp32 model: drop --int8 (int8 evaluates the classifier head)")
     r = knn_evaluate(args.checkpoint, args.data, k=args.knn_k, temperature=args.knn_temperature, split=args.split,
                      batch_size=args.batch_size, device=args.device)  # fmt: skip
     if args.json:
@@ -441,8 +476,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     if args.knn:
         return _cmd_eval_knn(args)
-    r = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, device=args.device,
-                 out=args.out, threads=None, tome=args.tome)  # fmt: skip
+    if _int8_requested(args):  # int8: vitkit.deploy.evaluate_int8 (CPU), compared with the fp32 model
+        from vitkit.deploy import evaluate_int8
+
+        r = evaluate_int8(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, out=args.out,
+                          threads=None, tome=args.tome, **_int8_kwargs(args))  # fmt: skip
+    else:
+        r = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, device=args.device,
+                     out=args.out, threads=None, tome=args.tome)  # fmt: skip
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -453,6 +494,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for name, pc in r["per_class"].items():
         acc = "-" if pc["acc"] is None else f"{pc['acc']:.4f}"
         print(f"  {name:<{width}}  {acc}  ({pc['n']} images)")
+    if "int8" in r:
+        q = r["int8"]
+        calib = f", {q['calibration_images']} calibration images from {q['calibration']}" if q["calibration"] else ""
+        print(f"int8 ({q['method']}{calib}): agreement with fp32 {r['agreement']:.4f}, "
+              f"fp32 top-1 {r['top1_reference']:.4f}")  # fmt: skip
     if "files" in r:
         print(f"wrote {r['files']['json']} and {r['files']['confusion_png']}")
     return 0
@@ -470,6 +516,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=_threads_arg, default="auto", metavar="N|auto", help=_THREADS_HELP)
     p.add_argument("--json", action="store_true", help="print JSON (one object per image)")
     p.add_argument("--tome", type=int, default=0, metavar="R", help=_TOME_HELP)
+    _add_int8_flags(p)
     p.set_defaults(func=_cmd_predict)
 
 
@@ -479,7 +526,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from vitkit.train import predict
 
     _set_threads(args.threads)
-    results = predict(args.checkpoint, args.images, topk=args.topk, device=args.device, threads=None, tome=args.tome)
+    if _int8_requested(args):  # int8: vitkit.deploy.predict_int8 (CPU)
+        from vitkit.deploy import predict_int8
+
+        results = predict_int8(args.checkpoint, args.images, topk=args.topk, threads=None, tome=args.tome,
+                               **_int8_kwargs(args))  # fmt: skip
+    else:
+        results = predict(args.checkpoint, args.images, topk=args.topk, device=args.device, threads=None,
+                          tome=args.tome)  # fmt: skip
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -788,6 +842,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 # Messages: library errors and logs name Python arguments; on the command line they name the flags.
 # ----------------------------------------------------------------------------------------------------------------
 # Per command: library argument -> the flag that sets it.
+_INT8_FLAGS = {"method": "--int8-method", "calibration": "--calib", "num_images": "--calib-images"}
 _ARG_FLAGS: dict[str, dict[str, str]] = {
     "convert": {"model_name": "--model", "img_size": "--img-size", "num_classes": "--num-classes", "to": "--to"},
     # Every TrainConfig field: its own flag where it has one (_TRAIN_FLAGS), else --set FIELD.
@@ -799,7 +854,7 @@ _ARG_FLAGS: dict[str, dict[str, str]] = {
     },
     "eval": {
         "data": "--data", "split": "--split", "batch_size": "--batch-size", "device": "--device", "k": "--knn-k",
-        "temperature": "--knn-temperature",
+        "temperature": "--knn-temperature", **_INT8_FLAGS,
     },
     "embed": {"batch_size": "--batch-size", "split": "--split", "device": "--device", "checkpoint": "--checkpoint"},
     "search": {"k": "-k", "backend": "--backend", "checkpoint": "--checkpoint", "device": "--device"},
@@ -807,7 +862,7 @@ _ARG_FLAGS: dict[str, dict[str, str]] = {
         "data": "--data", "weight_decays": "--weight-decays", "batch_size": "--batch-size", "device": "--device",
         "out": "--out",
     },
-    "predict": {"topk": "--topk", "device": "--device"},
+    "predict": {"topk": "--topk", "device": "--device", **_INT8_FLAGS},
     "explain": {
         "target": "--target", "method": "--method", "layer": "--layer", "head": "--head",
         "head_fusion": "--head-fusion", "discard_ratio": "--discard-ratio", "layers": "--html-layers",

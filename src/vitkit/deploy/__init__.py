@@ -3,3 +3,29 @@
 Sits beside `vitkit.explain` in the data flow (layers -> models -> weights -> data -> train -> explain/deploy -> cli):
 it may use models, weights and data (for calibration and the preprocessing recorded in exports), never the CLI.
 """
+
+from vitkit.deploy.quantize import (
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_METHOD,
+    Int8Method,
+    Int8Model,
+    calibration_batches,
+    evaluate_int8,
+    load_int8,
+    predict_int8,
+    quantize,
+    save_int8,
+)
+
+__all__ = [
+    "DEFAULT_CALIBRATION_IMAGES",
+    "DEFAULT_METHOD",
+    "Int8Method",
+    "Int8Model",
+    "calibration_batches",
+    "evaluate_int8",
+    "load_int8",
+    "predict_int8",
+    "quantize",
+    "save_int8",
+]

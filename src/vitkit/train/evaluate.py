@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,6 +65,7 @@ def evaluate(
     out: str | os.PathLike | None = None,
     threads: ThreadSetting | None = "auto",
     tome: int = 0,
+    variant: Callable[[nn.Module], nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Top-1, top-5 (over 5 classes only) and per-class accuracy, loss and confusion matrix of a checkpoint on a split.
 
@@ -80,6 +81,9 @@ def evaluate(
         threads: CPU intra-op threads: N, "auto" (vitkit.threads decides from the idle CPUs) or None to keep
             torch's current count (the CLI has set it already).
         tome: token merging, tokens merged per block (`model.set_tome`); 0 = off. ViTs with plain attention only.
+        variant: evaluate `variant(model)` (e.g. an int8 copy, `vitkit.deploy.evaluate_int8`) instead of the loaded
+            model, and compare the two: the result then also holds "agreement" (share of images whose top-1 class
+            is the loaded model's) and "top1_reference" (the loaded model's top-1).
 
     Returns:
         {"top1", "top5", "loss", "n", "per_class": {name: {"acc", "n"}}, "confusion": [[...]], "class_names", ...};
@@ -145,11 +149,17 @@ def evaluate(
     ks = (1, 5) if k > 5 else (1,)
     conf = torch.zeros(k, k, dtype=torch.long)
     loss_sum, hits = 0.0, [0] * len(ks)
+    run = model if variant is None else variant(model)
+    same = ref_hits = 0
     for x, y in BatchLoader(ds, batch_size):
         x, y = tf(x.to(dev)), label_map[y.to(dev)]
         with torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
-            logits = model(x)
+            logits = run(x)
+            ref = model(x).float().argmax(-1) if variant is not None else None
         logits = logits.float()
+        if ref is not None:
+            same += int((logits.argmax(-1) == ref).sum())
+            ref_hits += int((ref == y).sum())
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         hits = [a + b for a, b in zip(hits, topk_correct(logits, y, ks), strict=True)]
         conf += confusion_matrix(logits.argmax(-1).cpu(), y.cpu(), k)
@@ -170,6 +180,8 @@ def evaluate(
         "class_names": names,
         "confusion": conf.tolist(),
     }
+    if variant is not None:
+        result.update(agreement=same / n, top1_reference=ref_hits / n)
     if out is not None:
         from vitkit.train.plots import plot_confusion
 
@@ -190,6 +202,7 @@ def predict(
     device: str | torch.device | None = "auto",
     threads: ThreadSetting | None = "auto",
     tome: int = 0,
+    variant: Callable[[nn.Module], nn.Module] | None = None,
 ) -> list[dict[str, Any]]:
     """Top-k classes with probabilities for each image file.
 
@@ -201,6 +214,7 @@ def predict(
         device: Where to run ('auto' = cuda when available).
         threads: CPU intra-op threads as in `evaluate` (None keeps torch's current count).
         tome: token merging as in `evaluate` (0 = off).
+        variant: predict with `variant(model)` (e.g. an int8 copy) instead of the loaded model.
 
     Returns:
         One {"path", "top": [{"class", "index", "prob"}, ...]} per image, best first.
@@ -223,6 +237,7 @@ def predict(
     dev = _device(device)
     model, _record = load_checkpoint(checkpoint, dev)
     apply_tome(model, tome)
+    run = model if variant is None else variant(model)
     names = model.preprocess.class_names or [str(i) for i in range(model.num_classes)]
     k = min(topk, len(names))
     results = []
@@ -233,7 +248,7 @@ def predict(
             raise FileNotFoundError(f"image {str(path)!r} does not exist") from None
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
-        probs = model(x).float().softmax(-1)[0]
+        probs = run(x).float().softmax(-1)[0]
         p, idx = probs.topk(k)
         top = [{"class": names[i], "index": int(i), "prob": float(q)} for q, i in zip(p.tolist(), idx.tolist())]
         results.append({"path": str(path), "top": top})
