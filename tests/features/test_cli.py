@@ -84,3 +84,15 @@ def test_probe_refuses_to_overwrite_its_checkpoint(model_dir, capsys):
     args = ["probe", "--checkpoint", str(model_dir), "--out", str(model_dir), "--threads", "1"]
     assert main(args) == 2
     assert f"--out {model_dir} is the checkpoint or a training run" in capsys.readouterr().err
+
+
+def test_probe_refuses_to_write_into_another_run(model_dir, tmp_path, capsys):
+    from vitkit.train.checkpoint import write_checkpoint
+
+    run = tmp_path / "run"
+    write_checkpoint(run / "last", load_model(model_dir), {"step": 3})  # a resumable checkpoint of another run
+    before = (run / "last" / "model.safetensors").read_bytes()
+    args = ["probe", "--checkpoint", str(model_dir), "--out", str(run / "last"), "--threads", "1"]
+    assert main(args) == 2
+    assert f"--out {run / 'last'} is the checkpoint or a training run, or lies inside one" in capsys.readouterr().err
+    assert (run / "last" / "model.safetensors").read_bytes() == before  # its weights were left alone
