@@ -402,8 +402,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--tome", type=int, default=0, metavar="R", help=_TOME_HELP)
     p.add_argument("--knn", action="store_true", help="weighted k-NN on frozen features (DINO; docs/features.md)")
-    p.add_argument("--knn-k", type=int, default=20, metavar="K", help="--knn: neighbours that vote (default 20)")
-    p.add_argument("--knn-temperature", type=float, default=0.07, metavar="T", help="--knn: vote temperature (0.07)")
+    p.add_argument("--knn-k", type=int, metavar="K", help="--knn: neighbours that vote (default 20)")
+    p.add_argument("--knn-temperature", type=float, metavar="T", help="--knn: vote temperature (default 0.07)")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -411,10 +411,13 @@ def _cmd_eval_knn(args: argparse.Namespace) -> int:
     import json
 
     from vitkit.features import knn_evaluate
+    from vitkit.features.knn import DEFAULT_K, DEFAULT_TEMPERATURE
 
     if args.out or args.tome:
         raise ValueError("--knn prints accuracies only: drop --out and --tome")
-    r = knn_evaluate(args.checkpoint, args.data, k=args.knn_k, temperature=args.knn_temperature, split=args.split,
+    k = DEFAULT_K if args.knn_k is None else args.knn_k
+    temperature = DEFAULT_TEMPERATURE if args.knn_temperature is None else args.knn_temperature
+    r = knn_evaluate(args.checkpoint, args.data, k=k, temperature=temperature, split=args.split,
                      batch_size=args.batch_size, device=args.device)  # fmt: skip
     if args.json:
         print(json.dumps(r, indent=2))
@@ -433,6 +436,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     if args.knn:
         return _cmd_eval_knn(args)
+    if args.knn_k is not None or args.knn_temperature is not None:
+        raise ValueError("--knn-k and --knn-temperature set the k-NN evaluation: add --knn (or drop them)")
     r = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, device=args.device,
                  out=args.out, threads=None, tome=args.tome)  # fmt: skip
     if args.json:

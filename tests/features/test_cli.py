@@ -78,6 +78,9 @@ def test_eval_knn_matches_the_library(model_dir, capsys):
     assert "--knn-k 0 neighbours is not allowed for a train split of" in capsys.readouterr().err
     assert main(["eval", "--knn", "--checkpoint", str(model_dir), "--split", "train", "--threads", "1"]) == 2
     assert "--split train is not allowed for k-NN" in capsys.readouterr().err
+    # The k-NN settings without --knn would silently run the ordinary evaluation.
+    assert main(["eval", "--checkpoint", str(model_dir), "--knn-k", "5", "--threads", "1"]) == 2
+    assert "--knn-k and --knn-temperature set the k-NN evaluation: add --knn" in capsys.readouterr().err
 
 
 def test_probe_refuses_to_overwrite_its_checkpoint(model_dir, capsys):
