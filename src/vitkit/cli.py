@@ -317,10 +317,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tome", type=int, metavar="R", help=_TOME_HELP)
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="EMA of the weights")
     g.add_argument("--ema-decay", type=float)
-    g.add_argument(
+    # One or the other: `--fsdp --parallel ddp` would otherwise let the last flag win silently.
+    par = g.add_mutually_exclusive_group()
+    par.add_argument(
         "--parallel", choices=choices(Parallel), help="under torchrun: ddp (replicas, default) or fsdp (sharded)"
     )
-    g.add_argument(
+    par.add_argument(
         "--fsdp", dest="parallel", action="store_const", const="fsdp", help="same as --parallel fsdp (FSDP2)"
     )
     p.set_defaults(func=_cmd_train)
