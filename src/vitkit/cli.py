@@ -502,8 +502,8 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--checkpoint", required=True, metavar="SRC", help="run dir (RUN/best, else RUN/last) or model dir")
     p.add_argument("--out", required=True, metavar="FEATS", help="writes FEATS.safetensors and FEATS.json")
-    p.add_argument("--split", default="train", choices=choices(DataSplit), help="a dataset spec's split (train)")
-    p.add_argument("--seed", type=int, default=0, help="a dataset spec's split seed (default 0, as vitkit train)")
+    p.add_argument("--split", choices=choices(DataSplit), help="a dataset spec's split (default train)")
+    p.add_argument("--seed", type=int, help="a dataset spec's split seed (default 0, as vitkit train)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     p.add_argument("--threads", type=_threads_arg, default="auto", metavar="N|auto", help=_THREADS_HELP)
@@ -800,7 +800,10 @@ _ARG_FLAGS: dict[str, dict[str, str]] = {
         "data": "--data", "split": "--split", "batch_size": "--batch-size", "device": "--device", "k": "--knn-k",
         "temperature": "--knn-temperature",
     },
-    "embed": {"batch_size": "--batch-size", "split": "--split", "device": "--device", "checkpoint": "--checkpoint"},
+    "embed": {
+        "batch_size": "--batch-size", "split": "--split", "seed": "--seed", "device": "--device",
+        "checkpoint": "--checkpoint",
+    },
     "search": {"k": "-k", "backend": "--backend", "checkpoint": "--checkpoint", "device": "--device"},
     "probe": {
         "data": "--data", "weight_decays": "--weight-decays", "batch_size": "--batch-size", "device": "--device",

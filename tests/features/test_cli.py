@@ -99,3 +99,12 @@ def test_probe_refuses_to_write_into_another_run(model_dir, tmp_path, capsys):
     assert main(args) == 2
     assert f"--out {run / 'last'} is the checkpoint or a training run, or lies inside one" in capsys.readouterr().err
     assert (run / "last" / "model.safetensors").read_bytes() == before  # its weights were left alone
+
+
+def test_embed_refuses_a_split_for_a_folder(model_dir, image_folder, tmp_path, capsys):
+    # A folder has no splits to choose from: --split/--seed used to be ignored, embedding every image regardless.
+    for flag in (["--split", "test"], ["--seed", "3"]):
+        args = ["embed", str(image_folder), "--checkpoint", str(model_dir), "--out", str(tmp_path / "f"), *flag]
+        assert main([*args, "--threads", "1"]) == 2
+        assert f"{' '.join(flag)} applies to a dataset spec such as 'digits'" in capsys.readouterr().err
+    assert not (tmp_path / "f.json").exists()

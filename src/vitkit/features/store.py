@@ -142,8 +142,8 @@ def embed(
     out: str | os.PathLike,
     *,
     batch_size: int = 64,
-    split: str = "train",
-    seed: int = 0,
+    split: str | None = None,
+    seed: int | None = None,
     device: str | torch.device | None = "auto",
 ) -> tuple[FeatureSet, Path, Path]:
     """Embed images with a checkpoint and write OUT.safetensors + OUT.json (what `vitkit embed` runs).
@@ -154,8 +154,8 @@ def embed(
         checkpoint: a run directory (best/, else last/), a model directory or a checkpoint file.
         out: FEATS, with or without a suffix.
         batch_size: images per forward pass.
-        split: for a dataset spec: "train", "val", "test" or "all".
-        seed: for a dataset spec: the split seed.
+        split: for a dataset spec: "train" (None), "val", "test" or "all"; refused with other data.
+        seed: for a dataset spec: the split seed (None = 0); refused with other data.
         device: where the model runs ("auto" = cuda when available).
 
     Returns:
