@@ -326,10 +326,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tome", type=int, metavar="R", help=_TOME_HELP)
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="EMA of the weights")
     g.add_argument("--ema-decay", type=float)
-    g.add_argument(
+    # One or the other: `--fsdp --parallel ddp` would otherwise let the last flag win silently.
+    par = g.add_mutually_exclusive_group()
+    par.add_argument(
         "--parallel", choices=choices(Parallel), help="under torchrun: ddp (replicas, default) or fsdp (sharded)"
     )
-    g.add_argument(
+    par.add_argument(
         "--fsdp", dest="parallel", action="store_const", const="fsdp", help="same as --parallel fsdp (FSDP2)"
     )
     p.set_defaults(func=_cmd_train)
@@ -442,8 +444,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--tome", type=int, default=0, metavar="R", help=_TOME_HELP)
     p.add_argument("--knn", action="store_true", help="weighted k-NN on frozen features (DINO; docs/features.md)")
-    p.add_argument("--knn-k", type=int, default=20, metavar="K", help="--knn: neighbours that vote (default 20)")
-    p.add_argument("--knn-temperature", type=float, default=0.07, metavar="T", help="--knn: vote temperature (0.07)")
+    p.add_argument("--knn-k", type=int, metavar="K", help="--knn: neighbours that vote (default 20)")
+    p.add_argument("--knn-temperature", type=float, metavar="T", help="--knn: vote temperature (default 0.07)")
     _add_int8_flags(p)
     p.set_defaults(func=_cmd_eval)
 
@@ -452,12 +454,15 @@ def _cmd_eval_knn(args: argparse.Namespace) -> int:
     import json
 
     from vitkit.features import knn_evaluate
+    from vitkit.features.knn import DEFAULT_K, DEFAULT_TEMPERATURE
 
     if args.out or args.tome:
         raise ValueError("--knn prints accuracies only: drop --out and --tome")
     if _int8_requested(args):
         raise ValueError("--knn runs the fp32 model: drop --int8 (int8 evaluates the classifier head)")
-    r = knn_evaluate(args.checkpoint, args.data, k=args.knn_k, temperature=args.knn_temperature, split=args.split,
+    k = DEFAULT_K if args.knn_k is None else args.knn_k
+    temperature = DEFAULT_TEMPERATURE if args.knn_temperature is None else args.knn_temperature
+    r = knn_evaluate(args.checkpoint, args.data, k=k, temperature=temperature, split=args.split,
                      batch_size=args.batch_size, device=args.device)  # fmt: skip
     if args.json:
         print(json.dumps(r, indent=2))
@@ -476,6 +481,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     if args.knn:
         return _cmd_eval_knn(args)
+    if args.knn_k is not None or args.knn_temperature is not None:
+        raise ValueError("--knn-k and --knn-temperature set the k-NN evaluation: add --knn (or drop them)")
     if _int8_requested(args):  # int8: vitkit.deploy.evaluate_int8 (CPU), compared with the fp32 model
         from vitkit.deploy import evaluate_int8
 
@@ -557,8 +564,8 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--checkpoint", required=True, metavar="SRC", help="run dir (RUN/best, else RUN/last) or model dir")
     p.add_argument("--out", required=True, metavar="FEATS", help="writes FEATS.safetensors and FEATS.json")
-    p.add_argument("--split", default="train", choices=choices(DataSplit), help="a dataset spec's split (train)")
-    p.add_argument("--seed", type=int, default=0, help="a dataset spec's split seed (default 0, as vitkit train)")
+    p.add_argument("--split", choices=choices(DataSplit), help="a dataset spec's split (default train)")
+    p.add_argument("--seed", type=int, help="a dataset spec's split seed (default 0, as vitkit train)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     p.add_argument("--threads", type=_threads_arg, default="auto", metavar="N|auto", help=_THREADS_HELP)
@@ -856,7 +863,10 @@ _ARG_FLAGS: dict[str, dict[str, str]] = {
         "data": "--data", "split": "--split", "batch_size": "--batch-size", "device": "--device", "k": "--knn-k",
         "temperature": "--knn-temperature", **_INT8_FLAGS,
     },
-    "embed": {"batch_size": "--batch-size", "split": "--split", "device": "--device", "checkpoint": "--checkpoint"},
+    "embed": {
+        "batch_size": "--batch-size", "split": "--split", "seed": "--seed", "device": "--device",
+        "checkpoint": "--checkpoint",
+    },
     "search": {"k": "-k", "backend": "--backend", "checkpoint": "--checkpoint", "device": "--device"},
     "probe": {
         "data": "--data", "weight_decays": "--weight-decays", "batch_size": "--batch-size", "device": "--device",

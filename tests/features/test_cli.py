@@ -78,9 +78,33 @@ def test_eval_knn_matches_the_library(model_dir, capsys):
     assert "--knn-k 0 neighbours is not allowed for a train split of" in capsys.readouterr().err
     assert main(["eval", "--knn", "--checkpoint", str(model_dir), "--split", "train", "--threads", "1"]) == 2
     assert "--split train is not allowed for k-NN" in capsys.readouterr().err
+    # The k-NN settings without --knn would silently run the ordinary evaluation.
+    assert main(["eval", "--checkpoint", str(model_dir), "--knn-k", "5", "--threads", "1"]) == 2
+    assert "--knn-k and --knn-temperature set the k-NN evaluation: add --knn" in capsys.readouterr().err
 
 
 def test_probe_refuses_to_overwrite_its_checkpoint(model_dir, capsys):
     args = ["probe", "--checkpoint", str(model_dir), "--out", str(model_dir), "--threads", "1"]
     assert main(args) == 2
     assert f"--out {model_dir} is the checkpoint or a training run" in capsys.readouterr().err
+
+
+def test_probe_refuses_to_write_into_another_run(model_dir, tmp_path, capsys):
+    from vitkit.train.checkpoint import write_checkpoint
+
+    run = tmp_path / "run"
+    write_checkpoint(run / "last", load_model(model_dir), {"step": 3})  # a resumable checkpoint of another run
+    before = (run / "last" / "model.safetensors").read_bytes()
+    args = ["probe", "--checkpoint", str(model_dir), "--out", str(run / "last"), "--threads", "1"]
+    assert main(args) == 2
+    assert f"--out {run / 'last'} is the checkpoint or a training run, or lies inside one" in capsys.readouterr().err
+    assert (run / "last" / "model.safetensors").read_bytes() == before  # its weights were left alone
+
+
+def test_embed_refuses_a_split_for_a_folder(model_dir, image_folder, tmp_path, capsys):
+    # A folder has no splits to choose from: --split/--seed used to be ignored, embedding every image regardless.
+    for flag in (["--split", "test"], ["--seed", "3"]):
+        args = ["embed", str(image_folder), "--checkpoint", str(model_dir), "--out", str(tmp_path / "f"), *flag]
+        assert main([*args, "--threads", "1"]) == 2
+        assert f"{' '.join(flag)} applies to a dataset spec such as 'digits'" in capsys.readouterr().err
+    assert not (tmp_path / "f.json").exists()

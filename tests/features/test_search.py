@@ -4,6 +4,7 @@ their values, and an index written by `embed` round-trips through its two files.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -85,6 +86,18 @@ def test_round_trip_through_the_files(model_dir, image_folder, tmp_path):
     back = load_features(tmp_path / "index.json")  # any of the three spellings names the pair
     assert torch.equal(back.features, feats.features) and torch.equal(back.labels, feats.labels)
     assert back.paths == feats.paths and back.class_names == feats.class_names
+
+
+def test_an_index_of_a_relative_folder_is_searchable_from_another_directory(model_dir, image_folder, tmp_path,
+                                                                            monkeypatch):  # fmt: skip
+    monkeypatch.chdir(image_folder.parent)
+    embed("images", model_dir, tmp_path / "index", device="cpu")  # DATA given relative to the working directory
+    monkeypatch.chdir(model_dir)  # elsewhere: the recorded paths must still name the images
+    assert all(os.path.isabs(p) and os.path.isfile(p) for p in load_features(tmp_path / "index").paths)
+    query = image_folder / "light" / "2.png"
+    result = search(query, tmp_path / "index", k=2, device="cpu", sheet=tmp_path / "sheet.png")
+    assert result["queries"][0]["neighbours"][0]["item"] == str(query)
+    assert (tmp_path / "sheet.png").stat().st_size > 0
 
 
 def test_dataset_rows_record_their_index_and_show_in_the_sheet(model_dir, image_folder, tmp_path):

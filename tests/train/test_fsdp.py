@@ -249,6 +249,8 @@ def test_fsdp_config_refusals_and_cli_flags():
     assert parser.parse_args(["train", "--fsdp"]).parallel == "fsdp"
     assert parser.parse_args(["train", "--parallel", "fsdp"]).parallel == "fsdp"
     assert parser.parse_args(["train"]).parallel is None  # not given: the recipe's (default ddp) stays
+    with pytest.raises(SystemExit):  # two answers to one question: refused, not the last one silently kept
+        parser.parse_args(["train", "--fsdp", "--parallel", "ddp"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -168,8 +168,8 @@ def extract_features(
     batch_size: int = 64,
     *,
     normalize: bool = True,
-    split: DataSplit = "train",
-    seed: int = 0,
+    split: DataSplit | None = None,
+    seed: int | None = None,
     checkpoint: str | os.PathLike | None = None,
 ) -> FeatureSet:
     """Embed images with a model's pooled pre-logits features.
@@ -186,20 +186,33 @@ def extract_features(
         batch_size: images per forward pass.
         normalize: L2-normalise each row (cosine similarity is then a dot product). False keeps the raw pooled
             features, as the linear probe uses them.
-        split: for a dataset spec, which split to embed: "train", "val", "test" or "all" (train, val, test in turn).
-        seed: for a dataset spec, the split seed (the same seed gives the same splits as `vitkit train`).
+        split: for a dataset spec, which split to embed: "train" (None), "val", "test" or "all" (train, val, test in
+            turn). Only a dataset spec has splits: given with other data, it is refused.
+        seed: for a dataset spec, the split seed (None = 0; the same seed gives the same splits as `vitkit train`);
+            refused with other data, like `split`.
         checkpoint: where the model came from, recorded in the result.
 
     Returns:
         A `FeatureSet` of float32 (N, num_features) features in the order of the images.
 
     Raises:
-        ValueError: an empty image set, an unreadable image, a bad batch size or split, or a model without a pooled
-            embedding, each named.
+        ValueError: an empty image set, an unreadable image, a bad batch size or split, a split or seed for data
+            that is not a dataset spec, or a model without a pooled embedding, each named.
         FileNotFoundError: a listed image or path that does not exist.
     """
     _check_batch_size(batch_size)
-    check_choice("split", split, DataSplit)
+    if split is not None:
+        check_choice("split", split, DataSplit)
+    is_spec = isinstance(data, (str, os.PathLike)) and not _is_path_source(os.fspath(data))
+    if not is_spec and (split is not None or seed is not None):
+        # Silently embedding every image would put, e.g., a folder's train/ and test/ images into one index.
+        given = ", ".join(f"{k}={v!r}" for k, v in (("split", split), ("seed", seed)) if v is not None)
+        raise ValueError(
+            f"{given} applies to a dataset spec such as 'digits'; {_data_label(data)} has no splits to choose from "
+            "(embed the folder or list that holds the images you want)"
+        )
+    split = "train" if split is None else split
+    seed = 0 if seed is None else seed
     model.eval()
     pre = model.preprocess
     common = dict(normalised=normalize, model=model_record(model, checkpoint), preprocess=config_to_dict(pre))
@@ -210,7 +223,7 @@ def extract_features(
             indices=None if data.paths is not None else list(range(len(data))),
             source={"kind": "dataset", "spec": None, "split": None}, **common,
         )  # fmt: skip
-    if isinstance(data, (str, os.PathLike)) and not _is_path_source(os.fspath(data)):
+    if is_spec:
         spec = os.fspath(data)
         splits = load_splits(spec, seed=seed, load_size=pre.load_size)
         dataset = split_dataset(splits, split)
@@ -227,6 +240,14 @@ def extract_features(
         feats, labels=None if labels is None else torch.tensor(labels, dtype=torch.long), class_names=class_names,
         paths=paths, source=source, **common,
     )  # fmt: skip
+
+
+def _data_label(data: Any) -> str:
+    if isinstance(data, ImageDataset):
+        return "a loaded ImageDataset"
+    if isinstance(data, (str, os.PathLike)):
+        return f"data {os.fspath(data)!r}"
+    return "a list of image files"
 
 
 def _is_path_source(text: str) -> bool:

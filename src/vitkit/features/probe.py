@@ -207,11 +207,15 @@ def probe(
     from vitkit.runs import is_run_dir, resolve_checkpoint
 
     if out is not None:
-        # The probe replaces a head: never write it over the checkpoint it was fitted on, or into a run.
+        # The probe replaces a head: never write it over the checkpoint it was fitted on, or into a run (a run's
+        # last/ would then resume with the probe's weights under its own optimiser state).
         target = Path(out).resolve()
         source = None if isinstance(checkpoint, nn.Module) else resolve_checkpoint(checkpoint).resolve()
-        if target == source or is_run_dir(target):
-            raise ValueError(f"out={str(out)!r} is the checkpoint or a training run; save the probe to a new folder")
+        if target == source or is_run_dir(target) or is_run_dir(target.parent):
+            raise ValueError(
+                f"out={str(out)!r} is the checkpoint or a training run, or lies inside one; save the probe to a new "
+                "folder outside the run"
+            )
     model, splits, info = model_and_splits(checkpoint, data, seed=seed, device=device)
     for name in ("train", "val", "test"):
         if len(getattr(splits, name)) == 0:

@@ -8,7 +8,7 @@ FEATS.json holds:
     model                          {checkpoint, name, family, num_features}: `vitkit search` reuses the checkpoint
     preprocessing                  the model's preprocess (mean, std, input size, crop, interpolation, load size)
     source                         {kind: folder|csv|list|files|dataset, ...}; a dataset: spec, split, seed
-    paths                          the image file of each row, or null (dataset images have no file)
+    paths                          the absolute image file of each row, or null (dataset images have no file)
     indices                        the row's index in its dataset split when paths is null, else null
     labels, class_names            the class index of each row and the class names, or null
     safetensors_sha256             ties the JSON to its tensor file (a stale pair is refused on load)
@@ -75,7 +75,9 @@ def save_features(features: FeatureSet, path: str | os.PathLike) -> tuple[Path, 
         "model": features.model,
         "preprocessing": features.preprocess,
         "source": features.source,
-        "paths": features.paths,
+        # Absolute: a path relative to the directory `vitkit embed` ran in would name another file, or none, when
+        # `vitkit search` runs from elsewhere.
+        "paths": None if features.paths is None else [os.path.abspath(p) for p in features.paths],
         "indices": features.indices,
         "labels": None if features.labels is None else [int(v) for v in features.labels],
         "class_names": features.class_names,
@@ -140,8 +142,8 @@ def embed(
     out: str | os.PathLike,
     *,
     batch_size: int = 64,
-    split: str = "train",
-    seed: int = 0,
+    split: str | None = None,
+    seed: int | None = None,
     device: str | torch.device | None = "auto",
 ) -> tuple[FeatureSet, Path, Path]:
     """Embed images with a checkpoint and write OUT.safetensors + OUT.json (what `vitkit embed` runs).
@@ -152,8 +154,8 @@ def embed(
         checkpoint: a run directory (best/, else last/), a model directory or a checkpoint file.
         out: FEATS, with or without a suffix.
         batch_size: images per forward pass.
-        split: for a dataset spec: "train", "val", "test" or "all".
-        seed: for a dataset spec: the split seed.
+        split: for a dataset spec: "train" (None), "val", "test" or "all"; refused with other data.
+        seed: for a dataset spec: the split seed (None = 0); refused with other data.
         device: where the model runs ("auto" = cuda when available).
 
     Returns:
