@@ -25,11 +25,17 @@ def split_tokens(n_tokens: int, grid: tuple[int, int] | None, layer: str) -> int
             f"attn_layer={layer!r} mixes tokens by their grid position and needs grid=(H', W'); "
             "call it through a model (VisionTransformer passes the grid) or pass grid= yourself"
         )
-    gh, gw = int(grid[0]), int(grid[1])
+    gh, gw = grid_sides(grid)
     prefix = n_tokens - gh * gw
     if gh < 1 or gw < 1 or prefix < 0:
         raise ValueError(f"grid {tuple(grid)} does not fit a sequence of {n_tokens} tokens (needs N >= H'*W')")
     return prefix
+
+
+def grid_sides(grid: tuple[int, int]) -> tuple[int, int]:
+    """(H', W') as Python ints; symbolic sizes (torch.export, `vitkit.deploy.export`) stay symbolic, because int() of
+    one would freeze the exported program at the example size."""
+    return tuple(g if isinstance(g, torch.SymInt) else int(g) for g in grid)  # type: ignore[return-value]
 
 
 class Attention(nn.Module):

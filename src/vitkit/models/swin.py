@@ -295,7 +295,8 @@ class SwinBlock(nn.Module):
         if pad_b or pad_r:  # F.pad copies even when it pads nothing
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # (B, Hp, Wp, C)
         Hp, Wp = H + pad_b, W + pad_r
-        if not torch.is_grad_enabled():
+        # torch.export (vitkit.deploy.export) takes the roll path: the cache is keyed by the (symbolic) map size.
+        if not torch.is_grad_enabled() and not torch.compiler.is_exporting():
             # Inference: cached bias, and roll + partition (and their inverses) as one gather each.
             bias, index, inverse = self._inference_geometry(Hp, Wp, window, shift, x.dtype, x.device)
             if shift:
