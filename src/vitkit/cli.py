@@ -469,6 +469,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch", type=int, default=None, help="fix the batch size (default: any batch)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 18; default: the exporter's)")
+    p.add_argument("--static", action="store_true", help="fixed height and width (the example size); Swin needs it")
     p.add_argument("--check", action="store_true", help="run the file against eager at four sizes and print the table")
     p.set_defaults(func=_cmd_export)
 
@@ -482,17 +483,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
             raise ValueError(f"--img-size takes one or two numbers (H or H W), got {args.img_size}")
         size = tuple(args.img_size) if len(args.img_size) == 2 else (args.img_size[0],) * 2
     model = load_export_source(args.src, log=_printer("export"))
-    result = export_model(model, args.out, format=args.format, example_size=size, batch=args.batch, opset=args.opset)
+    result = export_model(
+        model, args.out, format=args.format, example_size=size, batch=args.batch, opset=args.opset,
+        dynamic=not args.static,
+    )  # fmt: skip
     meta = result.metadata
-    print(
-        f"wrote {result.path} ({human_size(result.path.stat().st_size)}, {result.seconds:.1f} s): "
-        f"{meta['model_name']}, sides multiples of {meta['patch_multiple']} from {meta['min_size']}, "
-        f"batch {'any' if meta['batch'] is None else meta['batch']}"
-    )
+    h, w = meta["example_size"]
+    sizes = f"{h}x{w} only" if args.static else f"sides multiples of {meta['patch_multiple']} from {meta['min_size']}"
+    batch = "any" if meta["batch"] is None else meta["batch"]
+    print(f"wrote {result.path} ({human_size(result.path.stat().st_size)}, {result.seconds:.1f} s): "
+          f"{meta['model_name']}, {sizes}, batch {batch}")  # fmt: skip
     if args.check:
         batches = (1, 3) if args.batch is None else (args.batch,)
         try:
-            print(format_check(check_export(result.path, model, batches=batches)))
+            sizes = [(h, w)] if args.static else None  # a one-size file runs at its size only
+            print(format_check(check_export(result.path, model, sizes, batches=batches)))
         except ExportCheckError as e:
             print(f"vitkit export: parity check failed: {e}", file=sys.stderr)
             return 1

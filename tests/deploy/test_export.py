@@ -70,7 +70,7 @@ ATTENTION = {
     "relpos_decomposed": {},
 }
 CASES = [pytest.param("vit", id="vit")]
-CASES += [pytest.param(f, id=f, marks=pytest.mark.slow) for f in FAMILIES if f != "vit"]
+CASES += [pytest.param(f, id=f, marks=pytest.mark.slow) for f in FAMILIES if f not in ("vit", "swin")]
 CASES += [pytest.param(f"attn:{a}", id=f"attn-{a}", marks=pytest.mark.slow) for a in ATTENTION]
 
 
@@ -113,14 +113,14 @@ def exported(request, tmp_path_factory):
         for fmt, ext in (("onnx", "onnx"), ("torch-export", "pt2")):
             paths[fmt] = out / f"model.{ext}"
             save_program(program, paths[fmt], fmt, export_metadata(model, fmt, size, None, True))
-        _EXPORTS[case] = (model, paths)
+        _EXPORTS[case] = (model, paths, program)
     return _EXPORTS[case]
 
 
 @pytest.mark.parametrize("exported", CASES, indirect=True)
 @pytest.mark.parametrize("fmt", ["onnx", "torch-export"])
 def test_parity_at_four_sizes_and_two_batches(exported, fmt):
-    model, paths = exported
+    model, paths, _ = exported
     sizes = default_check_sizes(model, read_metadata(paths[fmt])["example_size"])
     assert len(set(sizes)) == 4 and any(h != w for h, w in sizes)
     results = check_export(paths[fmt], model, sizes, batches=(1, 3), tol=TOL)
@@ -128,10 +128,24 @@ def test_parity_at_four_sizes_and_two_batches(exported, fmt):
     assert all(0.0 <= d <= TOL for d in results.values()), results
 
 
+@pytest.mark.slow
+def test_swin_exports_one_size_with_any_batch(tmp_path):
+    # Swin is refused with dynamic sizes (test_refusals_name_the_value); a one-size file keeps the batch dynamic.
+    model = tiny("swin")
+    program = trace(model, (32, 32), dynamic=False)
+    for fmt, ext in (("onnx", "onnx"), ("torch-export", "pt2")):
+        path = tmp_path / f"swin.{ext}"
+        save_program(program, path, fmt, export_metadata(model, fmt, (32, 32), None, False))
+        results = check_export(path, model, [(32, 32)], batches=(1, 3))
+        assert results[(32, 32)] <= TOL
+        with pytest.raises(ExportCheckError, match="failed to run"):
+            check_export(path, model, [(48, 48)], batches=(1,))
+
+
 @pytest.mark.parametrize("exported", ["vit"], indirect=True)
 @pytest.mark.parametrize("fmt", ["onnx", "torch-export"])
 def test_metadata_round_trip(exported, fmt):
-    model, paths = exported
+    model, paths, _ = exported
     meta = read_metadata(paths[fmt])
     pre = model.preprocess
     assert meta["format"] == fmt
@@ -149,9 +163,10 @@ def test_metadata_round_trip(exported, fmt):
 
 def test_a_one_size_file_fails_the_parity_check(tmp_path):
     model = tiny("vit")
+    program = trace(model, (32, 32), dynamic=False)  # the shapes of the example only
     for fmt, ext in (("torch-export", "pt2"), ("onnx", "onnx")):
         path = tmp_path / f"static.{ext}"
-        export_model(model, path, format=fmt, example_size=(32, 32), dynamic=False)
+        save_program(program, path, fmt, export_metadata(model, fmt, (32, 32), None, False))
         assert check_export(path, model, [(32, 32)], batches=(2,)) == {(32, 32): pytest.approx(0.0, abs=TOL)}
         with pytest.raises(ExportCheckError, match="failed to run") as err:
             check_export(path, model, [(32, 32), (40, 24)], batches=(2,))
@@ -160,13 +175,30 @@ def test_a_one_size_file_fails_the_parity_check(tmp_path):
 
 @pytest.mark.parametrize("exported", ["vit"], indirect=True)
 def test_parity_check_catches_wrong_numbers(exported):
-    model, paths = exported
+    model, paths, _ = exported
     other = tiny("vit")
     with torch.no_grad():
         other.head.bias.add_(1e-3)  # the file now disagrees with `other` by 1e-3 everywhere
     with pytest.raises(ExportCheckError, match="tolerance") as err:
         check_export(paths["torch-export"], other, [(16, 16)], batches=(1,))
     assert err.value.results[(16, 16)] == pytest.approx(1e-3, rel=1e-2)
+
+
+def test_export_refuses_a_model_that_freezes_the_size(tmp_path):
+    # The position lookup as it was before export support: a Python branch on the grid, which the tracer freezes
+    # at the example size. export_model must refuse instead of writing a file that claims dynamic sizes.
+    model = tiny("vit")
+
+    def branching_lookup(grid, dtype, device):
+        if grid == model.native_grid:
+            return model.pos_embed
+        return resample_pos_embed(model.pos_embed, grid, model.native_grid, model.num_pos_prefix)
+
+    model._pos_embed_for = branching_lookup
+    out = tmp_path / "m.pt2"
+    with pytest.raises(ValueError, match=r"vit_nano_patch4_32 \(attn_layer='mha'\) cannot be exported with dynamic"):
+        export_model(model, out, format="torch-export", example_size=(32, 32))
+    assert not out.exists()
 
 
 def test_traced_resample_equals_eager_at_every_grid():
@@ -178,8 +210,10 @@ def test_traced_resample_equals_eager_at_every_grid():
         assert torch.equal(got, want), grid
 
 
-def test_export_is_atomic(tmp_path, monkeypatch):
-    model = tiny("vit")
+@pytest.mark.parametrize("exported", ["vit"], indirect=True)
+def test_export_is_atomic(exported, tmp_path, monkeypatch):
+    model, _, program = exported
+    meta = export_metadata(model, "torch-export", (16, 16), None, True)
     out = tmp_path / "model.pt2"
     out.write_bytes(b"the old file")
 
@@ -190,13 +224,16 @@ def test_export_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.export, "save", broken_save)
     with pytest.raises(RuntimeError, match="disk full"):
-        export_model(model, out, format="torch-export", example_size=(16, 16))
+        save_program(program, out, "torch-export", meta)
     assert out.read_bytes() == b"the old file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"]  # no temporary left behind
     fresh = tmp_path / "new.pt2"
     with pytest.raises(RuntimeError, match="disk full"):
-        export_model(model, fresh, format="torch-export", example_size=(16, 16))
+        save_program(program, fresh, "torch-export", meta)
     assert not fresh.exists()
+    monkeypatch.undo()
+    save_program(program, out, "torch-export", meta)  # and a good export replaces the old file
+    assert read_metadata(out)["format"] == "torch-export"
 
 
 def test_refusals_name_the_value(tmp_path):
@@ -219,9 +256,10 @@ def test_refusals_name_the_value(tmp_path):
     model.set_tome(1)
     with pytest.raises(ValueError, match=r"token merging"):
         export_model(model, out)
-    swin = tiny("swin")
-    with pytest.raises(ValueError, match=r"height 48 .*multiples of 16 from 32 \(patch x window"):
-        export_model(swin, out, example_size=(48, 32))
+    with pytest.raises(ValueError, match=r"\(Swin\) cannot be exported with dynamic height and width.*dynamic=False"):
+        export_model(tiny("swin"), out)
+    with pytest.raises(ValueError, match=r"height 30 .*multiples of 4 from 4 \(patch size 4\); try 28 or 32"):
+        export_model(tiny("swin"), out, example_size=(30, 32), dynamic=False)
     assert not out.exists()
 
 

@@ -37,10 +37,6 @@ MIN_OPSET = 18  # Resize with antialias (the position-table resample when shrink
 ONNX_LIMIT_BYTES = 2**31 - 2**26  # protobuf's 2 GiB file limit, less room for the graph itself
 TOLERANCE = 1e-4  # fp32 max |exported - eager| that check_export accepts
 
-# Attention variants whose token mixing cannot be written for a symbolic patch grid, and why. Export refuses them
-# by name instead of writing a file that works at the example size only.
-REFUSED_ATTENTION: dict[str, str] = {}
-
 
 class ExportCheckError(RuntimeError):
     """An exported file failed to run, or disagreed with eager beyond the tolerance, at one or more sizes.
@@ -70,29 +66,33 @@ class SizeRule:
         return self.multiple * self.min_multiples
 
 
-def size_rule(model: nn.Module) -> SizeRule:
-    """The sides (pixels) every exported input must have, and why.
+def size_rule(model: nn.Module, dynamic: bool = True) -> SizeRule:
+    """The sides (pixels) every exported input must have, and why. With `dynamic=False` (a one-size file) any size
+    the eager model takes at its patch or stride granularity: multiples of the patch (Swin: of its patch), one or
+    more. With `dynamic=True`:
 
     - ViT family (DeiT, hybrids): multiples of the patch (of the backbone stride x patch for hybrids), at least 2
       patches per side: torch.export treats a size of 1 as a constant (its 0/1 specialisation).
     - Local attention in window mode: multiples of patch x window (whole windows, no padding branch); in
       neighbourhood mode at least `window` patches per side (the neighbourhood is never clamped).
-    - Swin: multiples of patch x window x 2^(stages-1), at least two: every stage's map then fills at least two whole
-      windows per side, so no stage pads and every shifted block shifts (a map of one window has no shift).
+    - Swin: exported for one size only (`check_exportable` says why); multiples of its patch.
     - CNNs: multiples of the network stride (no strided layer floors a size), at least two.
 
     Raises:
         ValueError: not a vitkit model (no `feature_info`).
     """
     family = getattr(model, "family", None)
-    if family == "swin":
-        cfg = model.cfg
-        m = cfg.patch_size * cfg.window_size * 2 ** (len(cfg.depths) - 1)
-        return SizeRule(m, 2, f"patch x window x 2^(stages-1) = {m}: every stage fills at least two windows per side")
+    if family == "swin":  # dynamic sizes are refused (`check_exportable`); one size at the stem's granularity
+        p = model.cfg.patch_size
+        return SizeRule(p, 2 if dynamic else 1, f"patch size {p}")
     info = getattr(model, "feature_info", None)
     if not info:
         raise ValueError(f"{type(model).__name__} is not a vitkit model (no feature_info); export takes vitkit models")
     base = int(max(f["reduction"] for f in info))
+    if not dynamic:
+        return SizeRule(
+            base, 1, f"{'network stride' if family in ('resnet', 'resnetv2', 'convnext') else 'patch'} {base}"
+        )
     if family in ("resnet", "resnetv2", "convnext"):
         return SizeRule(base, 2, f"network stride {base}")
     from vitkit.layers import LocalAttention
@@ -112,7 +112,7 @@ def size_multiple(model: nn.Module) -> int:
     return size_rule(model).multiple
 
 
-def check_export_size(model: nn.Module, size: int | Sequence[int]) -> tuple[int, int]:
+def check_export_size(model: nn.Module, size: int | Sequence[int], dynamic: bool = True) -> tuple[int, int]:
     """(H, W) if the exported model can take it, else a ValueError naming the side, the value and what is allowed.
 
     Raises:
@@ -123,7 +123,7 @@ def check_export_size(model: nn.Module, size: int | Sequence[int]) -> tuple[int,
         size = (size, size)
     if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) for s in size):
         raise TypeError(f"size must be an int or (H, W) ints, got {size!r}")
-    rule = size_rule(model)
+    rule = size_rule(model, dynamic)
     m, lo = rule.multiple, rule.min_size
     for name, side in zip(("height", "width"), size):
         if side < lo or side % m:
@@ -140,21 +140,27 @@ def _name(model: nn.Module) -> str:
     return getattr(model, "model_name", None) or type(model).__name__
 
 
-def check_exportable(model: nn.Module) -> None:
-    """Refuse what cannot become a dynamic-size program: token merging, or an attention variant of
-    `REFUSED_ATTENTION`, each named with the reason.
+def check_exportable(model: nn.Module, dynamic: bool = True) -> None:
+    """Refuse what cannot become a dynamic-size program before tracing it: token merging (data-dependent matching,
+    a token count that changes per block) and Swin with dynamic sizes (see the message). Model code that freezes
+    the size is caught after tracing (`export_model` runs the program at a second size).
 
     Raises:
         ValueError: naming the model, the setting and why.
     """
+    if dynamic and getattr(model, "family", None) == "swin":
+        raise ValueError(
+            f"{_name(model)} (Swin) cannot be exported with dynamic height and width: its window attention repeats "
+            "the per-window bias over the batch as (batch x windows) // windows, a division of symbolic sizes that "
+            "torch.export freezes at the example's batch and size, and a stage whose side is at most the window "
+            "runs without the shift (another program). Export with dynamic=False (--static on the command line): "
+            "a file for the example size, any batch"
+        )
     if any(getattr(model, "tome_r", []) or []):
         raise ValueError(
             f"{_name(model)} has token merging on (set_tome); its matching is data-dependent (argsort of "
             "similarities) and the token count changes per block: call set_tome(0) before exporting"
         )
-    layer = getattr(getattr(model, "cfg", None), "attn_layer", "mha")
-    if layer in REFUSED_ATTENTION:
-        raise ValueError(f"attn_layer={layer!r} cannot be exported with dynamic sizes: {REFUSED_ATTENTION[layer]}")
 
 
 def load_export_source(src: str | os.PathLike, log: Callable[[str], None] | None = None) -> nn.Module:
@@ -179,7 +185,7 @@ def export_metadata(
 ) -> dict[str, Any]:
     """What a runtime needs besides the graph: the preprocessing, the size rule, names. Every value is JSON."""
     pre = model.preprocess
-    rule = size_rule(model)
+    rule = size_rule(model, dynamic)
     return {
         "model_name": _name(model),
         "family": getattr(model, "family", None),
@@ -272,8 +278,8 @@ def export_model(
         model: a vitkit model; it is put in eval mode.
         out: the file to write, atomically: a failed export leaves no partial file and keeps an existing one.
         format: "onnx" (run with onnxruntime) or "torch-export" (`torch.export.load(out).module()`).
-        example_size: (H, W) or a side, the size traced; None = the model's native size. Must be a multiple of
-            `size_multiple(model)` and at least two multiples.
+        example_size: (H, W) or a side, the size traced; None = the model's native size. Must follow
+            `size_rule(model, dynamic)`.
         batch: None = any batch size (dynamic); an int fixes the batch.
         opset: ONNX opset (>= 18); None = the exporter's default. Only for format="onnx".
         dynamic: True = any height and width of the size rule; False = the example size only (a one-size file,
@@ -284,15 +290,16 @@ def export_model(
 
     Raises:
         ValueError: an unknown format, a size the model cannot take, an opset below 18, a batch < 1, an opset for
-            torch-export, a model that cannot be exported with dynamic sizes (named, with the reason), or an ONNX
-            model over protobuf's 2 GiB.
+            torch-export, a model that cannot be exported with dynamic sizes (token merging on, or a traced program
+            that does not run or agree with eager at a second size: named, with the reason), or an ONNX model over
+            protobuf's 2 GiB. Nothing is written then.
         TypeError: sizes, batch or opset that are not ints.
     """
     check_choice("format", format, Format)
-    check_exportable(model)
+    check_exportable(model, dynamic)
     if example_size is None:
         example_size = tuple(model.preprocess.input_size)
-    size = check_export_size(model, example_size)
+    size = check_export_size(model, example_size, dynamic)
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ValueError(f"batch={batch!r} is not allowed: give a positive int, or None for any batch size")
     if opset is not None:
@@ -315,8 +322,44 @@ def export_model(
     meta = export_metadata(model, format, size, batch, dynamic)
     start = time.perf_counter()
     program = trace(model, size, batch=batch, dynamic=dynamic)
+    if dynamic:
+        _check_generalises(program, model, size, batch)
     save_program(program, out, format, meta, opset)
     return ExportResult(Path(out), meta, time.perf_counter() - start)
+
+
+def _check_generalises(
+    program: torch.export.ExportedProgram, model: nn.Module, size: tuple[int, int], batch: int | None
+) -> None:
+    """Run the traced program once at another size (and batch) of the rule before anything is written: model code
+    that branches on the input size in Python gets frozen at the example by the tracer, and such a program must not
+    become a file that claims dynamic sizes.
+
+    Raises:
+        ValueError: the program fails at the other size or disagrees with eager there, naming the model and its
+            attention layer.
+    """
+    m = size_rule(model).multiple
+    other = (size[0] + m, size[1] + 2 * m)
+    x = torch.randn(1 if batch is None else batch, _in_chans(model), *other)
+    layer = getattr(getattr(model, "cfg", None), "attn_layer", None)
+    what = f"{_name(model)}" + (f" (attn_layer={layer!r})" if layer else "")
+    try:
+        with torch.no_grad():
+            got, want = program.module()(x), model(x)
+    except Exception as e:  # noqa: BLE001 - whatever the frozen program raises is the finding
+        raise ValueError(
+            f"{what} cannot be exported with dynamic sizes: the traced program fails at {other[0]}x{other[1]} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); its code branches on the input size in Python. "
+            "Export with dynamic=False for a file of the example size only"
+        ) from None
+    delta = (got - want).abs().max().item()
+    if not delta <= TOLERANCE:
+        raise ValueError(
+            f"{what} cannot be exported with dynamic sizes: the traced program is off by {delta:.3g} at "
+            f"{other[0]}x{other[1]}; its code branches on the input size in Python. Export with dynamic=False for a "
+            "file of the example size only"
+        )
 
 
 def trace(
@@ -387,18 +430,19 @@ def default_check_sizes(model: nn.Module, example_size: Sequence[int] | None = N
     the smallest allowed), and a non-square one."""
     rule = size_rule(model)
     m, lo = rule.multiple, rule.min_size
-    h, w = check_export_size(model, tuple(example_size or model.preprocess.input_size))
+    h, w = (int(s) for s in (example_size or model.preprocess.input_size))  # a one-size file's may be off the rule
     sizes = [(h, w), (h + 2 * m, w + 2 * m)]
     small = (max(lo, h - m), max(lo, w - m))
     sizes.append(small if small != (h, w) else (h + m, w + m))
     odd = (h + m, w + 3 * m)
-    sizes.append(odd)
+    sizes.append(odd if odd[0] != odd[1] else (h + m, w + 4 * m))
     return sizes
 
 
-def load_runner(path: str | os.PathLike) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function images -> logits that runs an exported file: onnxruntime for .onnx, the torch.export module for
-    an archive. Raises ValueError for a file that is neither."""
+def load_runner(path: str | os.PathLike, threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function images -> logits that runs an exported file: onnxruntime for .onnx (with `threads` intra-op
+    threads; None = onnxruntime's default), the torch.export module for an archive. Raises ValueError for a file
+    that is neither."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no exported model at {path}")
@@ -414,6 +458,8 @@ def load_runner(path: str | os.PathLike) -> Callable[[torch.Tensor], torch.Tenso
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # no warnings on stderr for every dynamic shape
+    if threads is not None:
+        opts.intra_op_num_threads = threads
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for an unreadable file
