@@ -14,6 +14,7 @@ the file as metadata (`read_metadata`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import zipfile
@@ -385,7 +386,14 @@ def save_program(
         if format == "onnx":
             _save_onnx(program, opset, meta, tmp)
         else:
-            torch.export.save(program, tmp, extra_files={METADATA_FILE: json.dumps(meta)})
+            # The temporary's name ends in .tmp, which torch.export.save warns about; the final name is the user's.
+            archive_log = logging.getLogger("torch.export.pt2_archive._package")
+            level = archive_log.level
+            archive_log.setLevel(logging.ERROR)
+            try:
+                torch.export.save(program, tmp, extra_files={METADATA_FILE: json.dumps(meta)})
+            finally:
+                archive_log.setLevel(level)
 
 
 def _in_chans(model: nn.Module) -> int:
