@@ -1,14 +1,15 @@
 """Export a vitkit model to ONNX or `torch.export` with truly dynamic batch, height and width, and check the file.
 
     export_model(model, "vit.onnx", format="onnx", example_size=(224, 224))
-    check_export("vit.onnx", model)     # {(224, 224): 3e-6, (256, 256): ..., ...}; raises when a size fails
+    check_export("vit.onnx", model)     # {(H, W): max |exported - eager|} at 4 sizes; raises when a size fails
 
 What ends up in the file is one plain-tensor forward, images (B, C, H, W) -> logits (B, classes): the model is
 wrapped so that no attention-return flag, capture slot or cache keyed by the input size is traced, and the model
 code takes its branch-free path while `torch.compiler.is_exporting()` (learned position tables are resampled
-inside the graph, so every grid gets the table eager would use). The size rule (multiples of the patch, of
-patch x window x 2^(stages-1) for Swin, of the network stride for CNNs) and the preprocessing are written into
-the file as metadata (`read_metadata`).
+inside the graph, so every grid gets the table eager would use). After tracing, the program is run once at a
+second size and compared with eager before anything is written, so model code that freezes the size is refused
+rather than exported. The size rule (`size_rule`: multiples of the patch, of the network stride for CNNs; Swin one
+size only) and the preprocessing are written into the file as metadata (`read_metadata`).
 """
 
 from __future__ import annotations
@@ -141,21 +142,52 @@ def _name(model: nn.Module) -> str:
     return getattr(model, "model_name", None) or type(model).__name__
 
 
-def check_exportable(model: nn.Module, dynamic: bool = True) -> None:
+def refusal(model: nn.Module, format: str, dynamic: bool) -> str | None:
+    """Why `model` cannot be exported with dynamic sizes in `format` (None when it can). Found by the four-size
+    parity tests; each is a limit of torch.export or of the ONNX exporter with symbolic sizes, not of the model."""
+    if not dynamic:
+        return None
+    if getattr(model, "family", None) == "swin":
+        return (
+            "its window attention repeats the per-window bias over the batch as (batch x windows) // windows, a "
+            "division of symbolic sizes that torch.export freezes at the example's batch and size, and a stage whose "
+            "side is at most the window runs without the shift (another program)"
+        )
+    from vitkit.layers import DecomposedRelPosAttention, LocalAttention, SparseAttention
+
+    mods = list(model.modules())
+    if any(isinstance(m, DecomposedRelPosAttention) for m in mods):
+        return (
+            "attn_layer='relpos_decomposed': the einsum of the grid-shaped queries with the per-axis tables leaves a "
+            "guard on batch x grid that torch.export freezes at the example size"
+        )
+    if format == "onnx" and any(isinstance(m, LocalAttention) and m.mode == "neighborhood" for m in mods):
+        return (
+            "attn_layer='local' with mode='neighborhood' in ONNX: the exporter builds the neighbourhood mask of a "
+            "symbolic grid with wrong shapes (onnxruntime fails in its And/Expand at every size); torch-export works"
+        )
+    if format == "onnx" and any(isinstance(m, SparseAttention) and m.stride is None for m in mods):
+        return (
+            "attn_layer='sparse' with stride=None (the grid width) in ONNX: the exporter cannot translate a remainder "
+            "by a symbolic size; give attn_args stride=N, or use torch-export"
+        )
+    return None
+
+
+def check_exportable(model: nn.Module, dynamic: bool = True, format: str = "onnx") -> None:
     """Refuse what cannot become a dynamic-size program before tracing it: token merging (data-dependent matching,
-    a token count that changes per block) and Swin with dynamic sizes (see the message). Model code that freezes
-    the size is caught after tracing (`export_model` runs the program at a second size).
+    a token count that changes per block) and the cases of `refusal`, each named with the reason. Model code that
+    freezes the size is caught after tracing (`export_model` runs the program at a second size).
 
     Raises:
         ValueError: naming the model, the setting and why.
     """
-    if dynamic and getattr(model, "family", None) == "swin":
+    why = refusal(model, format, dynamic)
+    if why is not None:
+        kind = "Swin" if getattr(model, "family", None) == "swin" else getattr(model.cfg, "attn_layer", "")
         raise ValueError(
-            f"{_name(model)} (Swin) cannot be exported with dynamic height and width: its window attention repeats "
-            "the per-window bias over the batch as (batch x windows) // windows, a division of symbolic sizes that "
-            "torch.export freezes at the example's batch and size, and a stage whose side is at most the window "
-            "runs without the shift (another program). Export with dynamic=False (--static on the command line): "
-            "a file for the example size, any batch"
+            f"{_name(model)} ({kind}) cannot be exported to {format} with dynamic height and width: {why}. Export "
+            "with dynamic=False (--static on the command line): a file for the example size, any batch"
         )
     if any(getattr(model, "tome_r", []) or []):
         raise ValueError(
@@ -297,7 +329,7 @@ def export_model(
         TypeError: sizes, batch or opset that are not ints.
     """
     check_choice("format", format, Format)
-    check_exportable(model, dynamic)
+    check_exportable(model, dynamic, format)
     if example_size is None:
         example_size = tuple(model.preprocess.input_size)
     size = check_export_size(model, example_size, dynamic)

@@ -126,10 +126,13 @@ class Attention(nn.Module):
         normally; the explicit softmax (handed to a capture) while one is attached. Variants defined by a mask
         (local, sparse) use this as their reference path."""
         capture = self.capture
-        if capture is not None:
+        # Exporting (vitkit.deploy.export) takes the explicit path too: the ONNX exporter's decomposition of the
+        # masked fused kernel changes its output layout and then fails on the reshape that follows.
+        if capture is not None or torch.compiler.is_exporting():
             logits = ((q * self.scale) @ k.transpose(-2, -1)).masked_fill(~mask, float("-inf"))  # (B, h, N, N)
             attn = logits.softmax(dim=-1)
-            capture(self, attn)
+            if capture is not None:
+                capture(self, attn)
             return self.attn_drop(attn) @ v
         p = self.attn_drop.p if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)

@@ -154,9 +154,12 @@ class RelPosAttention(Attention):
     ) -> torch.Tensor:
         bias = self.position_bias(q.shape[2], grid).to(q.dtype)[None]  # (1, h, N, N): SDPA is ~4x slower with 3-D
         capture = self.capture
-        if capture is not None:
+        # Exporting takes the explicit path: the ONNX exporter's decomposition of the fused kernel with a float bias
+        # changes its output layout and then fails on the reshape that follows.
+        if capture is not None or torch.compiler.is_exporting():
             attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B, h, N, N)
-            capture(self, attn)
+            if capture is not None:
+                capture(self, attn)
             return self.attn_drop(attn) @ v  # (B, h, N, d)
         p = self.attn_drop.p if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
@@ -237,9 +240,12 @@ class DecomposedRelPosAttention(Attention):
     ) -> torch.Tensor:
         bias = self.position_bias(q, grid)  # (B, h, N, N)
         capture = self.capture
-        if capture is not None:
+        # Exporting takes the explicit path: the ONNX exporter's decomposition of the fused kernel with a float bias
+        # changes its output layout and then fails on the reshape that follows.
+        if capture is not None or torch.compiler.is_exporting():
             attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B, h, N, N)
-            capture(self, attn)
+            if capture is not None:
+                capture(self, attn)
             return self.attn_drop(attn) @ v  # (B, h, N, d)
         p = self.attn_drop.p if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)

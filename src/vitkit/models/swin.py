@@ -215,9 +215,12 @@ class WindowAttention(nn.Module):
         if nW > 1:  # one bias per window, the same for every image: (B * nW, heads, N, N)
             bias = bias.unsqueeze(0).expand(Bw // nW, -1, -1, -1, -1).reshape(Bw, self.num_heads, N, N)
         capture = self.capture  # read once: another thread may close its capture meanwhile
-        if capture is not None:  # the explicit path, only while a map is read; same output as the fused one
+        # The explicit path, while a map is read or while exporting (the ONNX exporter's decomposition of the fused
+        # kernel with a bias changes its output layout and then fails on the reshape below); same output.
+        if capture is not None or torch.compiler.is_exporting():
             attn = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B * nW, heads, N, N)
-            capture(self, attn)
+            if capture is not None:
+                capture(self, attn)
             x = F.dropout(attn, self.attn_drop, self.training) @ v
         else:
             x = F.scaled_dot_product_attention(
