@@ -9,7 +9,8 @@ run, so the numbers can be read against what the hardware does. The exported fil
 
 Usage:
     python benchmarks/export.py                                   # ViT-S/16 at 224, batch 1 and 16 (~10 min, 2 cores)
-    python benchmarks/export.py --models vit_nano_patch4_32 --size 32 --batches 1 2 --rounds 2 --seconds 0.2  # smoke
+    python benchmarks/export.py --models vit_nano_patch4_32 --size 32 --batches 1 2 --rounds 2 --seconds 0.2 \
+        --matmul-n 256                                            # a smoke test of the script
     python benchmarks/export.py --json out.json                   # also write the rows as JSON
 """
 
@@ -106,15 +107,18 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0, help="minimum seconds per runner per round")
     ap.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: torch's)")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument(
+        "--matmul-n", type=int, default=2048, help="matmul side for the rate (bf16 is slow on CPUs without it)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     import onnxruntime
 
-    peak32, peak16 = matmul_rate(torch.float32, "cpu"), matmul_rate(torch.bfloat16, "cpu")
+    peak32, peak16 = matmul_rate(torch.float32, "cpu", args.matmul_n), matmul_rate(torch.bfloat16, "cpu", args.matmul_n)
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, onnxruntime {onnxruntime.__version__}")  # fmt: skip
-    print(f"# 2048^2 matmul: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
+    print(f"# {args.matmul_n}^2 matmul: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
