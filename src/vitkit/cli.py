@@ -666,6 +666,56 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     print(f"val accuracy {r['val_acc']:.4f}  test accuracy {r['test_acc']:.4f}")
     if r["out"]:
         print(f"wrote {r['out']} (vitkit predict --checkpoint {r['out']} IMAGE)")
+
+
+# vitkit export SRC --format onnx|torch-export --out FILE [--img-size H [W]] [--batch B] [--opset N] [--check]
+# ----------------------------------------------------------------------------------------------------------------
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from vitkit.deploy.export import Format
+
+    p = sub.add_parser(
+        "export", help="export to ONNX or torch.export with dynamic batch, height and width (docs/deploy.md)"
+    )
+    p.add_argument("src", help="run directory, checkpoint directory, foreign checkpoint file, or registered model name")
+    p.add_argument("--format", required=True, choices=choices(Format), help="onnx (onnxruntime) or torch-export (.pt2)")
+    p.add_argument("--out", required=True, help="file to write (atomically)")
+    p.add_argument(
+        "--img-size", type=int, nargs="+", default=None, help="example size traced, H [W] (default: the model's)"
+    )
+    p.add_argument("--batch", type=int, default=None, help="fix the batch size (default: any batch)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 18; default: the exporter's)")
+    p.add_argument("--static", action="store_true", help="fixed height and width (the example size); Swin needs it")
+    p.add_argument("--check", action="store_true", help="run the file against eager at four sizes and print the table")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from vitkit.deploy.export import ExportCheckError, check_export, export_model, format_check, load_export_source
+
+    size = None
+    if args.img_size:
+        if len(args.img_size) > 2:
+            raise ValueError(f"--img-size takes one or two numbers (H or H W), got {args.img_size}")
+        size = tuple(args.img_size) if len(args.img_size) == 2 else (args.img_size[0],) * 2
+    model = load_export_source(args.src, log=_printer("export"))
+    result = export_model(
+        model, args.out, format=args.format, example_size=size, batch=args.batch, opset=args.opset,
+        dynamic=not args.static,
+    )  # fmt: skip
+    meta = result.metadata
+    h, w = meta["example_size"]
+    sizes = f"{h}x{w} only" if args.static else f"sides multiples of {meta['patch_multiple']} from {meta['min_size']}"
+    batch = "any" if meta["batch"] is None else meta["batch"]
+    print(f"wrote {result.path} ({human_size(result.path.stat().st_size)}, {result.seconds:.1f} s): "
+          f"{meta['model_name']}, {sizes}, batch {batch}")  # fmt: skip
+    if args.check:
+        batches = (1, 3) if args.batch is None else (args.batch,)
+        try:
+            sizes = [(h, w)] if args.static else None  # a one-size file runs at its size only
+            print(format_check(check_export(result.path, model, sizes, batches=batches)))
+        except ExportCheckError as e:
+            print(f"vitkit export: parity check failed: {e}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -842,6 +892,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_probe,
     _add_compare,
     _add_sweep,
+    _add_export,
 ]
 
 
@@ -878,6 +929,7 @@ _ARG_FLAGS: dict[str, dict[str, str]] = {
         "head_fusion": "--head-fusion", "discard_ratio": "--discard-ratio", "layers": "--html-layers",
     },
     "visualize": {"kind": "KIND", "image": "IMAGE"},
+    "export": {"format": "--format", "example_size": "--img-size", "batch": "--batch", "opset": "--opset"},
     "explain-eval": {
         "data": "--data", "count": "--count", "methods": "--methods", "batch_size": "--batch-size",
         "max_steps": "--max-steps", "layer": "--layer", "head_fusion": "--head-fusion",

@@ -31,7 +31,7 @@ from vitkit.layers.patch_embed import (
     pi_resize_kernel,
     pi_resize_matrix,
 )
-from vitkit.layers.pos_embed import PosConv, resample_pos_embed, sincos_2d
+from vitkit.layers.pos_embed import PosConv, resample_pos_embed, resample_pos_embed_traced, sincos_2d
 
 __all__ = [
     "Attention",
@@ -54,6 +54,7 @@ __all__ = [
     "layer_options",
     "layer_names",
     "register_layer",
+    "resample_pos_embed_traced",
     "resolve_intermediates",
     "resolve_layers",
     "run_with_captures",

@@ -25,11 +25,17 @@ def split_tokens(n_tokens: int, grid: tuple[int, int] | None, layer: str) -> int
             f"attn_layer={layer!r} mixes tokens by their grid position and needs grid=(H', W'); "
             "call it through a model (VisionTransformer passes the grid) or pass grid= yourself"
         )
-    gh, gw = int(grid[0]), int(grid[1])
+    gh, gw = grid_sides(grid)
     prefix = n_tokens - gh * gw
     if gh < 1 or gw < 1 or prefix < 0:
         raise ValueError(f"grid {tuple(grid)} does not fit a sequence of {n_tokens} tokens (needs N >= H'*W')")
     return prefix
+
+
+def grid_sides(grid: tuple[int, int]) -> tuple[int, int]:
+    """(H', W') as Python ints; symbolic sizes (torch.export, `vitkit.deploy.export`) stay symbolic, because int() of
+    one would freeze the exported program at the example size."""
+    return tuple(g if isinstance(g, torch.SymInt) else int(g) for g in grid)  # type: ignore[return-value]
 
 
 class Attention(nn.Module):
@@ -120,10 +126,13 @@ class Attention(nn.Module):
         normally; the explicit softmax (handed to a capture) while one is attached. Variants defined by a mask
         (local, sparse) use this as their reference path."""
         capture = self.capture
-        if capture is not None:
+        # Exporting (vitkit.deploy.export) takes the explicit path too: the ONNX exporter's decomposition of the
+        # masked fused kernel changes its output layout and then fails on the reshape that follows.
+        if capture is not None or torch.compiler.is_exporting():
             logits = ((q * self.scale) @ k.transpose(-2, -1)).masked_fill(~mask, float("-inf"))  # (B, h, N, N)
             attn = logits.softmax(dim=-1)
-            capture(self, attn)
+            if capture is not None:
+                capture(self, attn)
             return self.attn_drop(attn) @ v
         p = self.attn_drop.p if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)

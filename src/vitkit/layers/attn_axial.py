@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vitkit.layers.attention import Attention, split_tokens
+from vitkit.layers.attention import Attention, grid_sides, split_tokens
 
 
 def axial_masks(
@@ -61,7 +61,7 @@ class AxialAttention(Attention):
     ) -> torch.Tensor:
         """q, k, v (B, heads, N, d) -> (B, heads, N, d); `grid` (H', W') is required."""
         prefix = split_tokens(q.shape[2], grid, "axial")
-        gh, gw = int(grid[0]), int(grid[1])
+        gh, gw = grid_sides(grid)
         capture = self.capture
         if capture is not None:
             row_mask, col_mask = axial_masks(prefix, (gh, gw), q.device)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.layers.attention import Attention, split_tokens
+from vitkit.layers.attention import Attention, grid_sides, split_tokens
 
 LocalMode = Literal["window", "neighborhood"]
 LOCAL_MODES = ("window", "neighborhood")
@@ -114,6 +114,8 @@ class LocalAttention(Attention):
 
     def dense_mask(self, grid: tuple[int, int], prefix: int, device: torch.device) -> torch.Tensor:
         """The (N, N) boolean mask of this layer (see `local_mask`), cached for a few recent grids."""
+        if torch.compiler.is_exporting():  # symbolic sizes (vitkit.deploy.export): built in the graph, not cached
+            return local_mask(grid, prefix, self.window, self.mode).to(device)
         key = (grid, prefix, device)
         if key not in self._masks:
             self._masks[key] = local_mask(grid, prefix, self.window, self.mode).to(device)
@@ -126,7 +128,7 @@ class LocalAttention(Attention):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int] | None = None
     ) -> torch.Tensor:
         prefix = split_tokens(q.shape[2], grid, "local")
-        grid = (int(grid[0]), int(grid[1]))
+        grid = grid_sides(grid)
         if self.capture is not None or self.mode == "neighborhood":
             return self.masked_attend(q, k, v, self.dense_mask(grid, prefix, q.device))
         return self.window_attend(q, k, v, grid, prefix)

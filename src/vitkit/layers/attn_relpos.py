@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.layers.attention import Attention, split_tokens
+from vitkit.layers.attention import Attention, grid_sides, split_tokens
 
 
 def _grid_option(value: object, layer: str) -> tuple[int, int]:
@@ -127,7 +127,9 @@ class RelPosAttention(Attention):
     def table_for(self, grid: tuple[int, int]) -> torch.Tensor:
         """The bias table for a patch grid: ((2H-1)(2W-1) + 3, heads), resampled when `grid` is not native."""
         table = self.relative_position_bias_table
-        if tuple(grid) == self.grid_size:
+        # While exporting with symbolic sizes the table is always resampled: at the native grid the bicubic
+        # resample is the identity (its sample points fall on the entries), and no branch freezes the size.
+        if not torch.compiler.is_exporting() and tuple(grid) == self.grid_size:
             return table
         gh, gw = self.grid_size
         rel = table[:-3].T.reshape(1, -1, 2 * gh - 1, 2 * gw - 1)  # (1, heads, 2gh-1, 2gw-1)
@@ -138,8 +140,10 @@ class RelPosAttention(Attention):
     def position_bias(self, n_tokens: int, grid: tuple[int, int] | None) -> torch.Tensor:
         """The bias added to the logits: (heads, N, N) for a sequence of `n_tokens` tokens with patch `grid`."""
         prefix = split_tokens(n_tokens, grid, "relpos")
-        grid = (int(grid[0]), int(grid[1]))
+        grid = grid_sides(grid)
         table = self.table_for(grid)
+        if torch.compiler.is_exporting():  # symbolic sizes: built in the graph, not cached by grid
+            return table.T[:, relative_position_index(grid, prefix).to(table.device)]
         index = self._index.get(
             (grid, prefix, table.device), lambda: relative_position_index(grid, prefix).to(table.device)
         )  # (N, N)
@@ -150,9 +154,12 @@ class RelPosAttention(Attention):
     ) -> torch.Tensor:
         bias = self.position_bias(q.shape[2], grid).to(q.dtype)[None]  # (1, h, N, N): SDPA is ~4x slower with 3-D
         capture = self.capture
-        if capture is not None:
+        # Exporting takes the explicit path: the ONNX exporter's decomposition of the fused kernel with a float bias
+        # changes its output layout and then fails on the reshape that follows.
+        if capture is not None or torch.compiler.is_exporting():
             attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B, h, N, N)
-            capture(self, attn)
+            if capture is not None:
+                capture(self, attn)
             return self.attn_drop(attn) @ v  # (B, h, N, d)
         p = self.attn_drop.p if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
@@ -207,7 +214,8 @@ class DecomposedRelPosAttention(Attention):
     @staticmethod
     def rel_pos_for(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
         """One axis' table (2S-1, d) -> the embedding per (query, key) position pair (size, size, d): R[q - k]."""
-        if rel_pos.shape[0] != 2 * size - 1:
+        # Exporting with symbolic sizes: always resampled (the identity at the native length), no branch on size.
+        if torch.compiler.is_exporting() or rel_pos.shape[0] != 2 * size - 1:
             rel_pos = F.interpolate(rel_pos.T[None], size=2 * size - 1, mode="linear")[0].T  # (2*size-1, d)
         coords = torch.arange(size, device=rel_pos.device)
         return rel_pos[coords[:, None] - coords[None, :] + size - 1]  # (size, size, d)
@@ -217,7 +225,7 @@ class DecomposedRelPosAttention(Attention):
         query or the key."""
         B, h, N, d = q.shape
         prefix = split_tokens(N, grid, "relpos_decomposed")
-        gh, gw = int(grid[0]), int(grid[1])
+        gh, gw = grid_sides(grid)
         rh = self.rel_pos_for(self.rel_pos_h, gh).to(q.dtype)  # (H, H, d)
         rw = self.rel_pos_for(self.rel_pos_w, gw).to(q.dtype)  # (W, W, d)
         qp = q[:, :, prefix:].reshape(B, h, gh, gw, d)  # (B, h, H, W, d), unscaled as in ViTDet
@@ -232,9 +240,12 @@ class DecomposedRelPosAttention(Attention):
     ) -> torch.Tensor:
         bias = self.position_bias(q, grid)  # (B, h, N, N)
         capture = self.capture
-        if capture is not None:
+        # Exporting takes the explicit path: the ONNX exporter's decomposition of the fused kernel with a float bias
+        # changes its output layout and then fails on the reshape that follows.
+        if capture is not None or torch.compiler.is_exporting():
             attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B, h, N, N)
-            capture(self, attn)
+            if capture is not None:
+                capture(self, attn)
             return self.attn_drop(attn) @ v  # (B, h, N, d)
         p = self.attn_drop.p if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from vitkit.layers.attention import Attention, split_tokens
+from vitkit.layers.attention import Attention, grid_sides, split_tokens
 
 SPARSE_PATTERNS = ("strided", "fixed")
 
@@ -109,6 +109,8 @@ class SparseAttention(Attention):
         stride = self.stride if self.stride is not None else grid[1]
         if self.pattern == "fixed" and self.c > stride:
             raise ValueError(f"c {self.c} exceeds the block length {stride} (the grid width {grid[1]}); set stride")
+        if torch.compiler.is_exporting():  # symbolic sizes (vitkit.deploy.export): built in the graph, not cached
+            return sparse_mask(self.pattern, prefix, grid, stride, self.c, device)
         key = (prefix, tuple(grid), str(device))
         if key not in self._masks:
             if len(self._masks) >= 8:  # a few input sizes at a time; do not grow without bound
@@ -121,7 +123,7 @@ class SparseAttention(Attention):
     ) -> torch.Tensor:
         """q, k, v (B, heads, N, d) -> (B, heads, N, d); `grid` (H', W') is required."""
         prefix = split_tokens(q.shape[2], grid, "sparse")
-        return self.masked_attend(q, k, v, self.mask(prefix, (int(grid[0]), int(grid[1])), q.device))
+        return self.masked_attend(q, k, v, self.mask(prefix, grid_sides(grid), q.device))
 
     def extra_repr(self) -> str:
         return f"pattern={self.pattern!r}, stride={self.stride}, c={self.c}"

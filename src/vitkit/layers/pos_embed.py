@@ -74,6 +74,38 @@ def resample_pos_embed(
     return torch.cat([prefix, grid], dim=1)
 
 
+def resample_pos_embed_traced(
+    pos_embed: torch.Tensor,
+    new_grid: tuple[int, int],
+    old_grid: tuple[int, int],
+    num_prefix_tokens: int = 1,
+    interpolation: str = "bicubic",
+) -> torch.Tensor:
+    """`resample_pos_embed` without a Python branch on the new grid, for `torch.export` with symbolic sizes.
+
+    The eager function returns the table itself at the old grid and antialiases only when shrinking: two branches
+    on sizes that an exporter would freeze at the example size. Here the table is always interpolated (at the same
+    grid the interpolation is the identity: the source points fall on the table's entries) and both filters are
+    computed, one kept by a 0/1 factor made from the sizes. Numerically the eager function's result at every grid.
+
+    Args: as `resample_pos_embed`, with `old_grid` required and `new_grid` possibly symbolic.
+    """
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]  # (1, P, D), (1, H*W, D)
+    dim = grid.shape[-1]
+    orig_dtype = grid.dtype
+    grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).float()  # (1, D, H, W)
+    align = False if interpolation in ("bilinear", "bicubic") else None
+    out = F.interpolate(grid, size=new_grid, mode=interpolation, align_corners=align)  # (1, D, H', W')
+    if interpolation in ("bilinear", "bicubic"):
+        shrink = torch.sym_min(
+            1, torch.sym_max(0, old_grid[0] - new_grid[0]) + torch.sym_max(0, old_grid[1] - new_grid[1])
+        )
+        smooth = F.interpolate(grid, size=new_grid, mode=interpolation, align_corners=align, antialias=True)
+        out = out * (1 - shrink) + smooth * shrink  # one factor is 0, the other 1: exactly one of the two tables
+    out = out.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(orig_dtype)  # (1, H'*W', D)
+    return torch.cat([prefix, out], dim=1)
+
+
 class PosConv(nn.Module):
     """CPVT's position encoding generator (PEG; Chu et al. 2023, "Conditional Positional Encodings for Vision
     Transformers"): x + depthwise 3x3 conv(x) on the patch tokens laid out as their grid.

@@ -102,6 +102,9 @@ def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tenso
         # cached by an earlier eager call stays guarded by its value fingerprints.
         return bn(conv(x))
     plain = bn.training or torch.is_grad_enabled() or bn.running_mean is None or bn.running_var is None
+    # torch.export (vitkit.deploy.export) cannot trace the fold's cache (it keys on data pointers); ONNX runtimes
+    # fold BatchNorm into the convolution themselves.
+    plain = plain or torch.compiler.is_exporting()
     # Weights made inside `torch.inference_mode` (e.g. `model.to(dtype)` there) keep no version counter, so a fold
     # of them could not tell when it went stale: such a model runs unfolded.
     if plain or any(t.is_inference() for t in (conv.weight, bn.weight, bn.running_mean) if t is not None):

@@ -15,7 +15,6 @@ downsample.norm}`. The classifier is vitkit's own `head` (timm has no classifier
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,7 +95,10 @@ class ResNetV2Config:
 # ----------------------------------------------------------------------------------------------------------------
 def _same_pad(size: int, kernel: int, stride: int) -> int:
     """Total padding TensorFlow's 'SAME' adds along one side of length `size` (output = ceil(size / stride))."""
-    return max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    # = (ceil(size / stride) - 1) * stride + kernel - size, written with the remainder: the same for ints, and for
+    # the symbolic sizes of torch.export (multiples of the stride) a constant instead of a nested ceil expression.
+    rest = size % stride
+    return max(kernel - (rest if rest else stride), 0)
 
 
 def pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:

@@ -215,9 +215,12 @@ class WindowAttention(nn.Module):
         if nW > 1:  # one bias per window, the same for every image: (B * nW, heads, N, N)
             bias = bias.unsqueeze(0).expand(Bw // nW, -1, -1, -1, -1).reshape(Bw, self.num_heads, N, N)
         capture = self.capture  # read once: another thread may close its capture meanwhile
-        if capture is not None:  # the explicit path, only while a map is read; same output as the fused one
+        # The explicit path, while a map is read or while exporting (the ONNX exporter's decomposition of the fused
+        # kernel with a bias changes its output layout and then fails on the reshape below); same output.
+        if capture is not None or torch.compiler.is_exporting():
             attn = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B * nW, heads, N, N)
-            capture(self, attn)
+            if capture is not None:
+                capture(self, attn)
             x = F.dropout(attn, self.attn_drop, self.training) @ v
         else:
             x = F.scaled_dot_product_attention(
@@ -304,7 +307,8 @@ class SwinBlock(nn.Module):
         if pad_b or pad_r:  # F.pad copies even when it pads nothing
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # (B, Hp, Wp, C)
         Hp, Wp = H + pad_b, W + pad_r
-        if not torch.is_grad_enabled():
+        # torch.export (vitkit.deploy.export) takes the roll path: the cache is keyed by the (symbolic) map size.
+        if not torch.is_grad_enabled() and not torch.compiler.is_exporting():
             # Inference: cached bias, and roll + partition (and their inverses) as one gather each.
             bias, index, inverse = self._inference_geometry(Hp, Wp, window, shift, x.dtype, x.device)
             if shift:

@@ -34,6 +34,7 @@ from vitkit.layers import (
     get_norm,
     layer_options,
     resample_pos_embed,
+    resample_pos_embed_traced,
     resolve_intermediates,
     run_with_captures,
     sincos_2d,
@@ -378,6 +379,13 @@ class VisionTransformer(ContractMixin, nn.Module):
         cfg = self.cfg
         if cfg.pos_embed in ("none", "peg"):  # PEG adds its positions after the first block (`_pos_block`)
             return None
+        if torch.compiler.is_exporting():
+            # torch.export with symbolic sizes (vitkit.deploy.export): no cache keyed by the grid and no branch on
+            # it, or the exported program would hold the example size's table only.
+            if cfg.pos_embed == "sincos":
+                table = sincos_2d(grid, self.embed_dim)  # (H'*W', D)
+                return torch.cat([table.new_zeros(self.num_pos_prefix, self.embed_dim), table])[None].to(dtype)
+            return resample_pos_embed_traced(self.pos_embed, grid, self.native_grid, self.num_pos_prefix)
         if cfg.pos_embed == "sincos":
             # Fixed: computed exactly for any grid; the class/distillation tokens get a zero position.
             key = ("sincos", grid, dtype, device)
