@@ -17,9 +17,11 @@ SETTINGS = dict(
 )
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="package", autouse=True)
 def _no_training_curves():
-    """Each training unit's curves.png costs about a second of matplotlib and is not what these tests check."""
+    """Each training unit's curves.png costs about a second of matplotlib and is not what these tests check.
+    Package scope: the patch is undone after the last test here (session scope left every later run of the suite
+    without curves.png)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("vitkit.train.plots.plot_curves", lambda *args, **kwargs: None)
         yield
@@ -29,7 +31,7 @@ class Killed(RuntimeError):
     """Stands for a kill: raised after the first training unit is written."""
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def compared(tmp_path_factory):
     """A comparison killed after its first training unit, then re-run to the end.
 

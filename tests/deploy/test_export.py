@@ -70,9 +70,29 @@ ATTENTION = {
     "relpos": {},
     "relpos_decomposed": {},
 }
-CASES = [pytest.param("vit", id="vit")]
-CASES += [pytest.param(f, id=f, marks=pytest.mark.slow) for f in FAMILIES if f not in ("vit", "swin")]
-CASES += [pytest.param(f"attn:{a}", id=f"attn-{a}", marks=pytest.mark.slow) for a in ATTENTION]
+# ONNX conversion costs 5-40 s per model on 2 cores (torch-export files cost a fraction of a second once traced), so
+# every family is checked in both formats, and the attention variants in torch-export plus ONNX for `relpos` (a
+# float bias on the explicit softmax, the path every masked variant takes while exporting) and for the one ONNX
+# refuses. The ONNX files of the other variants passed the same check when the exporter was written (see
+# docs/deploy.md); add a name here to check it again.
+ONNX_VARIANTS = {"relpos", "local_neighborhood"}
+CASES = [pytest.param("vit", fmt, id=f"{fmt}-vit") for fmt in ("onnx", "torch-export")]
+CASES += [
+    pytest.param(f, fmt, id=f"{fmt}-{f}", marks=pytest.mark.slow)
+    for f in FAMILIES
+    if f not in ("vit", "swin")
+    for fmt in ("onnx", "torch-export")
+]
+CASES += [
+    pytest.param(f"attn:{a}", fmt, id=f"{fmt}-attn-{a}", marks=pytest.mark.slow)
+    for a in ATTENTION
+    for fmt in ("onnx", "torch-export")
+    if fmt == "torch-export" or a in ONNX_VARIANTS
+]
+
+
+def _formats(case: str) -> tuple[str, ...]:
+    return tuple(c.values[1] for c in CASES if c.values[0] == case)
 
 
 def tiny(case: str) -> torch.nn.Module:
@@ -112,15 +132,14 @@ def exported(request, tmp_path_factory):
         out = tmp_path_factory.mktemp(case.replace(":", "-"))
         paths = {}
         for fmt, ext in (("onnx", "onnx"), ("torch-export", "pt2")):
-            if refusal(model, fmt, True) is None:  # refused ones are tested to refuse instead
+            if fmt in _formats(case) and refusal(model, fmt, True) is None:  # refused ones must refuse instead
                 paths[fmt] = out / f"model.{ext}"
                 save_program(program, paths[fmt], fmt, export_metadata(model, fmt, size, None, True))
         _EXPORTS[case] = (model, paths, program)
     return _EXPORTS[case]
 
 
-@pytest.mark.parametrize("exported", CASES, indirect=True)
-@pytest.mark.parametrize("fmt", ["onnx", "torch-export"])
+@pytest.mark.parametrize(("exported", "fmt"), CASES, indirect=["exported"])
 def test_parity_at_four_sizes_and_two_batches(exported, fmt, tmp_path):
     model, paths, _ = exported
     why = refusal(model, fmt, True)
