@@ -34,7 +34,9 @@ def test_scarce_and_plentiful_winners_differ():
     assert "Cheapest per image: cnn (10.0 MMACs); fastest measured inference: cnn (900 img/s" in text
     assert "vit costs 2.0x the compute of cnn for +4.0 points" in text
     assert "fastest with image size for vit (~side^3.10)" in text and "prefer cnn" in text
-    assert "Most shift-consistent at 2 px: cnn (90.0%" in text
+    assert (
+        "Most shift-consistent over shifts of 1-2 px: cnn (95.0% of predictions unchanged on average, vs 85.0%" in text
+    )
     assert "Caution" not in text
 
 
@@ -51,4 +53,13 @@ def test_robustness_is_compared_only_between_models_that_learned():
     res["models"]["weak"] = _model({"0.1": 0.1, "1.0": 0.2}, 0.03, 2.0, 1.0, 0.9, 0.9)  # constant predictor
     text = " ".join(recommendations(res))
     assert "weak is left out" in text
-    assert "Most shift-consistent at 2 px: cnn" in text  # not the weak model's trivial 100%
+    assert "Most shift-consistent over shifts of 1-2 px: cnn" in text  # not the weak model's trivial 100%
+
+
+def test_shift_rule_uses_every_shift_not_only_the_largest():
+    # A ViT whose largest shift equals its patch size: consistent there, worst everywhere else.
+    res = _results({"0.1": 0.60, "1.0": 0.97}, {"0.1": 0.80, "1.0": 0.93})
+    res["models"]["vit"]["probe"]["shift"] = {"shift_px": [1, 2, 3, 4], "consistency": [0.53, 0.51, 0.26, 0.52]}
+    res["models"]["cnn"]["probe"]["shift"] = {"shift_px": [1, 2, 3, 4], "consistency": [0.95, 0.75, 0.39, 0.20]}
+    text = " ".join(recommendations(res))
+    assert "Most shift-consistent over shifts of 1-4 px: cnn (57.2%" in text and "vs 45.5% for vit" in text
