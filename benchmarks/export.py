@@ -30,18 +30,8 @@ import torch
 from vitkit.deploy.export import check_export, export_model, load_runner
 from vitkit.models.registry import create_model
 
-
-def matmul_rate(dtype: torch.dtype, device: str, n: int = 2048, seconds: float = 2.0) -> float:
-    """Dense n x n matmul GFLOP/s: the machine's ceiling for the linear layers (copied from benchmarks/models.py)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    iters, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        iters += 1
-    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e9
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import matmul_rate  # noqa: E402  (benchmarks/models.py, beside this script)
 
 
 def seconds_per_call(fn, x: torch.Tensor, min_seconds: float) -> float:

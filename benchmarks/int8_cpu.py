@@ -42,20 +42,10 @@ from vitkit.data.shapes import SHAPE_CLASSES, make_shapes  # noqa: E402
 from vitkit.deploy import quantize  # noqa: E402
 from vitkit.models import create_model  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import matmul_rate  # noqa: E402  (benchmarks/models.py, beside this script)
+
 ROWS = ("fp32", "bf16", "bf16-compiled", "int8-dynamic", "int8-pt2e")
-
-
-def matmul_rate(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
-    """Dense n x n matmul GFLOP/s: the machine's ceiling for the linear layers (as in benchmarks/models.py)."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    iters, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        iters += 1
-    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e9
 
 
 def runners(model: torch.nn.Module, batch: int, size: int, rows: list[str], calib_images: int) -> dict:
@@ -279,11 +269,13 @@ def main() -> int:
         print(f"matmul rates ({n}^2)", flush=True)
         res["matmul"] = {
             "n": n,
-            "fp32_before": matmul_rate(torch.float32, n),
-            "bf16_before": matmul_rate(torch.bfloat16, n),
+            "fp32_before": matmul_rate(torch.float32, "cpu", n),
+            "bf16_before": matmul_rate(torch.bfloat16, "cpu", n),
         }
         res["throughput"] = throughput(args)
-        res["matmul"].update(fp32_after=matmul_rate(torch.float32, n), bf16_after=matmul_rate(torch.bfloat16, n))
+        res["matmul"].update(
+            fp32_after=matmul_rate(torch.float32, "cpu", n), bf16_after=matmul_rate(torch.bfloat16, "cpu", n)
+        )
         flush()
     print(markdown(res))
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
