@@ -252,16 +252,9 @@ def run_training(
     val_loader = BatchLoader(splits.val, 256, **device_loaders) if len(splits.val) else None
     test_loader = BatchLoader(splits.test, 256, **device_loaders) if len(splits.test) else None
     # The same `training` record `vitkit train` writes, so eval / predict / explain find the data and its split.
-    record = {
-        "data": cfg.data,
-        "seed": cfg.seed,
-        "val_fraction": cfg.val_fraction,
-        "test_fraction": cfg.test_fraction,
-        "load_size": cfg.load_size,
-        "shapes_size": cfg.shapes_size,
-        "run_dir": str(run_dir),
-        "threads": torch.get_num_threads(),
-    }
+    from vitkit.train.run import make_training_record
+
+    record = make_training_record(cfg, run_dir, torch.get_num_threads())
     trainer = Trainer(model, config=cfg, run_dir=run_dir, log=log, checkpoint_extra={"training": record})
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

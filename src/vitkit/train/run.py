@@ -39,6 +39,21 @@ from vitkit.train.trainer import NonFiniteLossError, Trainer, TrainingInterrupte
 RESUMABLE_OVERRIDES = ("workers", "progress", "tensorboard", "ckpt_every_steps", "device", "threads")
 
 
+def make_training_record(cfg: TrainConfig, run_dir: str | os.PathLike, threads: int) -> dict:
+    """The `training` record a checkpoint carries (read back by `vitkit.runs.training_record`): eval / predict /
+    explain rebuild the run's data and its split from it."""
+    return {
+        "data": cfg.data,
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "test_fraction": cfg.test_fraction,
+        "load_size": cfg.load_size,
+        "shapes_size": cfg.shapes_size,
+        "run_dir": str(run_dir),
+        "threads": threads,
+    }
+
+
 def _data_name(spec: str) -> str:
     kind, _, rest = spec.partition(":")
     if kind in ("cifar10", "cifar100", "mnist", "fashion-mnist", "shapes"):
@@ -316,16 +331,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
     test_loader = BatchLoader(splits.test, eval_bs, **common) if len(splits.test) else None
 
     # --- train ----------------------------------------------------------------------------------------------
-    record = {
-        "data": cfg.data,
-        "seed": cfg.seed,
-        "val_fraction": cfg.val_fraction,
-        "test_fraction": cfg.test_fraction,
-        "load_size": cfg.load_size,
-        "shapes_size": cfg.shapes_size,
-        "run_dir": str(run_dir),
-        "threads": threads.count,
-    }
+    record = make_training_record(cfg, run_dir, threads.count)
     task = task_from_config(cfg, log=say)  # loads the teacher when the recipe distils
     if isinstance(task, DistillationTask):
         record["teacher"] = _check_teacher(task, model, run_dir, state)
