@@ -38,12 +38,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from vitkit._io import atomic_write_text  # noqa: E402
-from vitkit.data.shapes import SHAPE_CLASSES, make_shapes  # noqa: E402
 from vitkit.deploy import quantize  # noqa: E402
 from vitkit.models import create_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tome_cpu  # noqa: E402  (benchmarks/tome_cpu.py: the small shapes ViT and its data)
 from models import matmul_rate  # noqa: E402  (benchmarks/models.py, beside this script)
+from tome_cpu import shapes_tensors  # noqa: E402
 
 ROWS = ("fp32", "bf16", "bf16-compiled", "int8-dynamic", "int8-pt2e")
 
@@ -106,13 +107,6 @@ def throughput(args) -> list[dict]:
     return rows
 
 
-def shapes_tensors(n: int, side: int, seed: int, mean=(0.5,) * 3, std=(0.5,) * 3) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels, _, _ = make_shapes(n, side, side, seed=seed)
-    x = images.float() / 255.0
-    x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-    return x, labels
-
-
 def logits_of(fn, x: torch.Tensor, batch: int = 64, dtype=None) -> torch.Tensor:
     with torch.inference_mode():
         return torch.cat([fn(x[i : i + batch] if dtype is None else x[i : i + batch].to(dtype)).float()
@@ -141,30 +135,10 @@ def agreement_rows(model, calib_x: torch.Tensor, x: torch.Tensor, y: torch.Tenso
 
 
 def train_small(args) -> tuple[torch.nn.Module, dict]:
-    torch.manual_seed(0)
-    side = args.small_side
-    x, y = shapes_tensors(args.train_images, side, seed=1)
-    model = create_model(
-        "vit_tiny_patch16_224", num_classes=len(SHAPE_CLASSES), img_size=side, patch_size=8, **args.small_overrides
-    )
+    """tome_cpu.py's small shapes ViT, with the normalisation it was trained with recorded for quantize()."""
+    model, info = tome_cpu.train_small(args)
     model.preprocess.mean, model.preprocess.std = (0.5,) * 3, (0.5,) * 3
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    model.train()
-    t0, steps = time.perf_counter(), 0
-    while time.perf_counter() - t0 < args.train_seconds:
-        order = torch.randperm(len(y))
-        for i in range(0, len(y), 64):
-            b = order[i : i + 64]
-            xb = torch.where(torch.rand(len(b), 1, 1, 1) < 0.5, x[b].flip(-1), x[b])  # horizontal flips
-            loss = F.cross_entropy(model(xb), y[b], label_smoothing=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-            if time.perf_counter() - t0 > args.train_seconds:
-                break
-    model.eval()
-    return model, {"train_s": time.perf_counter() - t0, "steps": steps}
+    return model, info
 
 
 def markdown(res: dict) -> str:
