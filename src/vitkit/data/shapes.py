@@ -147,3 +147,90 @@ def make_shapes(
         torch.from_numpy(masks),
         torch.from_numpy(boxes),
     )
+
+
+# --- scenes: several shapes per image, for segmentation and detection -------------------------------------------
+
+SCENE_CLASSES = ["background", *SHAPE_CLASSES]  # semantic mask values: 0 = background, 1 + shape class
+_SCENE_MIN_PIXELS = 12  # an instance with fewer visible pixels than this (occluded) is dropped from the targets
+
+
+def make_scenes(
+    count: int, height: int, width: int, seed: int, min_shapes: int = 1, max_shapes: int = 5
+) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """Generate `count` scenes of 1-5 shapes each (overlap allowed; later shapes are drawn over earlier ones).
+
+    Same shapes, textures and colour rule as `make_shapes`, each shape with its own colour, inscribed in a circle
+    whose diameter is 20-45% of the shorter side and placed fully inside the image. Instances are what is visible:
+    a shape's mask minus what later shapes cover; one left with fewer than 12 visible pixels is dropped from the
+    targets (and its pixels count as whatever covers them or as the shape itself in the semantic mask).
+
+    Args:
+        count: Number of images, at least 1.
+        height: Image height in pixels, at least 16.
+        width: Image width in pixels, at least 16.
+        seed: Fixes every image; the same arguments always give the same data.
+        min_shapes: Fewest shapes drawn per image (1 <= min_shapes <= max_shapes).
+        max_shapes: Most shapes drawn per image (at most 10).
+
+    Returns:
+        images uint8 (N, 3, H, W); semantic masks int64 (N, H, W) with 0 = background and 1 + the shape class
+        (`SCENE_CLASSES`); per image a dict with "labels" int64 (k,) shape classes 0-3 (`SHAPE_CLASSES`),
+        "boxes" float32 (k, 4) tight boxes of the visible pixels as x0, y0, x1, y1 in pixels (exclusive x1/y1,
+        i.e. the pixel edges), "masks" bool (k, H, W) visible instance masks.
+    """
+    if count < 1:
+        raise ValueError(f"scenes needs at least 1 image, got {count}")
+    if min(height, width) < MIN_SIDE:
+        raise ValueError(f"scene images must be at least {MIN_SIDE} pixels on each side, got {height}x{width}")
+    if not 1 <= min_shapes <= max_shapes <= 10:
+        raise ValueError(
+            f"need 1 <= min_shapes <= max_shapes <= 10, got min_shapes={min_shapes}, max_shapes={max_shapes}"
+        )
+    rng = np.random.default_rng(seed)
+    per_image = rng.integers(min_shapes, max_shapes + 1, count)
+    total = int(per_image.sum())
+    owner = np.repeat(np.arange(count), per_image)  # (total,) which image each shape belongs to
+    labels = rng.integers(0, len(SHAPE_CLASSES), total)
+    side = min(height, width)
+    radius = rng.uniform(0.2, 0.45, total) * side / 2
+    cx = rng.uniform(radius, width - radius)
+    cy = rng.uniform(radius, height - radius)
+    angle = rng.uniform(-MAX_TILT, MAX_TILT, total)
+    bg_mean = rng.uniform(0, 255, (count, 3))
+    bg_spread = rng.uniform(-40, 40, (count, 3))
+    bg_a = np.clip(bg_mean + bg_spread, 0, 255).astype(np.float32)
+    bg_b = np.clip(bg_mean - bg_spread, 0, 255).astype(np.float32)
+    fg = np.mod(bg_mean[owner] + rng.uniform(96, 160, (total, 3)), 256).astype(np.float32)  # one colour per shape
+
+    images = np.empty((count, height, width, 3), dtype=np.uint8)
+    semantic = np.zeros((count, height, width), dtype=np.int64)
+    targets: list[dict[str, torch.Tensor]] = []
+    starts = np.concatenate([[0], np.cumsum(per_image)])
+    for start in range(0, count, _CHUNK):
+        stop = min(start + _CHUNK, count)
+        n = stop - start
+        t = _texture(rng, n, height, width)[..., None]  # (n, H, W, 1)
+        img = t * (bg_a - bg_b)[start:stop, None, None, :] + bg_b[start:stop, None, None, :]  # (n, H, W, 3)
+        lo, hi = starts[start], starts[stop]
+        shape_masks = _masks(labels[lo:hi], cx[lo:hi], cy[lo:hi], radius[lo:hi], angle[lo:hi], height, width)
+        for i in range(n):
+            a, b = starts[start + i] - lo, starts[start + i + 1] - lo
+            visible = shape_masks[a:b].copy()  # (k, H, W), drawn in order: later ones cover earlier ones
+            for j in range(b - a):
+                np.copyto(img[i], fg[lo + a + j], where=shape_masks[a + j][..., None])
+                semantic[start + i][shape_masks[a + j]] = labels[lo + a + j] + 1
+                visible[:j] &= ~shape_masks[a + j]
+            keep = visible.reshape(b - a, -1).sum(1) >= _SCENE_MIN_PIXELS
+            vis = visible[keep]
+            targets.append(
+                {
+                    "labels": torch.from_numpy(labels[lo + a : lo + b][keep].astype(np.int64)),
+                    "boxes": torch.from_numpy(_boxes(vis).astype(np.float32).reshape(-1, 4)),
+                    "masks": torch.from_numpy(vis),
+                }
+            )
+        img += 6.0 * rng.standard_normal((n, height, width, 1), dtype=np.float32)
+        np.clip(img, 0, 255, out=img)
+        images[start:stop] = np.rint(img, out=img)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(semantic), targets
