@@ -26,11 +26,14 @@ Amp = Literal["none", "bf16", "fp16"]
 Monitor = Literal["val_acc", "val_loss", "ema_acc", "ema_loss"]
 Parallel = Literal["ddp", "fsdp"]
 Distillation = Literal["none", "soft", "hard"]
+TaskName = Literal["classify", "segment", "detect"]
 
 
 @dataclass
 class TrainConfig:
     """One training run. The defaults are a generic small-data ViT recipe (DeiT-style AdamW + cosine)."""
+
+    task: TaskName = "classify"  # what is learned: image classes, per-pixel classes (segment) or boxes (detect)
 
     # --- data -------------------------------------------------------------------------------------------------
     data: str = "digits"  # a vitkit.data spec: digits, shapes[:N], a folder, csv:FILE, cifar10:DIR, mnist:DIR ...
@@ -117,6 +120,7 @@ class TrainConfig:
         check_literal("monitor", self.monitor, Monitor)
         check_literal("auto_augment", self.auto_augment, AutoAugment)
         check_literal("distillation", self.distillation, Distillation)
+        check_literal("task", self.task, TaskName)
         check_literal("interpolation", self.interpolation, Interpolation)
         check_threads(self.threads)
         _positive_int("epochs", self.epochs)

@@ -364,29 +364,6 @@ class DistillationTask(ClassificationTask):
         return metrics
 
 
-def task_from_config(
-    config: TrainConfig,
-    train_transform: nn.Module | None = None,
-    eval_transform: nn.Module | None = None,
-    log: LogFn | None = None,
-) -> ClassificationTask:
-    """The task a recipe describes: `DistillationTask` when it names a teacher, else `ClassificationTask`.
-
-    Raises:
-        ValueError: distillation is on but no teacher is named (give one, or pass a DistillationTask).
-    """
-    if config.distillation != "none":
-        if config.teacher is None:
-            raise ValueError(
-                f"distillation={config.distillation!r} needs a teacher: set teacher (a checkpoint) in the recipe, "
-                "or give the Trainer task=DistillationTask(teacher_module)"
-            )
-        return DistillationTask.from_config(
-            config, train_transform=train_transform, eval_transform=eval_transform, log=log
-        )
-    return ClassificationTask(train_transform, eval_transform)
-
-
 def _fmt(values: Any) -> str:
     return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
 
