@@ -30,7 +30,7 @@ browser:
 	@test -x /usr/bin/chromium || (command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: browser tests will skip")
 
 test: $(DEVSTAMP) browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 lint: $(DEVSTAMP)
 	$(BIN)/ruff check src tests benchmarks
