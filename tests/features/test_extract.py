@@ -89,3 +89,23 @@ def test_an_unreadable_image_is_named(tmp_path):
     bad.write_text("not a png")
     with pytest.raises(ValueError, match=r"cannot read image '.*bad\.png'"):
         extract_features(tiny_vit(), [str(bad)])
+
+
+def test_embed_splits_a_dataset_as_the_run_did(tmp_path):
+    # A run trained on digits with seed 3 and a 20% test split: embedding its "test" split must give exactly the
+    # run's held-out images, not the default (seed 0, 10%) split, which overlaps the run's training images.
+    from vitkit.features.store import embed
+    from vitkit.weights import save_pretrained
+
+    save_pretrained(tiny_vit(), tmp_path / "m", training={"data": "digits", "seed": 3, "test_fraction": 0.2})
+    feats, _, _ = embed("digits", tmp_path / "m", tmp_path / "f", split="test")
+    run_test = load_data("digits", seed=3, test_fraction=0.2).test
+    assert len(feats) == len(run_test) and feats.source["seed"] == 3 and feats.source["test_fraction"] == 0.2
+    assert torch.equal(feats.labels, run_test.labels)
+    # an explicit seed wins (the run's fractions stay); split settings are refused for files and unknown keys
+    other, _, _ = embed("digits", tmp_path / "m", tmp_path / "g", split="test", seed=0)
+    assert other.source["seed"] == 0 and len(other) == len(run_test)
+    with pytest.raises(ValueError, match="shapes_size=32 applies to a dataset spec"):
+        extract_features(tiny_vit(), ["x.png"], split_settings={"shapes_size": 32})
+    with pytest.raises(ValueError, match=r"unknown split setting\(s\) \['seed'\]"):
+        extract_features(tiny_vit(), "digits", split_settings={"seed": 1})

@@ -104,7 +104,10 @@ def test_dataset_rows_record_their_index_and_show_in_the_sheet(model_dir, image_
     feats, _, json_path = embed("digits", model_dir, tmp_path / "digits", split="test", device="cpu")
     record = json.loads(json_path.read_text())
     assert record["paths"] is None and record["indices"] == list(range(len(feats)))
-    assert record["source"] == {"kind": "dataset", "spec": "digits", "split": "test", "seed": 0, "load_size": None}
+    assert record["source"] == {
+        "kind": "dataset", "spec": "digits", "split": "test", "seed": 0, "load_size": None,
+        "val_fraction": 0.1, "test_fraction": 0.1, "shapes_size": 64,
+    }  # fmt: skip
     result = search(image_folder / "dark" / "0.png", tmp_path / "digits", k=2, device="cpu", sheet=tmp_path / "s.png")
     assert result["queries"][0]["neighbours"][0]["item"].startswith("digits[test][")
     assert (tmp_path / "s.png").stat().st_size > 0

@@ -9,7 +9,7 @@ stage for Swin, ConvNeXt and ResNets. Images are prepared exactly as `vitkit eva
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +171,7 @@ def extract_features(
     split: DataSplit | None = None,
     seed: int | None = None,
     checkpoint: str | os.PathLike | None = None,
+    split_settings: Mapping[str, Any] | None = None,
 ) -> FeatureSet:
     """Embed images with a model's pooled pre-logits features.
 
@@ -191,6 +192,9 @@ def extract_features(
         seed: for a dataset spec, the split seed (None = 0; the same seed gives the same splits as `vitkit train`);
             refused with other data, like `split`.
         checkpoint: where the model came from, recorded in the result.
+        split_settings: for a dataset spec, how `vitkit train` split it: any of val_fraction, test_fraction (0.1
+            each by default) and shapes_size (64); `run_split_settings` reads them from a run. Refused with other
+            data, like `split`.
 
     Returns:
         A `FeatureSet` of float32 (N, num_features) features in the order of the images.
@@ -204,9 +208,14 @@ def extract_features(
     if split is not None:
         check_choice("split", split, DataSplit)
     is_spec = isinstance(data, (str, os.PathLike)) and not _is_path_source(os.fspath(data))
-    if not is_spec and (split is not None or seed is not None):
+    settings = dict(split_settings or {})
+    unknown = sorted(set(settings) - set(SPLIT_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown split setting(s) {unknown}; allowed: {list(SPLIT_SETTINGS)}")
+    if not is_spec and (split is not None or seed is not None or settings):
         # Silently embedding every image would put, e.g., a folder's train/ and test/ images into one index.
-        given = ", ".join(f"{k}={v!r}" for k, v in (("split", split), ("seed", seed)) if v is not None)
+        pairs = (("split", split), ("seed", seed), *settings.items())
+        given = ", ".join(f"{k}={v!r}" for k, v in pairs if v is not None)
         raise ValueError(
             f"{given} applies to a dataset spec such as 'digits'; {_data_label(data)} has no splits to choose from "
             "(embed the folder or list that holds the images you want)"
@@ -225,13 +234,16 @@ def extract_features(
         )  # fmt: skip
     if is_spec:
         spec = os.fspath(data)
-        splits = load_splits(spec, seed=seed, load_size=pre.load_size)
+        settings = {**SPLIT_SETTINGS, **settings}
+        splits = load_splits(spec, seed=seed, load_size=pre.load_size, **settings)
         dataset = split_dataset(splits, split)
         feats = _embed_batches(model, _dataset_batches(model, dataset, batch_size), normalize)
         return FeatureSet(
             feats, labels=dataset.labels.clone(), class_names=list(splits.class_names), paths=dataset.paths,
             indices=None if dataset.paths is not None else list(range(len(dataset))),
-            source={"kind": "dataset", "spec": spec, "split": split, "seed": seed, "load_size": pre.load_size},
+            source={
+                "kind": "dataset", "spec": spec, "split": split, "seed": seed, "load_size": pre.load_size, **settings
+            },
             **common,
         )  # fmt: skip
     paths, labels, class_names, source = list_images(data)
@@ -355,6 +367,20 @@ def _list_csv(csv_path: Path) -> tuple[list[str], list[int], list[str], dict[str
     return paths, labels, class_names, {"kind": "csv", "path": str(csv_path.resolve())}
 
 
+SPLIT_SETTINGS = {"val_fraction": 0.1, "test_fraction": 0.1, "shapes_size": 64}  # load_data's defaults
+
+
+def run_split_settings(record: Mapping[str, Any], spec: str) -> dict[str, Any]:
+    """How the run behind a training `record` split `spec`: its seed and `SPLIT_SETTINGS` when it trained on that
+    spec, else {} (the defaults)."""
+    if spec != record.get("data"):
+        return {}
+    out = {k: record[k] for k in SPLIT_SETTINGS if record.get(k) is not None}
+    if record.get("seed") is not None:
+        out["seed"] = int(record["seed"])
+    return out
+
+
 def load_splits(
     spec: str,
     *,
@@ -438,12 +464,11 @@ def model_and_splits(
         where = "the model" if ckpt is None else repr(ckpt)
         raise ValueError(f"{where} does not record its training data: pass data=... (e.g. 'digits')")
     same = spec == record.get("data")
-    seed = seed if seed is not None else int(record.get("seed", 0))
+    run = run_split_settings(record, spec)
+    seed = seed if seed is not None else run.pop("seed", 0)
+    run.pop("seed", None)
     settings = dict(
-        load_size=model.preprocess.load_size or (record.get("load_size") if same else None),
-        val_fraction=record.get("val_fraction", 0.1) if same else 0.1,
-        test_fraction=record.get("test_fraction", 0.1) if same else 0.1,
-        shapes_size=record.get("shapes_size", 64) if same else 64,
+        load_size=model.preprocess.load_size or (record.get("load_size") if same else None), **{**SPLIT_SETTINGS, **run}
     )
     splits = load_splits(spec, seed=seed, **settings)
     return model, splits, {"checkpoint": ckpt, "data": spec, "seed": seed, **settings}

@@ -207,17 +207,18 @@ def item_image(feats: FeatureSet, row: int, cache: dict | None = None):
     """The uint8 (H, W, 3) image behind row `row` of a feature set: its file, or its dataset image re-loaded (the
     loaded split is kept in `cache`, when given, for the next row)."""
     from vitkit.data.images import decode_image
-    from vitkit.features.extract import load_splits, split_dataset
+    from vitkit.features.extract import SPLIT_SETTINGS, load_splits, split_dataset
 
     if feats.paths is not None:
         return decode_image(feats.paths[row])
     src = feats.source
     if src.get("kind") != "dataset" or not src.get("spec"):
         raise ValueError(f"row {row} has no file and its dataset is not recorded, so it cannot be shown")
-    key = (src["spec"], src.get("seed", 0), src.get("split"), src.get("load_size"))
+    settings = {k: src.get(k, default) for k, default in SPLIT_SETTINGS.items()}  # older files: the defaults
+    key = (src["spec"], src.get("seed", 0), src.get("split"), src.get("load_size"), *settings.values())
     cache = {} if cache is None else cache
     if key not in cache:
-        splits = load_splits(src["spec"], seed=src.get("seed", 0), load_size=src.get("load_size"))
+        splits = load_splits(src["spec"], seed=src.get("seed", 0), load_size=src.get("load_size"), **settings)
         cache[key] = split_dataset(splits, src["split"])
     image, _label = cache[key][feats.indices[row]]
     return image.permute(1, 2, 0).numpy()

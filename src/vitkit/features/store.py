@@ -155,17 +155,25 @@ def embed(
         out: FEATS, with or without a suffix.
         batch_size: images per forward pass.
         split: for a dataset spec: "train" (None), "val", "test" or "all"; refused with other data.
-        seed: for a dataset spec: the split seed (None = 0); refused with other data.
+        seed: for a dataset spec: the split seed (None = the run's seed when the checkpoint's run trained on this
+            spec, with its val/test fractions; else 0); refused with other data.
         device: where the model runs ("auto" = cuda when available).
 
     Returns:
         (the features, the .safetensors path, the .json path).
     """
     from vitkit.data.inference import load_eval_model
-    from vitkit.features.extract import extract_features
+    from vitkit.features.extract import extract_features, run_split_settings
     from vitkit.train.distributed import resolve_device
 
-    model, _record = load_eval_model(checkpoint, resolve_device(device))
-    feats = extract_features(model, data, batch_size, split=split, seed=seed, checkpoint=checkpoint)
+    model, record = load_eval_model(checkpoint, resolve_device(device))
+    # A dataset spec the model was trained on is split as its run split it (seed and fractions), so that "test"
+    # means the run's held-out images.
+    run = run_split_settings(record, os.fspath(data)) if isinstance(data, (str, os.PathLike)) else {}
+    seed = seed if seed is not None else run.pop("seed", None)
+    run.pop("seed", None)
+    feats = extract_features(
+        model, data, batch_size, split=split, seed=seed, checkpoint=checkpoint, split_settings=run or None
+    )
     st_path, json_path = save_features(feats, out)
     return feats, st_path, json_path
