@@ -152,6 +152,11 @@ def test_train_val_test_subfolders_are_used(tmp_path: Path, writers) -> None:
     splits = load_data(str(root), load_size=8, val_fraction=0.2)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (8, 2, 6)
     assert all("/train/" in p for p in splits.val.paths)
+    # Split folders without train/ are an error, not two classes named "test" and "valid".
+    (tmp_path / "elsewhere").rename(root / "valid")
+    (root / "train").rename(tmp_path / "train_elsewhere")
+    with pytest.raises(ValueError, match=r"split folders \['test', 'valid'\] but no train/"):
+        load_data(str(root), load_size=8)
 
 
 def test_lazy_dataset_matches_in_memory(mixed_folder: Path, monkeypatch) -> None:

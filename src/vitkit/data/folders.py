@@ -50,8 +50,14 @@ def _split_layout(root: Path) -> dict[str, Path] | None:
     with os.scandir(root) as it:
         dirs = {e.name: Path(e.path) for e in _visible(list(it)) if e.is_dir()}
     known = {alias: split for split, aliases in SPLIT_DIRS.items() for alias in aliases}
-    if "train" not in dirs or not set(dirs) <= set(known):
+    if not dirs or not set(dirs) <= set(known):
         return None
+    if "train" not in dirs:
+        # Only split folders (e.g. val/ and test/): read as classes they would make a "val" vs "test" classifier.
+        raise ValueError(
+            f"{root} holds split folders {sorted(dirs)} but no train/: add train/ with one subfolder per class, "
+            "or point at a folder of class subfolders"
+        )
     layout: dict[str, Path] = {}
     for name, path in dirs.items():
         if known[name] in layout:
