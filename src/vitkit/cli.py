@@ -835,6 +835,13 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=int, help="epochs per point (default 10)")
     g.add_argument("--budget-minutes", type=float, metavar="M", help="choose the epochs so the estimate fits M minutes")
+    p.add_argument(
+        "--model-args",
+        type=_mapping_arg,
+        default=None,
+        metavar="MAPPING",
+        help="architecture settings fixed at every point, as YAML, e.g. '{embed_dim: 64, num_heads: 2}'",
+    )
     p.add_argument("--img-size", type=int, help="resolution when img_size is not varied (default: the recipe's)")
     p.add_argument("--batch-size", type=int, help="training batch (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0)
@@ -868,6 +875,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             device=args.device,
             train_overrides=_parse_sets(args.set),
+            model_args=args.model_args,
             log=_printer("sweep", sys.stderr),
         )
     except TrainingInterrupted as e:

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import vitkit
 from tests.compare.conftest import SETTINGS, TINY_CNN, TINY_VIT
 from vitkit.compare import compare
 from vitkit.compare.sweep import sweep, sweep_points
@@ -154,7 +155,7 @@ def test_sweep_points_one_at_a_time_and_grid():
 
 def test_sweep_end_to_end_and_resume(tmp_path):
     kw = dict(data="digits", out=tmp_path, epochs=1, img_size=8, log=lambda m: None)
-    kw["train_overrides"] = {"model_args": {"embed_dim": 16, "num_heads": 2}}
+    kw["model_args"] = {"embed_dim": 16, "num_heads": 2}
     units: list[str] = []
     res = sweep("vit_nano_patch4_32", {"depth": [1, 2], "pool": ["token", "avg"]}, on_unit=units.append, **kw)
     names = [p["name"] for p in res["points"]]
@@ -162,6 +163,8 @@ def test_sweep_end_to_end_and_resume(tmp_path):
     assert len(units) == 6  # a cost and a training unit per point
     params = {p["name"]: p["cost"]["params"] for p in res["points"]}
     assert params["depth=2"] > params["base"]  # one more block
+    width16 = vitkit.create_model("vit_nano_patch4_32", img_size=8, embed_dim=16, num_heads=2, depth=1, num_classes=10)
+    assert params["base"] == sum(p.numel() for p in width16.parameters())  # the fixed model_args reach every point
     assert all(0 <= p["train"]["test_acc"] <= 1 for p in res["points"])
     assert (tmp_path / "figures" / "sweep.png").read_bytes()[:8] == PNG
     assert "Most accurate point" in (tmp_path / "report.md").read_text()
@@ -173,6 +176,8 @@ def test_sweep_end_to_end_and_resume(tmp_path):
 def test_sweep_refuses_bad_settings_before_training(tmp_path):
     with pytest.raises(ValueError, match="cannot be varied"):
         sweep("vit_nano_patch4_32", {"epochs": [1, 2]}, out=tmp_path)
+    with pytest.raises(ValueError, match="depth is both fixed"):
+        sweep("vit_nano_patch4_32", {"depth": [1, 2]}, out=tmp_path, model_args={"depth": 3})
     with pytest.raises(ValueError, match="sweep point dpeth=2"):
         sweep("vit_nano_patch4_32", {"dpeth": [2]}, out=tmp_path, log=lambda m: None)
     assert not (tmp_path / "plan.json").exists()

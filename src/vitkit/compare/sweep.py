@@ -103,6 +103,7 @@ def sweep(
     batch_size: int | None = None,
     device: str = "auto",
     train_overrides: dict[str, Any] | None = None,
+    model_args: Mapping[str, Any] | None = None,
     log: Log | None = None,
     on_unit: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -117,6 +118,8 @@ def sweep(
         epochs: epochs of every point (default 10, or what `budget_minutes` allows); not both.
         budget_minutes: choose the epochs so the estimated total fits, keeping 10% for the rest.
         img_size, seed, batch_size, device, train_overrides: the recipe shared by every point (see `compare`).
+        model_args: architecture settings fixed at every point (e.g. {"embed_dim": 64}), joining any in
+            `train_overrides`; a key may not also be varied.
         log: progress messages; stderr by default.
         on_unit: called with a unit's name after it is written.
 
@@ -136,6 +139,10 @@ def sweep(
     bad = [k for k in vary if k in NOT_VARIED]
     if bad:
         raise ValueError(f"{', '.join(bad)} cannot be varied by a sweep (it fixes {', '.join(NOT_VARIED)})")
+    fixed = {**((train_overrides or {}).get("model_args") or {}), **(model_args or {})}
+    both = sorted(set(fixed) & set(vary))
+    if both:
+        raise ValueError(f"{', '.join(both)} is both fixed (model_args) and varied; give it in one place")
     points = sweep_points(vary, grid)
     base_point = None if grid else points[0]
     cfg = base_config(
@@ -152,7 +159,7 @@ def sweep(
             pcfg = cfg.replace(**train_set)
         except (ValueError, TypeError) as e:
             raise ValueError(f"sweep point {_point_name(p, None)}: {e}") from None
-        configs.append((pcfg, ModelSpec(spec.name, arch)))
+        configs.append((pcfg, ModelSpec(spec.name, {**fixed, **arch})))
     store = UnitStore(out)
     t_start = time.perf_counter()
     threads = set_threads(cfg.threads, log=say)
@@ -166,6 +173,7 @@ def sweep(
         "kind": "sweep",
         "model": spec.name,
         "vary": vary,
+        "model_args": fixed,
         "grid": grid,
         "data": data,
         "recipe": {k: v for k, v in cfg.to_dict().items() if k not in ("epochs", "progress", "threads", "device")},
