@@ -217,6 +217,30 @@ class MaskedAutoencoderViT(nn.Module):
         """Write `config.json` + `model.safetensors` to `directory` (atomically); see `vitkit.load_model`."""
         save_pretrained(self, directory, **extra)
 
+    @property
+    def num_features(self) -> int:
+        """Width of the encoder's pooled features (`forward_head(..., pre_logits=True)`)."""
+        return self.encoder.num_features
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        """The encoder on every patch (no masking): tokens (B, 1 + L, D), normed. With `forward_head(pre_logits=
+        True)` this is the feature contract `vitkit embed`, `eval --knn` and `probe` read, so an MAE checkpoint is
+        probed as it is (the class token's features, as the paper's linear probe)."""
+        return self.encoder.forward_features(images)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Tokens (B, N, D) -> the encoder's pooled features (B, D); `pre_logits=True` is required.
+
+        Raises:
+            ValueError: pre_logits=False (an MAE has no classifier to give logits).
+        """
+        if not pre_logits:
+            raise ValueError(
+                "a masked autoencoder has no classifier: use forward_head(x, pre_logits=True) for features, or "
+                "fine-tune its encoder (encoder_model(num_classes), or vitkit.load_model(dir, num_classes=N))"
+            )
+        return self.encoder.forward_head(x, pre_logits=True)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass (encoder and decoder)."""
         self.grad_checkpointing = bool(enable)

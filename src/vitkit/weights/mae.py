@@ -111,7 +111,7 @@ def encoder_for_finetuning(model: nn.Module, num_classes: int, rep: Reporter) ->
     vit = model.encoder_model(num_classes)
     head = f"a new, randomly initialised {num_classes}-class head" if num_classes else "no head (features only)"
     rep.info(
-        f"MAE checkpoint: fine-tuning its encoder ({sum(p.numel() for p in vit.parameters()) / 1e6:.2f}M parameters, "
-        f"{head}); the decoder ({decoder / 1e6:.2f}M parameters) is dropped"
+        f"MAE checkpoint: fine-tuning its encoder ({sum(p.numel() for p in vit.parameters()):,} parameters, {head}); "
+        f"the decoder ({decoder:,} parameters) is dropped"
     )
     return vit
