@@ -146,3 +146,25 @@ def test_config_errors_name_the_value():
         MAEConfig(num_classes=10)
     with pytest.raises(ValueError, match="MAE's encoder must be a ViT"):
         mae_from_vit("resnet18")
+
+
+def test_every_transformers_key_layout_converts_to_the_same_weights(hf_dir):
+    """The module names (transformers 5), what transformers 5 writes (`decoder.decoder_encoder.layer`) and the 4.x
+    layout of the published facebook/vit-mae-* files (`decoder.decoder_layers.{i}.attention.attention.query`)."""
+    from safetensors.torch import load_file
+
+    from vitkit.weights.mae import hf_vitmae_to_timm
+
+    hf, path = hf_dir
+    config = hf.config.to_dict()
+    on_disk = load_file(str(path / "model.safetensors"))
+    assert any(k.startswith("decoder.decoder_encoder.layer.") for k in on_disk)
+    v4 = {k.replace("decoder.decoder_encoder.layer.", "decoder.decoder_layers."): v for k, v in on_disk.items()}
+    converted = [hf_vitmae_to_timm(s, config) for s in (hf.state_dict(), on_disk, v4)]
+    for arch, state in converted[1:]:
+        assert arch == converted[0][0] and state.keys() == converted[0][1].keys()
+        assert all(torch.equal(state[k], converted[0][1][k]) for k in state)
+    with pytest.raises(ValueError, match=r"no counterpart in vitkit's MaskedAutoencoderViT: \['decoder.extra'\]"):
+        hf_vitmae_to_timm({**on_disk, "decoder.extra": torch.zeros(1)}, config)
+    with pytest.raises(ValueError, match="architecture \\['ViTMAEModel'\\] is not supported"):
+        hf_vitmae_to_timm(on_disk, {**config, "architectures": ["ViTMAEModel"]})

@@ -164,7 +164,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.grid = self.encoder.native_grid
         self.num_patches = self.grid[0] * self.grid[1]
         self.patch_size = cfg.patch_size
-        # Fixed, as in the paper: a learned table could not be told from the mask token's position afterwards.
+        # Fixed sin-cos positions, as in the paper and transformers' ViTMAE (a parameter that is never trained).
         self.encoder.pos_embed.requires_grad_(False)
 
         D, Dd = cfg.decoder_embed_dim, cfg.decoder_depth
