@@ -45,8 +45,8 @@ def pretrain(
     """Pretrain a ViT encoder without labels and return the run's summary (also RUN_DIR/summary.json).
 
     Args:
-        config: a TrainConfig, a dict of settings, a recipe YAML path, or None; `MAE_DEFAULTS` fill in what it
-            leaves out (task mae, the paper's crops, monitor val_loss).
+        config: a dict of settings, a recipe YAML path, or None: `MAE_DEFAULTS` fill in what it leaves out (task
+            mae, the paper's crops, monitor val_loss); or a TrainConfig, taken as it is (it must have task="mae").
         method: the self-supervised objective; "mae" (masked autoencoder, He et al. 2022).
         resume: a run directory to continue exactly (its config.yaml is used; `config` must be None).
         overrides: settings on top of `config` (None values ignored), e.g. parsed flags.
