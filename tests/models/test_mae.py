@@ -168,3 +168,18 @@ def test_every_transformers_key_layout_converts_to_the_same_weights(hf_dir):
         hf_vitmae_to_timm({**on_disk, "decoder.extra": torch.zeros(1)}, config)
     with pytest.raises(ValueError, match="architecture \\['ViTMAEModel'\\] is not supported"):
         hf_vitmae_to_timm(on_disk, {**config, "architectures": ["ViTMAEModel"]})
+
+
+def test_loading_at_another_size_recomputes_the_fixed_tables(tmp_path):
+    model = mae_from_vit("vit_nano_patch4_32", img_size=16, embed_dim=32, depth=1, num_heads=2,
+                         decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)  # fmt: skip
+    model.save_pretrained(tmp_path / "mae")
+    lines = []
+    big = vitkit.load_model(tmp_path / "mae", img_size=32, log=lines.append)
+    assert big.num_patches == 64 and tuple(big.preprocess.input_size) == (32, 32)
+    assert torch.equal(big.encoder.pos_embed.detach(), mae_sincos_table((8, 8), 32))
+    assert torch.equal(big.decoder_pos_embed, mae_sincos_table((8, 8), 16))
+    assert "MAE sin-cos position tables recomputed for 8x8 patches" in lines
+    small = dict(model.named_parameters())
+    assert all(torch.equal(p, small[n]) for n, p in big.named_parameters() if n != "encoder.pos_embed")
+    assert big(torch.randn(1, 3, 32, 32)).logits.shape == (1, 64, 48)

@@ -416,8 +416,13 @@ class MaskedAutoencoderViT(nn.Module):
         old = tuple(old) if isinstance(old, (list, tuple)) else (old, old)
         if old != tuple(self.cfg.img_size):
             state = dict(state)
-            state["encoder.pos_embed"] = self.encoder.pos_embed.detach().clone()
-            state["decoder_pos_embed"] = self.decoder_pos_embed.detach().clone()
+            # Computed afresh: the model may have been built without initialising its tensors (`empty_model`).
+            for key, dim in (
+                ("encoder.pos_embed", self.cfg.embed_dim),
+                ("decoder_pos_embed", self.cfg.decoder_embed_dim),
+            ):
+                dtype = state[key].dtype if key in state else torch.float32  # a bf16 checkpoint stays bf16
+                state[key] = mae_sincos_table(self.grid, dim).to(dtype)
             if log is not None:
                 log(f"MAE sin-cos position tables recomputed for {self.grid[0]}x{self.grid[1]} patches")
         return state
