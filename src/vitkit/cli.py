@@ -1006,6 +1006,10 @@ _ARG_FLAGS: dict[str, dict[str, str]] = {
         **{field: "--" + flag.replace("_", "-") for flag, field in _TRAIN_FLAGS.items()},
         **{name: "--" + name.replace("_", "-") for name in _MODEL_ARG_FLAGS},
     },
+    "pretrain": {
+        **{f.name: f"--set {f.name}" for f in dataclasses.fields(TrainConfig)},
+        **{name: "--" + name.replace("_", "-") for name in (*_PRETRAIN_FLAGS, *_MAE_ARG_FLAGS)},
+    },
     "eval": {
         "data": "--data", "split": "--split", "batch_size": "--batch-size", "device": "--device", "k": "--knn-k",
         "temperature": "--knn-temperature", **_INT8_FLAGS,
