@@ -401,6 +401,101 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# vitkit pretrain --method mae --data SRC   (self-supervised pretraining; docs/train.md "MAE pretraining")
+# ----------------------------------------------------------------------------------------------------------------
+_PRETRAIN_FLAGS = ("data", "model", "img_size", "epochs", "batch_size", "lr", "min_lr", "weight_decay",
+                   "warmup_epochs", "seed", "out", "pretrained", "amp", "ema", "device", "ckpt_every_steps",
+                   "progress", "threads", "figures_every", "accum_steps", "clip_grad", "patience")  # fmt: skip
+_MAE_ARG_FLAGS = ("mask_ratio", "norm_pix_loss", "decoder_depth", "decoder_embed_dim", "decoder_num_heads",
+                  "patch_size", "embed_dim", "depth", "num_heads")  # fmt: skip
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="self-supervised pretraining without labels: masked autoencoder (MAE)",
+        description="Pretrain a ViT encoder on unlabeled images (a folder of images, or any data spec with its "
+        "labels ignored). Writes a run directory like `vitkit train`; fine-tune it with "
+        "`vitkit train --pretrained RUN`. See docs/train.md.",
+    )
+    p.add_argument("--method", choices=["mae"], default="mae", help="the objective (default mae)")
+    p.add_argument("--config", metavar="RECIPE.yaml", help="recipe file (flags override it)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a pretraining run exactly")
+    p.add_argument("--data", help="FOLDER of images (no class folders needed), shapes[:N], digits, cifar10:DIR ...")
+    p.add_argument("--model", help="the encoder: a registered ViT name (default vit_nano_patch4_32)")
+    p.add_argument("--pretrained", metavar="CKPT", help="continue from an MAE run/dir or a transformers ViTMAE dir")
+    p.add_argument("--img-size", type=int, help="pretraining resolution (default: the encoder's)")
+    p.add_argument("--patch-size", type=int, help="encoder patch size (default: the encoder's)")
+    p.add_argument("--embed-dim", type=int, help="encoder width (default: the encoder's)")
+    p.add_argument("--depth", type=int, help="encoder blocks (default: the encoder's)")
+    p.add_argument("--num-heads", type=int, help="encoder heads (default: the encoder's)")
+    p.add_argument("--mask-ratio", type=float, help="share of patches hidden from the encoder (default 0.75)")
+    p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-patch normalised pixel targets (the paper's better features; default off)")  # fmt: skip
+    p.add_argument("--decoder-depth", type=int, help="decoder blocks (default 8)")
+    p.add_argument("--decoder-embed-dim", type=int, help="decoder width (default 512)")
+    p.add_argument("--decoder-num-heads", type=int, help="decoder heads (default 16)")
+    p.add_argument("--figures-every", type=int, metavar="N", help="reconstruction figures every N epochs (0 = none)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--min-lr", type=float, help="cosine floor")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--accum-steps", type=int, help="gradient accumulation micro-batches per step")
+    p.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm")
+    p.add_argument("--patience", type=int, metavar="EPOCHS", help="early stopping patience on val_loss (0 = off)")
+    p.add_argument("--seed", type=int, help="seed for split, init, masks, data order, augmentation (default 0)")
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<data>-<model>-<timestamp>)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--amp", choices=choices(Amp), help="autocast dtype (fp16 needs CUDA)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="EMA of the weights")
+    p.add_argument("--ckpt-every-steps", type=int, metavar="N", help="also checkpoint every N optimiser steps")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
+    p.add_argument("--threads", type=_threads_arg, metavar="N|auto", help=_THREADS_HELP)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other TrainConfig setting")
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    import os
+
+    from vitkit.train import NonFiniteLossError, TrainingInterrupted
+    from vitkit.train.pretrain import pretrain
+
+    overrides = {k: getattr(args, k) for k in _PRETRAIN_FLAGS}
+    overrides.update(_parse_sets(args.set))
+    arch = {k: getattr(args, k) for k in _MAE_ARG_FLAGS if getattr(args, k) is not None}
+    if arch:
+        given = overrides.get("model_args") or {}
+        if not isinstance(given, dict):
+            raise ValueError(f"--set model_args must be a mapping, e.g. '{{decoder_depth: 2}}', got {given!r}")
+        overrides["model_args"] = {**given, **arch}
+    if args.resume and (args.config or arch):
+        raise ValueError("--resume uses the run's own config.yaml; do not combine it with --config or model flags")
+    try:
+        summary = pretrain(args.config, method=args.method, resume=args.resume, overrides=overrides,
+                           log=_printer("pretrain", sys.stderr))  # fmt: skip
+    except TrainingInterrupted as e:
+        print(f"vitkit pretrain: {e}", file=sys.stderr)
+        return e.exit_code
+    except NonFiniteLossError as e:
+        print(f"vitkit pretrain: error: {e}", file=sys.stderr)
+        return 3
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    run = summary["run_dir"]
+    if summary.get("test_loss") is not None:
+        print(f"test reconstruction loss {summary['test_loss']:.4f} (masked patches, mean squared error)")
+    if summary.get("best_val_loss") is not None:
+        print(f"best val reconstruction loss {summary['best_val_loss']:.4f} (epoch {summary['best_epoch']})")
+    print(f"{summary['epochs_run']} epochs in {summary['wall_time_s']:.0f} s ({summary['images_per_s']:.0f} img/s)")
+    print(f"outputs in {run}/: best/ last/, reconstructions/, metrics.jsonl, curves.png, summary.json")
+    print(f"next: vitkit train --pretrained {run} --data DATA    vitkit probe --checkpoint {run}")
+    return 0
+
+
 def _add_int8_flags(p: argparse.ArgumentParser) -> None:
     """--int8 and its options, shared by eval and predict (vitkit.deploy.quantize; docs/deploy.md)."""
     p.add_argument("--int8", action="store_true", help="run an int8 copy of the model, quantized on load (CPU)")
@@ -890,6 +985,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_models,
     _add_convert,
     _add_train,
+    _add_pretrain,
     _add_eval,
     _add_predict,
     _add_explain,
@@ -917,6 +1013,10 @@ _ARG_FLAGS: dict[str, dict[str, str]] = {
         **{f.name: f"--set {f.name}" for f in dataclasses.fields(TrainConfig)},
         **{field: "--" + flag.replace("_", "-") for flag, field in _TRAIN_FLAGS.items()},
         **{name: "--" + name.replace("_", "-") for name in _MODEL_ARG_FLAGS},
+    },
+    "pretrain": {
+        **{f.name: f"--set {f.name}" for f in dataclasses.fields(TrainConfig)},
+        **{name: "--" + name.replace("_", "-") for name in (*_PRETRAIN_FLAGS, *_MAE_ARG_FLAGS)},
     },
     "eval": {
         "data": "--data", "split": "--split", "batch_size": "--batch-size", "device": "--device", "k": "--knn-k",

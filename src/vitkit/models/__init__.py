@@ -18,6 +18,7 @@ from vitkit.models.convnext import ConvNeXt, ConvNeXtConfig
 from vitkit.models.resnet import ResNet, ResNetConfig
 from vitkit.models.resnetv2 import ResNetV2, ResNetV2Config
 from vitkit.models.hybrid import HybridCNNViT, HybridCNNViTConfig, HybridViT, HybridViTConfig
+from vitkit.models.mae import MAEConfig, MaskedAutoencoderViT, mae_from_vit
 
 __all__ = [
     "ConvNeXt",
@@ -28,6 +29,8 @@ __all__ = [
     "HybridCNNViTConfig",
     "HybridViT",
     "HybridViTConfig",
+    "MAEConfig",
+    "MaskedAutoencoderViT",
     "ResNet",
     "ResNetConfig",
     "ResNetV2",
@@ -45,6 +48,7 @@ __all__ = [
     "create_vit_tiny",
     "get_family",
     "list_models",
+    "mae_from_vit",
     "register_family",
     "register_model",
 ]

@@ -26,14 +26,16 @@ Amp = Literal["none", "bf16", "fp16"]
 Monitor = Literal["val_acc", "val_loss", "ema_acc", "ema_loss"]
 Parallel = Literal["ddp", "fsdp"]
 Distillation = Literal["none", "soft", "hard"]
-TaskName = Literal["classify", "segment", "detect"]
+TaskName = Literal["classify", "segment", "detect", "mae"]
 
 
 @dataclass
 class TrainConfig:
     """One training run. The defaults are a generic small-data ViT recipe (DeiT-style AdamW + cosine)."""
 
-    task: TaskName = "classify"  # what is learned: image classes, per-pixel classes (segment) or boxes (detect)
+    # what is learned: image classes, per-pixel classes (segment), boxes (detect), or masked-autoencoder
+    # pretraining without labels (mae: `model` names the ViT encoder, model_args also set the decoder and masking)
+    task: TaskName = "classify"
 
     # --- data -------------------------------------------------------------------------------------------------
     data: str = "digits"  # a vitkit.data spec: digits, shapes[:N], a folder, csv:FILE, cifar10:DIR, mnist:DIR ...
@@ -91,6 +93,9 @@ class TrainConfig:
     distill_alpha: float = 0.5  # loss = (1 - alpha) * label loss + alpha * distillation loss (DeiT: 0.5)
     distill_tau: float = 1.0  # soft distillation temperature; the KL is scaled by tau^2 (DeiT: 1.0)
 
+    # --- masked-autoencoder pretraining (task: mae; vitkit.train.tasks.mae) --------------------------------------
+    figures_every: int = 5  # RUN_DIR/reconstructions/epoch_NNN.png every N epochs and after the last (0 = none)
+
     # --- runtime ----------------------------------------------------------------------------------------------
     device: str = "auto"  # auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...
     amp: Amp = "none"  # autocast: bf16 (CPU with AMX, or GPU) or fp16 (GPU only, with a GradScaler)
@@ -129,7 +134,7 @@ class TrainConfig:
         if isinstance(self.tome, bool) or not isinstance(self.tome, int) or self.tome < 0:
             raise ValueError(f"tome must be an int >= 0 (tokens merged per block, 0 = off), got {self.tome!r}")
         _positive_int("shapes_size", self.shapes_size)
-        for name in ("workers", "patience", "ckpt_every_steps", "freeze_layers", "seed"):
+        for name in ("workers", "patience", "ckpt_every_steps", "freeze_layers", "seed", "figures_every"):
             _nonneg_int(name, getattr(self, name))
         for name in ("img_size", "load_size"):
             if getattr(self, name) is not None:

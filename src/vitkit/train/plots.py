@@ -87,3 +87,22 @@ def plot_confusion(matrix, class_names: Sequence[str], path: str | os.PathLike, 
                     )
     ax.set(xlabel="predicted", ylabel="true", title=title)
     _save(fig, path)
+
+
+def plot_image_rows(columns: Sequence, titles: Sequence[str], path: str | os.PathLike, title: str = "") -> None:
+    """A grid of images: one column per tensor of `columns` (each (N, C, H, W), 0..1), one row per image, the
+    column titles on top (e.g. MAE's original | masked | reconstruction)."""
+    from matplotlib.figure import Figure
+
+    n = len(columns[0])
+    fig = Figure(figsize=(1.6 * len(columns), 1.6 * n + 0.4))
+    axes = fig.subplots(n, len(columns), squeeze=False)
+    for j, images in enumerate(columns):
+        for i in range(n):
+            img = images[i].permute(1, 2, 0).numpy()  # (H, W, C)
+            axes[i][j].imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
+            axes[i][j].set_axis_off()
+        axes[0][j].set_title(titles[j], fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    _save(fig, path)

@@ -770,6 +770,7 @@ class Trainer:
         self.save("last")
         if self.dist.is_main:
             self._report(row, improved, tb)
+            self.task.end_epoch(self.model, epoch + 1, self.run_dir)  # e.g. MAE's reconstruction figures
         if stop_early:
             self.log(
                 f"early stopping: {cfg.monitor} has not improved for {cfg.patience} epochs "

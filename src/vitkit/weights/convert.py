@@ -147,7 +147,8 @@ def load_model(
         model_name: a registered ViT name (`vitkit.list_models()`) for what shapes cannot decide, chiefly the
             number of attention heads of a timm state dict; checked against the checkpoint's shapes.
         num_classes: a new classifier size: the checkpoint is loaded, then the head is replaced by a freshly
-            initialised one (for fine-tuning); 0 removes it. None keeps the checkpoint's head.
+            initialised one (for fine-tuning); 0 removes it. None keeps the checkpoint's head. A masked
+            autoencoder (MAE) gives its encoder, a plain ViT with that head; its decoder is dropped.
         img_size: input size (int or (H, W)) to build the model for; learned position tables are resampled
             from the checkpoint's grid. None keeps the checkpoint's size.
         patch_size: run the model at this patch size (FlexiViT, `model.set_patch_size`): the trained patch kernel
@@ -183,6 +184,10 @@ def _load(
 ) -> tuple[nn.Module, SourceFormat]:
     rep = as_reporter(log)
     model, fmt = _load_any(path, model_name, img_size, rep)
+    if num_classes is not None and getattr(model, "family", None) == "mae":  # a new head: fine-tune the encoder
+        from vitkit.weights.mae import encoder_for_finetuning
+
+        return encoder_for_finetuning(model, num_classes, rep), fmt
     if num_classes is not None and num_classes != model.num_classes:
         old = model.num_classes
         model.reset_classifier(num_classes)

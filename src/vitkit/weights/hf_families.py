@@ -95,11 +95,13 @@ def _register_builtin() -> None:
     from vitkit.weights.hf_deit import hf_deit_to_timm
     from vitkit.weights.hf_resnet import hf_resnet_to_timm
     from vitkit.weights.hf_swin import hf_swin_to_timm
+    from vitkit.weights.mae import hf_vitmae_to_timm
 
     register_hf_family("convnext", "convnext", hf_convnext_to_timm)
     register_hf_family("deit", "deit", hf_deit_to_timm)
     register_hf_family("resnet", "resnet", hf_resnet_to_timm)
     register_hf_family("swin", "swin", hf_swin_to_timm)
+    register_hf_family("vit_mae", "mae", hf_vitmae_to_timm)
 
 
 _register_builtin()

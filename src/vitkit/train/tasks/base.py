@@ -22,6 +22,7 @@ sum of per-batch numbers (e.g. mAP) needs its own reduction, which is a change t
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -115,3 +116,8 @@ class Task:
         A metric that does not apply (e.g. top-5 with 5 classes or fewer) is None and is left out of the history.
         """
         raise NotImplementedError
+
+    # --- after each epoch (rank 0, after the checkpoints) ---------------------------------------------------------
+    def end_epoch(self, model: nn.Module, epoch: int, run_dir: Path | None) -> None:
+        """Write the task's own outputs of `epoch` (1-based) into `run_dir`, e.g. MAE's reconstruction figures.
+        Must not draw global random numbers (the run's RNG state was just saved). Default: nothing."""

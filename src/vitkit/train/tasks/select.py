@@ -20,12 +20,18 @@ def task_from_config(
     """The task a recipe describes.
 
     task="classify": `DistillationTask` when the recipe names a teacher, else `ClassificationTask` (with the given
-    transforms).
+    transforms). task="mae": `MAETask` (masked-autoencoder pretraining, labels ignored).
 
     Raises:
         ValueError: distillation is on but no teacher is named (give one, or pass a DistillationTask); a task this
             version cannot train.
     """
+    if config.task == "mae":
+        from vitkit.train.tasks.mae import MAETask
+
+        if config.distillation != "none":
+            raise ValueError("task='mae' learns without labels or a teacher; set distillation: none")
+        return MAETask(train_transform, eval_transform)
     if config.task != "classify":
         raise ValueError(f"task={config.task!r} is not available in this version of vitkit; use task='classify'")
     if config.distillation != "none":
