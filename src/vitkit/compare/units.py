@@ -197,7 +197,7 @@ def build(spec: ModelSpec, cfg: TrainConfig, splits: DataSplits, log: Log) -> nn
     """The model of `spec` for the data, with the data's normalisation and class names (as `vitkit train` sets)."""
     from vitkit.data.inference import eval_load_size
     from vitkit.models.base import Preprocess
-    from vitkit.train.run import build_model
+    from vitkit.train.setup import build_model
 
     cfg = cfg.replace(model=spec.name, model_args={**cfg.model_args, **spec.args})
     model = build_model(cfg, splits.num_classes, log)
@@ -252,7 +252,7 @@ def run_training(
     val_loader = BatchLoader(splits.val, 256, **device_loaders) if len(splits.val) else None
     test_loader = BatchLoader(splits.test, 256, **device_loaders) if len(splits.test) else None
     # The same `training` record `vitkit train` writes, so eval / predict / explain find the data and its split.
-    from vitkit.train.run import make_training_record
+    from vitkit.train.setup import make_training_record
 
     record = make_training_record(cfg, run_dir, torch.get_num_threads())
     trainer = Trainer(model, config=cfg, run_dir=run_dir, log=log, checkpoint_extra={"training": record})

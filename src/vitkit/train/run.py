@@ -12,12 +12,9 @@ A run directory holds:
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
-from datetime import datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,80 +25,25 @@ from vitkit._io import atomic_write_text, resolve_dir
 from vitkit.data.inference import eval_load_size
 from vitkit.runs import training_record
 from vitkit.threads import set_threads
-from vitkit.train.checkpoint import has_checkpoint, load_weights_into, read_training_state
-from vitkit.train.config import DEFAULT_MODEL, TrainConfig, resolve_config
-from vitkit.train.distributed import DistInfo, barrier, broadcast_object, cleanup_distributed, init_distributed
+from vitkit.train.checkpoint import load_weights_into
+from vitkit.train.config import TrainConfig, resolve_config
+from vitkit.train.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
 from vitkit.train.loader import BatchLoader
+from vitkit.train.setup import (
+    build_model,
+    config_yaml,
+    describe_split_gaps,
+    fit_batch_size,
+    make_training_record,
+    new_run_dir,
+    resume_state,
+    write_summary,
+)
 from vitkit.train.tasks import DistillationTask, task_from_config
 from vitkit.train.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, amp_dtype, seed_everything, unwrap
 
 # Settings that only change how a run executes, not what it computes: these may differ when resuming.
 RESUMABLE_OVERRIDES = ("workers", "progress", "tensorboard", "ckpt_every_steps", "device", "threads")
-
-
-def make_training_record(cfg: TrainConfig, run_dir: str | os.PathLike, threads: int) -> dict:
-    """The `training` record a checkpoint carries (read back by `vitkit.runs.training_record`): eval / predict /
-    explain rebuild the run's data and its split from it."""
-    return {
-        "data": cfg.data,
-        "seed": cfg.seed,
-        "val_fraction": cfg.val_fraction,
-        "test_fraction": cfg.test_fraction,
-        "load_size": cfg.load_size,
-        "shapes_size": cfg.shapes_size,
-        "run_dir": str(run_dir),
-        "threads": threads,
-    }
-
-
-def _data_name(spec: str) -> str:
-    kind, _, rest = spec.partition(":")
-    if kind in ("cifar10", "cifar100", "mnist", "fashion-mnist", "shapes"):
-        return kind
-    name = Path(rest if kind in ("folder", "csv") else spec).name or "data"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.removesuffix(".csv"))
-
-
-def default_run_dir(cfg: TrainConfig, root: str | os.PathLike = "runs") -> Path:
-    """runs/<data>-<model>-<YYYYmmdd-HHMMSS>, with a numeric suffix if that already exists."""
-    model = cfg.model or (Path(cfg.pretrained).stem if cfg.pretrained else DEFAULT_MODEL)
-    base = Path(root) / f"{_data_name(cfg.data)}-{model}-{datetime.now():%Y%m%d-%H%M%S}"
-    path, i = base, 2
-    while path.exists():
-        path, i = base.with_name(f"{base.name}-{i}"), i + 1
-    return path
-
-
-def build_model(cfg: TrainConfig, num_classes: int, log: Callable[[str], None]) -> nn.Module:
-    """The model a config asks for: a registered architecture from scratch, or a checkpoint to fine-tune."""
-    from vitkit.layers.tome import apply_tome
-    from vitkit.models import create_model
-
-    if cfg.pretrained:
-        if cfg.model_args:
-            raise ValueError(f"model_args {cfg.model_args} cannot change the architecture of a pretrained model")
-        from vitkit.weights import load_model
-
-        model = load_model(
-            cfg.pretrained, model_name=cfg.model, num_classes=num_classes, img_size=cfg.img_size, log=log
-        )
-        if getattr(model, "num_classes", num_classes) != num_classes:
-            raise ValueError(f"loading {cfg.pretrained} gave {model.num_classes} classes, expected {num_classes}")
-        apply_tome(model, cfg.tome)
-        return model
-    from vitkit.models.registry import get_family, model_family
-
-    name = cfg.model or DEFAULT_MODEL
-    overrides = dict(cfg.model_args)
-    # Token models build their position table for the size; size-agnostic families (CNNs) only record it.
-    sized = "img_size" in get_family(model_family(name))[0].__dataclass_fields__
-    if cfg.img_size is not None and sized:
-        overrides["img_size"] = cfg.img_size
-    model = create_model(name, num_classes=num_classes, **overrides)
-    if cfg.img_size is not None and not sized:
-        model.preprocess.input_size = (cfg.img_size, cfg.img_size)
-    apply_tome(model, cfg.tome)  # a runtime setting: the saved model runs unmerged unless asked again
-    return model
 
 
 def _read_run_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
@@ -167,100 +109,12 @@ def train(
     try:
         amp_dtype(cfg.amp, dist.device)  # fail on an impossible AMP setting before creating anything
         if cfg.task == "mae":  # masked-autoencoder pretraining: its own data, model and summary
-            from vitkit.train.pretrain import run_mae
+            from vitkit.train.mae_run import run_mae
 
             return run_mae(cfg, dist, resume, say, t0)
         return _train(cfg, dist, resume, say, t0)
     finally:
         cleanup_distributed()
-
-
-def _resume_state(cfg: TrainConfig, dist: DistInfo, run_dir: Path, say) -> Any:
-    """The training state to continue `run_dir` from (None: start it over from its config.yaml), said in the log."""
-    last = run_dir / "last"
-    if has_checkpoint(last):
-        state = read_training_state(last)
-        done = int(state["epoch"])
-        if state.get("finished") or (done >= cfg.epochs and not state.get("batches_done")):
-            why = "stopped early" if (state.get("best") or {}).get("stopped_early") else "all epochs done"
-            say(
-                f"{run_dir} is already finished ({done} of {cfg.epochs} epochs, {why}): nothing left to train; "
-                "re-testing best/ and rewriting summary.json (to train longer, start a new run, e.g. "
-                f"--pretrained {run_dir / 'best'})"
-            )
-        else:
-            say(f"resuming {run_dir} from epoch {done + 1}, step {state['step']} ({cfg.epochs} epochs in all)")
-        return state
-    say(f"{run_dir} has no checkpoint yet: starting it over from its config.yaml")
-    if dist.is_main and (run_dir / "tensorboard").exists():
-        shutil.rmtree(run_dir / "tensorboard")
-    return None
-
-
-def _new_run_dir(cfg: TrainConfig, dist: DistInfo) -> Path:
-    """The directory a new run will write (not created yet), refused when it already holds a run."""
-    if not cfg.pretrained:
-        from vitkit.models.registry import model_family
-
-        model_family(cfg.model or DEFAULT_MODEL)  # an unknown name fails here, before a run directory exists
-    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
-    run_dir = Path(broadcast_object(str(run_dir), dist))  # one timestamp for every process
-    if has_checkpoint(run_dir / "last") or (run_dir / "config.yaml").exists():
-        raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
-    return run_dir
-
-
-def _fit_batch_size(cfg: TrainConfig, train_images: int, dist: DistInfo, say) -> tuple[TrainConfig, str | None]:
-    """Lower the batch size to the training split when the split is smaller than one batch.
-
-    Training drops the last incomplete batch, so a split smaller than `batch_size` would give no step at all. The
-    largest batch that still gives one full batch per epoch is the split itself (rounded down to a multiple of the
-    number of processes). Returns the config to train with and the note saying so (None when unchanged).
-    """
-    if train_images >= cfg.batch_size:
-        return cfg, None
-    fitted = train_images - train_images % dist.world_size
-    if fitted == 0:
-        raise ValueError(
-            f"the training split has {train_images} image(s), fewer than the {dist.world_size} processes: "
-            "add images or lower val_fraction/test_fraction"
-        )
-    note = (
-        f"batch_size lowered from {cfg.batch_size} to {fitted}: the training split has only {train_images} images "
-        "(one optimiser step per epoch; set --batch-size to choose a smaller one)"
-    )
-    say(note)
-    return cfg.replace(batch_size=fitted), note
-
-
-def _describe_split_gaps(splits: Any, say) -> None:
-    """Say when validation or test is empty, or lacks classes that have too few images to hold one out."""
-    for name, ds in (("validation", splits.val), ("test", splits.test)):
-        if len(ds) == 0:
-            consequence = (
-                "no validation metric, so best/ holds the final weights"
-                if name == "validation"
-                else "no test accuracy will be measured"
-            )
-            say(
-                f"the {name} split is empty (its fraction is 0 or every class is too small to spare one): {consequence}"
-            )
-            continue
-        present = set(ds.labels.unique().tolist())
-        missing = [c for i, c in enumerate(splits.class_names) if i not in present]
-        if missing:
-            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-            say(f"the {name} split has no images of {len(missing)} class(es) with too few images to spare one: {shown}")
-
-
-def _config_yaml(cfg: TrainConfig, notes: Sequence[str] = ()) -> str:
-    from vitkit._version import __version__
-
-    return (
-        f"# resolved vitkit {__version__} training config; resume with: vitkit train --resume {cfg.out}\n"
-        + "".join(f"# {note}\n" for note in notes)
-        + cfg.to_yaml()
-    )
 
 
 def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str, Any]:
@@ -271,9 +125,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
     # that fails leaves nothing behind.
     if resume is not None:
         run_dir = Path(resume)
-        state = _resume_state(cfg, dist, run_dir, say)
+        state = resume_state(cfg, dist, run_dir, say)
     else:
-        run_dir, state = _new_run_dir(cfg, dist), None
+        run_dir, state = new_run_dir(cfg, dist), None
         cfg.out = str(run_dir)
     # Before any work: float reductions depend on the count, so a resumed run keeps the one it recorded.
     recorded = training_record(run_dir / "last").get("threads") if state is not None else None
@@ -295,9 +149,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
         f"{splits.num_classes} classes"
         + (f", {len(splits.skipped)} unreadable files skipped" if splits.skipped else "")
     )
-    _describe_split_gaps(splits, say)
+    describe_split_gaps(splits, say)
     requested_batch_size = cfg.batch_size
-    cfg, batch_note = _fit_batch_size(cfg, len(splits.train), dist, say)
+    cfg, batch_note = fit_batch_size(cfg, len(splits.train), dist, say)
 
     # --- model ----------------------------------------------------------------------------------------------
     model = build_model(cfg, splits.num_classes, say)
@@ -346,7 +200,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
         say(f"run directory: {run_dir}")
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "config.yaml", _config_yaml(cfg, [batch_note] if batch_note else []))
+            atomic_write_text(run_dir / "config.yaml", config_yaml(cfg, [batch_note] if batch_note else []))
         barrier(dist)
     skipped = [{"path": str(p), "reason": str(r)} for p, r in splits.skipped]
     summary: dict[str, Any] = {
@@ -372,7 +226,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
             steps=trainer.step,
         )
         if dist.is_main:
-            _write_summary(run_dir, summary)
+            write_summary(run_dir, summary)
         raise
 
     # --- test with the best checkpoint ----------------------------------------------------------------------
@@ -422,7 +276,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
             if key in before:
                 summary[key] = before[key]
     if dist.is_main:
-        _write_summary(run_dir, summary)
+        write_summary(run_dir, summary)
     return summary
 
 
@@ -440,9 +294,3 @@ def _check_teacher(task: DistillationTask, model: nn.Module, run_dir: Path, stat
                 "original teacher back at that path"
             )
     return info
-
-
-def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    import json
-
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")

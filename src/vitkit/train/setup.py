@@ -1,0 +1,181 @@
+"""What every kind of training run shares (classification, distillation, MAE, segmentation, detection): the run
+directory (a new one, or the state to resume it from), the batch fitted to a small split, the saved config.yaml,
+the checkpoint's training record, the model a config asks for, and summary.json. `vitkit.train.run` and the
+task-specific run bodies (`pretrain`, `seg_run`, `detection_run`) build on these.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from vitkit._io import atomic_write_text
+from vitkit.train.checkpoint import has_checkpoint, read_training_state
+from vitkit.train.config import DEFAULT_MODEL, TrainConfig
+from vitkit.train.distributed import DistInfo, broadcast_object
+
+
+def make_training_record(cfg: TrainConfig, run_dir: str | os.PathLike, threads: int) -> dict:
+    """The `training` record a checkpoint carries (read back by `vitkit.runs.training_record`): eval / predict /
+    explain rebuild the run's data and its split from it."""
+    return {
+        "data": cfg.data,
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "test_fraction": cfg.test_fraction,
+        "load_size": cfg.load_size,
+        "shapes_size": cfg.shapes_size,
+        "run_dir": str(run_dir),
+        "threads": threads,
+    }
+
+
+def _data_name(spec: str) -> str:
+    kind, _, rest = spec.partition(":")
+    if kind in ("cifar10", "cifar100", "mnist", "fashion-mnist", "shapes"):
+        return kind
+    name = Path(rest if kind in ("folder", "csv") else spec).name or "data"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.removesuffix(".csv"))
+
+
+def default_run_dir(cfg: TrainConfig, root: str | os.PathLike = "runs") -> Path:
+    """runs/<data>-<model>-<YYYYmmdd-HHMMSS>, with a numeric suffix if that already exists."""
+    model = cfg.model or (Path(cfg.pretrained).stem if cfg.pretrained else DEFAULT_MODEL)
+    base = Path(root) / f"{_data_name(cfg.data)}-{model}-{datetime.now():%Y%m%d-%H%M%S}"
+    path, i = base, 2
+    while path.exists():
+        path, i = base.with_name(f"{base.name}-{i}"), i + 1
+    return path
+
+
+def build_model(cfg: TrainConfig, num_classes: int, log: Callable[[str], None]) -> nn.Module:
+    """The model a config asks for: a registered architecture from scratch, or a checkpoint to fine-tune."""
+    from vitkit.layers.tome import apply_tome
+    from vitkit.models import create_model
+
+    if cfg.pretrained:
+        if cfg.model_args:
+            raise ValueError(f"model_args {cfg.model_args} cannot change the architecture of a pretrained model")
+        from vitkit.weights import load_model
+
+        model = load_model(
+            cfg.pretrained, model_name=cfg.model, num_classes=num_classes, img_size=cfg.img_size, log=log
+        )
+        if getattr(model, "num_classes", num_classes) != num_classes:
+            raise ValueError(f"loading {cfg.pretrained} gave {model.num_classes} classes, expected {num_classes}")
+        apply_tome(model, cfg.tome)
+        return model
+    from vitkit.models.registry import get_family, model_family
+
+    name = cfg.model or DEFAULT_MODEL
+    overrides = dict(cfg.model_args)
+    # Token models build their position table for the size; size-agnostic families (CNNs) only record it.
+    sized = "img_size" in get_family(model_family(name))[0].__dataclass_fields__
+    if cfg.img_size is not None and sized:
+        overrides["img_size"] = cfg.img_size
+    model = create_model(name, num_classes=num_classes, **overrides)
+    if cfg.img_size is not None and not sized:
+        model.preprocess.input_size = (cfg.img_size, cfg.img_size)
+    apply_tome(model, cfg.tome)  # a runtime setting: the saved model runs unmerged unless asked again
+    return model
+
+
+def resume_state(cfg: TrainConfig, dist: DistInfo, run_dir: Path, say) -> Any:
+    """The training state to continue `run_dir` from (None: start it over from its config.yaml), said in the log."""
+    last = run_dir / "last"
+    if has_checkpoint(last):
+        state = read_training_state(last)
+        done = int(state["epoch"])
+        if state.get("finished") or (done >= cfg.epochs and not state.get("batches_done")):
+            why = "stopped early" if (state.get("best") or {}).get("stopped_early") else "all epochs done"
+            say(
+                f"{run_dir} is already finished ({done} of {cfg.epochs} epochs, {why}): nothing left to train; "
+                "re-testing best/ and rewriting summary.json (to train longer, start a new run, e.g. "
+                f"--pretrained {run_dir / 'best'})"
+            )
+        else:
+            say(f"resuming {run_dir} from epoch {done + 1}, step {state['step']} ({cfg.epochs} epochs in all)")
+        return state
+    say(f"{run_dir} has no checkpoint yet: starting it over from its config.yaml")
+    if dist.is_main and (run_dir / "tensorboard").exists():
+        shutil.rmtree(run_dir / "tensorboard")
+    return None
+
+
+def new_run_dir(cfg: TrainConfig, dist: DistInfo) -> Path:
+    """The directory a new run will write (not created yet), refused when it already holds a run."""
+    if not cfg.pretrained:
+        from vitkit.models.registry import model_family
+
+        model_family(cfg.model or DEFAULT_MODEL)  # an unknown name fails here, before a run directory exists
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    run_dir = Path(broadcast_object(str(run_dir), dist))  # one timestamp for every process
+    if has_checkpoint(run_dir / "last") or (run_dir / "config.yaml").exists():
+        raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    return run_dir
+
+
+def fit_batch_size(cfg: TrainConfig, train_images: int, dist: DistInfo, say) -> tuple[TrainConfig, str | None]:
+    """Lower the batch size to the training split when the split is smaller than one batch.
+
+    Training drops the last incomplete batch, so a split smaller than `batch_size` would give no step at all. The
+    largest batch that still gives one full batch per epoch is the split itself (rounded down to a multiple of the
+    number of processes). Returns the config to train with and the note saying so (None when unchanged).
+    """
+    if train_images >= cfg.batch_size:
+        return cfg, None
+    fitted = train_images - train_images % dist.world_size
+    if fitted == 0:
+        raise ValueError(
+            f"the training split has {train_images} image(s), fewer than the {dist.world_size} processes: "
+            "add images or lower val_fraction/test_fraction"
+        )
+    note = (
+        f"batch_size lowered from {cfg.batch_size} to {fitted}: the training split has only {train_images} images "
+        "(one optimiser step per epoch; set --batch-size to choose a smaller one)"
+    )
+    say(note)
+    return cfg.replace(batch_size=fitted), note
+
+
+def describe_split_gaps(splits: Any, say) -> None:
+    """Say when validation or test is empty, or lacks classes that have too few images to hold one out."""
+    for name, ds in (("validation", splits.val), ("test", splits.test)):
+        if len(ds) == 0:
+            consequence = (
+                "no validation metric, so best/ holds the final weights"
+                if name == "validation"
+                else "no test accuracy will be measured"
+            )
+            say(
+                f"the {name} split is empty (its fraction is 0 or every class is too small to spare one): {consequence}"
+            )
+            continue
+        present = set(ds.labels.unique().tolist())
+        missing = [c for i, c in enumerate(splits.class_names) if i not in present]
+        if missing:
+            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            say(f"the {name} split has no images of {len(missing)} class(es) with too few images to spare one: {shown}")
+
+
+def config_yaml(cfg: TrainConfig, notes: Sequence[str] = ()) -> str:
+    from vitkit._version import __version__
+
+    return (
+        f"# resolved vitkit {__version__} training config; resume with: vitkit train --resume {cfg.out}\n"
+        + "".join(f"# {note}\n" for note in notes)
+        + cfg.to_yaml()
+    )
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    import json
+
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
