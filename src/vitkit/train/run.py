@@ -166,6 +166,10 @@ def train(
     say = (lambda m: emit(m)) if dist.is_main else (lambda m: None)
     try:
         amp_dtype(cfg.amp, dist.device)  # fail on an impossible AMP setting before creating anything
+        if cfg.task == "segment":
+            from vitkit.train.seg_run import train_segmentation
+
+            return train_segmentation(cfg, dist, resume, say, t0)
         return _train(cfg, dist, resume, say, t0)
     finally:
         cleanup_distributed()

@@ -8,12 +8,14 @@ Trainer(model, config=cfg.replace(teacher="runs/cnn", distillation="hard"))   # 
 from vitkit.train.tasks.base import Batch, Task, to_device
 from vitkit.train.tasks.classification import ClassificationTask
 from vitkit.train.tasks.distillation import DistillationTask, distillation_loss, load_teacher
+from vitkit.train.tasks.segmentation import SegmentationTask
 from vitkit.train.tasks.select import task_from_config
 
 __all__ = [
     "Batch",
     "ClassificationTask",
     "DistillationTask",
+    "SegmentationTask",
     "Task",
     "distillation_loss",
     "load_teacher",
