@@ -101,7 +101,9 @@ class ViTUNetConfig:
     # stride P, log2(P) evenly spaced blocks ending at the last (ViT-B/16: blocks 3, 6, 9, 12); every stage of a
     # hierarchical one (Swin, ConvNeXt, ResNet).
     skip_indices: tuple[int, ...] | None = None
-    decoder_channels: int = 32  # width at full resolution (UNETR's feature_size); doubles per halving, capped at 256
+    decoder_channels: int = (
+        16  # width at full resolution (UNETR's feature_size, 16); doubles per halving, capped at 256
+    )
 
     def __post_init__(self) -> None:
         _check_backbone(self.backbone, self.backbone_args)

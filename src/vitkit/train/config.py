@@ -37,6 +37,7 @@ class TrainConfig:
     task: TaskName = "classify"  # what is learned: image classes, per-pixel classes (segment) or boxes (detect)
     # segment: the head on the backbone (`model`): linear, segmenter (mask transformer), unetr (multi-depth decoder)
     seg_head: SegHeadName = "linear"
+    seg_args: dict[str, Any] = field(default_factory=dict)  # segment: head config overrides, e.g. {decoder_depth: 1}
     dice_weight: float = 0.0  # segment: weight of a soft Dice term added to the pixel cross-entropy (0 = off)
 
     # --- data -------------------------------------------------------------------------------------------------
@@ -119,6 +120,7 @@ class TrainConfig:
         self.scale = tuple(float(v) for v in self.scale)
         self.ratio = tuple(float(v) for v in self.ratio)
         self.model_args = dict(self.model_args or {})
+        self.seg_args = dict(self.seg_args or {})
         check_literal("amp", self.amp, Amp)
         check_literal("parallel", self.parallel, Parallel)
         check_literal("monitor", self.monitor, Monitor)

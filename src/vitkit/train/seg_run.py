@@ -64,7 +64,7 @@ def build_segmentation_model(cfg: TrainConfig, num_classes: int, log: Callable[[
                 )
             return source
         log(f"backbone from {cfg.pretrained} ({type(source).__name__}); its classifier head is dropped")
-        return segmentation_model(source, num_classes, cfg.seg_head)
+        return segmentation_model(source, num_classes, cfg.seg_head, **cfg.seg_args)
     name = cfg.model or DEFAULT_MODEL
     overrides = dict(cfg.model_args)
     sized = "img_size" in get_family(model_family(name))[0].__dataclass_fields__
@@ -73,7 +73,7 @@ def build_segmentation_model(cfg: TrainConfig, num_classes: int, log: Callable[[
     backbone = create_model(name, num_classes=0, **overrides)
     if cfg.img_size is not None and not sized:
         backbone.preprocess.input_size = (cfg.img_size, cfg.img_size)
-    return segmentation_model(backbone, num_classes, cfg.seg_head)
+    return segmentation_model(backbone, num_classes, cfg.seg_head, **cfg.seg_args)
 
 
 def _load_data(cfg_or_record: dict[str, Any], spec: str | None = None, load_size: int | None = None):
