@@ -266,7 +266,7 @@ def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     h, w = mask.shape
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    resized = np.asarray(Image.fromarray(mask).resize((nw, nh), Image.NEAREST))
+    resized = np.array(Image.fromarray(mask).resize((nw, nh), Image.NEAREST))  # a writable copy
     top, left = (nh - size) // 2, (nw - size) // 2
     return resized[top : top + size, left : left + size]
 
