@@ -209,3 +209,25 @@ def test_a_run_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(tmp_pa
     assert_same_bits(weights(tmp_path / "ref" / "last"), weights(run / "last"))
     assert_same_bits(weights(tmp_path / "ref" / "best"), weights(run / "best"))
     assert resumed["test_miou"] == ref["test_miou"] and resumed["best_epoch"] == ref["best_epoch"]
+
+
+def test_pretrained_classifier_run_gives_the_backbone_and_a_segmentation_checkpoint_continues(tmp_path):
+    import vitkit
+    from vitkit.train.seg_run import build_segmentation_model
+
+    torch.manual_seed(0)
+    classifier = vitkit.create_model(
+        "vit_nano_patch4_32", num_classes=4, img_size=16, depth=1, embed_dim=32, num_heads=2
+    )
+    classifier.save_pretrained(tmp_path / "cls")
+    cfg = TrainConfig(task="segment", monitor="val_miou", pretrained=str(tmp_path / "cls"), seg_head="segmenter")
+    model = build_segmentation_model(cfg, 5, log=lambda m: None)
+    assert type(model).__name__ == "ViTSegmentation" and model.num_classes == 5 and model.cfg.head == "segmenter"
+    own = model.backbone.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in classifier.state_dict().items() if not k.startswith("head"))
+
+    model.save_pretrained(tmp_path / "seg")  # a segmentation checkpoint is taken whole when the classes agree
+    again = build_segmentation_model(cfg.replace(pretrained=str(tmp_path / "seg")), 5, log=lambda m: None)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match=r"segments 5 classes but the data has 3"):
+        build_segmentation_model(cfg.replace(pretrained=str(tmp_path / "seg")), 3, log=lambda m: None)
