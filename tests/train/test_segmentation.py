@@ -231,3 +231,37 @@ def test_pretrained_classifier_run_gives_the_backbone_and_a_segmentation_checkpo
     assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match=r"segments 5 classes but the data has 3"):
         build_segmentation_model(cfg.replace(pretrained=str(tmp_path / "seg")), 3, log=lambda m: None)
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.train.conftest import SUBPROCESS_ENV
+
+    # No randomness in the step (full-image crops, no flips, no dropout) and no BatchNorm (the Segmenter head): the
+    # only difference between 1 and 2 processes is the order of floating-point sums in the gradient all-reduce.
+    cfg = {**TINY_SEG, "seg_head": "segmenter", "seg_args": {}, "epochs": 1, "scale": [1.0, 1.0], "ratio": [1.0, 1.0],
+           "hflip": 0.0, "model_args": {**TINY_SEG["model_args"], "qkv_bias": False}, "device": "cpu"}  # fmt: skip
+    recipe = tmp_path / "ddp.yaml"
+    recipe.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vitkit",
+           "train", "--config", str(recipe), "--out", str(tmp_path / "ddp")]  # fmt: skip
+    r = subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    single = train({**cfg, "out": str(tmp_path / "one")}, log=lambda m: None)
+    two, one = weights(tmp_path / "ddp" / "last"), weights(tmp_path / "one" / "last")
+    # Adam turns rounding noise in near-zero gradients into parts of an lr-sized step (lr 2e-3): 1e-4 is 5% of one
+    # step, far below what a wrong sharding (a missing or doubled half-batch) moves the weights.
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-4, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["test_images"] == single["test_images"] == 4
+    # The confusion matrix is summed over both processes: the same pixel counts as one process.
+    assert {k: v["pixels"] for k, v in ddp["test_per_class"].items()} == {
+        k: v["pixels"] for k, v in single["test_per_class"].items()
+    }
+    assert ddp["test_miou"] == pytest.approx(single["test_miou"], abs=1e-3)

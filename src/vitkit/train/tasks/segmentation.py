@@ -24,19 +24,24 @@ from vitkit.train.tasks.base import Batch, Task, to_device
 
 
 def soft_dice_loss(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX, eps: float = 1.0) -> Tensor:
-    """1 - mean over classes of the soft Dice between softmax probabilities and one-hot targets (V-Net's loss).
+    """1 - the soft Dice between softmax probabilities and one-hot targets (V-Net's loss), averaged over classes and
+    images.
+
+    Per image, so the loss of a batch is the mean of its images' losses: the same whether a global batch runs in one
+    process or is split across DDP processes (a Dice over the whole batch would change with the split).
 
     Args:
         logits: (B, K, H, W).
         target: (B, H, W) class indices; `ignore_index` pixels are left out.
-        eps: smoothing added to numerator and denominator (keeps absent classes at a loss of 0, not 0/0).
+        eps: smoothing added to numerator and denominator (a class absent from an image and predicted nowhere in it
+            scores 1, not 0/0).
     """
     k = logits.shape[1]
     valid = (target != ignore_index).unsqueeze(1)  # (B, 1, H, W)
     probs = logits.float().softmax(dim=1) * valid
     onehot = F.one_hot(target.clamp(max=k - 1).long(), k).permute(0, 3, 1, 2).float() * valid  # (B, K, H, W)
-    inter = (probs * onehot).sum(dim=(0, 2, 3))
-    denom = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+    inter = (probs * onehot).sum(dim=(2, 3))  # (B, K)
+    denom = probs.sum(dim=(2, 3)) + onehot.sum(dim=(2, 3))
     return 1.0 - ((2 * inter + eps) / (denom + eps)).mean()
 
 
