@@ -87,3 +87,46 @@ def save_mask(mask: np.ndarray, class_names: Sequence[str], path: str | os.PathL
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
     return path
+
+
+def save_prediction_grid(
+    images: Sequence[np.ndarray],
+    true_masks: Sequence[np.ndarray],
+    pred_masks: Sequence[np.ndarray],
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    scale: int = 3,
+) -> Path:
+    """Write a PNG with one row per image: the image, the true mask over it, the predicted mask over it (enlarged
+    `scale` times with nearest), and a legend row of the class colours. Written atomically.
+
+    Raises:
+        ValueError: the three sequences differ in length or are empty.
+    """
+    if not images or not len(images) == len(true_masks) == len(pred_masks):
+        raise ValueError(f"need as many images, true and predicted masks (and at least one): "
+                         f"{len(images)}, {len(true_masks)}, {len(pred_masks)}")  # fmt: skip
+    k = len(class_names)
+    gap = 4
+    rows = []
+    for image, truth, pred in zip(images, true_masks, pred_masks):
+        sep = np.full((image.shape[0], gap, 3), 255, np.uint8)
+        rows.append(np.concatenate([image, sep, overlay_mask(image, truth, k), sep, overlay_mask(image, pred, k)], 1))
+        rows.append(np.full((gap, rows[-1].shape[1], 3), 255, np.uint8))
+    grid = np.concatenate(rows[:-1], axis=0)
+    grid = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    canvas = Image.new("RGB", (grid.width, grid.height + 36), (255, 255, 255))
+    canvas.paste(grid, (0, 20))
+    draw = ImageDraw.Draw(canvas)
+    third = (grid.width + 2 * gap * scale) // 3
+    for i, title in enumerate(("image", "true mask", "predicted mask")):
+        draw.text((i * third + 4, 4), title, fill=(0, 0, 0))
+    x = 4
+    for c, colour in enumerate(class_colours(k)[1:], start=1):
+        draw.rectangle([x, grid.height + 24, x + 10, grid.height + 34], fill=tuple(int(v) for v in colour))
+        draw.text((x + 14, grid.height + 23), class_names[c], fill=(0, 0, 0))
+        x += 14 + 7 * len(class_names[c]) + 12
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return path
