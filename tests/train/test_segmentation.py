@@ -265,3 +265,12 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
         k: v["pixels"] for k, v in single["test_per_class"].items()
     }
     assert ddp["test_miou"] == pytest.approx(single["test_miou"], abs=1e-3)
+
+
+def test_bf16_autocast_and_ema_train_a_segmenter(tmp_path):
+    cfg = {**TINY_SEG, "seg_head": "linear", "seg_args": {}, "epochs": 1, "amp": "bf16", "ema": True}
+    summary = train(cfg | {"out": str(tmp_path / "run")}, log=lambda m: None)
+    assert summary["monitor"] == "ema_miou" and summary["best_is_ema"] and summary["amp"] == "bf16"
+    assert 0 <= summary["test_miou"] <= 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(rows[0]["train_loss"]) and "ema_miou" in rows[0]
