@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from vitkit._validate import choices
 from vitkit.deploy.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_METHOD, Int8Method
 from vitkit.explain.maps import HeadFusion, Method
-from vitkit.train.config import Amp, AutoAugment, Distillation, Monitor, Parallel, TrainConfig
+from vitkit.train.config import Amp, AutoAugment, Distillation, Monitor, Parallel, SegHeadName, TaskName, TrainConfig
 from vitkit.train.evaluate import Split
 from vitkit.viz.outputs import VISUALIZATIONS
 from vitkit.weights.convert import TargetFormat
@@ -252,6 +252,7 @@ _TRAIN_FLAGS = {
     "parallel": "parallel",
     "teacher": "teacher", "teacher_model": "teacher_model", "distillation": "distillation",
     "distill_alpha": "distill_alpha", "distill_tau": "distill_tau",
+    "task": "task", "seg_head": "seg_head",
 }  # fmt: skip
 
 
@@ -297,6 +298,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int, help="global batch size")
     g.add_argument("--workers", type=int, help="data loader processes for lazily decoded folders")
     g.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None, help="fail on unreadable images")
+    g = p.add_argument_group("task (segmentation: docs/dense.md)")
+    g.add_argument("--task", choices=choices(TaskName), help="what is learned: classify (default), segment ...")
+    g.add_argument("--seg-head", choices=choices(SegHeadName), help="segment: head on the --model backbone")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--lr", type=float, help="peak learning rate")
@@ -389,6 +393,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"vitkit train: error: {e}", file=sys.stderr)
         return 3
     if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if summary.get("task") == "segment":
+        from vitkit.train.seg_run import summary_lines
+
+        print("\n".join(summary_lines(summary)))
         return 0
     run = summary["run_dir"]
     best = summary["best_val_acc"]
@@ -574,6 +583,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vitkit.train import evaluate
 
     _set_threads(args.threads)
+    from vitkit.train.seg_run import is_segmentation_checkpoint
+
+    if is_segmentation_checkpoint(args.checkpoint):
+        return _cmd_eval_segment(args)
     if args.knn:
         return _cmd_eval_knn(args)
     if args.knn_k is not None or args.knn_temperature is not None:
@@ -618,6 +631,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=_threads_arg, default="auto", metavar="N|auto", help=_THREADS_HELP)
     p.add_argument("--json", action="store_true", help="print JSON (one object per image)")
     p.add_argument("--tome", type=int, default=0, metavar="R", help=_TOME_HELP)
+    p.add_argument("--out", metavar="DIR", help="segmentation: folder for mask overlays (default ./predictions)")
     _add_int8_flags(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -628,6 +642,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from vitkit.train import predict
 
     _set_threads(args.threads)
+    from vitkit.train.seg_run import is_segmentation_checkpoint
+
+    if is_segmentation_checkpoint(args.checkpoint):
+        return _cmd_predict_segment(args)
+    if args.out is not None:
+        raise ValueError("--out is for segmentation checkpoints (mask overlays); a classifier prints its classes")
     if _int8_requested(args):  # int8: vitkit.deploy.predict_int8 (CPU)
         from vitkit.deploy import predict_int8
 
@@ -643,6 +663,62 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(r["path"])
         for t in r["top"]:
             print(f"  {t['prob']:.4f}  {t['class']}")
+    return 0
+
+
+def _refuse_for_segmentation(args: argparse.Namespace, command: str) -> None:
+    given = [f for f, on in (("--knn", getattr(args, "knn", False)), ("--tome", args.tome), ("--int8", args.int8))
+             if on]  # fmt: skip
+    if given:
+        raise ValueError(f"{given[0]} is for classifiers; {args.checkpoint} is a segmentation model ({command})")
+
+
+def _cmd_eval_segment(args: argparse.Namespace) -> int:
+    import json
+
+    from vitkit.train.seg_run import evaluate_segmentation
+
+    _refuse_for_segmentation(args, "vitkit eval reports mIoU, Dice and per-class IoU")
+    r = evaluate_segmentation(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
+                              device=args.device, out=args.out, threads=None)  # fmt: skip
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{r['data']} ({r['split']}, {r['n']} images): mIoU {r['miou']:.4f}  Dice {r['dice']:.4f}  "
+          f"foreground IoU {r['fg_iou']:.4f}  pixel accuracy {r['pixel_acc']:.4f}")  # fmt: skip
+    width = max(len(c) for c in r["per_class"])
+    for name, pc in r["per_class"].items():
+        iou = "-" if pc["iou"] is None else f"{pc['iou']:.4f}"
+        dice = "-" if pc["dice"] is None else f"{pc['dice']:.4f}"
+        print(f"  {name:<{width}}  IoU {iou}  Dice {dice}  ({pc['pixels']} pixels)")
+    if "files" in r:
+        print(f"wrote {r['files']['json']}")
+    return 0
+
+
+def _cmd_predict_segment(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from vitkit.train.seg_run import predict_masks
+    from vitkit.viz.segmentation import save_mask, save_overlay
+
+    _refuse_for_segmentation(args, "vitkit predict writes mask overlays")
+    out = Path(args.out or "predictions")
+    results = []
+    for r in predict_masks(args.checkpoint, args.images, device=args.device, threads=None):
+        stem = Path(r["path"]).stem
+        overlay = save_overlay(r["image"], r["mask"], r["class_names"], out / f"{stem}.overlay.png", r["shares"])
+        mask = save_mask(r["mask"], r["class_names"], out / f"{stem}.mask.png")
+        results.append({"path": r["path"], "overlay": str(overlay), "mask": str(mask), "shares": r["shares"]})
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        print(f"{r['path']} -> {r['overlay']}")
+        for name, share in sorted(r["shares"].items(), key=lambda kv: -kv[1]):
+            if share > 0:
+                print(f"  {100 * share:5.1f}%  {name}")
     return 0
 
 

@@ -19,6 +19,7 @@ from vitkit.models.resnet import ResNet, ResNetConfig
 from vitkit.models.resnetv2 import ResNetV2, ResNetV2Config
 from vitkit.models.hybrid import HybridCNNViT, HybridCNNViTConfig, HybridViT, HybridViTConfig
 from vitkit.models.mae import MAEConfig, MaskedAutoencoderViT, mae_from_vit
+from vitkit.models.segmentation import SegmentationConfig, ViTSegmentation, ViTUNet, ViTUNetConfig
 
 __all__ = [
     "ConvNeXt",
@@ -35,10 +36,14 @@ __all__ = [
     "ResNetConfig",
     "ResNetV2",
     "ResNetV2Config",
+    "SegmentationConfig",
     "SwinConfig",
     "SwinTransformer",
     "VisionTransformer",
     "ViTConfig",
+    "ViTSegmentation",
+    "ViTUNet",
+    "ViTUNetConfig",
     "create_model",
     "create_vit_base",
     "create_vit_huge",

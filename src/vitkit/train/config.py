@@ -23,10 +23,11 @@ from vitkit.threads import ThreadSetting, check_threads
 
 DEFAULT_MODEL = "vit_nano_patch4_32"  # a 1.2M-parameter ViT that trains on CPU in minutes
 Amp = Literal["none", "bf16", "fp16"]
-Monitor = Literal["val_acc", "val_loss", "ema_acc", "ema_loss"]
+Monitor = Literal["val_acc", "val_loss", "ema_acc", "ema_loss", "val_miou", "ema_miou"]
 Parallel = Literal["ddp", "fsdp"]
 Distillation = Literal["none", "soft", "hard"]
 TaskName = Literal["classify", "segment", "detect", "mae"]
+SegHeadName = Literal["linear", "segmenter", "unetr"]
 
 
 @dataclass
@@ -36,6 +37,10 @@ class TrainConfig:
     # what is learned: image classes, per-pixel classes (segment), boxes (detect), or masked-autoencoder
     # pretraining without labels (mae: `model` names the ViT encoder, model_args also set the decoder and masking)
     task: TaskName = "classify"
+    # segment: the head on the backbone (`model`): linear, segmenter (mask transformer), unetr (multi-depth decoder)
+    seg_head: SegHeadName = "linear"
+    seg_args: dict[str, Any] = field(default_factory=dict)  # segment: head config overrides, e.g. {decoder_depth: 1}
+    dice_weight: float = 0.0  # segment: weight of a soft Dice term added to the pixel cross-entropy (0 = off)
 
     # --- data -------------------------------------------------------------------------------------------------
     data: str = "digits"  # a vitkit.data spec: digits, shapes[:N], a folder, csv:FILE, cifar10:DIR, mnist:DIR ...
@@ -120,12 +125,16 @@ class TrainConfig:
         self.scale = tuple(float(v) for v in self.scale)
         self.ratio = tuple(float(v) for v in self.ratio)
         self.model_args = dict(self.model_args or {})
+        self.seg_args = dict(self.seg_args or {})
         check_literal("amp", self.amp, Amp)
         check_literal("parallel", self.parallel, Parallel)
         check_literal("monitor", self.monitor, Monitor)
         check_literal("auto_augment", self.auto_augment, AutoAugment)
         check_literal("distillation", self.distillation, Distillation)
         check_literal("task", self.task, TaskName)
+        check_literal("seg_head", self.seg_head, SegHeadName)
+        if not self.dice_weight >= 0:
+            raise ValueError(f"dice_weight must be >= 0, got {self.dice_weight}")
         check_literal("interpolation", self.interpolation, Interpolation)
         check_threads(self.threads)
         _positive_int("epochs", self.epochs)
@@ -279,4 +288,7 @@ def resolve_config(
         base = load_recipe(recipe)
     if isinstance(base.get("model_args"), dict) and isinstance(overrides.get("model_args"), dict):
         overrides["model_args"] = {**base["model_args"], **overrides["model_args"]}
-    return TrainConfig.from_dict({**base, **overrides})
+    merged = {**base, **overrides}
+    if merged.get("task") == "segment" and "monitor" not in merged:
+        merged["monitor"] = "ema_miou" if merged.get("ema") else "val_miou"  # a segmentation run's default
+    return TrainConfig.from_dict(merged)

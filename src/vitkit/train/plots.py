@@ -36,11 +36,17 @@ def plot_curves(
     for key, label in (("train_loss", "train"), ("val_loss", "val"), ("ema_loss", "EMA")):
         if key in history and any(v is not None for v in history[key]):
             ax_loss.plot(epochs, history[key], marker="o", ms=3, label=label)
-    for key, label in (("train_acc", "train"), ("val_acc", "val"), ("ema_acc", "EMA")):
+    segment = "val_miou" in history or "ema_miou" in history  # a segmentation run: pixel accuracy and mIoU
+    acc_keys = (
+        (("train_pixel_acc", "train pixel acc"), ("val_miou", "val mIoU"), ("ema_miou", "EMA mIoU"))
+        if segment
+        else (("train_acc", "train"), ("val_acc", "val"), ("ema_acc", "EMA"))
+    )
+    for key, label in acc_keys:
         if key in history and any(v is not None for v in history[key]):
             ax_acc.plot(epochs, history[key], marker="o", ms=3, label=label)
     ax_loss.set(title="loss", xlabel="epoch")
-    ax_acc.set(title="accuracy", xlabel="epoch", ylim=(0, 1.01))
+    ax_acc.set(title="mIoU" if segment else "accuracy", xlabel="epoch", ylim=(0, 1.01))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         if ax.lines:

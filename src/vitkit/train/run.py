@@ -112,6 +112,10 @@ def train(
             from vitkit.train.mae_run import run_mae
 
             return run_mae(cfg, dist, resume, say, t0)
+        if cfg.task == "segment":
+            from vitkit.train.seg_run import train_segmentation
+
+            return train_segmentation(cfg, dist, resume, say, t0)
         return _train(cfg, dist, resume, say, t0)
     finally:
         cleanup_distributed()

@@ -9,6 +9,7 @@ from vitkit.train.tasks.base import Batch, Task, to_device
 from vitkit.train.tasks.classification import ClassificationTask
 from vitkit.train.tasks.distillation import DistillationTask, distillation_loss, load_teacher
 from vitkit.train.tasks.mae import MAETask
+from vitkit.train.tasks.segmentation import SegmentationTask
 from vitkit.train.tasks.select import task_from_config
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "ClassificationTask",
     "DistillationTask",
     "MAETask",
+    "SegmentationTask",
     "Task",
     "distillation_loss",
     "load_teacher",

@@ -20,7 +20,8 @@ def task_from_config(
     """The task a recipe describes.
 
     task="classify": `DistillationTask` when the recipe names a teacher, else `ClassificationTask` (with the given
-    transforms). task="mae": `MAETask` (masked-autoencoder pretraining, labels ignored).
+    transforms). task="mae": `MAETask` (masked-autoencoder pretraining, labels ignored). task="segment":
+    `SegmentationTask` (cross-entropy + the recipe's `dice_weight`).
 
     Raises:
         ValueError: distillation is on but no teacher is named (give one, or pass a DistillationTask); a task this
@@ -32,8 +33,16 @@ def task_from_config(
         if config.distillation != "none":
             raise ValueError("task='mae' learns without labels or a teacher; set distillation: none")
         return MAETask(train_transform, eval_transform)
+    if config.task == "segment":
+        if config.distillation != "none":
+            raise ValueError(f"distillation={config.distillation!r} is for task='classify'; drop it for segmentation")
+        from vitkit.train.tasks.segmentation import SegmentationTask
+
+        return SegmentationTask(train_transform, eval_transform)
     if config.task != "classify":
-        raise ValueError(f"task={config.task!r} is not available in this version of vitkit; use task='classify'")
+        raise ValueError(
+            f"task={config.task!r} is not available in this version of vitkit; use task='classify' or 'segment'"
+        )
     if config.distillation != "none":
         if config.teacher is None:
             raise ValueError(

@@ -1,0 +1,128 @@
+"""Segmentation data: the scenes split rule, mask folders (palette and index PNGs) with every kind of bad pair
+reported by file name or refused under strict, and augmentation that moves image and mask together."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitkit.data.segmentation import (
+    SegEvalTransform,
+    SegTrainTransform,
+    load_mask_folder,
+    load_segmentation_data,
+    read_class_list,
+)
+from vitkit.data.shapes import SCENE_CLASSES, make_scenes
+
+
+def test_scenes_split_is_first_80_then_10_then_10_percent_of_make_scenes():
+    splits = load_segmentation_data("scenes:50", seed=3, shapes_size=16)
+    images, masks, _ = make_scenes(50, 16, 16, 3)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (40, 5, 5)
+    assert torch.equal(splits.train.images, images[:40]) and torch.equal(splits.test.masks, masks[45:].to(torch.uint8))
+    assert splits.class_names == list(SCENE_CLASSES) and splits.skipped == []
+    again = load_segmentation_data("scenes:50", seed=3, shapes_size=16)
+    assert torch.equal(again.val.masks, splits.val.masks)
+    with pytest.raises(ValueError, match=r"scenes:N needs a positive integer N, got 'scenes:x'"):
+        load_segmentation_data("scenes:x")
+    with pytest.raises(ValueError, match=r"unknown segmentation data spec 'nowhere'"):
+        load_segmentation_data("nowhere")
+
+
+def _palette_png(mask: np.ndarray, path) -> None:
+    img = Image.fromarray(mask.astype(np.uint8), mode="P")
+    img.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * (3 * 253))
+    img.save(path)
+
+
+def _folder(tmp_path, n: int = 6):
+    root = tmp_path / "seg"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("background\nred\ngreen\n")
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        mask = np.zeros((12, 20), np.uint8)
+        mask[2:8, 3 + i : 10 + i] = 1 + i % 2
+        mask[0, 0] = 255  # ignored
+        image = (rng.integers(0, 60, (12, 20, 3)) + mask[..., None].clip(0, 2) * 90).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"img{i}.jpg" if i % 2 else root / "images" / f"img{i}.png")
+        if i % 2:
+            _palette_png(mask, root / "masks" / f"img{i}.png")
+        else:
+            Image.fromarray(mask, mode="L").save(root / "masks" / f"img{i}.png")
+    return root
+
+
+def test_a_mask_folder_reads_palette_and_index_masks_at_the_decode_size(tmp_path):
+    root = _folder(tmp_path)
+    ds, skipped = load_mask_folder(root, size=12)
+    assert skipped == [] and len(ds) == 6 and ds.class_names == ["background", "red", "green"]
+    assert ds.images.shape == (6, 3, 12, 12) and ds.masks.shape == (6, 12, 12)
+    # The mask is cropped like its image (20 -> centre 12 columns: 4..15) with its values intact.
+    expected = np.zeros((12, 20), np.uint8)
+    expected[2:8, 4:11] = 2
+    assert np.array_equal(ds.masks[1].numpy(), expected[:, 4:16])
+    assert set(torch.unique(ds.masks).tolist()) == {0, 1, 2}  # 255 sat in the cropped-away corner
+    splits = load_segmentation_data(str(root), load_size=12, val_fraction=0.2, test_fraction=0.2)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (4, 1, 1)
+
+
+def test_bad_pairs_are_reported_by_file_and_refused_under_strict(tmp_path):
+    root = _folder(tmp_path)
+    (root / "masks" / "img0.png").unlink()  # an image without its mask
+    Image.fromarray(np.zeros((5, 5), np.uint8), mode="L").save(root / "masks" / "orphan.png")  # mask, no image
+    Image.fromarray(np.zeros((12, 19), np.uint8), mode="L").save(root / "masks" / "img1.png")  # wrong size
+    Image.fromarray(np.zeros((12, 20, 3), np.uint8)).save(root / "masks" / "img2.png")  # colour mask
+    Image.fromarray(np.full((12, 20), 7, np.uint8), mode="L").save(root / "masks" / "img3.png")  # value 7: no class
+    (root / "masks" / "img4.png").write_bytes(b"not a png")  # unreadable
+    with pytest.warns(UserWarning, match="skipped 6 bad file"):
+        ds, skipped = load_mask_folder(root, size=12)
+    assert len(ds) == 1 and ds.paths == [str(root / "images" / "img5.jpg")]
+    reasons = {p.rsplit("/", 2)[-2] + "/" + p.rsplit("/", 1)[-1]: r for p, r in skipped}
+    assert reasons["images/img0.png"].startswith("has no mask")
+    assert reasons["masks/orphan.png"].startswith("has no image")
+    assert "mask is 19x12 but its image img1.jpg is 20x12" in reasons["masks/img1.png"]
+    assert "colour (RGB) mask" in reasons["masks/img2.png"]
+    assert "value(s) [7] that are not classes of classes.txt (0..2) nor 255" in reasons["masks/img3.png"]
+    assert "cannot be decoded" in reasons["masks/img4.png"]
+    with pytest.raises(ValueError, match=r"img0\.png: has no mask.*strict=False"):
+        load_mask_folder(root, size=12, strict=True)
+
+
+def test_class_list_errors_name_the_file(tmp_path):
+    with pytest.raises(ValueError, match=r"classes\.txt is missing"):
+        read_class_list(tmp_path / "classes.txt")
+    (tmp_path / "classes.txt").write_text("bg\ncat\ncat\n")
+    with pytest.raises(ValueError, match=r"names class\(es\) \['cat'\] more than once"):
+        read_class_list(tmp_path / "classes.txt")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ValueError, match=r"is not a segmentation folder: it needs images/ and masks/"):
+        load_segmentation_data(str(tmp_path / "plain"))
+
+
+def test_augmentation_moves_image_and_mask_together():
+    # The image encodes its mask (class k -> grey level 60 k), so after any crop and flip the two must still agree.
+    g = torch.Generator().manual_seed(0)
+    masks = torch.randint(0, 4, (6, 1, 8, 8), generator=g).to(torch.uint8)
+    masks = torch.nn.functional.interpolate(masks.float(), scale_factor=4, mode="nearest")[:, 0].to(torch.uint8)
+    images = (masks * 60)[:, None].expand(-1, 3, -1, -1).contiguous()
+    torch.manual_seed(1)
+    aug = SegTrainTransform((24, 24), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), scale=(0.3, 1.0), hflip=0.5)
+    x, m = aug(images, masks)
+    assert x.shape == (6, 3, 24, 24) and m.shape == (6, 24, 24) and m.dtype == torch.long
+    assert set(torch.unique(m).tolist()) <= {0, 1, 2, 3}  # nearest: no blended class values
+    level = x[:, 0] * 255 / 60
+    flat = (level - level.round()).abs() < 0.02  # away from class edges, where bilinear blends two levels
+    assert flat.float().mean() > 0.5
+    assert (level.round()[flat] == m[flat]).float().mean() > 0.97
+    # A full-size crop with a certain flip is an exact mirror of both.
+    flip = SegTrainTransform((32, 32), (0.0,) * 3, (1.0,) * 3, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0)
+    x, m = flip(images, masks)
+    assert torch.equal(m, masks.flip(-1).long())
+    assert torch.allclose(x * 255, images.flip(-1).float(), atol=1e-3)
+    ev = SegEvalTransform((16, 16), (0.5,) * 3, (0.25,) * 3)(images)
+    assert ev.shape == (6, 3, 16, 16)

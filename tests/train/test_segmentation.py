@@ -1,0 +1,276 @@
+"""Segmentation training: metrics against scikit-learn and hand-made cases, the task's sums, the recipe rules, a tiny
+`vitkit train --task segment` + eval + predict, and an exact resume of a run stopped mid-epoch."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import f1_score, jaccard_score
+
+from tests.train.conftest import assert_same_bits, run_vitkit, weights
+from vitkit.train import TrainConfig, TrainingInterrupted, train
+from vitkit.train.config import resolve_config
+from vitkit.train.seg_metrics import (
+    dice_per_class,
+    foreground_iou,
+    iou_per_class,
+    mean_iou,
+    seg_confusion_matrix,
+    seg_metrics,
+)
+from vitkit.train.tasks import SegmentationTask, task_from_config
+from vitkit.train.tasks.segmentation import soft_dice_loss
+
+
+# --- metrics -------------------------------------------------------------------------------------------------------
+def test_iou_and_dice_match_sklearn_on_flattened_masks_with_ignored_pixels():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 4, (3, 17, 13), generator=g)
+    pred = torch.where(torch.rand(3, 17, 13, generator=g) < 0.6, target, torch.randint(0, 4, (3, 17, 13), generator=g))
+    target[0, :5] = 255  # ignored pixels: left out whatever is predicted there
+    cm = seg_confusion_matrix(pred, target, 4)
+    keep = (target != 255).reshape(-1).numpy()
+    t, p = target.reshape(-1).numpy()[keep], pred.reshape(-1).numpy()[keep]
+    labels = list(range(4))
+    assert np.allclose(iou_per_class(cm).numpy(), jaccard_score(t, p, labels=labels, average=None))
+    assert np.allclose(dice_per_class(cm).numpy(), f1_score(t, p, labels=labels, average=None))
+    assert math.isclose(mean_iou(cm), jaccard_score(t, p, labels=labels, average="macro"))
+    assert int(cm.sum()) == keep.sum()
+    # Binary foreground (classes 1-3) against background 0.
+    assert math.isclose(foreground_iou(cm), jaccard_score(t > 0, p > 0))
+
+
+def test_hand_made_masks():
+    target = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 255]])
+    pred = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1], [2, 2, 0, 1]])
+    cm = seg_confusion_matrix(pred, target, 4)
+    # background: TP 3, FP 1 (a 2 predicted 0), FN 1 (a 0 predicted 1) -> 3/5; class 1: TP 4, FP 1 -> 4/5;
+    # class 2: TP 2, FN 1 -> 2/3; class 3 occurs nowhere -> NaN and left out of the mean.
+    iou = iou_per_class(cm)
+    assert torch.allclose(iou[:3], torch.tensor([3 / 5, 4 / 5, 2 / 3], dtype=torch.float64))
+    assert math.isnan(float(iou[3]))
+    assert math.isclose(mean_iou(cm), (3 / 5 + 4 / 5 + 2 / 3) / 3)
+    assert torch.allclose(dice_per_class(cm)[:3], torch.tensor([6 / 8, 8 / 9, 4 / 5], dtype=torch.float64))
+    # Foreground: true object pixels 7, predicted object pixels 7, both 6 -> 6 / 8.
+    assert math.isclose(foreground_iou(cm), 6 / 8)
+    m = seg_metrics(cm, ["bg", "a", "b", "c"])
+    assert m["per_class"]["c"] == {"iou": None, "dice": None, "pixels": 0}
+    assert m["per_class"]["a"]["pixels"] == 4 and math.isclose(m["pixel_acc"], 9 / 11)
+
+
+def test_confusion_matrices_of_parts_add_up_to_the_whole():
+    g = torch.Generator().manual_seed(1)
+    target, pred = torch.randint(0, 3, (4, 8, 8), generator=g), torch.randint(0, 3, (4, 8, 8), generator=g)
+    whole = seg_confusion_matrix(pred, target, 3)
+    parts = seg_confusion_matrix(pred[:1], target[:1], 3) + seg_confusion_matrix(pred[1:], target[1:], 3)
+    assert torch.equal(whole, parts)
+
+
+def test_bad_metric_inputs_name_the_value():
+    with pytest.raises(ValueError, match=r"target class 7 is outside 0..2"):
+        seg_confusion_matrix(torch.zeros(2, 2), torch.full((2, 2), 7), 3)
+    with pytest.raises(ValueError, match=r"prediction shape \(2, 3\) differs from target shape \(2, 2\)"):
+        seg_confusion_matrix(torch.zeros(2, 3), torch.zeros(2, 2), 3)
+
+
+def test_soft_dice_loss_is_zero_for_a_confident_right_answer_and_ignores_255():
+    target = torch.tensor([[[0, 1], [2, 255]]])
+    logits = torch.nn.functional.one_hot(target.clamp(max=2), 3).permute(0, 3, 1, 2).float() * 50
+    logits[0, :, 1, 1] = torch.tensor([0.0, 0.0, 50.0])  # wrong where the pixel is ignored: does not count
+    assert float(soft_dice_loss(logits, target)) < 1e-4
+    assert float(soft_dice_loss(-logits, target)) > 0.5
+
+
+# --- the task ------------------------------------------------------------------------------------------------------
+def test_task_sums_give_the_metrics_of_the_whole_split():
+    task = SegmentationTask()
+
+    class M(torch.nn.Module):
+        num_classes = 3
+
+    task.check_model(M())
+    task.device = torch.device("cpu")
+    g = torch.Generator().manual_seed(2)
+    logits, mask = torch.randn(4, 3, 6, 6, generator=g), torch.randint(0, 3, (4, 6, 6), generator=g)
+    a = task.eval_sums(logits[:2], {"mask": mask[:2]})
+    b = task.eval_sums(logits[2:], {"mask": mask[2:]})
+    sums = {k: a[k] + b[k] for k in task.eval_sum_keys} | {"n": 4}
+    metrics = task.eval_metrics(sums)
+    cm = seg_confusion_matrix(logits.argmax(1), mask, 3)
+    assert math.isclose(metrics["miou"], mean_iou(cm))
+    ce = torch.nn.functional.cross_entropy(logits, mask)
+    assert math.isclose(metrics["loss"], float(ce), rel_tol=1e-5)
+    assert set(task.eval_sum_keys) == {"loss", "pixels", *(f"cm_{i}_{j}" for i in range(3) for j in range(3))}
+
+
+def test_recipe_rules_for_segmentation():
+    assert isinstance(task_from_config(TrainConfig(task="segment", monitor="val_miou")), SegmentationTask)
+    assert resolve_config(None, {"task": "segment", "data": "scenes"}).monitor == "val_miou"
+    assert resolve_config(None, {"task": "segment", "data": "scenes", "ema": True}).monitor == "ema_miou"
+    assert resolve_config(None, {"task": "segment", "data": "scenes", "monitor": "val_loss"}).monitor == "val_loss"
+    with pytest.raises(ValueError, match=r"seg_head='fcn' is not allowed; choose one of 'linear', 'segmenter'"):
+        TrainConfig(task="segment", seg_head="fcn")
+    with pytest.raises(ValueError, match=r"task='detect' is not available"):
+        task_from_config(TrainConfig(task="detect"))
+
+
+# --- whole runs ----------------------------------------------------------------------------------------------------
+TINY_SEG = {
+    "task": "segment",
+    "data": "scenes:40",
+    "shapes_size": 16,
+    "model": "vit_nano_patch4_32",
+    "model_args": {"depth": 1, "embed_dim": 32, "num_heads": 2},
+    "seg_args": {"decoder_channels": 4},
+    "seg_head": "unetr",
+    "img_size": 16,
+    "batch_size": 8,
+    "epochs": 2,
+    "lr": 2e-3,
+    "warmup_epochs": 0.5,
+    "scale": [0.5, 1.0],
+    "label_smoothing": 0.0,
+    "dice_weight": 0.5,
+    "progress": False,
+    "threads": 1,
+}
+
+
+def test_cli_train_eval_predict_end_to_end(tmp_path):
+    import yaml
+
+    recipe = tmp_path / "seg.yaml"
+    recipe.write_text(yaml.safe_dump({k: v for k, v in TINY_SEG.items() if k not in ("task", "seg_head", "data")}))
+    run = tmp_path / "run"
+    r = run_vitkit("train", "--config", str(recipe), "--task", "segment", "--seg-head", "unetr", "--data",
+                   "scenes:40", "--out", str(run))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "test mIoU" in r.stdout and "ViTUNet(vit_nano_patch4_32, head=unetr)" in r.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["task"] == "segment" and summary["monitor"] == "val_miou"
+    assert 0 <= summary["test_miou"] <= 1 and 0 <= summary["test_dice"] <= 1 and 0 <= summary["test_fg_iou"] <= 1
+    assert set(summary["test_per_class"]) == {"background", "circle", "square", "triangle", "star"}
+    assert summary["split_sizes"] == {"train": 32, "val": 4, "test": 4}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and {"val_miou", "val_fg_iou", "val_dice", "train_pixel_acc"} <= set(rows[0])
+
+    # eval re-creates the run's own test split: the same numbers as the summary's.
+    r = run_vitkit("eval", "--checkpoint", str(run), "--json", "--out", str(tmp_path / "ev"))
+    assert r.returncode == 0, r.stderr
+    ev = json.loads(r.stdout)
+    assert ev["n"] == 4 and math.isclose(ev["miou"], summary["test_miou"], rel_tol=1e-6)
+    assert ev["per_class"] == summary["test_per_class"]
+    assert (tmp_path / "ev" / "eval.json").is_file()
+
+    # predict: an overlay PNG and per-class pixel shares that sum to 1.
+    from PIL import Image
+
+    from vitkit.data.shapes import make_scenes
+
+    images, _, _ = make_scenes(1, 16, 16, seed=5)
+    Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(tmp_path / "scene.png")
+    r = run_vitkit("predict", "--checkpoint", str(run), str(tmp_path / "scene.png"), "--json",
+                   "--out", str(tmp_path / "pred"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (res,) = json.loads(r.stdout)
+    assert set(res["shares"]) == set(summary["class_names"]) and math.isclose(sum(res["shares"].values()), 1.0)
+    overlay = Image.open(res["overlay"])
+    assert overlay.size[0] >= 16 and overlay.mode == "RGB"
+
+
+def test_a_run_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    cfg = {**TINY_SEG, "seg_head": "segmenter", "seg_args": {}, "ema": True, "ema_decay": 0.9, "ckpt_every_steps": 3,
+           "epochs": 2, "hflip": 0.5}  # fmt: skip
+    ref = train(cfg | {"out": str(tmp_path / "ref")}, log=lambda m: None)
+
+    # The same run, stopped by SIGTERM at its 6th training batch (epoch 2 of 2, 4 batches per epoch) and resumed.
+    calls = {"n": 0}
+    original = SegmentationTask.train_batch
+
+    def stop_at_6(self, raw):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, raw)
+
+    monkeypatch.setattr(SegmentationTask, "train_batch", stop_at_6)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        train(cfg | {"out": str(run)}, log=lambda m: None)
+    monkeypatch.setattr(SegmentationTask, "train_batch", original)
+    resumed = train(resume=run, log=lambda m: None)
+
+    assert_same_bits(weights(tmp_path / "ref" / "last"), weights(run / "last"))
+    assert_same_bits(weights(tmp_path / "ref" / "best"), weights(run / "best"))
+    assert resumed["test_miou"] == ref["test_miou"] and resumed["best_epoch"] == ref["best_epoch"]
+
+
+def test_pretrained_classifier_run_gives_the_backbone_and_a_segmentation_checkpoint_continues(tmp_path):
+    import vitkit
+    from vitkit.train.seg_run import build_segmentation_model
+
+    torch.manual_seed(0)
+    classifier = vitkit.create_model(
+        "vit_nano_patch4_32", num_classes=4, img_size=16, depth=1, embed_dim=32, num_heads=2
+    )
+    classifier.save_pretrained(tmp_path / "cls")
+    cfg = TrainConfig(task="segment", monitor="val_miou", pretrained=str(tmp_path / "cls"), seg_head="segmenter")
+    model = build_segmentation_model(cfg, 5, log=lambda m: None)
+    assert type(model).__name__ == "ViTSegmentation" and model.num_classes == 5 and model.cfg.head == "segmenter"
+    own = model.backbone.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in classifier.state_dict().items() if not k.startswith("head"))
+
+    model.save_pretrained(tmp_path / "seg")  # a segmentation checkpoint is taken whole when the classes agree
+    again = build_segmentation_model(cfg.replace(pretrained=str(tmp_path / "seg")), 5, log=lambda m: None)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match=r"segments 5 classes but the data has 3"):
+        build_segmentation_model(cfg.replace(pretrained=str(tmp_path / "seg")), 3, log=lambda m: None)
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.train.conftest import SUBPROCESS_ENV
+
+    # No randomness in the step (full-image crops, no flips, no dropout) and no BatchNorm (the Segmenter head): the
+    # only difference between 1 and 2 processes is the order of floating-point sums in the gradient all-reduce.
+    cfg = {**TINY_SEG, "seg_head": "segmenter", "seg_args": {}, "epochs": 1, "scale": [1.0, 1.0], "ratio": [1.0, 1.0],
+           "hflip": 0.0, "model_args": {**TINY_SEG["model_args"], "qkv_bias": False}, "device": "cpu"}  # fmt: skip
+    recipe = tmp_path / "ddp.yaml"
+    recipe.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vitkit",
+           "train", "--config", str(recipe), "--out", str(tmp_path / "ddp")]  # fmt: skip
+    r = subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    single = train({**cfg, "out": str(tmp_path / "one")}, log=lambda m: None)
+    two, one = weights(tmp_path / "ddp" / "last"), weights(tmp_path / "one" / "last")
+    # Adam turns rounding noise in near-zero gradients into parts of an lr-sized step (lr 2e-3): 1e-4 is 5% of one
+    # step, far below what a wrong sharding (a missing or doubled half-batch) moves the weights.
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-4, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["test_images"] == single["test_images"] == 4
+    # The confusion matrix is summed over both processes: the same pixel counts as one process.
+    assert {k: v["pixels"] for k, v in ddp["test_per_class"].items()} == {
+        k: v["pixels"] for k, v in single["test_per_class"].items()
+    }
+    assert ddp["test_miou"] == pytest.approx(single["test_miou"], abs=1e-3)
+
+
+def test_bf16_autocast_and_ema_train_a_segmenter(tmp_path):
+    cfg = {**TINY_SEG, "seg_head": "linear", "seg_args": {}, "epochs": 1, "amp": "bf16", "ema": True}
+    summary = train(cfg | {"out": str(tmp_path / "run")}, log=lambda m: None)
+    assert summary["monitor"] == "ema_miou" and summary["best_is_ema"] and summary["amp"] == "bf16"
+    assert 0 <= summary["test_miou"] <= 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(rows[0]["train_loss"]) and "ema_miou" in rows[0]
