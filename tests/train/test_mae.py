@@ -23,6 +23,7 @@ from vitkit.data.unlabeled import load_unlabeled
 from vitkit.models.mae import mae_from_vit
 from vitkit.train.checkpoint import read_training_state
 from vitkit.train.config import TrainConfig
+from vitkit.train.evaluate import evaluate, predict
 from vitkit.train.tasks import MAETask, task_from_config
 
 TINY_MAE = dict(img_size=16, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
@@ -167,3 +168,15 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     assert [[r["train_loss"], r["val_loss"], r["ema_loss"]] for r in a] == [
         [r["train_loss"], r["val_loss"], r["ema_loss"]] for r in b
     ]
+
+
+def test_eval_and_predict_refuse_an_mae_checkpoint_naming_what_to_use(tmp_path):
+    # An MAE run has no classifier: eval used to fail with "the model only 0 outputs" and predict with an
+    # AttributeError on MAEOutput.
+    _tiny_mae().save_pretrained(tmp_path / "mae")
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
+    with pytest.raises(ValueError, match=r"has no classifier \(family 'mae'.*vitkit probe --checkpoint"):
+        evaluate(tmp_path / "mae", "shapes:40", threads=None)
+    with pytest.raises(ValueError, match=r"has no classifier \(family 'mae'.*--pretrained"):
+        predict(tmp_path / "mae", [image], threads=None)

@@ -34,6 +34,18 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     return load_eval_model(path, device)
 
 
+def _require_classifier(model: nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Refuse a model without class outputs (an MAE pretraining run, a backbone saved with num_classes=0)."""
+    if getattr(model, "num_classes", 0) > 0:
+        return
+    family = getattr(model, "family", None)
+    raise ValueError(
+        f"{checkpoint} has no classifier (family {family!r}, num_classes 0), so it has no classes to score or predict; "
+        f"measure its features with `vitkit eval --knn --checkpoint {checkpoint}` or `vitkit probe --checkpoint "
+        f"{checkpoint}`, or fine-tune it with `vitkit train --pretrained {checkpoint} --data DATA`"
+    )
+
+
 def _device(device: str | torch.device | None) -> torch.device:
     from vitkit.train.distributed import resolve_device
 
@@ -102,6 +114,7 @@ def evaluate(
     dev = _device(device)
     dtype = amp_dtype(amp, dev)
     model, record = load_checkpoint(checkpoint, dev)
+    _require_classifier(model, checkpoint)
     apply_tome(model, tome)
     spec = data or record.get("data")
     if spec is None:
@@ -236,6 +249,7 @@ def predict(
         set_threads(threads)
     dev = _device(device)
     model, _record = load_checkpoint(checkpoint, dev)
+    _require_classifier(model, checkpoint)
     apply_tome(model, tome)
     run = model if variant is None else variant(model)
     names = model.preprocess.class_names or [str(i) for i in range(model.num_classes)]
