@@ -126,3 +126,20 @@ def test_augmentation_moves_image_and_mask_together():
     assert torch.allclose(x * 255, images.flip(-1).float(), atol=1e-3)
     ev = SegEvalTransform((16, 16), (0.5,) * 3, (0.25,) * 3)(images)
     assert ev.shape == (6, 3, 16, 16)
+
+
+@pytest.mark.parametrize("width", [13, 15, 17])
+def test_folder_masks_are_cropped_exactly_as_their_images(tmp_path, width):
+    # Column x of the image is grey 10 x, of the mask class x: after the decode-size centre crop (no resize here, the
+    # shorter side already has the size) they must still agree. An odd excess of 3 or 7 columns used to shift the
+    # mask one column against the image (floor division against the image's round-half-to-even).
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "classes.txt").write_text("\n".join(f"c{k}" for k in range(width)) + "\n")
+    cols = np.arange(width, dtype=np.uint8)
+    Image.fromarray(np.broadcast_to((cols * 10)[None, :, None], (10, width, 3)).copy()).save(tmp_path / "images/a.png")
+    Image.fromarray(np.broadcast_to(cols[None, :], (10, width)).copy()).save(tmp_path / "masks/a.png")
+    ds, skipped = load_mask_folder(tmp_path, 10)
+    assert not skipped
+    image, mask = ds[0]
+    assert torch.equal(image[0].long() // 10, mask.long())

@@ -267,7 +267,7 @@ def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
     resized = np.array(Image.fromarray(mask).resize((nw, nh), Image.NEAREST))  # a writable copy
-    top, left = (nh - size) // 2, (nw - size) // 2
+    top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))  # resize_center_crop's rounding, exactly
     return resized[top : top + size, left : left + size]
 
 
