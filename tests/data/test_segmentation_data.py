@@ -143,3 +143,16 @@ def test_folder_masks_are_cropped_exactly_as_their_images(tmp_path, width):
     assert not skipped
     image, mask = ds[0]
     assert torch.equal(image[0].long() // 10, mask.long())
+
+
+@pytest.mark.parametrize("spec", ["shapes:40", "digits", "cifar10:/nowhere"])
+def test_classification_data_where_masks_are_needed_is_named_as_such(spec):
+    with pytest.raises(ValueError, match=rf"{spec!r} is classification data \(one label per image\)"):
+        load_segmentation_data(spec)
+
+
+def test_scenes_where_labels_are_needed_is_named_as_segmentation_data():
+    from vitkit.data import load_data
+
+    with pytest.raises(ValueError, match=r"'scenes:40' is segmentation data .*--task segment"):
+        load_data("scenes:40")

@@ -33,6 +33,11 @@ def _parse_spec(spec: str) -> tuple[str, str | None]:
         return "digits", None
     if spec == "shapes" or spec.startswith("shapes:"):
         return "shapes", spec.partition(":")[2] or None
+    if spec == "scenes" or spec.startswith("scenes:"):
+        raise ValueError(
+            f"data spec {spec!r} is segmentation data (a class per pixel): train on it with --task segment, evaluate "
+            f"a segmentation checkpoint on it\n{SPEC_FORMS}"
+        )
     prefix, colon, rest = spec.partition(":")
     if colon and prefix in _PREFIXES:
         if not rest:

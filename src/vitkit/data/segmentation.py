@@ -127,9 +127,18 @@ def is_segmentation_folder(path: str | os.PathLike) -> bool:
     return (p / "images").is_dir() and (p / "masks").is_dir()
 
 
+# vitkit.data.load's classification sources: named as such when given where masks are needed
+_CLASSIFICATION_SOURCES = ("digits", "shapes", "csv", "cifar10", "cifar100", "mnist", "fashion-mnist")
+
+
 def _parse_seg_spec(spec: str) -> tuple[str, str | None]:
     if spec == "scenes" or spec.startswith("scenes:"):
         return "scenes", spec.partition(":")[2] or None
+    if spec.partition(":")[0] in _CLASSIFICATION_SOURCES and not os.path.isdir(os.path.expanduser(spec)):
+        raise ValueError(
+            f"data spec {spec!r} is classification data (one label per image), not segmentation data (a class per "
+            f"pixel)\n{SEG_SPEC_FORMS}"
+        )
     path = os.path.expanduser(spec.removeprefix("folder:"))
     if os.path.isdir(path):
         if not is_segmentation_folder(path):
