@@ -274,3 +274,28 @@ def test_bf16_autocast_and_ema_train_a_segmenter(tmp_path):
     assert 0 <= summary["test_miou"] <= 1
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert math.isfinite(rows[0]["train_loss"]) and "ema_miou" in rows[0]
+
+
+def test_an_mae_run_gives_its_encoder_as_the_backbone(tmp_path):
+    # Fine-tuning an MAE encoder for segmentation (the paper's ADE20K transfer) used to fail: the MAE module itself
+    # was handed to the head, and it has no feature_info.
+    from vitkit.models.mae import mae_from_vit
+    from vitkit.train.seg_run import build_segmentation_model
+
+    torch.manual_seed(0)
+    mae = mae_from_vit("vit_nano_patch4_32", img_size=16, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16,
+                       decoder_depth=1, decoder_num_heads=2)  # fmt: skip
+    mae.save_pretrained(tmp_path / "mae")
+    logs: list[str] = []
+    cfg = TrainConfig(task="segment", pretrained=str(tmp_path / "mae"), seg_head="linear")
+    model = build_segmentation_model(cfg, 5, logs.append)
+    assert any("its decoder is dropped" in line for line in logs)
+    encoder = mae.encoder.state_dict()
+    for k, v in model.backbone.state_dict().items():
+        torch.testing.assert_close(v, encoder[k], rtol=0, atol=0)
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 5, 16, 16)
+    model.save_pretrained(tmp_path / "seg")  # config.json can describe the encoder (a zoo ViT)
+    from vitkit.weights import load_model
+
+    x = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(load_model(tmp_path / "seg").eval()(x), model.eval()(x))

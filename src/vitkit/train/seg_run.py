@@ -63,7 +63,11 @@ def build_segmentation_model(cfg: TrainConfig, num_classes: int, log: Callable[[
                     "from its backbone by training a classifier, or use data with the same classes"
                 )
             return source
-        log(f"backbone from {cfg.pretrained} ({type(source).__name__}); its classifier head is dropped")
+        if hasattr(source, "encoder_model"):  # an MAE run: its encoder is the backbone (a ViT of the zoo)
+            log(f"backbone: the encoder of {cfg.pretrained} ({type(source).__name__}); its decoder is dropped")
+            source = source.encoder_model()
+        else:
+            log(f"backbone from {cfg.pretrained} ({type(source).__name__}); its classifier head is dropped")
         return segmentation_model(source, num_classes, cfg.seg_head, **cfg.seg_args)
     name = cfg.model or DEFAULT_MODEL
     overrides = dict(cfg.model_args)
