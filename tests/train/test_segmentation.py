@@ -299,3 +299,18 @@ def test_an_mae_run_gives_its_encoder_as_the_backbone(tmp_path):
 
     x = torch.randn(1, 3, 16, 16)
     torch.testing.assert_close(load_model(tmp_path / "seg").eval()(x), model.eval()(x))
+
+
+def test_a_folder_trained_model_evaluates_on_scenes(tmp_path):
+    # A model trained on a mask folder records a decode size (load_size); evaluating it on scenes used to fail with
+    # "load_size=24 does not apply to scenes", an option the user never gave.
+    from vitkit.data.shapes import SCENE_CLASSES
+    from vitkit.models.segmentation import ViTSegmentation
+    from vitkit.train.seg_run import evaluate_segmentation
+
+    torch.manual_seed(0)
+    model = ViTSegmentation("vit_nano_patch4_32", len(SCENE_CLASSES), backbone_args={"img_size": 16})
+    model.preprocess.load_size, model.preprocess.class_names = 24, list(SCENE_CLASSES)
+    model.save_pretrained(tmp_path / "seg")
+    r = evaluate_segmentation(tmp_path / "seg", "scenes:10", threads=None, device="cpu")
+    assert r["n"] == 1 and sum(c["pixels"] for c in r["per_class"].values()) == 64 * 64

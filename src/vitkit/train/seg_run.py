@@ -325,7 +325,10 @@ def evaluate_segmentation(
     spec = data or record.get("data")
     if spec is None:
         raise ValueError(f"{checkpoint} does not record its training data: pass data=...")
-    splits = _load_data(record, spec, load_size=model.preprocess.load_size)
+    if spec == "scenes" or spec.startswith("scenes:"):  # a folder run's decode size means nothing for scenes
+        splits = _load_data({**record, "load_size": None}, spec)
+    else:
+        splits = _load_data(record, spec, load_size=model.preprocess.load_size)
     names = model.preprocess.class_names or [str(k) for k in range(model.num_classes)]
     if list(splits.class_names) != list(names):
         raise ValueError(f"the data's classes {splits.class_names} differ from the model's {names}")
