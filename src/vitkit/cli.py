@@ -647,6 +647,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if is_segmentation_checkpoint(args.checkpoint):
         return _cmd_predict_segment(args)
     if args.out is not None:
+        from vitkit.runs import resolve_checkpoint
+
+        resolve_checkpoint(args.checkpoint)  # a missing checkpoint is named as such before --out is judged
         raise ValueError("--out is for segmentation checkpoints (mask overlays); a classifier prints its classes")
     if _int8_requested(args):  # int8: vitkit.deploy.predict_int8 (CPU)
         from vitkit.deploy import predict_int8

@@ -314,3 +314,13 @@ def test_a_folder_trained_model_evaluates_on_scenes(tmp_path):
     model.save_pretrained(tmp_path / "seg")
     r = evaluate_segmentation(tmp_path / "seg", "scenes:10", threads=None, device="cpu")
     assert r["n"] == 1 and sum(c["pixels"] for c in r["per_class"].values()) == 64 * 64
+
+
+def test_predict_out_with_a_missing_checkpoint_names_the_checkpoint(tmp_path, capsys):
+    # It used to say "--out is for segmentation checkpoints", as if the (mistyped) run were a classifier.
+    from vitkit.cli import main
+
+    args = ["predict", "--checkpoint", str(tmp_path / "nope"), str(tmp_path / "x.png"), "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "nope" in err and "--out is for" not in err
