@@ -704,13 +704,13 @@ def _cmd_predict_segment(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from vitkit.train.seg_run import predict_masks
-    from vitkit.viz.segmentation import save_mask, save_overlay
+    from vitkit.viz.segmentation import output_stems, save_mask, save_overlay
 
     _refuse_for_segmentation(args, "vitkit predict writes mask overlays")
     out = Path(args.out or "predictions")
     results = []
-    for r in predict_masks(args.checkpoint, args.images, device=args.device, threads=None):
-        stem = Path(r["path"]).stem
+    predictions = predict_masks(args.checkpoint, args.images, device=args.device, threads=None)
+    for r, stem in zip(predictions, output_stems([r["path"] for r in predictions])):
         overlay = save_overlay(r["image"], r["mask"], r["class_names"], out / f"{stem}.overlay.png", r["shares"])
         mask = save_mask(r["mask"], r["class_names"], out / f"{stem}.mask.png")
         results.append({"path": r["path"], "overlay": str(overlay), "mask": str(mask), "shares": r["shares"]})

@@ -35,3 +35,31 @@ def test_saved_mask_reads_back_as_class_indices_and_pictures_are_written(tmp_pat
     assert overlay.mode == "RGB" and overlay.width >= 2 * 4 * 64  # enlarged to at least 256 px high
     grid = Image.open(save_prediction_grid([image] * 2, [mask] * 2, [mask] * 2, names, tmp_path / "g.png", scale=2))
     assert grid.width == (3 * 4 + 2 * 4) * 2
+
+
+def test_output_stems_keep_same_named_inputs_apart(tmp_path):
+    from vitkit.viz.segmentation import output_stems
+
+    assert output_stems([tmp_path / "x/scene.png", tmp_path / "y/road.jpg"]) == ["scene", "road"]
+    assert output_stems([tmp_path / "a/0.png", tmp_path / "b/0.png", tmp_path / "b/1.png"]) == ["a/0", "b/0", "b/1"]
+    assert output_stems([tmp_path / "0.png", tmp_path / "0.jpg"]) == ["0.png", "0.jpg"]
+
+
+def test_predict_writes_one_overlay_per_image_when_file_names_repeat(tmp_path):
+    # A class-folder tree (a/0.png, b/0.png) used to give one overlay per file name, the later image overwriting the
+    # earlier one without a word.
+    import torch
+
+    from vitkit.cli import main
+    from vitkit.models.segmentation import ViTSegmentation
+
+    torch.manual_seed(0)
+    ViTSegmentation("vit_nano_patch4_32", 3, backbone_args={"img_size": 16}).save_pretrained(tmp_path / "seg")
+    for folder in ("a", "b"):
+        (tmp_path / "images" / folder).mkdir(parents=True)
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "images" / folder / "0.png")
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(tmp_path / "seg"), str(tmp_path / "images"), "--out", str(out)]) == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == [
+        "a/0.mask.png", "a/0.overlay.png", "b/0.mask.png", "b/0.overlay.png"
+    ]  # fmt: skip

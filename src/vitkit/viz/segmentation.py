@@ -130,3 +130,22 @@ def save_prediction_grid(
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
     return path
+
+
+def output_stems(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """File names (without extension) for the pictures of `paths`, distinct for distinct inputs.
+
+    The input's stem when the stems are all different (`scene.png` -> `scene`); otherwise its path relative to the
+    inputs' common folder (`a/0.png`, `b/0.png` -> `a/0`, `b/0`), with the extension kept where that still collides
+    (`0.png`, `0.jpg` -> `0.png`, `0.jpg`), so that no picture overwrites another.
+    """
+    resolved = [Path(p).resolve() for p in paths]
+    stems = [p.stem for p in resolved]
+    if len(set(stems)) == len(stems):
+        return stems
+    root = Path(os.path.commonpath([str(p.parent) for p in resolved]))
+    relative = [p.relative_to(root) for p in resolved]
+    names = [str(r.with_suffix("")) for r in relative]
+    if len(set(names)) == len(names):
+        return names
+    return [str(r) for r in relative]
