@@ -324,3 +324,20 @@ def test_predict_out_with_a_missing_checkpoint_names_the_checkpoint(tmp_path, ca
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "nope" in err and "--out is for" not in err
+
+
+def test_an_evaluation_without_counted_pixels_leaves_no_confusion_matrix_behind():
+    # The run's per-class test IoU reads `last_confusion`: a test split whose pixels are all ignored (255) used to
+    # leave the validation split's matrix there.
+    task = SegmentationTask()
+
+    class M(torch.nn.Module):
+        num_classes = 2
+
+    task.check_model(M())
+    task.device = torch.device("cpu")
+    logits, mask = torch.randn(1, 2, 4, 4), torch.randint(0, 2, (1, 4, 4))
+    task.eval_metrics(task.eval_sums(logits, {"mask": mask}) | {"n": 1})
+    assert task.last_confusion is not None
+    ignored = task.eval_sums(logits, {"mask": torch.full((1, 4, 4), 255)}) | {"n": 1}
+    assert math.isnan(task.eval_metrics(ignored)["miou"]) and task.last_confusion is None

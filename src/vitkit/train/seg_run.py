@@ -199,7 +199,8 @@ def train_segmentation(cfg: TrainConfig, dist: DistInfo, resume: Any, say: Calla
     barrier(dist)
     load_weights_into(unwrap(model), resolve_dir(run_dir / "best"), map_location=dist.device)
     test = trainer.evaluate(test_loader) if test_loader is not None else {}
-    per_class = seg_metrics(task.last_confusion, list(splits.class_names))["per_class"] if test else {}
+    counted = test and task.last_confusion is not None  # a test split of ignored pixels only has no per-class IoU
+    per_class = seg_metrics(task.last_confusion, list(splits.class_names))["per_class"] if counted else {}
     hist = trainer.history
     best_epoch = trainer.best.get("epoch")
     best_row = hist.epochs[best_epoch - 1] if best_epoch else (hist.epochs[-1] if len(hist) else {})

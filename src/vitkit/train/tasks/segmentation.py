@@ -186,6 +186,7 @@ class SegmentationTask(Task):
     def eval_metrics(self, sums: Mapping[str, float]) -> dict[str, Any]:
         pixels = sums["pixels"]
         if sums["n"] == 0 or pixels == 0:
+            self.last_confusion = None  # not the previous split's matrix
             nan = float("nan")
             return {"loss": nan, "miou": nan, "dice": nan, "fg_iou": nan, "pixel_acc": nan, "n": int(sums["n"])}
         cm = self.confusion(sums)
