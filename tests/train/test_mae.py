@@ -180,3 +180,10 @@ def test_eval_and_predict_refuse_an_mae_checkpoint_naming_what_to_use(tmp_path):
         evaluate(tmp_path / "mae", "shapes:40", threads=None)
     with pytest.raises(ValueError, match=r"has no classifier \(family 'mae'.*--pretrained"):
         predict(tmp_path / "mae", [image], threads=None)
+
+
+def test_an_image_less_folder_is_named_as_such_for_pretraining(tmp_path):
+    # It used to be told it "has no class subfolders", though a flat folder of images is what pretraining takes.
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=rf"folder {tmp_path} has no image files .*a folder of images"):
+        load_unlabeled(str(tmp_path))

@@ -64,6 +64,15 @@ def load_unlabeled(
         ValueError: as `load_data`; for a flat folder, one without a readable image.
     """
     folder = flat_image_folder(spec)
+    text = os.fspath(spec)
+    path = os.path.expanduser(text.removeprefix("folder:"))
+    if folder is None and text != "digits" and not text.startswith("shapes") and os.path.isdir(path):
+        with os.scandir(path) as it:
+            if not any(e.is_dir() for e in it if not e.name.startswith(".")):  # load_data would ask for class folders
+                raise ValueError(
+                    f"folder {path} has no image files ({', '.join(IMAGE_EXTENSIONS)}): pretraining reads a folder "
+                    "of images, or a tree of class folders whose labels it ignores"
+                )
     if folder is None:
         return load_data(
             spec,
