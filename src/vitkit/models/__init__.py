@@ -18,10 +18,12 @@ from vitkit.models.convnext import ConvNeXt, ConvNeXtConfig
 from vitkit.models.resnet import ResNet, ResNetConfig
 from vitkit.models.resnetv2 import ResNetV2, ResNetV2Config
 from vitkit.models.hybrid import HybridCNNViT, HybridCNNViTConfig, HybridViT, HybridViTConfig
+from vitkit.models.detr import DETRConfig, ViTDETR
 
 __all__ = [
     "ConvNeXt",
     "ConvNeXtConfig",
+    "DETRConfig",
     "DeiT",
     "DeiTConfig",
     "HybridCNNViT",
@@ -36,6 +38,7 @@ __all__ = [
     "SwinTransformer",
     "VisionTransformer",
     "ViTConfig",
+    "ViTDETR",
     "create_model",
     "create_vit_base",
     "create_vit_huge",

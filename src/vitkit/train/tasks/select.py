@@ -20,12 +20,16 @@ def task_from_config(
     """The task a recipe describes.
 
     task="classify": `DistillationTask` when the recipe names a teacher, else `ClassificationTask` (with the given
-    transforms).
+    transforms). task="detect": `DetectionTask` (DETR's set criterion and COCO mAP) with DETR's loss weights.
 
     Raises:
         ValueError: distillation is on but no teacher is named (give one, or pass a DistillationTask); a task this
             version cannot train.
     """
+    if config.task == "detect":
+        from vitkit.train.tasks.detection import DetectionTask
+
+        return DetectionTask()
     if config.task != "classify":
         raise ValueError(f"task={config.task!r} is not available in this version of vitkit; use task='classify'")
     if config.distillation != "none":
