@@ -263,6 +263,11 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
     from vitkit.data import load_data
     from vitkit.models.base import Preprocess
 
+    if cfg.task == "detect":  # a ViTDETR on detection data (vitkit.train.detection_run)
+        from vitkit.train.detection_run import train_detection
+
+        return train_detection(cfg, dist, resume, say, t0)
+
     # Everything that can fail on the settings or the data runs before a new run directory is created, so a start
     # that fails leaves nothing behind.
     if resume is not None:
