@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.layers.pos_embed import sincos_2d
@@ -56,9 +57,10 @@ class DETRConfig:
     dec_dropout: float = 0.1  # dropout in the decoder, as DETR
     feature_index: int = -1  # which `feature_info` entry of the backbone feeds the decoder (-1 = the last)
     # Each query owns a learned reference point (cx, cy), spread over the image at init: its position encoding is
-    # the memory's sin-cos encoding at that point (so cross-attention starts looking there) and its box is predicted
-    # relative to it (Conditional / Anchor-DETR's idea). Plain DETR (False) needs hundreds of epochs to learn where
-    # to look; with reference points small data trains in tens.
+    # the memory's sin-cos encoding at that point (so cross-attention starts looking there), its content starts as
+    # the feature map sampled there (two-stage Deformable DETR's idea: a query knows what is at its point before the
+    # first layer), and its box is predicted relative to it (Conditional / Anchor-DETR). Plain DETR (False, zero
+    # content, learned positions) needs hundreds of epochs to learn where to look.
     ref_points: bool = True
     category_ids: list[int] | None = None  # COCO category id of each class, for result files; None = class + 1
 
@@ -362,7 +364,11 @@ class ViTDETR(nn.Module):
             cells = ref * torch.tensor([w, h], dtype=ref.dtype, device=ref.device) - 0.5
             query_pos = query_pos + sincos_at(cells, D).to(memory.dtype)
         query_pos = query_pos.unsqueeze(0).expand(B, -1, -1)  # (B, Q, D)
-        hs = self.decoder(torch.zeros_like(query_pos), memory, query_pos, pos)  # (L, B, Q, D)
+        tgt = torch.zeros_like(query_pos)
+        if self.ref_points is not None:
+            grid = (ref * 2 - 1).view(1, 1, -1, 2).expand(B, -1, -1, -1).to(src.dtype)  # (B, 1, Q, 2) in [-1, 1]
+            tgt = F.grid_sample(src, grid, align_corners=False).squeeze(2).transpose(1, 2)  # (B, Q, D)
+        hs = self.decoder(tgt, memory, query_pos, pos)  # (L, B, Q, D)
         logits = self.class_embed(hs)  # (L, B, Q, K + 1)
         delta = self.bbox_embed(hs)  # (L, B, Q, 4)
         if self.ref_points is not None:  # the centre moves from the reference point, in logit space
