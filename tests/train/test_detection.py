@@ -93,12 +93,13 @@ def test_criterion_no_object_weight_and_empty_images():
 def test_postprocess_scales_sorts_and_skips_no_object():
     out = {
         "pred_logits": torch.tensor([[[0.0, 3.0, 0.0], [2.0, 0.0, 9.0]]]),  # query 1 is "no object" but its best
-        "pred_boxes": torch.tensor([[[0.5, 0.5, 0.5, 0.25], [0.25, 0.25, 0.5, 0.5]]]),  # real class is 0
+        "pred_boxes": torch.tensor([[[0.5, 0.5, 0.5, 0.25], [0.1, 0.25, 0.5, 0.5]]]),  # real class is 0
     }
     det = postprocess(out, [(40, 80)])[0]  # (H, W)
     assert det["labels"].tolist() == [1, 0]
     torch.testing.assert_close(det["boxes"][0], torch.tensor([20.0, 15.0, 60.0, 25.0]))
     assert det["scores"][0] > det["scores"][1]
+    torch.testing.assert_close(det["boxes"][1], torch.tensor([0.0, 0.0, 28.0, 20.0]))  # -12 clipped to the edge
 
 
 # --- mAP -------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.data.boxes import (
+    clip_boxes,
     cxcywh_to_xyxy,
     denormalize_boxes,
     generalized_box_iou,
@@ -173,7 +174,8 @@ def postprocess(outputs: Mapping[str, Tensor], sizes: Sequence[tuple[int, int]])
     """Model outputs -> per image every query's box in pixels, score and label (DETR's PostProcess).
 
     The score is the highest probability among the K real classes (softmax over K + 1), the label its class; no
-    threshold and no NMS (set prediction makes duplicates rare; mAP wants every scored box).
+    threshold and no NMS (set prediction makes duplicates rare; mAP wants every scored box). Boxes are clipped to
+    the image (a centre near an edge with a large width would otherwise reach past it).
 
     Args:
         outputs: "pred_logits" (B, Q, K + 1), "pred_boxes" (B, Q, 4) cxcywh normalised.
@@ -186,7 +188,7 @@ def postprocess(outputs: Mapping[str, Tensor], sizes: Sequence[tuple[int, int]])
     scores, labels = prob.max(-1)
     out = []
     for b, size in enumerate(sizes):
-        boxes = denormalize_boxes(cxcywh_to_xyxy(outputs["pred_boxes"][b].float()), tuple(size))
+        boxes = clip_boxes(denormalize_boxes(cxcywh_to_xyxy(outputs["pred_boxes"][b].float()), tuple(size)), size)
         order = scores[b].argsort(descending=True)
         out.append({"boxes": boxes[order], "scores": scores[b][order], "labels": labels[b][order]})
     return out
