@@ -293,3 +293,25 @@ def test_xyxy_targets_become_normalised_cxcywh():
     torch.testing.assert_close(batch["targets"][0]["boxes_xyxy"], torch.tensor([[8.0, 4.0, 24.0, 20.0]]))
     expected = xyxy_to_cxcywh(torch.tensor([[8 / 64, 4 / 32, 24 / 64, 20 / 32]]))
     torch.testing.assert_close(batch["targets"][0]["boxes"], expected)
+
+
+@pytest.mark.slow
+def test_ddp_gathers_every_process_detections(tmp_path):
+    # Two gloo processes each evaluate half of the validation images; the mAP they agree on must be the one a
+    # single process computes over all of them with the same weights.
+    import subprocess
+    import sys
+
+    from tests.train.conftest import SUBPROCESS_ENV
+    from vitkit.train.detection_run import evaluate_detection
+
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vitkit",
+           "train", *TINY_DET, "--set", "data=scenes:40", "--epochs", "2", "--device", "cpu", "--out", str(run)]  # fmt: skip
+    r = subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    best = max(rows, key=lambda row: row["val_map50"])
+    single = evaluate_detection(run, split="val", device="cpu", threads=None)
+    assert single["n"] == 4 and single["map50"] == pytest.approx(best["val_map50"], abs=1e-9)
+    assert single["map"] == pytest.approx(best["val_map"], abs=1e-9)
