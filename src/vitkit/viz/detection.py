@@ -70,3 +70,19 @@ def save_detection_images(results: Sequence[dict[str, Any]], out: str | os.PathL
         atomic_write_bytes(out / name, buf.getvalue())
         paths.append(out / name)
     return paths
+
+
+def detection_grid(pictures: Sequence[Image.Image], columns: int = 4, gap: int = 4) -> Image.Image:
+    """Pictures (e.g. from `draw_detections`) tiled row by row on white, each cell the size of the largest."""
+    if not pictures:
+        raise ValueError("no pictures to tile")
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    w = max(p.width for p in pictures)
+    h = max(p.height for p in pictures)
+    rows = -(-len(pictures) // columns)
+    cols = min(columns, len(pictures))
+    grid = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), (255, 255, 255))
+    for i, p in enumerate(pictures):
+        grid.paste(p, ((i % columns) * (w + gap), (i // columns) * (h + gap)))
+    return grid
