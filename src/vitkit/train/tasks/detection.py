@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -357,8 +356,3 @@ class DetectionTask(Task):
             "map75": scores["map75"],
             "n": int(n),
         }
-
-
-def detections_to_numpy(dets: Sequence[Mapping[str, Tensor]]) -> list[dict[str, np.ndarray]]:
-    """Tensors -> numpy arrays, per image (for JSON and pickling)."""
-    return [{k: v.detach().cpu().numpy() for k, v in d.items()} for d in dets]
