@@ -283,7 +283,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="any other TrainConfig setting, e.g. --set hflip=0 --set model_args='{depth: 4}'",
     )
     g = p.add_argument_group("data and model")
-    g.add_argument("--data", help="digits, shapes[:N], FOLDER, csv:FILE, cifar10:DIR, mnist:DIR ...")
+    g.add_argument("--task", choices=choices(TaskName), help="classify (default) or detect (docs/dense.md)")
+    g.add_argument("--data", help="digits, shapes[:N], FOLDER, csv:FILE, cifar10:DIR, mnist:DIR, scenes[:N] ...")
     g.add_argument("--model", help="registered model name (see `vitkit models`)")
     g.add_argument("--pretrained", metavar="CKPT", help="fine-tune from a vitkit dir, timm/HF checkpoint or .npz")
     g.add_argument("--attn-layer", metavar="NAME", help="attention variant of a ViT (see docs/models.md), e.g. local")
@@ -294,6 +295,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--embed-args", type=_mapping_arg, metavar="MAPPING", help="its options as YAML/JSON, e.g. '{kernel_size: 7}'"
     )
+    g.add_argument("--num-queries", type=int, metavar="N", help="--task detect: object queries (default 20)")
     g.add_argument("--img-size", type=int, help="training resolution (default: the model's)")
     g.add_argument("--batch-size", type=int, help="global batch size")
     g.add_argument("--workers", type=int, help="data loader processes for lazily decoded folders")
@@ -341,7 +343,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train)
 
 
-_MODEL_ARG_FLAGS = ("attn_layer", "attn_args", "embed_layer", "embed_args")
+_MODEL_ARG_FLAGS = ("attn_layer", "attn_args", "embed_layer", "embed_args", "num_queries")
 
 
 def _mapping_arg(text: str) -> dict:
@@ -400,6 +402,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print("\n".join(summary_lines(summary)))
         return 0
     run = summary["run_dir"]
+    if summary.get("task") == "detect":
+        from vitkit.train.detection_run import describe_summary
+
+        print(describe_summary(summary))
+        return 0
     best = summary["best_val_acc"]
     print(f"test accuracy {summary['test_acc']:.4f}" if summary["test_acc"] is not None else "no test split")
     if best is not None:
@@ -583,6 +590,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vitkit.train import evaluate
 
     _set_threads(args.threads)
+    from vitkit.train.detection_run import is_detector
+
+    if is_detector(args.checkpoint):  # a ViTDETR: COCO mAP (vitkit.train.detection_run)
+        return _cmd_eval_detection(args)
     from vitkit.train.seg_run import is_segmentation_checkpoint
 
     if is_segmentation_checkpoint(args.checkpoint):
@@ -619,6 +630,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_detection(args: argparse.Namespace) -> int:
+    import json
+
+    from vitkit.train.detection_run import evaluate_detection
+
+    if args.knn or args.tome or _int8_requested(args):
+        raise ValueError("a detector is evaluated by COCO mAP only: drop --knn, --tome and --int8")
+    r = evaluate_detection(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
+                           device=args.device, out=args.out, threads=None)  # fmt: skip
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{r['data']} ({r['split']}, {r['n']} images, {r['n_boxes']} boxes): mAP@0.5 {r['map50']:.4f}  "
+          f"mAP@[.5:.95] {r['map']:.4f}  mAP@0.75 {r['map75']:.4f}  loss {r['loss']:.4f}")  # fmt: skip
+    if "files" in r:
+        print(f"wrote {r['files']['json']}")
+    return 0
+
+
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="top-k classes with probabilities for image files")
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|MODEL_DIR")
@@ -631,7 +661,13 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=_threads_arg, default="auto", metavar="N|auto", help=_THREADS_HELP)
     p.add_argument("--json", action="store_true", help="print JSON (one object per image)")
     p.add_argument("--tome", type=int, default=0, metavar="R", help=_TOME_HELP)
-    p.add_argument("--out", metavar="DIR", help="segmentation: folder for mask overlays (default ./predictions)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="segmentation: folder for mask overlays (default ./predictions); detectors: for the PNGs with boxes "
+        "(default detections/)",
+    )
+    p.add_argument("--threshold", type=float, metavar="P", help="detectors: lowest score shown (default 0.5)")
     _add_int8_flags(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -642,15 +678,23 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from vitkit.train import predict
 
     _set_threads(args.threads)
+    from vitkit.train.detection_run import is_detector
     from vitkit.train.seg_run import is_segmentation_checkpoint
 
+    if is_detector(args.checkpoint):  # a ViTDETR: boxes drawn on the images (vitkit.viz.detection)
+        return _cmd_predict_detection(args)
     if is_segmentation_checkpoint(args.checkpoint):
+        if args.threshold is not None:
+            raise ValueError("--threshold applies to detectors; this checkpoint is a segmentation model")
         return _cmd_predict_segment(args)
-    if args.out is not None:
+    if args.out is not None or args.threshold is not None:
         from vitkit.runs import resolve_checkpoint
 
         resolve_checkpoint(args.checkpoint)  # a missing checkpoint is named as such before --out is judged
-        raise ValueError("--out is for segmentation checkpoints (mask overlays); a classifier prints its classes")
+        raise ValueError(
+            "--out applies to segmentation models (mask overlays) and detectors (boxes), --threshold to detectors; "
+            "this checkpoint is a classifier, which prints its classes"
+        )
     if _int8_requested(args):  # int8: vitkit.deploy.predict_int8 (CPU)
         from vitkit.deploy import predict_int8
 
@@ -728,6 +772,29 @@ def _cmd_predict_segment(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # vitkit embed DATA --checkpoint SRC --out FEATS / search IMAGE --index FEATS / probe --checkpoint SRC (features)
 # ----------------------------------------------------------------------------------------------------------------
+def _cmd_predict_detection(args: argparse.Namespace) -> int:
+    import json
+
+    from vitkit.train.detection_run import coco_results, predict_detection
+    from vitkit.viz.detection import save_detection_images
+
+    if args.tome or _int8_requested(args) or args.topk != 5:
+        raise ValueError("a detector predicts boxes: drop --topk, --tome and --int8 (use --threshold)")
+    threshold = 0.5 if args.threshold is None else args.threshold
+    results = predict_detection(args.checkpoint, args.images, score_threshold=threshold, device=args.device,
+                                threads=None)  # fmt: skip
+    pngs = save_detection_images(results, args.out or "detections")
+    if args.json:  # COCO results format: image ids are the positions of the images
+        print(json.dumps(coco_results(results), indent=2))
+        return 0
+    for r, png in zip(results, pngs, strict=True):
+        print(f"{r['path']}: {len(r['detections'])} object(s) (score >= {threshold:g}) -> {png}")
+        for d in r["detections"]:
+            x0, y0, x1, y1 = d["box"]
+            print(f"  {d['score']:.3f}  {d['class']:<12} [{x0:.1f}, {y0:.1f}, {x1:.1f}, {y1:.1f}]")
+    return 0
+
+
 def _add_embed(sub: argparse._SubParsersAction) -> None:
     from vitkit.features.extract import DataSplit
 

@@ -20,10 +20,12 @@ from vitkit.models.resnetv2 import ResNetV2, ResNetV2Config
 from vitkit.models.hybrid import HybridCNNViT, HybridCNNViTConfig, HybridViT, HybridViTConfig
 from vitkit.models.mae import MAEConfig, MaskedAutoencoderViT, mae_from_vit
 from vitkit.models.segmentation import SegmentationConfig, ViTSegmentation, ViTUNet, ViTUNetConfig
+from vitkit.models.detr import DETRConfig, ViTDETR
 
 __all__ = [
     "ConvNeXt",
     "ConvNeXtConfig",
+    "DETRConfig",
     "DeiT",
     "DeiTConfig",
     "HybridCNNViT",
@@ -44,6 +46,7 @@ __all__ = [
     "ViTSegmentation",
     "ViTUNet",
     "ViTUNetConfig",
+    "ViTDETR",
     "create_model",
     "create_vit_base",
     "create_vit_huge",

@@ -23,7 +23,9 @@ from vitkit.threads import ThreadSetting, check_threads
 
 DEFAULT_MODEL = "vit_nano_patch4_32"  # a 1.2M-parameter ViT that trains on CPU in minutes
 Amp = Literal["none", "bf16", "fp16"]
-Monitor = Literal["val_acc", "val_loss", "ema_acc", "ema_loss", "val_miou", "ema_miou"]
+Monitor = Literal[
+    "val_acc", "val_loss", "ema_acc", "ema_loss", "val_miou", "ema_miou", "val_map50", "val_map", "ema_map50", "ema_map"
+]
 Parallel = Literal["ddp", "fsdp"]
 Distillation = Literal["none", "soft", "hard"]
 TaskName = Literal["classify", "segment", "detect", "mae"]

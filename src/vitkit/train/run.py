@@ -116,6 +116,10 @@ def train(
             from vitkit.train.seg_run import train_segmentation
 
             return train_segmentation(cfg, dist, resume, say, t0)
+        if cfg.task == "detect":  # a ViTDETR on detection data
+            from vitkit.train.detection_run import train_detection
+
+            return train_detection(cfg, dist, resume, say, t0)
         return _train(cfg, dist, resume, say, t0)
     finally:
         cleanup_distributed()

@@ -503,6 +503,7 @@ class Trainer:
         # Fixed keys in a fixed order: every process all-reduces the same list, even one whose shard was empty.
         keys = (*self.task.eval_sum_keys, "n")
         sums = dict.fromkeys(keys, 0.0)
+        collected: list[Any] = []
         for raw in loader:
             batch = self.task.eval_batch(raw)
             with self._autocast():
@@ -510,9 +511,16 @@ class Trainer:
             for k, v in self.task.eval_sums(out, batch).items():
                 sums[k] += v
             sums["n"] += self.task.batch_size(batch)
+            if self.task.collects:
+                collected.extend(self.task.eval_collect(out, batch))
         model.train(was_training)
-        totals = all_reduce_sum([sums[k] for k in keys], self.dist)
-        return self.task.eval_metrics(dict(zip(keys, totals, strict=True)))
+        totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], self.dist), strict=True))
+        if not self.task.collects:
+            return self.task.eval_metrics(totals)
+        # Metrics that are not sums (mAP): every process gets every process's results, so all compute the same
+        # numbers and agree on the best checkpoint and early stopping.
+        everything = [r for part in gather_objects(collected, self.dist) for r in part]
+        return self.task.eval_metrics(totals, everything)
 
     # --- training ---------------------------------------------------------------------------------------------
     def _batches(self, loader: Iterable, epoch: int, start: int) -> Iterator[Any]:

@@ -15,8 +15,13 @@ metric and the progress bar's numbers. Per micro-batch the loop does, with no ot
 
 and at the end of an epoch `task.train_metrics(sums)` gives the `train_*` columns; evaluation runs
 `eval_batch` -> `forward` -> `eval_sums` over a loader and `eval_metrics` turns the sums (summed over processes)
-into the `val_*` / `ema_*` columns. Sums rather than lists keep DDP to one all-reduce; a metric that is not a
-sum of per-batch numbers (e.g. mAP) needs its own reduction, which is a change to this interface.
+into the `val_*` / `ema_*` columns. Sums rather than lists keep DDP to one all-reduce.
+
+A metric that is not a sum of per-batch numbers (detection's mAP ranks every detection of the whole split) sets
+`collects = True`: evaluation then also calls `eval_collect(out, batch)` per batch, which returns a list of
+picklable per-sample results (e.g. numpy boxes and scores); the lists of all processes are gathered onto every
+process (`all_gather_object`, rank order) and passed as `eval_metrics(sums, collected)`. Tasks that leave
+`collects` False are called exactly as before, `eval_metrics(sums)`.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class Task:
         train_sum_keys: the keys `train_sums` returns, in a fixed order (they are all-reduced as one list).
         eval_sum_keys: the keys `eval_sums` returns, in a fixed order.
         log_metrics: the row columns the end-of-epoch log line shows after `train_loss`.
+        collects: whether evaluation gathers `eval_collect` results for `eval_metrics` (see the module docstring).
     """
 
     metrics: tuple[str, ...] = ("loss",)
@@ -56,6 +62,7 @@ class Task:
     train_sum_keys: tuple[str, ...] = ()
     eval_sum_keys: tuple[str, ...] = ("loss",)
     log_metrics: tuple[str, ...] = ("val_loss", "ema_loss")
+    collects: bool = False
 
     # --- wiring ------------------------------------------------------------------------------------------------
     def check_model(self, model: nn.Module) -> None:
@@ -110,8 +117,14 @@ class Task:
         """Additive numbers of one evaluation batch (keys = `eval_sum_keys`; the loop adds "n", the samples)."""
         raise NotImplementedError
 
-    def eval_metrics(self, sums: Mapping[str, float]) -> dict[str, Any]:
-        """Metrics from the sums over the whole loader and all processes (with "n"), e.g. {"loss", "n"}.
+    def eval_collect(self, out: Any, batch: Batch) -> list[Any]:
+        """Picklable per-sample results of one evaluation batch for metrics that are not sums; called only when
+        `collects` is True (then it must be overridden)."""
+        raise NotImplementedError
+
+    def eval_metrics(self, sums: Mapping[str, float], collected: list[Any] | None = None) -> dict[str, Any]:
+        """Metrics from the sums over the whole loader and all processes (with "n"), e.g. {"loss", "n"}; with
+        `collects`, also from `collected`: every `eval_collect` result of every process.
 
         A metric that does not apply (e.g. top-5 with 5 classes or fewer) is None and is left out of the history.
         """

@@ -22,6 +22,7 @@ def task_from_config(
     task="classify": `DistillationTask` when the recipe names a teacher, else `ClassificationTask` (with the given
     transforms). task="mae": `MAETask` (masked-autoencoder pretraining, labels ignored). task="segment":
     `SegmentationTask` (cross-entropy + the recipe's `dice_weight`).
+    task="detect": `DetectionTask` (DETR's set criterion and COCO mAP) with DETR's loss weights.
 
     Raises:
         ValueError: distillation is on but no teacher is named (give one, or pass a DistillationTask); a task this
@@ -39,10 +40,14 @@ def task_from_config(
         from vitkit.train.tasks.segmentation import SegmentationTask
 
         return SegmentationTask(train_transform, eval_transform)
+    if config.task == "detect":
+        if config.distillation != "none":
+            raise ValueError(f"distillation={config.distillation!r} is for task='classify'; drop it for detection")
+        from vitkit.train.tasks.detection import DetectionTask
+
+        return DetectionTask()
     if config.task != "classify":
-        raise ValueError(
-            f"task={config.task!r} is not available in this version of vitkit; use task='classify' or 'segment'"
-        )
+        raise ValueError(f"unknown task {config.task!r}; allowed: classify, segment, detect, mae")
     if config.distillation != "none":
         if config.teacher is None:
             raise ValueError(
