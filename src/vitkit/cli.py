@@ -283,7 +283,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="any other TrainConfig setting, e.g. --set hflip=0 --set model_args='{depth: 4}'",
     )
     g = p.add_argument_group("data and model")
-    g.add_argument("--task", choices=choices(TaskName), help="classify (default) or detect (docs/dense.md)")
+    g.add_argument(
+        "--task", choices=choices(TaskName), help="what is learned: classify (default), segment, detect (docs/dense.md)"
+    )
     g.add_argument("--data", help="digits, shapes[:N], FOLDER, csv:FILE, cifar10:DIR, mnist:DIR, scenes[:N] ...")
     g.add_argument("--model", help="registered model name (see `vitkit models`)")
     g.add_argument("--pretrained", metavar="CKPT", help="fine-tune from a vitkit dir, timm/HF checkpoint or .npz")
@@ -300,9 +302,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int, help="global batch size")
     g.add_argument("--workers", type=int, help="data loader processes for lazily decoded folders")
     g.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None, help="fail on unreadable images")
-    g = p.add_argument_group("task (segmentation: docs/dense.md)")
-    g.add_argument("--task", choices=choices(TaskName), help="what is learned: classify (default), segment ...")
-    g.add_argument("--seg-head", choices=choices(SegHeadName), help="segment: head on the --model backbone")
+    g.add_argument("--seg-head", choices=choices(SegHeadName), help="--task segment: head on the --model backbone")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--lr", type=float, help="peak learning rate")

@@ -116,8 +116,8 @@ def test_recipe_rules_for_segmentation():
     assert resolve_config(None, {"task": "segment", "data": "scenes", "monitor": "val_loss"}).monitor == "val_loss"
     with pytest.raises(ValueError, match=r"seg_head='fcn' is not allowed; choose one of 'linear', 'segmenter'"):
         TrainConfig(task="segment", seg_head="fcn")
-    with pytest.raises(ValueError, match=r"task='detect' is not available"):
-        task_from_config(TrainConfig(task="detect"))
+    with pytest.raises(ValueError, match=r"distillation='hard' is for task='classify'; drop it for segmentation"):
+        task_from_config(TrainConfig(task="segment", distillation="hard", teacher="runs/cnn"))
 
 
 # --- whole runs ----------------------------------------------------------------------------------------------------
