@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitkit._io import atomic_write_text, resolve_dir
+from vitkit._io import atomic_write_text
 from vitkit.models.detr import DETRConfig
 from vitkit.runs import model_config, resolve_checkpoint, training_record
 from vitkit.threads import ThreadSetting, set_threads
@@ -33,7 +33,7 @@ from vitkit.train.checkpoint import load_weights_into
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import DistInfo, barrier
 from vitkit.train.tasks.detection import DetectionLoader, DetectionTask, postprocess
-from vitkit.train.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, seed_everything, unwrap
+from vitkit.train.trainer import Trainer, seed_everything
 
 DETR_FIELDS = tuple(f.name for f in dataclasses.fields(DETRConfig))
 _RUN_ONLY = ("backbone", "backbone_args", "num_classes", "category_ids")  # set by the run, not by model_args
@@ -76,7 +76,9 @@ def train_detection(cfg: TrainConfig, dist: DistInfo, resume: Any, say, t0: floa
     from vitkit.models.base import Preprocess
     from vitkit.train.setup import (
         config_yaml,
+        fit_and_test,
         fit_batch_size,
+        keep_finished_timing,
         make_training_record,
         new_run_dir,
         resume_state,
@@ -164,24 +166,8 @@ def train_detection(cfg: TrainConfig, dist: DistInfo, resume: Any, say, t0: floa
         "split_sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
         "threads": threads.to_dict(),
     }
-    try:
-        trainer.train(train_loader, val_loader, resume_state=state)
-    except (TrainingInterrupted, NonFiniteLossError) as e:
-        summary.update(
-            status="interrupted" if isinstance(e, TrainingInterrupted) else "failed",
-            error=str(e),
-            epochs_run=len(trainer.history),
-            steps=trainer.step,
-        )
-        if dist.is_main:
-            write_summary(run_dir, summary)
-        raise
 
-    if trainer.best.get("epoch") is None:
-        trainer.save("best")
-    barrier(dist)
-    load_weights_into(unwrap(model), resolve_dir(run_dir / "best"), map_location=dist.device)
-    test = trainer.evaluate(test_loader) if test_loader is not None else {}
+    test = fit_and_test(trainer, train_loader, val_loader, test_loader, state, run_dir, summary)
     hist = trainer.history
     best_epoch = trainer.best.get("epoch")
     best_row = hist.epochs[best_epoch - 1] if best_epoch else (hist.epochs[-1] if len(hist) else {})
@@ -215,11 +201,7 @@ def train_detection(cfg: TrainConfig, dist: DistInfo, resume: Any, say, t0: floa
         amp=cfg.amp,
         checkpoints={"best": str(run_dir / "best"), "last": str(run_dir / "last")},
     )
-    if state is not None and state.get("finished") and (run_dir / "summary.json").is_file():
-        before = json.loads((run_dir / "summary.json").read_text())
-        for key in ("wall_time_s", "train_time_s", "images_per_s", "batch_size_requested", "batch_size"):
-            if key in before:
-                summary[key] = before[key]
+    keep_finished_timing(summary, state, run_dir)
     if dist.is_main:
         write_summary(run_dir, summary)
     return summary

@@ -12,14 +12,13 @@ from typing import Any
 
 from torch import nn
 
-from vitkit._io import resolve_dir
 from vitkit.runs import training_record
 from vitkit.threads import set_threads
 from vitkit.train.checkpoint import load_weights_into
 from vitkit.train.config import DEFAULT_MODEL, TrainConfig
 from vitkit.train.distributed import DistInfo, barrier
 from vitkit.train.loader import BatchLoader
-from vitkit.train.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, seed_everything, unwrap
+from vitkit.train.trainer import Trainer, seed_everything
 
 
 def build_mae(cfg: TrainConfig, log: Callable[[str], None]) -> nn.Module:
@@ -55,6 +54,7 @@ def run_mae(cfg: TrainConfig, dist: DistInfo, resume: str | os.PathLike | None, 
     from vitkit.models.base import Preprocess
     from vitkit.train.setup import (
         config_yaml,
+        fit_and_test,
         fit_batch_size,
         make_training_record,
         new_run_dir,
@@ -148,25 +148,9 @@ def run_mae(cfg: TrainConfig, dist: DistInfo, resume: str | os.PathLike | None, 
         "split_sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
         "threads": threads.to_dict(),
     }
-    try:
-        trainer.train(train_loader, val_loader, resume_state=state)
-    except (TrainingInterrupted, NonFiniteLossError) as e:
-        summary.update(
-            status="interrupted" if isinstance(e, TrainingInterrupted) else "failed",
-            error=str(e),
-            epochs_run=len(trainer.history),
-            steps=trainer.step,
-        )
-        if dist.is_main:
-            write_summary(run_dir, summary)
-        raise
 
     # --- test reconstruction loss with best/ -----------------------------------------------------------------
-    if trainer.best.get("epoch") is None:
-        trainer.save("best")
-    barrier(dist)
-    load_weights_into(unwrap(model), resolve_dir(run_dir / "best"), map_location=dist.device)
-    test = trainer.evaluate(test_loader) if test_loader is not None else {}
+    test = fit_and_test(trainer, train_loader, val_loader, test_loader, state, run_dir, summary)
     hist = trainer.history
     best_epoch = trainer.best.get("epoch")
     best_row = hist.epochs[best_epoch - 1] if best_epoch else (hist.epochs[-1] if len(hist) else {})

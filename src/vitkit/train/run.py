@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from torch import nn
 
-from vitkit._io import atomic_write_text, resolve_dir
+from vitkit._io import atomic_write_text
 from vitkit.data.inference import eval_load_size
 from vitkit.runs import training_record
 from vitkit.threads import set_threads
@@ -33,14 +33,16 @@ from vitkit.train.setup import (
     build_model,
     config_yaml,
     describe_split_gaps,
+    fit_and_test,
     fit_batch_size,
+    keep_finished_timing,
     make_training_record,
     new_run_dir,
     resume_state,
     write_summary,
 )
 from vitkit.train.tasks import DistillationTask, task_from_config
-from vitkit.train.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, amp_dtype, seed_everything, unwrap
+from vitkit.train.trainer import Trainer, amp_dtype, seed_everything
 
 # Settings that only change how a run executes, not what it computes: these may differ when resuming.
 RESUMABLE_OVERRIDES = ("workers", "progress", "tensorboard", "ckpt_every_steps", "device", "threads")
@@ -224,25 +226,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
     }
     if isinstance(task, DistillationTask):
         summary["teacher"] = task.describe()
-    try:
-        trainer.train(train_loader, val_loader, resume_state=state)
-    except (TrainingInterrupted, NonFiniteLossError) as e:
-        summary.update(
-            status="interrupted" if isinstance(e, TrainingInterrupted) else "failed",
-            error=str(e),
-            epochs_run=len(trainer.history),
-            steps=trainer.step,
-        )
-        if dist.is_main:
-            write_summary(run_dir, summary)
-        raise
 
-    # --- test with the best checkpoint ----------------------------------------------------------------------
-    if trainer.best.get("epoch") is None:  # no validation metric: the final weights are the best we know
-        trainer.save("best")
-    barrier(dist)  # multi-node runs need RUN_DIR on a shared filesystem: every process reads best/ here
-    load_weights_into(unwrap(model), resolve_dir(run_dir / "best"), map_location=dist.device)
-    test = trainer.evaluate(test_loader) if test_loader is not None else {}
+    # --- train, then test the best checkpoint ----------------------------------------------------------------
+    test = fit_and_test(trainer, train_loader, val_loader, test_loader, state, run_dir, summary)
     hist = trainer.history
     best_epoch = trainer.best.get("epoch")
     best_row = hist.epochs[best_epoch - 1] if best_epoch else (hist.epochs[-1] if len(hist) else {})
@@ -275,14 +261,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
     )
     if isinstance(task, DistillationTask):
         summary["teacher"].update(test_agree=test.get("agree"), test_teacher_acc=test.get("teacher_acc"))
-    if state is not None and state.get("finished") and (run_dir / "summary.json").is_file():
-        # Resuming a finished run only re-tests best/: the training it did is described by its own summary.
-        import json
-
-        before = json.loads((run_dir / "summary.json").read_text())
-        for key in ("wall_time_s", "train_time_s", "images_per_s", "batch_size_requested", "batch_size"):
-            if key in before:
-                summary[key] = before[key]
+    keep_finished_timing(summary, state, run_dir)
     if dist.is_main:
         write_summary(run_dir, summary)
     return summary

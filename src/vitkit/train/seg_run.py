@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitkit._io import atomic_write_text, resolve_dir
+from vitkit._io import atomic_write_text
 from vitkit.runs import resolve_checkpoint, training_record
 from vitkit.threads import ThreadSetting, set_threads
 from vitkit.train.config import DEFAULT_MODEL, TrainConfig
@@ -27,7 +27,7 @@ from vitkit.train.distributed import DistInfo, barrier
 from vitkit.train.loader import BatchLoader
 from vitkit.train.seg_metrics import seg_metrics
 from vitkit.train.tasks.segmentation import SegmentationTask
-from vitkit.train.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, seed_everything, unwrap
+from vitkit.train.trainer import Trainer, seed_everything
 
 SEG_FAMILIES = ("segmentation", "segmentation_unet")  # vitkit.models.segmentation's registered families
 
@@ -178,27 +178,9 @@ def train_segmentation(cfg: TrainConfig, dist: DistInfo, resume: Any, say: Calla
         "split_sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
         "threads": threads.to_dict(),
     }
-    try:
-        trainer.train(train_loader, val_loader, resume_state=state)
-    except (TrainingInterrupted, NonFiniteLossError) as e:
-        summary.update(
-            status="interrupted" if isinstance(e, TrainingInterrupted) else "failed",
-            error=str(e),
-            epochs_run=len(trainer.history),
-            steps=trainer.step,
-        )
-        if dist.is_main:
-            R.write_summary(run_dir, summary)
-        raise
 
-    # --- test with the best checkpoint ----------------------------------------------------------------------
-    from vitkit.train.checkpoint import load_weights_into
-
-    if trainer.best.get("epoch") is None:
-        trainer.save("best")
-    barrier(dist)
-    load_weights_into(unwrap(model), resolve_dir(run_dir / "best"), map_location=dist.device)
-    test = trainer.evaluate(test_loader) if test_loader is not None else {}
+    # --- train, then test the best checkpoint ----------------------------------------------------------------
+    test = R.fit_and_test(trainer, train_loader, val_loader, test_loader, state, run_dir, summary)
     counted = test and task.last_confusion is not None  # a test split of ignored pixels only has no per-class IoU
     per_class = seg_metrics(task.last_confusion, list(splits.class_names))["per_class"] if counted else {}
     hist = trainer.history
@@ -234,11 +216,7 @@ def train_segmentation(cfg: TrainConfig, dist: DistInfo, resume: Any, say: Calla
         amp=cfg.amp,
         checkpoints={"best": str(run_dir / "best"), "last": str(run_dir / "last")},
     )
-    if state is not None and state.get("finished") and (run_dir / "summary.json").is_file():
-        before = json.loads((run_dir / "summary.json").read_text())
-        for key in ("wall_time_s", "train_time_s", "images_per_s", "batch_size_requested", "batch_size"):
-            if key in before:
-                summary[key] = before[key]
+    R.keep_finished_timing(summary, state, run_dir)
     if dist.is_main:
         R.write_summary(run_dir, summary)
     return summary

@@ -179,3 +179,49 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     import json
 
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def fit_and_test(trainer: Any, train_loader: Any, val_loader: Any, test_loader: Any, state: Any, run_dir: Path,
+                 summary: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Train (continuing `state`), then evaluate the best checkpoint on `test_loader`; the test metrics ({} without
+    a test split).
+
+    An interrupted or failed training writes `summary` with status "interrupted" / "failed", the error, epochs run
+    and steps, then re-raises. A run without a validation metric saves its final weights as best/.
+    """
+    from vitkit._io import resolve_dir
+    from vitkit.train.checkpoint import load_weights_into
+    from vitkit.train.distributed import barrier
+    from vitkit.train.trainer import NonFiniteLossError, TrainingInterrupted, unwrap
+
+    dist = trainer.dist
+    try:
+        trainer.train(train_loader, val_loader, resume_state=state)
+    except (TrainingInterrupted, NonFiniteLossError) as e:
+        summary.update(
+            status="interrupted" if isinstance(e, TrainingInterrupted) else "failed",
+            error=str(e),
+            epochs_run=len(trainer.history),
+            steps=trainer.step,
+        )
+        if dist.is_main:
+            write_summary(run_dir, summary)
+        raise
+    if trainer.best.get("epoch") is None:  # no validation metric: the final weights are the best we know
+        trainer.save("best")
+    barrier(dist)  # multi-node runs need RUN_DIR on a shared filesystem: every process reads best/ here
+    load_weights_into(unwrap(trainer.model), resolve_dir(run_dir / "best"), map_location=dist.device)
+    return trainer.evaluate(test_loader) if test_loader is not None else {}
+
+
+def keep_finished_timing(summary: dict[str, Any], state: Any, run_dir: Path) -> None:
+    """Resuming a finished run only re-tests best/: keep the timing and batch of the training its summary.json
+    describes instead of the re-test's."""
+    import json
+
+    if state is None or not state.get("finished") or not (run_dir / "summary.json").is_file():
+        return
+    before = json.loads((run_dir / "summary.json").read_text())
+    for key in ("wall_time_s", "train_time_s", "images_per_s", "batch_size_requested", "batch_size"):
+        if key in before:
+            summary[key] = before[key]
