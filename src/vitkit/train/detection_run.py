@@ -33,7 +33,7 @@ from vitkit.train.checkpoint import load_weights_into
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import DistInfo, barrier
 from vitkit.train.tasks.detection import DetectionLoader, DetectionTask, postprocess
-from vitkit.train.trainer import Trainer, seed_everything
+from vitkit.train.trainer import Trainer
 
 DETR_FIELDS = tuple(f.name for f in dataclasses.fields(DETRConfig))
 _RUN_ONLY = ("backbone", "backbone_args", "num_classes", "category_ids")  # set by the run, not by model_args
@@ -80,23 +80,14 @@ def train_detection(cfg: TrainConfig, dist: DistInfo, resume: Any, say, t0: floa
         fit_batch_size,
         keep_finished_timing,
         make_training_record,
-        new_run_dir,
-        resume_state,
+        start_run,
         write_summary,
     )
 
-    if resume is not None:
-        run_dir = Path(resume)
-        state = resume_state(cfg, dist, run_dir, say)
-    else:
-        if cfg.monitor in ("val_acc", "ema_acc"):  # the classification default: detection's analogue is mAP@0.5
-            cfg = cfg.replace(monitor=cfg.monitor.replace("acc", "map50"))
-            say(f"monitor: {cfg.monitor} (detection has no accuracy)")
-        run_dir, state = new_run_dir(cfg, dist), None
-        cfg.out = str(run_dir)
-    recorded = training_record(run_dir / "last").get("threads") if state is not None else None
-    threads = set_threads(cfg.threads, recorded=recorded, log=say)
-    seed_everything(cfg.seed)
+    if resume is None and cfg.monitor in ("val_acc", "ema_acc"):  # classification's default: here mAP@0.5
+        cfg = cfg.replace(monitor=cfg.monitor.replace("acc", "map50"))
+        say(f"monitor: {cfg.monitor} (detection has no accuracy)")
+    run_dir, state, threads = start_run(cfg, dist, resume, say)
 
     splits = load_detection_data(
         cfg.data,

@@ -7,18 +7,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from vitkit.runs import training_record
-from vitkit.threads import set_threads
 from vitkit.train.checkpoint import load_weights_into
 from vitkit.train.config import DEFAULT_MODEL, TrainConfig
 from vitkit.train.distributed import DistInfo, barrier
 from vitkit.train.loader import BatchLoader
-from vitkit.train.trainer import Trainer, seed_everything
+from vitkit.train.trainer import Trainer
 
 
 def build_mae(cfg: TrainConfig, log: Callable[[str], None]) -> nn.Module:
@@ -57,23 +54,14 @@ def run_mae(cfg: TrainConfig, dist: DistInfo, resume: str | os.PathLike | None, 
         fit_and_test,
         fit_batch_size,
         make_training_record,
-        new_run_dir,
-        resume_state,
+        start_run,
         write_summary,
     )
     from vitkit.train.tasks.mae import MAETask
 
     if cfg.distillation != "none":
         raise ValueError("task='mae' learns without labels or a teacher; drop teacher/distillation")
-    if resume is not None:
-        run_dir = Path(resume)
-        state = resume_state(cfg, dist, run_dir, say)
-    else:
-        run_dir, state = new_run_dir(cfg, dist), None
-        cfg.out = str(run_dir)
-    recorded = training_record(run_dir / "last").get("threads") if state is not None else None
-    threads = set_threads(cfg.threads, recorded=recorded, log=say)
-    seed_everything(cfg.seed)
+    run_dir, state, threads = start_run(cfg, dist, resume, say)
 
     # --- data: labels are loaded where the source has them, and ignored -------------------------------------
     splits = load_unlabeled(

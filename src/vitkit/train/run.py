@@ -24,7 +24,6 @@ from torch import nn
 from vitkit._io import atomic_write_text
 from vitkit.data.inference import eval_load_size
 from vitkit.runs import training_record
-from vitkit.threads import set_threads
 from vitkit.train.checkpoint import load_weights_into
 from vitkit.train.config import TrainConfig, resolve_config
 from vitkit.train.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
@@ -37,12 +36,11 @@ from vitkit.train.setup import (
     fit_batch_size,
     keep_finished_timing,
     make_training_record,
-    new_run_dir,
-    resume_state,
+    start_run,
     write_summary,
 )
 from vitkit.train.tasks import DistillationTask, task_from_config
-from vitkit.train.trainer import Trainer, amp_dtype, seed_everything
+from vitkit.train.trainer import Trainer, amp_dtype
 
 # Settings that only change how a run executes, not what it computes: these may differ when resuming.
 RESUMABLE_OVERRIDES = ("workers", "progress", "tensorboard", "ckpt_every_steps", "device", "threads")
@@ -133,16 +131,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
 
     # Everything that can fail on the settings or the data runs before a new run directory is created, so a start
     # that fails leaves nothing behind.
-    if resume is not None:
-        run_dir = Path(resume)
-        state = resume_state(cfg, dist, run_dir, say)
-    else:
-        run_dir, state = new_run_dir(cfg, dist), None
-        cfg.out = str(run_dir)
-    # Before any work: float reductions depend on the count, so a resumed run keeps the one it recorded.
-    recorded = training_record(run_dir / "last").get("threads") if state is not None else None
-    threads = set_threads(cfg.threads, recorded=recorded, log=say)
-    seed_everything(cfg.seed)  # the model init (split and data order have their own seeded generators)
+    run_dir, state, threads = start_run(cfg, dist, resume, say)
 
     # --- data -----------------------------------------------------------------------------------------------
     splits = load_data(

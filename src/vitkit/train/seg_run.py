@@ -27,7 +27,7 @@ from vitkit.train.distributed import DistInfo, barrier
 from vitkit.train.loader import BatchLoader
 from vitkit.train.seg_metrics import seg_metrics
 from vitkit.train.tasks.segmentation import SegmentationTask
-from vitkit.train.trainer import Trainer, seed_everything
+from vitkit.train.trainer import Trainer
 
 SEG_FAMILIES = ("segmentation", "segmentation_unet")  # vitkit.models.segmentation's registered families
 
@@ -100,15 +100,7 @@ def train_segmentation(cfg: TrainConfig, dist: DistInfo, resume: Any, say: Calla
     from vitkit.models.base import Preprocess
     from vitkit.train import setup as R
 
-    if resume is not None:
-        run_dir = Path(resume)
-        state = R.resume_state(cfg, dist, run_dir, say)
-    else:
-        run_dir, state = R.new_run_dir(cfg, dist), None
-        cfg.out = str(run_dir)
-    recorded = training_record(run_dir / "last").get("threads") if state is not None else None
-    threads = set_threads(cfg.threads, recorded=recorded, log=say)
-    seed_everything(cfg.seed)
+    run_dir, state, threads = R.start_run(cfg, dist, resume, say)
 
     # --- data -----------------------------------------------------------------------------------------------
     splits = _load_data(cfg.to_dict())

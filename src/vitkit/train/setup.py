@@ -225,3 +225,23 @@ def keep_finished_timing(summary: dict[str, Any], state: Any, run_dir: Path) -> 
     for key in ("wall_time_s", "train_time_s", "images_per_s", "batch_size_requested", "batch_size"):
         if key in before:
             summary[key] = before[key]
+
+
+def start_run(cfg: TrainConfig, dist: DistInfo, resume: Any, say: Callable[[str], None]) -> tuple[Path, Any, Any]:
+    """The run directory and the state to continue from (None for a new run, whose directory `cfg.out` then
+    names), the intra-op threads (a resumed run keeps the count it recorded: float reductions depend on it), and
+    the global seed set for the model's initialisation. Returns (run_dir, state, threads)."""
+    from vitkit.runs import training_record
+    from vitkit.threads import set_threads
+    from vitkit.train.trainer import seed_everything
+
+    if resume is not None:
+        run_dir = Path(resume)
+        state = resume_state(cfg, dist, run_dir, say)
+    else:
+        run_dir, state = new_run_dir(cfg, dist), None
+        cfg.out = str(run_dir)
+    recorded = training_record(run_dir / "last").get("threads") if state is not None else None
+    threads = set_threads(cfg.threads, recorded=recorded, log=say)
+    seed_everything(cfg.seed)  # the model init (split and data order have their own seeded generators)
+    return run_dir, state, threads
