@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.explain.conftest import BACKBONE, detr_model, seg_model
 from vitkit.explain import explain
 from vitkit.explain.cross_attention import detr_cross_attention, query_detections
 from vitkit.explain.dense import (
@@ -19,35 +20,9 @@ from vitkit.explain.dense import (
 )
 from vitkit.explain.maps import rollout_from_attentions
 from vitkit.layers import capture_attention
-from vitkit.models.detr import ViTDETR
-from vitkit.models.segmentation import ViTSegmentation, ViTUNet
+from vitkit.models.segmentation import ViTUNet
 
 H, W = 32, 48  # 4 x 6 patches of 8 px: rows and columns cannot be confused
-BACKBONE = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
-
-
-def _peaked(model: nn.Module) -> nn.Module:
-    """Bigger q/k weights than the 0.02 init, so attention differs from patch to patch and image to image."""
-    torch.manual_seed(0)
-    for blk in model.backbone.blocks:
-        nn.init.normal_(blk.attn.qkv.weight, std=0.5)
-    nn.init.normal_(model.backbone.pos_embed, std=1.0)
-    return model.eval()
-
-
-def seg_model(head: str = "linear") -> nn.Module:
-    torch.manual_seed(0)
-    model = ViTSegmentation("vit_nano_patch4_32", 3, head=head, backbone_args=BACKBONE, decoder_depth=1)
-    _peaked(model)
-    nn.init.normal_(model.head.proj.weight if head == "linear" else model.head.cls_emb, std=1.0)  # varied masks
-    return model
-
-
-def detr_model() -> nn.Module:
-    torch.manual_seed(0)
-    model = ViTDETR("vit_nano_patch4_32", 2, backbone_args=BACKBONE, hidden_dim=32, dec_layers=2, dec_heads=2,
-                    dec_ffn_dim=64, num_queries=5)  # fmt: skip
-    return _peaked(model)
 
 
 @pytest.fixture(scope="module")
