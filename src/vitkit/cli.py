@@ -721,7 +721,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "--out",
         metavar="DIR",
         help="segmentation: folder for mask overlays (default ./predictions); detectors: for the PNGs with boxes "
-        "(default detections/)",
+        "(default detections/). With --json and no --out nothing is written: the JSON is the output",
     )
     p.add_argument("--threshold", type=float, metavar="P", help="detectors: lowest score shown (default 0.5)")
     _add_int8_flags(p)
@@ -803,17 +803,24 @@ def _cmd_predict_segment(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from vitkit.train.seg_run import predict_masks
+    from vitkit.train.seg_run import mask_segments, predict_masks
     from vitkit.viz.segmentation import output_stems, save_mask, save_overlay
 
     _refuse_for_segmentation(args, "vitkit predict writes mask overlays")
+    # --json without --out: the JSON (with the masks as COCO RLE) is the output, and no file is written.
+    write = args.out is not None or not args.json
     out = Path(args.out or "predictions")
     results = []
     predictions = predict_masks(args.checkpoint, args.images, device=args.device, threads=None)
     for r, stem in zip(predictions, output_stems([r["path"] for r in predictions])):
-        overlay = save_overlay(r["image"], r["mask"], r["class_names"], out / f"{stem}.overlay.png", r["shares"])
-        mask = save_mask(r["mask"], r["class_names"], out / f"{stem}.mask.png")
-        results.append({"path": r["path"], "overlay": str(overlay), "mask": str(mask), "shares": r["shares"]})
+        entry = {"path": r["path"], "shares": r["shares"]}
+        if write:
+            overlay = save_overlay(r["image"], r["mask"], r["class_names"], out / f"{stem}.overlay.png", r["shares"])
+            mask = save_mask(r["mask"], r["class_names"], out / f"{stem}.mask.png")
+            entry.update(overlay=str(overlay), mask=str(mask))
+        if args.json:
+            entry["segments"] = mask_segments(r["mask"], r["class_names"])
+        results.append(entry)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -839,10 +846,12 @@ def _cmd_predict_detection(args: argparse.Namespace) -> int:
     threshold = 0.5 if args.threshold is None else args.threshold
     results = predict_detection(args.checkpoint, args.images, score_threshold=threshold, device=args.device,
                                 threads=None)  # fmt: skip
-    pngs = save_detection_images(results, args.out or "detections")
-    if args.json:  # COCO results format: image ids are the positions of the images
+    if args.json:  # COCO results format (image ids are the positions of the images); files only with --out
+        if args.out is not None:
+            save_detection_images(results, args.out)
         print(json.dumps(coco_results(results), indent=2))
         return 0
+    pngs = save_detection_images(results, args.out or "detections")
     for r, png in zip(results, pngs, strict=True):
         print(f"{r['path']}: {len(r['detections'])} object(s) (score >= {threshold:g}) -> {png}")
         for d in r["detections"]:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -341,3 +342,40 @@ def test_an_evaluation_without_counted_pixels_leaves_no_confusion_matrix_behind(
     assert task.last_confusion is not None
     ignored = task.eval_sums(logits, {"mask": torch.full((1, 4, 4), 255)}) | {"n": 1}
     assert math.isnan(task.eval_metrics(ignored)["miou"]) and task.last_confusion is None
+
+
+def test_predict_json_without_out_writes_no_file_and_gives_the_masks_as_coco_rle(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from vitkit.cli import main
+    from vitkit.models.segmentation import ViTSegmentation
+    from vitkit.train.seg_run import predict_masks
+
+    torch.manual_seed(0)
+    model = ViTSegmentation("vit_nano_patch4_32", 3, backbone_args={"depth": 1, "embed_dim": 16, "num_heads": 2})
+    torch.nn.init.normal_(model.head.proj.weight, std=1.0)  # several classes in one image
+    model.preprocess.class_names = ["background", "a", "b"]
+    model.save_pretrained(tmp_path / "seg")
+    image = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 36, 3), dtype=np.uint8)).save(image)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    argv = ["predict", "--checkpoint", str(tmp_path / "seg"), str(image), "--threads", "1"]
+    assert main([*argv, "--json"]) == 0
+    assert list(work.iterdir()) == []  # the JSON is the output: no ./predictions
+    (res,) = json.loads(capsys.readouterr().out)
+    assert "overlay" not in res and "mask" not in res
+    mask = predict_masks(tmp_path / "seg", [image], threads=None)[0]["mask"]  # (20, 36)
+    assert len(res["segments"]) == len(np.unique(mask)) >= 2
+    for seg in res["segments"]:
+        rle = {"size": seg["segmentation"]["size"], "counts": seg["segmentation"]["counts"].encode()}
+        assert np.array_equal(mask_utils.decode(rle), (mask == seg["category_id"]).astype(np.uint8))
+        assert seg["area"] == int((mask == seg["category_id"]).sum())
+    assert sum(s["area"] for s in res["segments"]) == 20 * 36
+    # With --out the files are written (and named in the JSON); without --json, into ./predictions by default.
+    assert main([*argv, "--json", "--out", str(tmp_path / "pred")]) == 0
+    assert Path(json.loads(capsys.readouterr().out)[0]["overlay"]).is_file()
+    assert main(argv) == 0
+    assert (work / "predictions" / "wide.overlay.png").is_file()
