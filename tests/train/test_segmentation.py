@@ -379,3 +379,38 @@ def test_predict_json_without_out_writes_no_file_and_gives_the_masks_as_coco_rle
     assert Path(json.loads(capsys.readouterr().out)[0]["overlay"]).is_file()
     assert main(argv) == 0
     assert (work / "predictions" / "wide.overlay.png").is_file()
+
+
+def test_train_and_eval_on_coco_json(tmp_path, capsys):
+    """`--data coco:FILE.json` for --task segment: COCO polygons become the run's masks, eval re-reads the same."""
+    from PIL import Image
+
+    from vitkit.cli import main
+
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png"})
+        x = 2 + i
+        annotations.append({"id": i, "image_id": i, "category_id": 5 + i % 2,
+                            "segmentation": [[x, 4, x + 10, 4, x + 10, 14, x, 14]]})  # fmt: skip
+    data = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 5, "name": "a"}, {"id": 6, "name": "b"}],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(data))
+    run = tmp_path / "run"
+    argv = ["train", "--task", "segment", "--data", f"coco:{tmp_path / 'instances.json'}", "--model",
+            "vit_nano_patch4_32", "--img-size", "16", "--set", "load_size=16", "--set",
+            "model_args={depth: 1, embed_dim: 16, num_heads: 2}", "--epochs", "1", "--batch-size", "4",
+            "--threads", "1", "--no-progress", "--out", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["class_names"] == ["background", "a", "b"] and summary["split_sizes"]["train"] == 6
+    assert "test mIoU" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(run), "--json", "--threads", "1"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["n"] == 1 and ev["miou"] == pytest.approx(summary["test_miou"])
