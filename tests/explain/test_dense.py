@@ -20,7 +20,8 @@ from vitkit.explain.dense import (
 )
 from vitkit.explain.maps import rollout_from_attentions
 from vitkit.layers import capture_attention
-from vitkit.models.segmentation import ViTUNet
+from vitkit.models.detr import ViTDETR
+from vitkit.models.segmentation import ViTSegmentation, ViTUNet
 
 H, W = 32, 48  # 4 x 6 patches of 8 px: rows and columns cannot be confused
 
@@ -222,3 +223,22 @@ def test_cli_explain_dense_refusals(checkpoints, tmp_path, capsys, which, argv, 
     rc = main(["explain", str(checkpoints / "wide.png"), "--checkpoint", str(checkpoints / which), "--out",
                str(tmp_path), *argv])  # fmt: skip
     assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_dense_models_on_other_families():
+    """A Swin backbone: Seg-Grad-CAM on its last stage, one block's window attention, rollout refused by name; a
+    ResNet under DETR: cross-attention over its stride-32 map."""
+    from vitkit.explain.maps import attention_map
+
+    sw = dict(img_size=32, depths=(1, 1), num_heads=(1, 2), embed_dim=16, window_size=4)
+    model = ViTSegmentation("swin_tiny_patch4_window7_224", 3, backbone_args=sw).eval()
+    x = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(1))
+    cam = segmentation_cam(model, x)
+    assert cam.maps.shape == (2, 4, 6) and float(cam.maps.sum()) > 0  # the stride-8 stage of a 32 x 48 input
+    attn = backbone_attention(model, x, "attention", layer=0)
+    assert torch.allclose(attn, attention_map(model.backbone, x, layer=0))
+    with pytest.raises(ValueError, match="rollout maps of a dense model's backbone need global self-attention"):
+        backbone_attention(model, x, "rollout")
+    torch.manual_seed(0)
+    det = ViTDETR("resnet18", 2, hidden_dim=16, dec_layers=1, dec_heads=2, dec_ffn_dim=16, num_queries=3).eval()
+    assert detr_cross_attention(det, torch.randn(1, 3, 64, 96)).maps.shape == (1, 3, 2, 3)

@@ -9,8 +9,9 @@ What applies to which model (`DENSE_METHODS`):
 - "attention", "rollout", "flow" (both kinds): the backbone's self-attention, computed by the pure functions of
   `vitkit.explain.maps`. A dense head reads every patch token, not a class token, so the map is read from the
   mean of the patch queries (the row a mean-pooled classifier is explained by), whatever prefix tokens the backbone
-  has; every block of the backbone takes part in rollout and flow. Backbones without global self-attention (Swin,
-  ConvNeXt, ResNet) are refused by name, as for classifiers.
+  has; every block of the backbone takes part in rollout and flow. A Swin backbone gives "attention" as one block's
+  window attention on its stage grid (`vitkit.explain.windows`, already a mean over the queries) and refuses rollout
+  and flow; CNN backbones (ConvNeXt, ResNet) refuse all three by name, as for classifiers.
 - "gradcam" (segmentation): Seg-Grad-CAM (Vinogradova et al. 2020, "Towards Interpretable Semantic
   Segmentation via Gradient-weighted Class Activation Mapping"): the score of image b is the logit of class k_b
   summed over the pixels the model assigns to k_b (its argmax), and Grad-CAM weights the feature map the head
@@ -42,6 +43,7 @@ from vitkit.explain.maps import (
     HEAD_FUSIONS,
     HeadFusion,
     attention_from_attentions,
+    attention_map,
     check_attention_model,
     check_discard_ratio,
     check_head,
@@ -50,6 +52,7 @@ from vitkit.explain.maps import (
     forward_with_attention,
     rollout_from_attentions,
 )
+from vitkit.explain.windows import window_blocks
 from vitkit.layers import attention_layers
 from vitkit.models.base import model_label
 
@@ -148,8 +151,8 @@ def backbone_attention(
         upsample_to: (H, W) to resize the maps to, or None for the patch grid.
 
     Raises:
-        ValueError: a method other than these three, a backbone without global self-attention (naming its family),
-            a layer or head out of range.
+        ValueError: a method other than these three, a backbone without global self-attention (naming its family;
+            a Swin backbone gives "attention" only), a layer or head out of range.
     """
     check_choice("method", method, BACKBONE_METHODS)
     check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
@@ -158,6 +161,10 @@ def backbone_attention(
     backbone = getattr(model, "backbone", None)
     if backbone is None or dense_kind(model) is None:
         raise ValueError(f"{model_label(model)} is not a segmentation or detection model with a backbone")
+    if method == "attention" and not attention_layers(backbone) and window_blocks(backbone):
+        # A windowed (Swin) backbone: one block's window attention, already the mean over the stage's queries.
+        layer = -1 if layer is None else layer
+        return attention_map(backbone, images, layer, head=head, head_fusion=head_fusion, upsample_to=upsample_to)
     check_attention_model(backbone, f"{method} maps of a dense model's backbone")
     P = int(backbone.num_prefix_tokens)
     grid = tuple(backbone.patch_grid(images.shape[-2], images.shape[-1]))
