@@ -3,6 +3,7 @@ DETR's per-query cross-attention, on batches of non-square images (32 x 48 with 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -242,3 +243,18 @@ def test_dense_models_on_other_families():
     torch.manual_seed(0)
     det = ViTDETR("resnet18", 2, hidden_dim=16, dec_layers=1, dec_heads=2, dec_ffn_dim=16, num_queries=3).eval()
     assert detr_cross_attention(det, torch.randn(1, 3, 64, 96)).maps.shape == (1, 3, 2, 3)
+
+
+def test_inputs_are_those_of_predict(checkpoints):
+    """The same input as `vitkit predict`: a detector takes the whole file even when its run recorded a decode size
+    (its boxes are in the file's pixels), a segmentation model its run's decode-size step."""
+    from vitkit.data.images import decode_image, resize_center_crop
+    from vitkit.explain.dense import prepare_dense_images
+
+    image = checkpoints / "wide.png"  # 40 x 70
+    det, seg = detr_model(), seg_model()
+    det.preprocess.load_size = seg.preprocess.load_size = 36
+    (shown,), x = prepare_dense_images([image], det)
+    assert shown.shape == (40, 70, 3) and x.shape == (1, 3, 32, 32)
+    (shown,), _ = prepare_dense_images([image], seg)
+    assert np.array_equal(shown, resize_center_crop(decode_image(image), 36))

@@ -105,11 +105,15 @@ def check_dense_method(model: nn.Module, method: str) -> DenseKind:
 # Inputs
 # ----------------------------------------------------------------------------------------------------------------
 def prepare_dense_images(images: Sequence[ImageLike], model: nn.Module) -> tuple[list[np.ndarray], Tensor]:
-    """Images as a dense model sees them in `vitkit predict`: (the decoded uint8 (H_i, W_i, 3) images at their own
-    size after the run's decode-size step, the normalised (B, 3, h, w) batch stretched to the input size).
+    """Images as a dense model sees them in `vitkit predict`: (the decoded uint8 (H_i, W_i, 3) images, the
+    normalised (B, 3, h, w) batch stretched to the input size).
 
-    Maps, masks and boxes are drawn on the decoded images, so a non-square file keeps its shape in the figures.
+    A segmentation model's images go through the run's decode-size step first (`predict_masks`: a folder or COCO
+    run decoded its files to `load_size` squares); a detector's are taken whole (`predict_detection`: its boxes are
+    given in the file's pixels). Maps, masks and boxes are drawn on the decoded images, so a non-square file keeps
+    its shape in the figures.
     """
+    from vitkit.data.images import decode_image
     from vitkit.data.inference import decode_for_model
     from vitkit.data.segmentation import SegEvalTransform
 
@@ -120,7 +124,10 @@ def prepare_dense_images(images: Sequence[ImageLike], model: nn.Module) -> tuple
     # SegEvalTransform is also the detectors' eval transform (DetectionTransform with train=False, without boxes):
     # a bilinear, antialiased stretch to the input size, then the normalisation.
     tf = SegEvalTransform(pre.input_size, pre.mean, pre.std).to(device)
-    decoded = [decode_for_model(im, model) for im in images]  # uint8 (3, H_i, W_i)
+    if dense_kind(model) == "detection":
+        decoded = [torch.from_numpy(np.ascontiguousarray(decode_image(im))).permute(2, 0, 1) for im in images]
+    else:
+        decoded = [decode_for_model(im, model) for im in images]  # uint8 (3, H_i, W_i)
     x = torch.cat([tf(d[None].to(device)) for d in decoded])  # (B, 3, h, w)
     return [d.permute(1, 2, 0).numpy() for d in decoded], x
 
