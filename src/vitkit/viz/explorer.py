@@ -226,7 +226,7 @@ def dense_image_entry(
             targets.append({"index": d["label"], "name": f"{label} (query {d['query']})", "prob": d["score"],
                             "cross_attention": _unit_list(cross.maps[0, d["query"]])})  # fmt: skip
         drawn = [{**d, "class": names[d["label"]]} for d in shown]
-        prediction = np.asarray(draw_detections(img, drawn, scale=1))
+        prediction = np.asarray(draw_detections(img, drawn))  # upscaled before drawing, so labels stay legible
     entry = {
         "name": str(name),
         "width": int(img.shape[1]),
