@@ -19,6 +19,9 @@ Data specs:
                           can be written back with the original ids. Crowd annotations (`iscrowd: 1`) are left out
                           of training, as in DETR.
 
+The COCO file is read by `parse_coco` (categories, images, annotations with their references checked), which
+segmentation data shares (`vitkit.data.segmentation`, `coco:FILE.json` as semantic masks); `read_coco` makes boxes.
+
 Bad entries (an image file that is missing or unreadable, a box outside its image or with no area, an unknown
 category or image id) are skipped and listed in `DetectionSplits.skipped` as (where, reason), "where" naming the
 file and the entry (e.g. `ann.json: annotations[12] (id 40)`), and reported in one warning, as bad image files are
