@@ -109,7 +109,10 @@ _EXPLAIN_METHODS = [*choices(Method), "cross-attention"]  # cross-attention: DET
 
 
 def _add_explain(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("explain", help="saliency overlays (attention, rollout, relevance) and the HTML explorer")
+    p = sub.add_parser(
+        "explain", help="saliency overlays (attention, rollout, relevance; segmentation and DETR models too) and the "
+        "HTML explorer",
+    )  # fmt: skip
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--checkpoint", required=True, metavar="RUN", help="run dir (RUN/best, else RUN/last) or model dir")
     p.add_argument(
@@ -120,7 +123,12 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
         "--layer", type=int, default=None, help="block for --method attention (default -1, the last); stage for "
         "gradcam; decoder layer for cross-attention",
     )  # fmt: skip
-    p.add_argument("--head", type=int, default=None, help="head for --method attention (default: fuse all heads)")
+    p.add_argument(
+        "--head",
+        type=int,
+        default=None,
+        help="head for --method attention or cross-attention (default: fuse all heads)",
+    )
     p.add_argument("--head-fusion", default="mean", choices=choices(HeadFusion), help="how heads are fused")
     p.add_argument("--discard-ratio", type=float, default=0.0, help="rollouts: drop this share of each row, in [0, 1)")
     p.add_argument(
