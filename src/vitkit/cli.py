@@ -105,24 +105,38 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # vitkit explain IMAGE... --checkpoint RUN [--method M] [--layer L] [--head H] [--target C] --out DIR [--html FILE]
 # ----------------------------------------------------------------------------------------------------------------
-_EXPLAIN_METHODS = list(choices(Method))
+_EXPLAIN_METHODS = [*choices(Method), "cross-attention"]  # cross-attention: DETR detectors (vitkit.explain.dense)
 
 
 def _add_explain(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("explain", help="saliency overlays (attention, rollout, relevance) and the HTML explorer")
+    p = sub.add_parser(
+        "explain", help="saliency overlays (attention, rollout, relevance; segmentation and DETR models too) and the "
+        "HTML explorer",
+    )  # fmt: skip
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--checkpoint", required=True, metavar="RUN", help="run dir (RUN/best, else RUN/last) or model dir")
-    p.add_argument("--method", default="rollout", choices=_EXPLAIN_METHODS, help="saliency method (default rollout)")
     p.add_argument(
-        "--layer", type=int, default=None, help="block for --method attention (default -1, the last); stage for gradcam"
+        "--method", default=None, choices=_EXPLAIN_METHODS, help="saliency method (default: rollout for classifiers, "
+        "gradcam of the class region for segmentation, cross-attention for detectors; docs/explain.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--layer", type=int, default=None, help="block for --method attention (default -1, the last); stage for "
+        "gradcam; decoder layer for cross-attention",
+    )  # fmt: skip
+    p.add_argument(
+        "--head",
+        type=int,
+        default=None,
+        help="head for --method attention or cross-attention (default: fuse all heads)",
     )
-    p.add_argument("--head", type=int, default=None, help="head for --method attention (default: fuse all heads)")
     p.add_argument("--head-fusion", default="mean", choices=choices(HeadFusion), help="how heads are fused")
     p.add_argument("--discard-ratio", type=float, default=0.0, help="rollouts: drop this share of each row, in [0, 1)")
     p.add_argument(
         "--target", default=None, help="class index or name to explain, for grad-rollout, relevance and gradcam (default: the "
-        "predicted class); attention and rollout show the same map for every class and refuse it",
+        "predicted class; segmentation: each image's most frequent object class); attention and rollout show the same "
+        "map for every class and refuse it",
     )  # fmt: skip
+    p.add_argument("--threshold", type=float, default=None, metavar="P", help="detectors: lowest score drawn (0.5)")
     p.add_argument("--out", default=None, metavar="DIR", help="write <image>_<method>.png overlays here")
     p.add_argument("--html", default=None, metavar="FILE", help="write the interactive explorer (one HTML file)")
     p.add_argument("--html-layers", type=int, nargs="+", default=None, help="layers embedded in the explorer (all)")
@@ -135,6 +149,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     from vitkit.explain import load_checkpoint
+    from vitkit.explain.dense import dense_kind
     from vitkit.layers.tome import apply_tome
     from vitkit.viz import write_explorer
     from vitkit.viz.outputs import parse_target, save_explanations
@@ -148,17 +163,66 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         )
     _set_threads(args.threads)
     model = load_checkpoint(args.checkpoint, device=args.device)
+    kind = dense_kind(model)
+    if kind is not None:
+        return _explain_dense(args, model, kind)
+    if args.threshold is not None:
+        raise ValueError(f"--threshold applies to detectors; {args.checkpoint} is a classifier")
+    if args.method == "cross-attention":
+        raise ValueError(f"--method cross-attention is for DETR detectors; {args.checkpoint} is a classifier")
+    method = args.method or "rollout"
     apply_tome(model, args.tome)
     target = parse_target(args.target, model.preprocess.class_names, model.num_classes)
     common = dict(head_fusion=args.head_fusion, discard_ratio=args.discard_ratio)
     if args.out is not None:
         written = save_explanations(
-            model, args.images, args.out, method=args.method, layer=args.layer, head=args.head, target=target, **common
+            model, args.images, args.out, method=method, layer=args.layer, head=args.head, target=target, **common
         )
         for _, line in written:
             print(line)
     if args.html is not None:
         path = write_explorer(args.html, model, args.images, layers=args.html_layers, flow=args.html_flow, **common)
+        print(f"wrote {path} ({human_size(path.stat().st_size)}, self-contained)")
+    return 0
+
+
+def _explain_dense(args: argparse.Namespace, model, kind: str) -> int:
+    """`vitkit explain` on a segmentation model or a detector (vitkit.explain.dense)."""
+    from vitkit.explain.dense import DEFAULT_DENSE_METHOD, check_dense_method
+    from vitkit.viz import write_explorer
+    from vitkit.viz.detection import save_detection_explanations
+    from vitkit.viz.outputs import parse_target
+    from vitkit.viz.segmentation import save_segmentation_explanations
+
+    if args.tome:
+        raise ValueError(
+            f"--tome is for classifiers; {args.checkpoint} is a {kind} model, whose heads need every patch"
+        )
+    method = args.method or DEFAULT_DENSE_METHOD[kind]
+    check_dense_method(model, method)
+    common = dict(layer=args.layer, head=args.head, head_fusion=args.head_fusion, discard_ratio=args.discard_ratio)
+    if kind == "segmentation":
+        if args.threshold is not None:
+            raise ValueError(f"--threshold applies to detectors; {args.checkpoint} is a segmentation model")
+        target = parse_target(args.target, model.preprocess.class_names, model.num_classes)
+        if args.out is not None:
+            written = save_segmentation_explanations(model, args.images, args.out, method, target=target, **common)
+            for _, line in written:
+                print(line)
+    else:
+        if args.target is not None:
+            raise ValueError(
+                f"--target applies to classifiers and segmentation models; a detector's figure shows each detected "
+                f"query with its own class (use --threshold to choose which), got --target {args.target}"
+            )
+        threshold = 0.5 if args.threshold is None else args.threshold
+        if args.out is not None:
+            written = save_detection_explanations(model, args.images, args.out, method, threshold=threshold, **common)
+            for _, line in written:
+                print(line)
+    if args.html is not None:
+        path = write_explorer(args.html, model, args.images, layers=args.html_layers, flow=args.html_flow,
+                              head_fusion=args.head_fusion, discard_ratio=args.discard_ratio)  # fmt: skip
         print(f"wrote {path} ({human_size(path.stat().st_size)}, self-contained)")
     return 0
 
@@ -665,7 +729,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "--out",
         metavar="DIR",
         help="segmentation: folder for mask overlays (default ./predictions); detectors: for the PNGs with boxes "
-        "(default detections/)",
+        "(default detections/). With --json and no --out nothing is written: the JSON is the output",
     )
     p.add_argument("--threshold", type=float, metavar="P", help="detectors: lowest score shown (default 0.5)")
     _add_int8_flags(p)
@@ -747,17 +811,24 @@ def _cmd_predict_segment(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from vitkit.train.seg_run import predict_masks
+    from vitkit.train.seg_run import mask_segments, predict_masks
     from vitkit.viz.segmentation import output_stems, save_mask, save_overlay
 
     _refuse_for_segmentation(args, "vitkit predict writes mask overlays")
+    # --json without --out: the JSON (with the masks as COCO RLE) is the output, and no file is written.
+    write = args.out is not None or not args.json
     out = Path(args.out or "predictions")
     results = []
     predictions = predict_masks(args.checkpoint, args.images, device=args.device, threads=None)
     for r, stem in zip(predictions, output_stems([r["path"] for r in predictions])):
-        overlay = save_overlay(r["image"], r["mask"], r["class_names"], out / f"{stem}.overlay.png", r["shares"])
-        mask = save_mask(r["mask"], r["class_names"], out / f"{stem}.mask.png")
-        results.append({"path": r["path"], "overlay": str(overlay), "mask": str(mask), "shares": r["shares"]})
+        entry = {"path": r["path"], "shares": r["shares"]}
+        if write:
+            overlay = save_overlay(r["image"], r["mask"], r["class_names"], out / f"{stem}.overlay.png", r["shares"])
+            mask = save_mask(r["mask"], r["class_names"], out / f"{stem}.mask.png")
+            entry.update(overlay=str(overlay), mask=str(mask))
+        if args.json:
+            entry["segments"] = mask_segments(r["mask"], r["class_names"])
+        results.append(entry)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -783,10 +854,12 @@ def _cmd_predict_detection(args: argparse.Namespace) -> int:
     threshold = 0.5 if args.threshold is None else args.threshold
     results = predict_detection(args.checkpoint, args.images, score_threshold=threshold, device=args.device,
                                 threads=None)  # fmt: skip
-    pngs = save_detection_images(results, args.out or "detections")
-    if args.json:  # COCO results format: image ids are the positions of the images
+    if args.json:  # COCO results format (image ids are the positions of the images); files only with --out
+        if args.out is not None:
+            save_detection_images(results, args.out)
         print(json.dumps(coco_results(results), indent=2))
         return 0
+    pngs = save_detection_images(results, args.out or "detections")
     for r, png in zip(results, pngs, strict=True):
         print(f"{r['path']}: {len(r['detections'])} object(s) (score >= {threshold:g}) -> {png}")
         for d in r["detections"]:

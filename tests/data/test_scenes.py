@@ -44,3 +44,27 @@ def test_scenes_bad_arguments_name_the_value(kw):
     args = {"count": 4, "height": 32, "width": 32, "seed": 0, **kw}
     with pytest.raises(ValueError, match=str(list(kw.values())[-1])):
         make_scenes(**args)
+
+
+@pytest.mark.parametrize(
+    "settings,side",
+    [
+        ({"img_size": 32}, 32),  # follows the training size: no 64 px scene resized to 32
+        ({"img_size": 32, "shapes_size": 48}, 48),  # an explicit shapes_size wins
+        ({}, 64),  # neither: 64, as before
+        ({"img_size": 8}, 16),  # never below the smallest recognisable side
+    ],
+)
+@pytest.mark.parametrize("task,data", [("segment", "scenes:10"), ("detect", "scenes:10"), ("classify", "shapes:8")])
+def test_scenes_and_shapes_follow_img_size_unless_shapes_size_is_given(settings, side, task, data):
+    from vitkit.data import load_data
+    from vitkit.data.detection import load_detection_data
+    from vitkit.data.segmentation import load_segmentation_data
+    from vitkit.train.config import resolve_config
+
+    cfg = resolve_config(None, {"task": task, "data": data, "model": "vit_nano_patch4_32", **settings})
+    assert cfg.shapes_size == side
+    assert resolve_config(cfg.to_dict()).shapes_size == side  # config.yaml records the size drawn (resume)
+    loader = {"segment": load_segmentation_data, "detect": load_detection_data, "classify": load_data}[task]
+    images = loader(data, shapes_size=cfg.shapes_size).train.images
+    assert tuple(images.shape[-2:]) == (side, side)

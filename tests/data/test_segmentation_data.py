@@ -156,3 +156,86 @@ def test_scenes_where_labels_are_needed_is_named_as_segmentation_data():
 
     with pytest.raises(ValueError, match=r"'scenes:40' is segmentation data .*--task segment"):
         load_data("scenes:40")
+
+
+# --- COCO instances as semantic masks ---------------------------------------------------------------------------------
+def _rle(rows: slice, cols: slice, size=(30, 30)) -> dict:
+    from pycocotools import mask as mask_utils
+
+    m = np.zeros(size, dtype=np.uint8, order="F")
+    m[rows, cols] = 1
+    rle = mask_utils.encode(m)
+    return {"size": list(rle["size"]), "counts": rle["counts"].decode()}
+
+
+def _write_coco(root, annotations) -> str:
+    import json
+
+    (root / "images").mkdir(exist_ok=True)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.full((30, 30, 3), 90, dtype=np.uint8)).save(root / "images" / name)
+    data = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 30, "height": 30}, {"id": 2, "file_name": "b.png"}],
+        "annotations": annotations,
+        "categories": [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}],  # classes in id order: cat 1, dog 2
+    }
+    (root / "instances.json").write_text(json.dumps(data))
+    return str(root / "instances.json")
+
+
+def test_coco_instances_become_semantic_masks_smaller_on_top_and_crowd_ignored(tmp_path):
+    from pycocotools import mask as mask_utils
+
+    from vitkit.data.segmentation import IGNORE_INDEX, load_coco_masks
+
+    small = [[10, 10, 18, 10, 18, 18, 10, 18]]  # a cat polygon inside the dog
+    big = [[2, 2, 26, 2, 26, 26, 2, 26]]
+    path = _write_coco(tmp_path, [
+        {"id": 1, "image_id": 1, "category_id": 3, "segmentation": small},  # earlier, but smaller: on top
+        {"id": 2, "image_id": 1, "category_id": 7, "segmentation": big},
+        {"id": 3, "image_id": 2, "category_id": 3, "segmentation": _rle(slice(5, 15), slice(5, 20))},
+        {"id": 4, "image_id": 2, "category_id": 7, "segmentation": _rle(slice(10, 25), slice(0, 30)), "iscrowd": 1},
+    ])  # fmt: skip
+    ds, skipped = load_coco_masks(path, 30)
+    assert skipped == [] and ds.class_names == ["background", "cat", "dog"] and ds.masks.shape == (2, 30, 30)
+
+    def poly(p):  # what pycocotools' COCO.annToMask gives for a polygon
+        return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(p, 30, 30))).astype(bool)
+
+    a = np.zeros((30, 30), dtype=np.uint8)
+    a[poly(big)] = 2
+    a[poly(small)] = 1
+    assert np.array_equal(ds.masks[0].numpy(), a) and (a == 1).any() and (a == 2).any()
+    b = np.zeros((30, 30), dtype=np.uint8)
+    b[10:25, :] = IGNORE_INDEX  # the crowd region, where no instance covers it
+    b[5:15, 5:20] = 1
+    assert np.array_equal(ds.masks[1].numpy(), b)
+    splits = load_segmentation_data(f"coco:{path}", load_size=30, val_fraction=0.0, test_fraction=0.5, seed=0)
+    assert (len(splits.train), len(splits.test)) == (1, 1) and splits.class_names == ["background", "cat", "dog"]
+
+
+def test_coco_bad_segmentation_entries_are_counted_and_strict_names_them(tmp_path):
+    import warnings
+
+    from vitkit.data.files import BadImageWarning
+    from vitkit.data.segmentation import load_coco_masks
+
+    path = _write_coco(tmp_path, [
+        {"id": 1, "image_id": 1, "category_id": 3, "segmentation": _rle(slice(0, 4), slice(0, 4))},
+        {"id": 2, "image_id": 1, "category_id": 3, "bbox": [0, 0, 5, 5]},  # a box is no mask
+        {"id": 3, "image_id": 1, "category_id": 99, "segmentation": [[0, 0, 4, 0, 4, 4]]},  # unknown category
+        {"id": 4, "image_id": 2, "category_id": 7, "segmentation": _rle(slice(0, 4), slice(0, 4), (10, 10))},
+        {"id": 5, "image_id": 2, "category_id": 7, "segmentation": [[1, 2, 3]]},  # too few points
+    ])  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds, skipped = load_coco_masks(path, 30)
+    assert len(ds) == 2 and int((ds.masks[0] == 1).sum()) == 16 and int(ds.masks[1].sum()) == 0
+    assert [w for w, _ in skipped] == [f"instances.json: annotations[{i}] (id {i + 1})" for i in (1, 2, 3, 4)]
+    reasons = [r for _, r in skipped]
+    assert "has no 'segmentation'" in reasons[0] and "unknown category_id 99" in reasons[1]
+    assert "RLE size [10, 10] differs from the image's [30, 30]" in reasons[2] and "3 x, y pairs" in reasons[3]
+    reports = [w for w in caught if issubclass(w.category, BadImageWarning)]
+    assert len(reports) == 1 and "skipped 4 bad" in str(reports[0].message)
+    with pytest.raises(ValueError, match=r"instances.json: annotations\[1\] \(id 2\): has no 'segmentation'"):
+        load_segmentation_data(f"coco:{path}", load_size=30, strict=True)

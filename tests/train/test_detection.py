@@ -9,6 +9,7 @@ import math
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -315,3 +316,30 @@ def test_ddp_gathers_every_process_detections(tmp_path):
     single = evaluate_detection(run, split="val", device="cpu", threads=None)
     assert single["n"] == 4 and single["map50"] == pytest.approx(best["val_map50"], abs=1e-9)
     assert single["map"] == pytest.approx(best["val_map"], abs=1e-9)
+
+
+def test_predict_json_without_out_writes_no_file(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from vitkit.cli import main
+    from vitkit.models.detr import ViTDETR
+
+    torch.manual_seed(0)
+    model = ViTDETR("vit_nano_patch4_32", 2, backbone_args={"depth": 1, "embed_dim": 16, "num_heads": 2},
+                    hidden_dim=16, dec_layers=1, dec_heads=2, dec_ffn_dim=32, num_queries=3)  # fmt: skip
+    model.preprocess.class_names = ["a", "b"]
+    model.save_pretrained(tmp_path / "det")
+    image = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 36, 3), dtype=np.uint8)).save(image)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    argv = ["predict", "--checkpoint", str(tmp_path / "det"), str(image), "--threshold", "0", "--threads", "1"]
+    assert main([*argv, "--json"]) == 0
+    assert list(work.iterdir()) == []  # the COCO results are the output: no ./detections
+    results = json.loads(capsys.readouterr().out)
+    assert len(results) == 3 and {r["category_id"] for r in results} <= {1, 2}
+    assert main([*argv, "--json", "--out", str(tmp_path / "drawn")]) == 0
+    assert (tmp_path / "drawn" / "wide_detections.png").is_file()
+    assert main(argv) == 0
+    assert (work / "detections" / "wide_detections.png").is_file()

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -341,3 +342,75 @@ def test_an_evaluation_without_counted_pixels_leaves_no_confusion_matrix_behind(
     assert task.last_confusion is not None
     ignored = task.eval_sums(logits, {"mask": torch.full((1, 4, 4), 255)}) | {"n": 1}
     assert math.isnan(task.eval_metrics(ignored)["miou"]) and task.last_confusion is None
+
+
+def test_predict_json_without_out_writes_no_file_and_gives_the_masks_as_coco_rle(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from vitkit.cli import main
+    from vitkit.models.segmentation import ViTSegmentation
+    from vitkit.train.seg_run import predict_masks
+
+    torch.manual_seed(0)
+    model = ViTSegmentation("vit_nano_patch4_32", 3, backbone_args={"depth": 1, "embed_dim": 16, "num_heads": 2})
+    torch.nn.init.normal_(model.head.proj.weight, std=1.0)  # several classes in one image
+    model.preprocess.class_names = ["background", "a", "b"]
+    model.save_pretrained(tmp_path / "seg")
+    image = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 36, 3), dtype=np.uint8)).save(image)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    argv = ["predict", "--checkpoint", str(tmp_path / "seg"), str(image), "--threads", "1"]
+    assert main([*argv, "--json"]) == 0
+    assert list(work.iterdir()) == []  # the JSON is the output: no ./predictions
+    (res,) = json.loads(capsys.readouterr().out)
+    assert "overlay" not in res and "mask" not in res
+    mask = predict_masks(tmp_path / "seg", [image], threads=None)[0]["mask"]  # (20, 36)
+    assert len(res["segments"]) == len(np.unique(mask)) >= 2
+    for seg in res["segments"]:
+        rle = {"size": seg["segmentation"]["size"], "counts": seg["segmentation"]["counts"].encode()}
+        assert np.array_equal(mask_utils.decode(rle), (mask == seg["category_id"]).astype(np.uint8))
+        assert seg["area"] == int((mask == seg["category_id"]).sum())
+    assert sum(s["area"] for s in res["segments"]) == 20 * 36
+    # With --out the files are written (and named in the JSON); without --json, into ./predictions by default.
+    assert main([*argv, "--json", "--out", str(tmp_path / "pred")]) == 0
+    assert Path(json.loads(capsys.readouterr().out)[0]["overlay"]).is_file()
+    assert main(argv) == 0
+    assert (work / "predictions" / "wide.overlay.png").is_file()
+
+
+def test_train_and_eval_on_coco_json(tmp_path, capsys):
+    """`--data coco:FILE.json` for --task segment: COCO polygons become the run's masks, eval re-reads the same."""
+    from PIL import Image
+
+    from vitkit.cli import main
+
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png"})
+        x = 2 + i
+        annotations.append({"id": i, "image_id": i, "category_id": 5 + i % 2,
+                            "segmentation": [[x, 4, x + 10, 4, x + 10, 14, x, 14]]})  # fmt: skip
+    data = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 5, "name": "a"}, {"id": 6, "name": "b"}],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(data))
+    run = tmp_path / "run"
+    argv = ["train", "--task", "segment", "--data", f"coco:{tmp_path / 'instances.json'}", "--model",
+            "vit_nano_patch4_32", "--img-size", "16", "--set", "load_size=16", "--set",
+            "model_args={depth: 1, embed_dim: 16, num_heads: 2}", "--epochs", "1", "--batch-size", "4",
+            "--threads", "1", "--no-progress", "--out", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["class_names"] == ["background", "a", "b"] and summary["split_sizes"]["train"] == 6
+    assert "test mIoU" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(run), "--json", "--threads", "1"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["n"] == 1 and ev["miou"] == pytest.approx(summary["test_miou"])

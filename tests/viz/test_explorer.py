@@ -3,6 +3,7 @@
 import base64
 import hashlib
 import html
+import io
 import json
 import re
 
@@ -98,3 +99,63 @@ def test_size_limit_names_the_way_out(model, image):
 def test_pooled_model(image):
     data = explorer_data(make_model(class_token=False, pool="avg"), [image])
     assert data["model"]["query_name"] == "mean of the patch queries"
+
+
+# --- segmentation models and detectors ------------------------------------------------------------------------------
+def _unit(m):
+    m = m.flatten().clamp(min=0)
+    return (m / m.max()).numpy()
+
+
+def test_segmentation_page_lists_classes_by_share_with_their_class_region_maps():
+    from tests.explain.conftest import seg_model
+    from vitkit.explain.dense import backbone_attention, segmentation_cam
+
+    model = seg_model()
+    x = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(5))  # non-square: a 4 x 6 grid
+    data = explorer_data(model, [x])
+    assert data["model"]["kind"] == "segmentation" and data["model"]["grid"] == [4, 6]
+    assert data["model"]["query_name"] == "mean of the patch queries"
+    assert data["settings"]["modes"] == ["attention", "rollout", "flow", "gradcam"]
+    assert data["settings"]["class_mode"] == "gradcam"
+    entry = data["images"][0]
+    with torch.no_grad():
+        mask = model(x).argmax(1)[0]
+    shares = torch.bincount(mask.flatten(), minlength=3).float() / mask.numel()
+    assert [t["index"] for t in entry["targets"]] == [c for c in shares.argsort(descending=True).tolist() if shares[c]]
+    for t in entry["targets"]:
+        assert t["prob"] == pytest.approx(float(shares[t["index"]]), abs=1e-5)
+        np.testing.assert_allclose(t["gradcam"], _unit(segmentation_cam(model, x, target=t["index"]).maps), atol=1e-3)
+    np.testing.assert_allclose(entry["rollout"], _unit(backbone_attention(model, x, "rollout")), atol=1e-4)
+    from PIL import Image
+
+    pred = np.asarray(Image.open(io.BytesIO(base64.b64decode(entry["prediction"]))))
+    assert pred.shape == (32, 48, 3)
+
+
+def test_detection_page_lists_queries_by_score_with_their_cross_attention(tmp_path):
+    from tests.explain.conftest import detr_model
+    from vitkit.explain.cross_attention import detr_cross_attention
+
+    model = detr_model()
+    x = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(5))
+    path = write_explorer(tmp_path / "det.html", model, [x], top_k=3)
+    data = embedded_json(path.read_text())
+    assert data["model"]["kind"] == "detection" and data["settings"]["class_mode"] == "cross_attention"
+    entry = data["images"][0]
+    cross = detr_cross_attention(model, x)
+    scores = cross.logits.softmax(-1)[0, :, :-1].amax(-1)
+    best = scores.argsort(descending=True)[:3].tolist()
+    assert [t["name"].rsplit("query ", 1)[1].rstrip(")") for t in entry["targets"]] == [str(q) for q in best]
+    for t, q in zip(entry["targets"], best):
+        np.testing.assert_allclose(t["cross_attention"], _unit(cross.maps[0, q]), atol=1e-4)
+        assert t["prob"] == pytest.approx(float(scores[q]), abs=1e-4)
+
+
+def test_dense_model_on_a_windowed_backbone_is_refused_by_name():
+    from vitkit.models.segmentation import ViTSegmentation
+
+    model = ViTSegmentation("swin_tiny_patch4_window7_224", 3, backbone_args=dict(
+        img_size=32, depths=(1, 1), num_heads=(1, 2), embed_dim=16, window_size=4))  # fmt: skip
+    with pytest.raises(ValueError, match=r"explorer's attention maps of a segmentation model need global self-att"):
+        explorer_data(model, [torch.randn(1, 3, 32, 32)])

@@ -129,3 +129,34 @@ def test_click_pins_a_patch(opened):
     hover_patch(page, 2, 4)  # moving away keeps the pinned patch
     assert page.locator("#heat").get_attribute("data-query") == str(1 * 6 + 2)
     assert "pinned" in page.locator("#caption").inner_text()
+
+
+@pytest.mark.parametrize("kind", ["segmentation", "detection"])
+def test_dense_page_shows_the_prediction_and_its_class_maps(browser, tmp_path, kind):
+    """A segmentation model's page lists its classes (click: Seg-Grad-CAM), a detector's its queries (click: the
+    query's cross-attention); both show the prediction beside the image and hide the classifier-only maps."""
+    import torch
+
+    from tests.explain.conftest import detr_model, seg_model
+
+    model = seg_model() if kind == "segmentation" else detr_model()
+    x = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(5))
+    path = write_explorer(tmp_path / "dense.html", model, [x], top_k=3)
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(path.as_uri())
+    page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+    mode = "gradcam" if kind == "segmentation" else "cross_attention"
+    assert page.locator("#prediction").is_visible()
+    assert not page.locator("input[name=mode][value=relevance]").is_visible()
+    hover_patch(page, 3, 5)
+    assert page.locator("#heat").get_attribute("data-query") == "23"
+    page.locator("#preds li").nth(1).click()
+    assert page.locator("#heat").get_attribute("data-mode") == mode
+    first = heat_state(page)[1]
+    page.locator("#preds li").nth(0).click()
+    assert heat_state(page)[1] != first  # another class (query), another map
+    assert ("Seg-Grad-CAM" if kind == "segmentation" else "cross-attention") in page.locator("#caption").inner_text()
+    assert not errors
+    page.close()

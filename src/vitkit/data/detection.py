@@ -19,6 +19,9 @@ Data specs:
                           can be written back with the original ids. Crowd annotations (`iscrowd: 1`) are left out
                           of training, as in DETR.
 
+The COCO file is read by `parse_coco` (categories, images, annotations with their references checked), which
+segmentation data shares (`vitkit.data.segmentation`, `coco:FILE.json` as semantic masks); `read_coco` makes boxes.
+
 Bad entries (an image file that is missing or unreadable, a box outside its image or with no area, an unknown
 category or image id) are skipped and listed in `DetectionSplits.skipped` as (where, reason), "where" naming the
 file and the entry (e.g. `ann.json: annotations[12] (id 40)`), and reported in one warning, as bad image files are
@@ -30,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,34 +227,73 @@ def _image_root(json_path: Path) -> Path:
     return images if images.is_dir() else json_path.parent
 
 
-def _segmentation_box(seg: Any, height: int, width: int) -> list[float]:
-    """The xywh box of a COCO segmentation (polygons or RLE) through pycocotools."""
+def segmentation_rle(seg: Any, height: int, width: int) -> dict[str, Any]:
+    """A COCO `segmentation` (polygons or RLE, compressed or not) as one compressed RLE of the image's size.
+
+    Raises:
+        ValueError: malformed polygons, an RLE whose size is not the image's, or neither form.
+    """
     from pycocotools import mask as mask_utils
 
     if isinstance(seg, list):  # polygons: [[x0, y0, x1, y1, ...], ...]
         if not seg or any(not isinstance(p, list) or len(p) < 6 or len(p) % 2 for p in seg):
             raise ValueError("polygons must be lists of at least 3 x, y pairs")
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-    elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        return mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
         rle = mask_utils.frPyObjects(seg, *seg["size"]) if isinstance(seg["counts"], list) else seg
         if list(rle["size"]) != [height, width]:
             raise ValueError(f"RLE size {list(rle['size'])} differs from the image's {[height, width]}")
-    else:
-        raise ValueError("segmentation must be polygons (a list) or an RLE ({counts, size})")
-    return [float(v) for v in mask_utils.toBbox(rle)]
+        if isinstance(rle["counts"], str):  # compressed RLE as read from JSON: pycocotools wants bytes
+            rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+        return rle
+    raise ValueError("segmentation must be polygons (a list) or an RLE ({counts, size})")
 
 
-def read_coco(
-    json_path: str | os.PathLike, load_size: int, strict: bool = False
-) -> tuple[DetectionDataset, list[int], list[tuple[str, str]]]:
-    """Read a COCO instances JSON and decode its images to load_size x load_size.
+def _segmentation_box(seg: Any, height: int, width: int) -> list[float]:
+    """The xywh box of a COCO segmentation (polygons or RLE) through pycocotools."""
+    from pycocotools import mask as mask_utils
 
-    Returns:
-        (the dataset of good images with their good boxes, the category id of each class index, skipped entries).
+    return [float(v) for v in mask_utils.toBbox(segmentation_rle(seg, height, width))]
+
+
+@dataclass
+class CocoFile:
+    """A COCO instances JSON read and checked entry by entry (`parse_coco`), before boxes or masks are made.
+
+    Attributes:
+        path: the JSON file.
+        category_ids: the category ids in increasing order (class k of the detector is category_ids[k]).
+        category_names: the name of each, in the same order.
+        images: good images by id: {"file": path, "array": decoded uint8 (h, w, 3), "h", "w"}.
+        skipped: (where, reason) of every bad entry, in file order.
+    """
+
+    path: Path
+    category_ids: list[int]
+    category_names: list[str]
+    images: dict[int, dict[str, Any]]
+    skipped: list[tuple[str, str]]
+
+
+def parse_coco(
+    json_path: str | os.PathLike,
+    on_annotation: Callable[[dict[str, Any], dict[str, Any]], None],
+    strict: bool = False,
+) -> CocoFile:
+    """Read a COCO instances JSON: its categories, its images (decoded, resolved as in the module docstring), and
+    each annotation that points at a known category and a good image handed to `on_annotation(annotation, image)`
+    in file order (crowd ones included). Shared by detection (`read_coco`: boxes) and segmentation
+    (`vitkit.data.segmentation.load_coco_masks`: masks).
+
+    Args:
+        json_path: the JSON file.
+        on_annotation: reads one annotation into the caller's targets; a ValueError it raises makes the annotation
+            a bad entry (reported with the ValueError's text, or raised under `strict`).
+        strict: raise on the first bad entry instead of skipping and listing it.
 
     Raises:
-        ValueError: a file that is not a COCO instances JSON (naming what is missing), no categories, no usable
-            image, or (strict) the first bad entry, naming the file and the entry.
+        ValueError: a file that is not a COCO instances JSON (naming what is missing), no categories, or (strict)
+            the first bad entry, naming the file and the entry.
     """
     path = Path(json_path)
     if not path.is_file():
@@ -281,7 +323,6 @@ def read_coco(
     if not ids:
         raise ValueError(f"{path} lists no categories")
     ids.sort()
-    index = {cid: k for k, cid in enumerate(ids)}  # COCO id -> contiguous class index, in id order
 
     root = _image_root(path)
     images: dict[int, dict[str, Any]] = {}
@@ -303,41 +344,63 @@ def read_coco(
         if (im.get("height"), im.get("width")) not in ((None, None), (h, w)):
             _bad(where, f"says {im.get('height')}x{im.get('width')} but {file} is {h}x{w}", strict, skipped)
             continue
-        images[im["id"]] = {"file": str(file), "array": array, "h": h, "w": w, "boxes": [], "labels": []}
+        images[im["id"]] = {"id": im["id"], "file": str(file), "array": array, "h": h, "w": w}
 
     for i, a in enumerate(annotations):
         where = f"{name}: annotations[{i}]" + (f" (id {a.get('id')})" if isinstance(a, dict) else "")
         if not isinstance(a, dict):
             _bad(where, "an annotation must be an object", strict, skipped)
             continue
-        if a.get("category_id") not in index:
+        if a.get("category_id") not in names:
             _bad(where, f"unknown category_id {a.get('category_id')!r} (known: {ids})", strict, skipped)
             continue
-        img = images.get(a.get("image_id"))
-        if img is None:
+        if a.get("image_id") not in images:
             _bad(where, f"image_id {a.get('image_id')!r} is not a (good) image of the file", strict, skipped)
             continue
-        if a.get("iscrowd", 0):
-            continue  # crowd regions are not objects to find one by one (DETR drops them too)
         try:
-            box = a.get("bbox")
-            if box is None:
-                if "segmentation" not in a:
-                    raise ValueError("has neither 'bbox' nor 'segmentation'")
-                box = _segmentation_box(a["segmentation"], img["h"], img["w"])
-            if not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, (int, float)) for v in box):
-                raise ValueError(f"bbox must be [x, y, width, height] numbers, got {box!r}")
-            x, y, bw, bh = (float(v) for v in box)
-            if not all(math.isfinite(v) for v in (x, y, bw, bh)) or bw <= 0 or bh <= 0:
-                raise ValueError(f"box [x, y, w, h] = {box} has no area")
-            t = BOX_TOLERANCE
-            if x < -t or y < -t or x + bw > img["w"] + t or y + bh > img["h"] + t:
-                raise ValueError(f"box [x, y, w, h] = {box} lies outside the {img['w']}x{img['h']} image")
+            on_annotation(a, images[a["image_id"]])
         except ValueError as e:
             _bad(where, str(e), strict, skipped)
-            continue
-        img["boxes"].append([x, y, bw, bh])
-        img["labels"].append(index[a["category_id"]])
+    return CocoFile(path, ids, [names[c] for c in ids], images, skipped)
+
+
+def read_coco(
+    json_path: str | os.PathLike, load_size: int, strict: bool = False
+) -> tuple[DetectionDataset, list[int], list[tuple[str, str]]]:
+    """Read a COCO instances JSON (`parse_coco`) and decode its images to load_size x load_size with their boxes.
+
+    Returns:
+        (the dataset of good images with their good boxes, the category id of each class index, skipped entries).
+
+    Raises:
+        ValueError: a file that is not a COCO instances JSON (naming what is missing), no categories, no usable
+            image, or (strict) the first bad entry, naming the file and the entry.
+    """
+    boxes_of: dict[int, list[list[float]]] = {}
+    labels_of: dict[int, list[int]] = {}
+
+    def read_box(a: dict[str, Any], img: dict[str, Any]) -> None:
+        if a.get("iscrowd", 0):
+            return  # crowd regions are not objects to find one by one (DETR drops them too)
+        box = a.get("bbox")
+        if box is None:
+            if "segmentation" not in a:
+                raise ValueError("has neither 'bbox' nor 'segmentation'")
+            box = _segmentation_box(a["segmentation"], img["h"], img["w"])
+        if not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, (int, float)) for v in box):
+            raise ValueError(f"bbox must be [x, y, width, height] numbers, got {box!r}")
+        x, y, bw, bh = (float(v) for v in box)
+        if not all(math.isfinite(v) for v in (x, y, bw, bh)) or bw <= 0 or bh <= 0:
+            raise ValueError(f"box [x, y, w, h] = {box} has no area")
+        t = BOX_TOLERANCE
+        if x < -t or y < -t or x + bw > img["w"] + t or y + bh > img["h"] + t:
+            raise ValueError(f"box [x, y, w, h] = {box} lies outside the {img['w']}x{img['h']} image")
+        boxes_of.setdefault(img["id"], []).append([x, y, bw, bh])
+        labels_of.setdefault(img["id"], []).append(a["category_id"])
+
+    coco = parse_coco(json_path, read_box, strict)
+    path, ids, skipped, images = coco.path, coco.category_ids, coco.skipped, coco.images
+    index = {cid: k for k, cid in enumerate(ids)}  # COCO id -> contiguous class index, in id order
 
     if not images:
         raise ValueError(f"{path}: no usable image ({len(skipped)} bad entries, e.g. {skipped[:1]})")
@@ -350,13 +413,14 @@ def read_coco(
         t = torch.from_numpy(img["array"]).permute(2, 0, 1)[None].float()  # (1, 3, h, w)
         resized = F.interpolate(t, size=(load_size, load_size), mode="bilinear", antialias=True, align_corners=False)
         pixels[k] = resized[0].round().clamp(0, 255).to(torch.uint8)
-        boxes = xywh_to_xyxy(torch.tensor(img["boxes"], dtype=torch.float32).reshape(-1, 4))
+        boxes = xywh_to_xyxy(torch.tensor(boxes_of.get(image_id, []), dtype=torch.float32).reshape(-1, 4))
         scale = torch.tensor([load_size / img["w"], load_size / img["h"]] * 2)
         boxes = clip_boxes(boxes * scale, (load_size, load_size))
-        targets.append({"boxes": boxes, "labels": torch.tensor(img["labels"], dtype=torch.int64)})
+        labels = [index[c] for c in labels_of.get(image_id, [])]
+        targets.append({"boxes": boxes, "labels": torch.tensor(labels, dtype=torch.int64)})
         sizes.append((img["h"], img["w"]))
         files.append(img["file"])
-    dataset = DetectionDataset(pixels, targets, [names[c] for c in ids], order, sizes, files)
+    dataset = DetectionDataset(pixels, targets, list(coco.category_names), order, sizes, files)
     return dataset, ids, skipped
 
 

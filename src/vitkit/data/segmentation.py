@@ -11,10 +11,20 @@ Sources (`load_segmentation_data(spec)`):
   single-channel PNGs: palette PNGs (their palette indices are the classes, as VOC's) or 8-bit index PNGs. 255 marks
   pixels that count for nothing (`IGNORE_INDEX`). Images and masks are decoded to `load_size` squares (shorter side
   resized, centre crop; masks with nearest-neighbour) and split at random by `seed`.
+- "coco:FILE.json": a COCO instances JSON, read as for detection (`vitkit.data.detection.parse_coco`: images in
+  `images/` next to the JSON when that folder exists, else next to the JSON). Each image's semantic mask is made
+  from its instance masks (polygons or RLE, rasterised by pycocotools as `COCO.annToMask` does): 0 = background,
+  class k = the k-th category in id order ("background" + the category names). Where instances overlap, the smaller
+  one is on top (larger instances are painted first; equal areas: the later annotation on top), so a small object
+  in front of a large one is not lost; crowd regions (`iscrowd: 1`) are `IGNORE_INDEX` where no instance covers
+  them. Decoded to `load_size` squares and split as a folder.
 
 Bad pairs are reported and counted like unreadable images of classification folders: an image without a mask, a
 mask without an image, an unreadable file, a mask whose size differs from its image's, a colour (RGB) mask, a mask
-value that is not a class of classes.txt (nor 255). `strict=True` refuses the first one, naming the file.
+value that is not a class of classes.txt (nor 255). COCO entries are reported as the detection loader reports them
+(a missing or unreadable image, an unknown category or image id), plus an annotation without a `segmentation`, with
+malformed polygons, an RLE of another size than its image, or a mask of no pixel. `strict=True` refuses the first
+one, naming the file (and the entry).
 
 Augmentation runs on whole batches on the training device (`SegTrainTransform`): kornia's
 `AugmentationSequential` with data_keys ["input", "mask"] crops and flips image and mask together, the mask with
@@ -44,7 +54,8 @@ DEFAULT_SCENES = 2000
 DEFAULT_SEG_LOAD_SIZE = 224  # decode size of folder images and masks, as classification folders
 SEG_SPEC_FORMS = """accepted segmentation data specs:
   scenes | scenes:N          procedural scenes of 1-5 shapes, background + 4 classes (N images, default 2000)
-  PATH | folder:PATH         a folder with images/, masks/ (same file stems, palette or index PNGs) and classes.txt"""
+  PATH | folder:PATH         a folder with images/, masks/ (same file stems, palette or index PNGs) and classes.txt
+  coco:FILE.json             COCO instances (polygons or RLE) as semantic masks; images in images/ next to it"""
 
 
 @dataclass(eq=False)
@@ -134,6 +145,11 @@ _CLASSIFICATION_SOURCES = ("digits", "shapes", "csv", "cifar10", "cifar100", "mn
 def _parse_seg_spec(spec: str) -> tuple[str, str | None]:
     if spec == "scenes" or spec.startswith("scenes:"):
         return "scenes", spec.partition(":")[2] or None
+    if spec.startswith("coco:"):
+        path = os.path.expanduser(spec.partition(":")[2])
+        if not path:
+            raise ValueError(f"data spec {spec!r} is missing the JSON path after 'coco:'\n{SEG_SPEC_FORMS}")
+        return "coco", path
     if spec.partition(":")[0] in _CLASSIFICATION_SOURCES and not os.path.isdir(os.path.expanduser(spec)):
         raise ValueError(
             f"data spec {spec!r} is classification data (one label per image), not segmentation data (a class per "
@@ -165,12 +181,12 @@ def load_segmentation_data(
     """Load segmentation data and split it into train/val/test `SegmentationDataset`s.
 
     Args:
-        spec: "scenes", "scenes:N", or a folder PATH / "folder:PATH" (see the module docstring).
+        spec: "scenes", "scenes:N", a folder PATH / "folder:PATH", or "coco:FILE.json" (see the module docstring).
         seed: Fixes the scenes and the folder split.
         val_fraction: Share of the images held out for validation.
         test_fraction: Share held out for the final test.
         strict: Raise ValueError on the first bad image or mask instead of skipping and listing it.
-        load_size: Side of the square folder images and masks are decoded to (default 224); not for scenes.
+        load_size: Side of the square folder / COCO images and masks are decoded to (default 224); not for scenes.
         shapes_size: Side of the scene images.
 
     Returns:
@@ -205,7 +221,8 @@ def load_segmentation_data(
         parts = (idx[:n_train], idx[n_train : n_train + n_val], idx[n_train + n_val :])
         skipped: list[tuple[str, str]] = []
     else:
-        full, skipped = load_mask_folder(arg, load_size or DEFAULT_SEG_LOAD_SIZE, strict=strict)
+        load = load_coco_masks if kind == "coco" else load_mask_folder
+        full, skipped = load(arg, load_size or DEFAULT_SEG_LOAD_SIZE, strict=strict)
         order = np.random.default_rng(seed).permutation(len(full))
         n_val, n_test = round(len(full) * val_fraction), round(len(full) * test_fraction)
         n_train = len(full) - n_val - n_test
@@ -337,6 +354,72 @@ def load_mask_folder(
         raise ValueError(f"{root} has no readable image/mask pair ({len(skipped)} bad file(s): see the warning)")
     dataset = SegmentationDataset(torch.stack(out_images), torch.stack(out_masks), class_names, paths)
     return dataset, skipped
+
+
+def _decode_rle(rle: dict) -> np.ndarray:
+    """A compressed RLE as a boolean (H, W) mask (pycocotools' decode, without its numpy-2 DeprecationWarning about
+    `np.array(copy=False)`, which pycocotools 2.0 raises on every call and which is not ours to fix)."""
+    import warnings
+
+    from pycocotools import mask as mask_utils
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(rle).astype(bool)
+
+
+def load_coco_masks(
+    json_path: str | os.PathLike, size: int, *, strict: bool = False
+) -> tuple[SegmentationDataset, list[tuple[str, str]]]:
+    """Every good image of a COCO instances JSON with its semantic mask (see the module docstring for the rules),
+    decoded to `size` squares as a mask folder is.
+
+    Returns:
+        (the dataset, (where, reason) of every bad entry), the bad entries also reported in one warning.
+
+    Raises:
+        ValueError: not a COCO instances file, no categories, more classes than 8-bit masks hold, no good image, or
+            with `strict` the first bad entry (naming the file and the entry).
+    """
+    from pycocotools import mask as mask_utils
+
+    from vitkit.data.detection import parse_coco, segmentation_rle
+
+    layers: dict[int, list[tuple[int, int, int, dict]]] = {}  # image id -> (crowd?, -area, order, class) + RLE
+    labels: dict[int, int] = {}
+
+    def read_mask(a: dict, img: dict) -> None:
+        if "segmentation" not in a:
+            raise ValueError("has no 'segmentation' (polygons or RLE): a semantic mask needs the instance's pixels")
+        rle = segmentation_rle(a["segmentation"], img["h"], img["w"])
+        area = int(mask_utils.area(rle))
+        if area == 0:
+            raise ValueError("its segmentation covers no pixel")
+        crowd = bool(a.get("iscrowd", 0))
+        entry = (0 if crowd else 1, -area, len(labels), rle)  # painted in this order: crowd, then large to small
+        labels[len(labels)] = IGNORE_INDEX if crowd else a["category_id"]
+        layers.setdefault(img["id"], []).append(entry)
+
+    coco = parse_coco(json_path, read_mask, strict)
+    class_names = ["background", *coco.category_names]
+    if len(class_names) > IGNORE_INDEX:
+        raise ValueError(f"{coco.path}: {len(class_names)} classes (background included) do not fit 8-bit masks")
+    if not coco.images:
+        raise ValueError(f"{coco.path}: no usable image ({len(coco.skipped)} bad entries, e.g. {coco.skipped[:1]})")
+    index = {cid: k + 1 for k, cid in enumerate(coco.category_ids)}  # COCO id -> class index (0 = background)
+    report_skipped(coco.skipped, str(coco.path))
+    images, masks, paths = [], [], []
+    for image_id in sorted(coco.images):
+        img = coco.images.pop(image_id)
+        semantic = np.zeros((img["h"], img["w"]), dtype=np.uint8)
+        for _, _, order, rle in sorted(layers.get(image_id, []), key=lambda e: e[:3]):
+            label = labels[order]
+            semantic[_decode_rle(rle)] = label if label == IGNORE_INDEX else index[label]
+        images.append(torch.from_numpy(resize_center_crop(img["array"], size)).permute(2, 0, 1))
+        masks.append(torch.from_numpy(_resize_mask(semantic, size)))
+        paths.append(img["file"])
+    dataset = SegmentationDataset(torch.stack(images), torch.stack(masks), class_names, paths)
+    return dataset, list(coco.skipped)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -2,10 +2,21 @@
 
     from vitkit.explain import explain
     maps = explain(model, images, method="relevance")  # (B, H, W), one map per image
+    cam = segmentation_cam(seg_model, images)          # why is this region class k (vitkit.explain.dense)
+    out = detr_cross_attention(detector, images)       # where each DETR query looks (vitkit.explain.cross_attention)
 
 See docs/explain.md for the methods, their definitions and how they compare on the `shapes` data.
 """
 
+from vitkit.explain.cross_attention import DETRCrossAttention, detr_cross_attention, query_detections
+from vitkit.explain.dense import (
+    DENSE_METHODS,
+    SegmentationCAM,
+    backbone_attention,
+    dense_kind,
+    prepare_dense_images,
+    segmentation_cam,
+)
 from vitkit.explain.evaluate import (
     EVAL_METHODS,
     evaluate_checkpoint,
@@ -45,6 +56,8 @@ from vitkit.explain.metrics import (
 )
 
 __all__ = [
+    "DENSE_METHODS",
+    "DETRCrossAttention",
     "EVAL_METHODS",
     "HEAD_FUSIONS",
     "METHODS",
@@ -53,7 +66,10 @@ __all__ = [
     "attention_map",
     "attention_rollout",
     "auc",
+    "backbone_attention",
     "deletion_auc",
+    "dense_kind",
+    "detr_cross_attention",
     "decode_image",
     "discard_lowest",
     "energy_in_mask",
@@ -72,11 +88,15 @@ __all__ = [
     "mean_attention_distance_from_attentions",
     "perturbation_curves",
     "pointing_game",
+    "prepare_dense_images",
     "prepare_image",
+    "query_detections",
     "random_maps",
     "relevance_from_attentions",
     "relevance_map",
     "resolve_checkpoint",
     "save_results",
+    "SegmentationCAM",
+    "segmentation_cam",
     "rollout_from_attentions",
 ]

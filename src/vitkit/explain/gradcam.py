@@ -15,6 +15,9 @@ of the last block have no gradient (the usual choice, as in pytorch-grad-cam's V
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -90,11 +93,45 @@ def grad_cam(
         ValueError: a layer index out of range, naming the allowed range.
     """
     _check_images(images)
-    if any(getattr(model, "tome_r", ())):
+    layer = default_gradcam_layer(model) if layer is None else layer
+
+    def score(logits: Tensor) -> Tensor:
+        targets = resolve_targets(target, logits)
+        return logits.gather(1, targets[:, None]).sum()  # images are independent in eval mode
+
+    return stage_grad_cam(model, images, score, layer, upsample_to=upsample_to)
+
+
+def stage_grad_cam(
+    model: nn.Module,
+    images: Tensor,
+    score: Callable[[Any], Tensor],
+    layer: int,
+    grid_model: nn.Module | None = None,
+    upsample_to: tuple[int, int] | None = None,
+) -> Tensor:
+    """Grad-CAM of any scalar `score(model(images))` at one `feature_info` stage: the core of `grad_cam`, shared
+    with the dense models (`vitkit.explain.dense`: the summed logit of a class over its predicted region).
+
+    Args:
+        model: a model with `feature_info` whose `module` names are modules of `model`.
+        images: normalised float batch (B, C, H, W).
+        score: the model's output -> a scalar, the sum over the batch of each image's own score (images are
+            independent in eval mode, so one backward gives each image its own gradient).
+        layer: index into `feature_info` (negatives from the end).
+        grid_model: the token model whose `patch_grid` and `num_prefix_tokens` grid a token stage output (the
+            backbone of a dense model); None = `model`.
+        upsample_to: (H, W) to resize the maps to (bilinear), or None for the stage's grid.
+
+    Returns:
+        (B, H', W') non-negative maps (or (B, H, W) with `upsample_to`), detached.
+    """
+    _check_images(images)
+    grid_model = model if grid_model is None else grid_model
+    if any(getattr(grid_model, "tome_r", ())):
         # Token merging leaves fewer tokens than patches: a block's output is no longer a patch grid to weight.
         raise ValueError("gradcam needs the patch grid, which token merging removes; call model.set_tome(0) first")
     info = _feature_info(model)
-    layer = default_gradcam_layer(model) if layer is None else layer
     if isinstance(layer, bool) or not isinstance(layer, int) or not -len(info) <= layer < len(info):
         raise ValueError(f"layer={layer!r} is out of range for {len(info)} stages (use -{len(info)}..{len(info) - 1})")
     stage = info[layer]
@@ -110,21 +147,21 @@ def grad_cam(
     hooks = [m.register_forward_hook(keep(i)) for i, m in enumerate(chain)]
     try:
         with eval_mode(model), torch.enable_grad():
-            logits = model(images.detach())
-            targets = resolve_targets(target, logits)
+            output = model(images.detach())
             if not seen:
                 raise ValueError(
                     f"Grad-CAM saw no output of module {stage['module']!r} of {model_label(model)} in the forward pass"
                 )
             activation = seen[min(seen)]  # the outermost module of the chain that ran
-            score = logits.gather(1, targets[:, None]).sum()  # images are independent in eval mode
-            (grad,) = torch.autograd.grad(score, activation)
+            (grad,) = torch.autograd.grad(score(output), activation, allow_unused=True)
     finally:
         for hook in hooks:
             hook.remove()
+    if grad is None:  # the score does not depend on this stage (e.g. an empty region): no evidence anywhere
+        grad = torch.zeros_like(activation)
     hw = (images.shape[-2], images.shape[-1])
-    a = _as_maps(activation.detach().float(), stage["num_chs"], model, hw)  # (B, C, H', W')
-    g = _as_maps(grad.float(), stage["num_chs"], model, hw)
+    a = _as_maps(activation.detach().float(), stage["num_chs"], grid_model, hw)  # (B, C, H', W')
+    g = _as_maps(grad.float(), stage["num_chs"], grid_model, hw)
     weights = g.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
     cam = F.relu((weights * a).sum(dim=1))  # (B, H', W')
     return _upsample(cam, upsample_to)

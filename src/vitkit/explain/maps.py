@@ -558,7 +558,9 @@ def explain(
 
     Args:
         model: a classifier of the contract: any family for "gradcam"; global self-attention for the others, except
-            that "attention" also reads one block of a windowed (Swin) model (see `attention_map`).
+            that "attention" also reads one block of a windowed (Swin) model (see `attention_map`). A segmentation
+            model or detector takes "attention", "rollout" and "flow" of its backbone, and a segmentation model
+            "gradcam" of the class region (see `vitkit.explain.dense`).
         images: normalised float batch (B, C, H, W) on the model's device.
         method: "attention" (one layer), "rollout", "flow" (attention flow), "grad-rollout", "relevance" or
             "gradcam" (Grad-CAM).
@@ -573,6 +575,16 @@ def explain(
     check_choice("method", method, METHODS)
     _check_images(images)
     size = tuple(images.shape[-2:]) if upsample else None
+    from vitkit.explain import dense  # imports this module: a dense model's methods are built on these
+
+    if dense.dense_kind(model) is not None:
+        dense.check_dense_method(model, method)
+        if method == "gradcam":
+            return dense.segmentation_cam(model, images, target=target, layer=layer, upsample_to=size).maps
+        return dense.backbone_attention(
+            model, images, method, layer=layer, head=head, head_fusion=head_fusion, discard_ratio=discard_ratio,
+            upsample_to=size,
+        )  # fmt: skip
     if method == "attention":
         layer = -1 if layer is None else layer
         return attention_map(model, images, layer=layer, head=head, head_fusion=head_fusion, upsample_to=size)

@@ -17,11 +17,13 @@ from typing import Any, Literal
 
 import yaml
 
+from vitkit.data.shapes import MIN_SIDE
 from vitkit.data.transforms import AutoAugmentPolicy as AutoAugment
 from vitkit.models.base import Interpolation, check_literal, config_from_dict, config_to_dict
 from vitkit.threads import ThreadSetting, check_threads
 
 DEFAULT_MODEL = "vit_nano_patch4_32"  # a 1.2M-parameter ViT that trains on CPU in minutes
+DEFAULT_SHAPES_SIZE = 64  # side of the procedural shapes / scenes when neither shapes_size nor img_size is given
 Amp = Literal["none", "bf16", "fp16"]
 Monitor = Literal[
     "val_acc", "val_loss", "ema_acc", "ema_loss", "val_miou", "ema_miou", "val_map50", "val_map", "ema_map50", "ema_map"
@@ -53,7 +55,9 @@ class TrainConfig:
     val_fraction: float = 0.1  # share of each class held out for validation (model selection, early stopping)
     test_fraction: float = 0.1  # share held out for the final test (sources with an official test split ignore it)
     strict: bool = False  # fail on the first unreadable image instead of skipping and listing it in the summary
-    shapes_size: int = 64  # side of the procedural `shapes` images
+    # side of the procedural `shapes` / `scenes` images; None = img_size when given (at least 16 px, below which
+    # shapes stop being recognisable), else 64. Resolved on construction, so config.yaml records the size drawn.
+    shapes_size: int | None = None
 
     # --- model ------------------------------------------------------------------------------------------------
     model: str | None = None  # registered name (`vitkit models`); None = DEFAULT_MODEL, or the pretrained one's
@@ -144,6 +148,8 @@ class TrainConfig:
         _positive_int("accum_steps", self.accum_steps)
         if isinstance(self.tome, bool) or not isinstance(self.tome, int) or self.tome < 0:
             raise ValueError(f"tome must be an int >= 0 (tokens merged per block, 0 = off), got {self.tome!r}")
+        if self.shapes_size is None:
+            self.shapes_size = DEFAULT_SHAPES_SIZE if self.img_size is None else max(int(self.img_size), MIN_SIDE)
         _positive_int("shapes_size", self.shapes_size)
         for name in ("workers", "patience", "ckpt_every_steps", "freeze_layers", "seed", "figures_every"):
             _nonneg_int(name, getattr(self, name))

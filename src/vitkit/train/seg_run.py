@@ -381,3 +381,31 @@ def predict_masks(
         shares = {n: float(c) / mask.size for n, c in zip(names, counts)}
         results.append({"path": str(path), "image": image, "mask": mask, "shares": shares, "class_names": names})
     return results
+
+
+def mask_segments(mask: np.ndarray, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """A predicted mask as COCO results, one per class present: [{"category_id": class index, "class": name,
+    "segmentation": COCO RLE {"size": [H, W], "counts": str}, "area": pixels, "bbox": [x, y, w, h] pixels}], in
+    class order. `pycocotools.mask.decode` gives the class's pixels back exactly.
+
+    Args:
+        mask: uint8 (H, W) class indices (`predict_masks`' "mask").
+        class_names: name of each class index.
+    """
+    from pycocotools import mask as mask_utils
+
+    segments = []
+    for k in np.unique(mask).tolist():
+        if k >= len(class_names):  # 255 (ignored) in a given mask: not a class
+            continue
+        rle = mask_utils.encode(np.asfortranarray(mask == k, dtype=np.uint8))
+        segments.append(
+            {
+                "category_id": int(k),
+                "class": class_names[k],
+                "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
+                "area": int(mask_utils.area(rle)),
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+            }
+        )
+    return segments

@@ -7,6 +7,10 @@ The page shows the image under its patch grid. Hovering a patch shows that patch
 the chosen layer and head (or the mean of the heads); a switch shows the class token's rollout, attention flow
 (with `flow=True`), gradient-weighted rollout and relevance maps instead, and the top-5 predictions pick the class those two explain.
 
+A segmentation model or a detector (on a ViT backbone) gets the same page for its backbone, read from the mean
+patch query, with its prediction (mask, or boxes) beside the image; its list holds the predicted classes, each with
+its Seg-Grad-CAM map, or the best queries, each with its decoder cross-attention (`vitkit.explain.dense`).
+
 Everything the page shows is computed here with one forward and one backward pass per image, and embedded:
 the full attention tensors as uint8 (each query row scaled to its own maximum, which is how the page displays
 it), the class maps as rounded floats, the image as a base64 PNG.
@@ -98,6 +102,19 @@ def _describe(model: nn.Module) -> tuple[str, str]:
     return f"{name}: " + "; ".join(parts), query
 
 
+def _attention_rows(attns: Sequence[torch.Tensor], layers: Sequence[int], P: int, cls: bool) -> np.ndarray:
+    """Raw attention of every kept layer of the first image: heads plus their mean, queries = [the class query (or
+    the mean patch query), patches], keys = patches -> uint8 (layers, heads + 1, 1 + patches, patches)."""
+    rows = []
+    for i in layers:
+        a = attns[i][0]  # (heads, N, N)
+        a = torch.cat([a, a.mean(dim=0, keepdim=True)])  # (heads + 1, N, N)
+        patch_rows = a[:, P:, P:]  # (heads + 1, patches, patches)
+        cls_row = a[:, :1, P:] if cls else patch_rows.mean(dim=1, keepdim=True)  # (heads + 1, 1, patches)
+        rows.append(torch.cat([cls_row, patch_rows], dim=1))  # (heads + 1, 1 + patches, patches)
+    return _quantise_rows(torch.stack(rows))
+
+
 def image_entry(
     model: nn.Module,
     image: ImageLike | torch.Tensor,
@@ -125,16 +142,7 @@ def image_entry(
         attns, grads, grid, P, cls, head_fusion=head_fusion, discard_ratio=discard_ratio
     )
     rollout = rollout_from_attentions([a[:1] for a in attns], grid, P, cls, head_fusion, discard_ratio)[0]
-
-    # Raw attention of every kept layer: heads plus their mean, queries = [class query, patches], keys = patches.
-    rows = []
-    for i in layers:
-        a = attns[i][0]  # (heads, N, N)
-        a = torch.cat([a, a.mean(dim=0, keepdim=True)])  # (heads + 1, N, N)
-        patch_rows = a[:, P:, P:]  # (heads + 1, patches, patches)
-        cls_row = a[:, :1, P:] if cls else patch_rows.mean(dim=1, keepdim=True)  # (heads + 1, 1, patches)
-        rows.append(torch.cat([cls_row, patch_rows], dim=1))  # (heads + 1, 1 + patches, patches)
-    quantised = _quantise_rows(torch.stack(rows))  # (layers, heads + 1, 1 + patches, patches) uint8
+    quantised = _attention_rows(attns, layers, P, cls)
 
     names = model.preprocess.class_names
     targets = []
@@ -164,6 +172,87 @@ def image_entry(
     return entry
 
 
+def dense_image_entry(
+    model: nn.Module,
+    image: ImageLike | torch.Tensor,
+    name: str,
+    layers: Sequence[int],
+    top_k: int = 5,
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+    flow: bool = False,
+) -> dict[str, Any]:
+    """Everything the page shows for one image of a segmentation model or detector.
+
+    The backbone's attention, rollout and flow are read from the mean patch query (`vitkit.explain.dense`). The
+    listed "targets" are a segmentation model's predicted classes by pixel share, each with its Seg-Grad-CAM map
+    ("gradcam"), or a detector's `top_k` queries by score, each with its decoder cross-attention
+    ("cross_attention"). "prediction" is the predicted mask over the image, or the listed queries' boxes drawn on it.
+    """
+    from vitkit.explain._common import eval_mode
+    from vitkit.explain.cross_attention import detr_cross_attention, query_detections
+    from vitkit.explain.dense import dense_kind, prepare_dense_images, segmentation_cam
+    from vitkit.viz._common import unnormalize
+    from vitkit.viz.detection import draw_detections
+    from vitkit.viz.segmentation import overlay_mask
+
+    pre = model.preprocess
+    if isinstance(image, torch.Tensor) and image.ndim == 4:
+        img, x = model_input(model, image)
+    else:
+        x = prepare_dense_images([image], model)[1]  # stretched to the input size, as `vitkit predict`
+        img = unnormalize(x[0], pre.mean, pre.std)
+    backbone = model.backbone
+    _, attns, _, _ = forward_with_attention(backbone, x, layers=True)
+    grid = tuple(backbone.patch_grid(*x.shape[-2:]))
+    P = int(backbone.num_prefix_tokens)
+    names = pre.class_names or [f"class {k}" for k in range(model.num_classes)]
+    targets = []
+    if dense_kind(model) == "segmentation":
+        with eval_mode(model), torch.no_grad():
+            mask = model(x).argmax(dim=1)[0]  # (h, w)
+        counts = torch.bincount(mask.flatten(), minlength=model.num_classes)
+        classes = [c for c in counts.argsort(descending=True).tolist() if counts[c] > 0][:top_k]
+        cam = segmentation_cam(model, x.expand(len(classes), -1, -1, -1), target=torch.tensor(classes))
+        for j, c in enumerate(classes):
+            share = round(float(counts[c]) / mask.numel(), 5)
+            targets.append({"index": c, "name": names[c], "prob": share, "gradcam": _unit_list(cam.maps[j])})
+        prediction = overlay_mask(img, mask.to(torch.uint8).cpu().numpy(), model.num_classes)
+    else:
+        cross = detr_cross_attention(model, x)
+        shown = query_detections(cross, [img.shape[:2]], threshold=0.0, max_queries=top_k)[0]
+        for d in shown:
+            label = names[d["label"]]
+            targets.append({"index": d["label"], "name": f"{label} (query {d['query']})", "prob": d["score"],
+                            "cross_attention": _unit_list(cross.maps[0, d["query"]])})  # fmt: skip
+        drawn = [{**d, "class": names[d["label"]]} for d in shown]
+        prediction = np.asarray(draw_detections(img, drawn))  # upscaled before drawing, so labels stay legible
+    entry = {
+        "name": str(name),
+        "width": int(img.shape[1]),
+        "height": int(img.shape[0]),
+        "png": _png(img),
+        "prediction": _png(prediction),
+        "attention": _b64(_attention_rows(attns, layers, P, cls=False).tobytes()),
+        "rollout": _unit_list(rollout_from_attentions(attns, grid, P, False, head_fusion, discard_ratio)[0]),
+        "targets": targets,
+    }
+    if flow:
+        entry["flow"] = _unit_list(flow_from_attentions(attns, grid, P, False, head_fusion, discard_ratio)[0])
+    return entry
+
+
+# Per kind of model: the maps the page offers, the one a click on a listed target shows, and that list's title.
+_PAGE_MODES = {
+    None: (("attention", "rollout", "flow", "grad_rollout", "relevance"), "relevance",
+           "top predictions (click: explain that class)"),
+    "segmentation": (("attention", "rollout", "flow", "gradcam"), "gradcam",
+                     "predicted classes by share of the pixels (click: why that region is that class)"),
+    "detection": (("attention", "rollout", "flow", "cross_attention"), "cross_attention",
+                  "top queries by score (click: where that query looks)"),
+}  # fmt: skip
+
+
 def explorer_data(
     model: nn.Module,
     images: Sequence[ImageLike | torch.Tensor],
@@ -178,7 +267,9 @@ def explorer_data(
     """The JSON-ready data behind an explorer page (`render_explorer` turns it into HTML).
 
     Args:
-        model: a ViT-style classifier (run in eval mode).
+        model: a ViT-style classifier (run in eval mode), or a segmentation model or detector on a ViT backbone
+            (see `dense_image_entry`: the page then lists its predicted classes or detected queries and shows
+            the predicted mask or boxes beside the image).
         images: images in any form `prepare_image` takes, or normalised (1, 3, H, W) tensors.
         names: label of each image on the page (defaults: file names, else "image i").
         layers: blocks whose raw attention is embedded (rollout and relevance always use every block); None = all.
@@ -189,12 +280,16 @@ def explorer_data(
         flow: also embed the attention flow map (`vitkit.explain.flow_from_attentions`, same head fusion and discard
             ratio); it costs a max-flow per patch, about 10 s per image for ViT-S/16 at 224 px on one CPU core.
     """
-    check_attention_model(model, "the explorer's attention maps")
+    from vitkit.explain.dense import dense_kind
+
+    kind = dense_kind(model)
+    source = model.backbone if kind is not None else model  # a dense model's attention is its backbone's
+    check_attention_model(source, "the explorer's attention maps" + (f" of a {kind} model" if kind else ""))
     if not images:
         raise ValueError("the explorer needs at least one image")
     check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
     check_discard_ratio(discard_ratio)
-    attn_layers = attention_layers(model)
+    attn_layers = attention_layers(source)
     depth, heads = len(attn_layers), attn_layers[0].num_heads
     layers = list(range(depth)) if layers is None else sorted({check_layer(i, depth) for i in layers})
     if names is None:
@@ -202,7 +297,7 @@ def explorer_data(
     if len(names) != len(images):
         raise ValueError(f"{len(names)} names for {len(images)} images")
     # Size check before any work: (layers, heads + 1, 1 + patches, patches) bytes per image.
-    gh, gw = model.patch_grid(*model.preprocess.input_size)
+    gh, gw = source.patch_grid(*model.preprocess.input_size)
     n = gh * gw
     need = len(images) * len(layers) * (heads + 1) * (n + 1) * n
     if need > max_bytes:
@@ -211,12 +306,16 @@ def explorer_data(
             f"is {need / 2**20:.0f} MiB, over the {max_bytes / 2**20:.0f} MiB limit; choose fewer layers "
             f"(e.g. layers=[-1]) or fewer images, or raise max_bytes"
         )
-    description, query = _describe(model)
+    description, query = _describe(source)
+    if kind is not None:
+        description = f"{type(model).__name__} ({kind}) on {description}"
+        query = "mean of the patch queries"
+    entry_fn = image_entry if kind is None else dense_image_entry
     entries = [
-        image_entry(model, im, nm, layers, top_k, head_fusion, discard_ratio, flow)
+        entry_fn(model, im, nm, layers, top_k, head_fusion, discard_ratio, flow)
         for im, nm in zip(images, names, strict=True)
     ]
-    patch = token_patch_size(model)
+    patch = token_patch_size(source)
     grids = {(e["height"] // patch, e["width"] // patch) for e in entries}
     if len(grids) != 1:
         raise ValueError(f"all images on one page must share a patch grid, got grids {sorted(grids)}")
@@ -229,9 +328,17 @@ def explorer_data(
             "heads": heads,
             "grid": list(grids.pop()),
             "patch": patch,
-            "prefix_tokens": int(model.num_prefix_tokens),
+            "prefix_tokens": int(source.num_prefix_tokens),
+            "kind": kind or "classification",
         },
-        "settings": {"head_fusion": head_fusion, "discard_ratio": discard_ratio, "flow": bool(flow)},
+        "settings": {
+            "head_fusion": head_fusion,
+            "discard_ratio": discard_ratio,
+            "flow": bool(flow),
+            "modes": list(_PAGE_MODES[kind][0]),
+            "class_mode": _PAGE_MODES[kind][1],
+            "targets_legend": _PAGE_MODES[kind][2],
+        },
         "colormap": _colormap_lut(),
         "images": entries,
     }

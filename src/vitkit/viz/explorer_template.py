@@ -50,6 +50,7 @@ PAGE = """<!DOCTYPE html>
     </div>
     <div id="caption"></div>
     <div class="hint">Hover a patch to see its attention; click to pin it (click again to release).</div>
+    <div id="prediction-box" style="display: none"><div class="hint" id="prediction-caption"></div></div>
   </div>
   <div class="panel">
     <fieldset id="image-box"><legend>image</legend><select id="image-select"></select></fieldset>
@@ -60,6 +61,8 @@ PAGE = """<!DOCTYPE html>
       <label id="flow-mode"><input type="radio" name="mode" value="flow"> flow</label>
       <label><input type="radio" name="mode" value="grad_rollout"> grad-rollout</label>
       <label><input type="radio" name="mode" value="relevance"> relevance</label>
+      <label><input type="radio" name="mode" value="gradcam"> class region (Seg-Grad-CAM)</label>
+      <label><input type="radio" name="mode" value="cross_attention"> query cross-attention</label>
     </fieldset>
     <fieldset>
       <legend>attention source</legend>
@@ -72,7 +75,7 @@ PAGE = """<!DOCTYPE html>
       <label><input type="checkbox" id="smooth" checked> smooth</label>
     </fieldset>
     <fieldset>
-      <legend>top predictions (click: explain that class)</legend>
+      <legend id="preds-legend">top predictions (click: explain that class)</legend>
       <ol id="preds"></ol>
     </fieldset>
   </div>
@@ -92,6 +95,9 @@ SCRIPT = """
   const $ = (id) => document.getElementById(id);
   const b64 = (s) => Uint8Array.from(atob(s), (c) => c.charCodeAt(0));
   const LUT = b64(DATA.colormap);  // 256 RGB triples
+  // The maps this page offers (a segmentation model or detector has its own class maps) and the one a click shows.
+  const MODES = DATA.settings.modes || ["attention", "rollout", "flow", "grad_rollout", "relevance"];
+  const CLASS_MODE = DATA.settings.class_mode || "relevance";
   const state = { image: 0, mode: "attention", layer: M.layers.length - 1, head: NH, query: -1, pinned: false, target: 0 };
   const cache = {};
   const photo = $("photo"), heat = $("heat"), marks = $("marks"), stage = $("stage");
@@ -176,6 +182,10 @@ SCRIPT = """
       text = "Attention rollout (" + DATA.settings.head_fusion + " over heads, discard " + DATA.settings.discard_ratio + ") from the " + M.query_name + ".";
     } else if (state.mode === "flow") {
       text = "Attention flow (max-flow through the " + DATA.settings.head_fusion + "-fused layers, discard " + DATA.settings.discard_ratio + ") to the " + M.query_name + ".";
+    } else if (state.mode === "gradcam") {
+      text = "Seg-Grad-CAM: why the pixels predicted \u201c" + t.name + "\u201d (" + (100 * t.prob).toFixed(1) + "% of the image) are that class.";
+    } else if (state.mode === "cross_attention") {
+      text = "Decoder cross-attention of " + t.name + " (score " + t.prob.toFixed(2) + ") over the patches.";
     } else {
       text = (state.mode === "relevance" ? "Gradient x attention relevance" : "Gradient-weighted rollout") + " for class \u201c" + t.name + "\u201d.";
     }
@@ -218,9 +228,24 @@ SCRIPT = """
       bar.style.width = Math.max(1, Math.round(100 * t.prob)) + "%";
       li.append(prob, name, bar);
       li.dataset.index = String(t.index);
-      li.addEventListener("click", () => { state.target = k; markTarget(); if (state.mode === "attention") setMode("relevance"); else render(); });
+      li.addEventListener("click", () => { state.target = k; markTarget(); if (state.mode === "attention") setMode(CLASS_MODE); else render(); });
       list.append(li);
     });
+    const box = $("prediction-box");
+    box.style.display = img.prediction ? "" : "none";
+    if (img.prediction) {  // a dense model's mask or boxes; the <img> exists only on such pages
+      let pred = $("prediction");
+      if (!pred) {
+        pred = document.createElement("img");
+        pred.id = "prediction";
+        pred.alt = "the model's prediction";
+        pred.style.imageRendering = "pixelated";
+        box.append(pred);
+      }
+      pred.src = "data:image/png;base64," + img.prediction;
+      pred.width = w; pred.height = h;
+      $("prediction-caption").textContent = M.kind === "detection" ? "predicted boxes (the listed queries)" : "predicted mask";
+    }
     markTarget();
     render();
   }
@@ -245,6 +270,10 @@ SCRIPT = """
   DATA.images.forEach((img, i) => $("image-select").append(new Option(img.name, String(i))));
   if (DATA.images.length < 2) $("image-box").style.display = "none";
   if (!DATA.settings.flow) $("flow-mode").style.display = "none";  // attention flow is opt-in (it costs seconds)
+  for (const r of document.querySelectorAll("input[name=mode]")) {
+    if (!MODES.includes(r.value)) r.closest("label").style.display = "none";
+  }
+  if (DATA.settings.targets_legend) $("preds-legend").textContent = DATA.settings.targets_legend;
   $("image-select").addEventListener("change", (e) => loadImage(Number(e.target.value)));
   $("layer").addEventListener("change", (e) => { state.layer = Number(e.target.value); setMode("attention"); });
   $("head").addEventListener("change", (e) => { state.head = Number(e.target.value); setMode("attention"); });

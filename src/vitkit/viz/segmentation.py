@@ -1,13 +1,16 @@
 """Segmentation pictures: a predicted (or true) mask blended over its image, with a legend of class colours and pixel
-shares (what `vitkit predict` writes for a segmentation checkpoint)."""
+shares (what `vitkit predict` writes for a segmentation checkpoint), and the explanation figures of `vitkit explain`
+(image, predicted mask, map)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from vitkit._io import atomic_path
@@ -149,3 +152,142 @@ def output_stems(paths: Sequence[str | os.PathLike]) -> list[str]:
     if len(set(names)) == len(names):
         return names
     return [str(r) for r in relative]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Explanations (`vitkit explain` on a segmentation checkpoint): matplotlib figures as the other explain figures
+# ----------------------------------------------------------------------------------------------------------------
+def plot_segmentation_explanation(
+    image: np.ndarray,
+    mask: np.ndarray,
+    saliency: Any,
+    class_names: Sequence[str],
+    title: str | None = None,
+    region: np.ndarray | None = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    save_path: str | os.PathLike | None = None,
+) -> Figure:
+    """The image, its predicted mask over it (with a legend of the classes present) and a map over it.
+
+    Args:
+        image: uint8 (H, W, 3), the picture drawn on (any aspect ratio).
+        mask: (H, W) predicted class per pixel of `image`.
+        saliency: (H', W') map on the model's grid (tensor or array); resized to the image and scaled to [0, 1].
+        class_names: name of each class (index 0 = background, left uncoloured).
+        title: figure title.
+        region: optional (H, W) boolean mask outlined on the map (the region a class-conditioned map explains).
+        alpha: opacity of the map.
+        cmap: matplotlib colormap of the map.
+        save_path: where to write the figure, or None.
+
+    Raises:
+        ValueError: image and mask sizes differ.
+    """
+    from matplotlib.patches import Patch
+
+    from vitkit.viz._common import finish, hide_ticks, new_figure, upsample_map
+
+    k = len(class_names)
+    blended = overlay_mask(image, np.asarray(mask), k)
+    heat = upsample_map(saliency, image.shape[:2])
+    fig = new_figure(10.5, 3.8 * image.shape[0] / image.shape[1] + 0.9)
+    axes = fig.subplots(1, 3)
+    axes[0].imshow(image)
+    axes[0].set_title("image")
+    axes[1].imshow(blended)
+    axes[1].set_title("predicted mask")
+    present = [c for c in range(1, k) if (np.asarray(mask) == c).any()]
+    colours = class_colours(k)
+    if present:
+        handles = [Patch(color=colours[c] / 255.0, label=class_names[c]) for c in present]
+        axes[1].legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, -0.02), fontsize=7, ncol=2,
+                       framealpha=0.8)  # fmt: skip
+    axes[2].imshow(image)
+    axes[2].imshow(heat, cmap=cmap, alpha=alpha, vmin=0, vmax=1)
+    if region is not None and np.asarray(region).any():
+        axes[2].contour(np.asarray(region, dtype=float), levels=[0.5], colors="white", linewidths=1.2)
+    axes[2].set_title("map")
+    for ax in axes:
+        hide_ticks(ax)
+    if title:
+        fig.suptitle(title)
+    return finish(fig, save_path)
+
+
+def save_segmentation_explanations(
+    model: Any,
+    images: Sequence[Any],
+    out_dir: str | os.PathLike,
+    method: str = "gradcam",
+    layer: int | None = None,
+    head: int | None = None,
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+    target: int | None = None,
+) -> list[tuple[Path, str]]:
+    """Write `<image stem>_<method>.png` for each image: image, predicted mask, map (what `vitkit explain` writes
+    for a segmentation checkpoint). Returns (path, one-line description) per image.
+
+    Args:
+        model: a `ViTSegmentation` or `ViTUNet`.
+        images: image files (or anything `decode_image` takes), explained in one batch.
+        out_dir: output folder.
+        method: "gradcam" (why the region predicted as `target` is that class) or the backbone's "attention",
+            "rollout", "flow" (see `vitkit.explain.dense`).
+        layer, head, head_fusion, discard_ratio: as `vitkit.explain.explain`.
+        target: the class "gradcam" explains in every image (None = each image's most frequent object class).
+
+    Raises:
+        ValueError: a method that does not apply to segmentation (naming those that do), a target for a method
+            that does not depend on a class, no images.
+    """
+    import torch
+
+    from vitkit.explain._common import eval_mode
+    from vitkit.explain.dense import backbone_attention, check_dense_method, prepare_dense_images, segmentation_cam
+
+    check_dense_method(model, method)
+    if target is not None and method != "gradcam":
+        raise ValueError(
+            f"target={target} has no effect on method={method!r}, which shows the same map whatever the class; "
+            "the segmentation method that explains a chosen class is gradcam"
+        )
+    displays, x = prepare_dense_images(images, model)
+    if method == "gradcam":
+        cam = segmentation_cam(model, x, target=target, layer=layer)
+        maps, targets, shares = cam.maps, cam.targets.tolist(), cam.shares.tolist()
+    else:
+        maps = backbone_attention(
+            model, x, method, layer=layer, head=head, head_fusion=head_fusion, discard_ratio=discard_ratio
+        )
+        targets = shares = None
+    with eval_mode(model), torch.no_grad():
+        logits = model(x).float()  # (B, K, h, w)
+    names = model.preprocess.class_names or [f"class {k}" for k in range(model.num_classes)]
+    paths = [im for im in images if isinstance(im, (str, os.PathLike))]
+    stems = output_stems(paths) if len(paths) == len(images) else [f"image{i}" for i in range(len(images))]
+    seen: dict[str, int] = {}
+    for i, stem in enumerate(stems):  # the same file given twice: a numeric suffix, so no figure overwrites another
+        seen[stem] = seen.get(stem, 0) + 1
+        stems[i] = stem if seen[stem] == 1 else f"{stem}_{seen[stem]}"
+    out_dir = Path(out_dir)
+    written = []
+    for i, (display, stem) in enumerate(zip(displays, stems, strict=True)):
+        size = display.shape[:2]
+        up = torch.nn.functional.interpolate(logits[i : i + 1], size=size, mode="bilinear", align_corners=False)
+        mask = up.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()  # (H, W), as `vitkit predict` draws it
+        if method == "gradcam":
+            k = targets[i]
+            region = mask == k
+            title = f"gradcam: why the outlined pixels are {names[k]} ({shares[i]:.1%} of the image)"
+            if shares[i] == 0:
+                title = f"gradcam: {names[k]} is predicted nowhere (empty region, map all zero)"
+        else:
+            region = None
+            what = method if method != "attention" else f"attention layer {-1 if layer is None else layer}"
+            title = f"backbone {what} (mean of the patch queries)"
+        path = out_dir / f"{stem}_{method}.png"
+        plot_segmentation_explanation(display, mask, maps[i], names, title=title, region=region, save_path=path)
+        written.append((path, f"{path}: {title}"))
+    return written
