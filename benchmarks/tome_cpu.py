@@ -169,6 +169,7 @@ def main() -> int:
     p.add_argument("--small-rs", type=int, nargs="+", default=[1, 2, 3, 4, 6])
     p.add_argument("--checkpoint", default=None, help="a vitkit model dir trained on shapes: its agreement too")
     p.add_argument("--checkpoint-rs", type=int, nargs="+", default=[8, 13, 16])
+    p.add_argument("--skip-throughput", action="store_true", help="agreement rows only")
     args = p.parse_args()
     args.model_overrides, args.small_overrides, args.small_side = {}, dict(embed_dim=96, depth=6, num_heads=3), 64
     if args.quick:
@@ -207,7 +208,8 @@ def main() -> int:
         cx, cy = shapes_tensors(args.heldout, side, seed=12345, mean=ck.preprocess.mean, std=ck.preprocess.std)
         res["agreement"] += agreement_rows(ck, cx, cy, [0, *args.checkpoint_rs], f"{args.checkpoint} (shapes)")
         flush()
-    res["throughput"] = throughput(args)
+    if not args.skip_throughput:
+        res["throughput"] = throughput(args)
     flush()
     print(markdown(res))
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")

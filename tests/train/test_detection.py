@@ -343,3 +343,25 @@ def test_predict_json_without_out_writes_no_file(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "drawn" / "wide_detections.png").is_file()
     assert main(argv) == 0
     assert (work / "detections" / "wide_detections.png").is_file()
+
+
+def test_detector_starts_from_a_segmentation_models_backbone(tmp_path):
+    """--pretrained SEG_RUN: the detector's backbone is the segmentation model's, weight for weight; its head is
+    dropped, and model_args cannot reshape the loaded backbone."""
+    from vitkit.models import ViTUNet
+    from vitkit.train.config import TrainConfig
+    from vitkit.train.detection_run import build_detector
+
+    torch.manual_seed(0)
+    seg = ViTUNet("vit_nano_patch4_32", 3, backbone_args={"depth": 2, "embed_dim": 16, "num_heads": 2})
+    seg.save_pretrained(tmp_path / "seg")
+    logs = []
+    cfg = TrainConfig(task="detect", data="scenes:8", pretrained=str(tmp_path / "seg"),
+                      model_args={"hidden_dim": 16, "dec_layers": 1, "num_queries": 4})  # fmt: skip
+    det = build_detector(cfg, 4, [1, 2, 3, 4], logs.append)
+    want = seg.backbone.state_dict()
+    got = det.backbone.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert any("segmentation head is dropped" in m for m in logs)
+    with pytest.raises(ValueError, match="cannot change the architecture"):
+        build_detector(cfg.replace(model_args={"depth": 1}), 4, [1, 2, 3, 4], logs.append)

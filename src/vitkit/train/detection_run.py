@@ -58,6 +58,7 @@ def split_model_args(model_args: dict[str, Any]) -> tuple[dict[str, Any], dict[s
 def build_detector(cfg: TrainConfig, num_classes: int, category_ids: Sequence[int], log) -> nn.Module:
     """`ViTDETR` on the backbone the recipe names (`model`, from scratch) or gives (`pretrained`)."""
     from vitkit.models.detr import ViTDETR
+    from vitkit.train.seg_run import is_segmentation_checkpoint
     from vitkit.train.setup import build_model
 
     detr_args, backbone_args = split_model_args(cfg.model_args)
@@ -66,7 +67,18 @@ def build_detector(cfg: TrainConfig, num_classes: int, category_ids: Sequence[in
             f"pretrained={cfg.pretrained!r} is a detector; for detection, pretrained names the backbone (e.g. a "
             "classifier run). To continue a detection run use --resume"
         )
-    backbone = build_model(cfg.replace(model_args=backbone_args), 0, log)
+    if cfg.pretrained and is_segmentation_checkpoint(cfg.pretrained):
+        # A segmentation model's backbone already reads where objects are and what they are: often a better start
+        # for the box decoder than a classifier's (docs/dense.md measures both).
+        if backbone_args:
+            raise ValueError(f"model_args {backbone_args} cannot change the architecture of a pretrained model")
+        from vitkit.weights import load_model
+
+        source = load_model(cfg.pretrained, log=log)  # trained at its own size, as segmentation runs are
+        log(f"backbone: the backbone of {cfg.pretrained} ({type(source).__name__}); its segmentation head is dropped")
+        backbone = source.backbone
+    else:
+        backbone = build_model(cfg.replace(model_args=backbone_args), 0, log)
     return ViTDETR(backbone, num_classes=num_classes, category_ids=list(category_ids), **detr_args)
 
 
