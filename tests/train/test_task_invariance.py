@@ -3,10 +3,13 @@ random crops and flips, Mixup/CutMix, label smoothing, EMA, accumulation, clippi
 and the final weights that the loop gave before the refactoring, bit for bit (evaluation losses to 1e-6: see the
 test).
 
-tests/train/expected/classification_reference.json was written by the pre-Task trainer (commit "tests/train:
-record the classification reference") with `python -m tests.train.test_task_invariance --write`. The float ops are
-the same in the same order, so on the torch version that wrote it the check is exact; another torch version may
-pick other kernels, and then the history is compared to 1e-5 and the weights are not compared bit for bit.
+tests/train/expected/classification_reference.json was written by the pre-Task trainer (commit c7e1b4f "tests/train:
+record the classification reference", its test file given today's `cpu_model`) with
+`python -m tests.train.test_task_invariance --write`, on an Intel Xeon with AMX. The float ops are the same in the same
+order, so with that torch version on a CPU of the same model and vector extensions the check is exact; elsewhere other
+kernels round differently, and then the history is compared to 1e-3 and the weights by their sums. (It was first
+written on an "AMD EPYC"; a CI machine of another EPYC generation, same name, took the exact branch and differed in
+the 8th digit of a loss, so the CPU is now told by family, model and extensions as well.)
 """
 
 from __future__ import annotations
@@ -85,16 +88,23 @@ def run_reference() -> dict:
 
 
 def cpu_model() -> str:
-    """The CPU's model name: float kernels (AVX2, AVX-512, AMX) and so rounding differ between CPU models."""
+    """The CPU's model name, family/model numbers and vector extensions: float kernels (AVX2, AVX-512, AMX) and so
+    rounding differ between CPUs, and one model name covers several generations ("AMD EPYC" on Zen 3 without
+    AVX-512 and on Zen 4 with it), so the name alone cannot tell that two machines run the same kernels."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if ":" in line:
+                key, value = (part.strip() for part in line.split(":", 1))
+                fields.setdefault(key, value)
     except OSError:
         pass
-    import platform
+    if "model name" not in fields:
+        import platform
 
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    isa = sorted(f for f in fields.get("flags", "").split() if f.startswith(("avx", "amx", "fma")))
+    return f"{fields['model name']} (family {fields.get('cpu family')} model {fields.get('model')}; {' '.join(isa)})"
 
 
 def test_classification_numbers_are_unchanged_by_the_task_refactoring():
