@@ -258,7 +258,14 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     # Adam turns rounding noise in near-zero gradients into parts of an lr-sized step (lr 2e-3): 1e-4 is 5% of one
     # step, far below what a wrong sharding (a missing or doubled half-batch) moves the weights.
     for k in one:
-        torch.testing.assert_close(two[k], one[k], atol=1e-4, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+        a, b = two[k], one[k]
+        if k.endswith("attn.qkv.bias"):
+            # The key bias shifts every score of a query by the same amount, which softmax removes: its gradient is
+            # zero up to rounding, and Adam scales that noise to steps of the size of lr (the backbone drops its qkv
+            # bias for this reason; the Segmenter head's blocks keep theirs). Compare the query and value parts.
+            d = a.shape[0] // 3
+            a, b = torch.cat([a[:d], a[2 * d :]]), torch.cat([b[:d], b[2 * d :]])
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
     ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert ddp["world_size"] == 2 and ddp["test_images"] == single["test_images"] == 4
     # The confusion matrix is summed over both processes: the same pixel counts as one process.
