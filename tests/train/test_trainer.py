@@ -57,6 +57,28 @@ def test_trainer_learns_and_history_reads_both_ways():
         history["nope"]
 
 
+def test_throughput_counts_the_training_loop_only(monkeypatch):
+    """The run's img/s (summary.json) is the training loop's: a slow validation does not lower it."""
+    import time
+
+    ds = toy_dataset(64)
+    model = _prepare(tiny_model(num_classes=2), ds)
+    trainer = Trainer(model, device="cpu", config=TrainConfig(**FAST))
+    evaluate = trainer.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(0.3)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", slow_evaluate)
+    assert trainer.train_images_per_s() is None  # no epoch yet
+    trainer.train(*_loaders(ds), n_epochs=2)
+    loop_s = sum(trainer.history["epoch_time_s"])
+    assert trainer.images_seen == 2 * 64
+    assert trainer.train_images_per_s() == pytest.approx(128 / loop_s)
+    assert trainer.elapsed() > loop_s + 0.6  # both validations slept, outside the loop's time
+
+
 def test_accumulation_equals_a_bigger_batch():
     """2 micro-batches of 16 per step == one batch of 32 (no dropout, no augmentation randomness)."""
     ds = toy_dataset(64)

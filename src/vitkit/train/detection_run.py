@@ -193,7 +193,7 @@ def train_detection(cfg: TrainConfig, dist: DistInfo, resume: Any, say, t0: floa
         steps=trainer.step,
         wall_time_s=time.perf_counter() - t0 + (state or {}).get("elapsed_s", 0.0),
         train_time_s=train_time,
-        images_per_s=trainer.images_seen / train_time if train_time > 0 else None,
+        images_per_s=trainer.train_images_per_s(),
         num_params=sum(p.numel() for p in model.parameters()),
         num_queries=model.cfg.num_queries,
         img_size=list(model.preprocess.input_size),

@@ -239,7 +239,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
         steps=trainer.step,
         wall_time_s=time.perf_counter() - t0 + (state or {}).get("elapsed_s", 0.0),
         train_time_s=train_time,
-        images_per_s=trainer.images_seen / train_time if train_time > 0 else None,
+        images_per_s=trainer.train_images_per_s(),
         num_params=sum(p.numel() for p in model.parameters()),
         img_size=list(model.preprocess.input_size),
         class_names=list(splits.class_names),

@@ -199,7 +199,7 @@ def train_segmentation(cfg: TrainConfig, dist: DistInfo, resume: Any, say: Calla
         steps=trainer.step,
         wall_time_s=time.perf_counter() - t0 + (state or {}).get("elapsed_s", 0.0),
         train_time_s=train_time,
-        images_per_s=trainer.images_seen / train_time if train_time > 0 else None,
+        images_per_s=trainer.train_images_per_s(),
         num_params=n_params,
         img_size=list(img_size),
         class_names=list(splits.class_names),

@@ -369,7 +369,15 @@ class Trainer:
         self.images_seen = int(state.get("images_seen", 0))
 
     def elapsed(self) -> float:
+        """Seconds since the run started (over resumes): training, validation, checkpoints and hooks alike."""
         return self._elapsed_before + (time.perf_counter() - self._t_start)
+
+    def train_images_per_s(self) -> float | None:
+        """Training throughput of the run so far: images through the training loop (all processes) per second
+        spent in it, i.e. the sum of the epochs' `epoch_time_s`. Validation, checkpoint writes and end-of-epoch hooks
+        (MAE's reconstruction figures) are not counted. None before the first epoch ends."""
+        loop_s = sum(row.get("epoch_time_s") or 0.0 for row in self.history.epochs)
+        return self.images_seen / loop_s if loop_s > 0 else None
 
     # --- checkpoints ------------------------------------------------------------------------------------------
     def _checkpoint_extra(self) -> dict[str, Any]:
