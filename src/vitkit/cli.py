@@ -998,7 +998,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch", type=int, default=None, help="fix the batch size (default: any batch)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 18; default: the exporter's)")
-    p.add_argument("--static", action="store_true", help="fixed height and width (the example size); Swin needs it")
+    p.add_argument("--static", action="store_true", help="fixed height and width (the example size)")
     p.add_argument("--check", action="store_true", help="run the file against eager at four sizes and print the table")
     p.set_defaults(func=_cmd_export)
 
@@ -1018,7 +1018,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     )  # fmt: skip
     meta = result.metadata
     h, w = meta["example_size"]
-    sizes = f"{h}x{w} only" if args.static else f"sides multiples of {meta['patch_multiple']} from {meta['min_size']}"
+    top = f" to {meta['max_size']}" if meta.get("max_size") else ""
+    sizes = (
+        f"{h}x{w} only" if args.static else f"sides multiples of {meta['patch_multiple']} from {meta['min_size']}{top}"
+    )
     batch = "any" if meta["batch"] is None else meta["batch"]
     print(f"wrote {result.path} ({human_size(result.path.stat().st_size)}, {result.seconds:.1f} s): "
           f"{meta['model_name']}, {sizes}, batch {batch}")  # fmt: skip

@@ -9,6 +9,7 @@ conversion cost several seconds each).
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -37,9 +38,11 @@ VIT = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
 FAMILIES = {
     "vit": ("vit_nano_patch4_32", dict(VIT, img_size=32, reg_tokens=1)),
     "deit": ("deit_tiny_distilled_patch16_224", dict(VIT, img_size=32)),
+    # Window 4 at 32 px: stage 0 (5 to 8 per side) shifted windows with padding, stage 1 (3 or 4) one window, as the
+    # last stage of every registered Swin at its native size; the rule is then 20 to 32 px.
     "swin": (
         "swin_tiny_patch4_window7_224",
-        dict(img_size=32, embed_dim=16, depths=(1, 2), num_heads=(2, 4), window_size=2),
+        dict(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4),
     ),
     "convnext": ("convnext_tiny", dict(img_size=32, depths=(1, 1), dims=(8, 16))),
     "resnet": ("resnet18", dict(img_size=32, depths=(1, 1), widths=(8, 16), stem_width=8)),
@@ -80,7 +83,7 @@ CASES = [pytest.param("vit", fmt, id=f"{fmt}-vit") for fmt in ("onnx", "torch-ex
 CASES += [
     pytest.param(f, fmt, id=f"{fmt}-{f}", marks=pytest.mark.slow)
     for f in FAMILIES
-    if f not in ("vit", "swin")
+    if f != "vit"
     for fmt in ("onnx", "torch-export")
 ]
 CASES += [
@@ -156,9 +159,41 @@ def test_parity_at_four_sizes_and_two_batches(exported, fmt, tmp_path):
     assert all(0.0 <= d <= TOL for d in results.values()), results
 
 
+@pytest.mark.parametrize(
+    ("name", "size", "rule"),
+    [
+        ("swin_tiny_patch4_window7_224", 224, (116, 224)),  # last stage 7 x 7: one window; stage 2 14 x 14: shifted
+        ("swin_base_patch4_window12_384", 384, (196, 384)),
+        ("swin_tiny_patch4_window7_224", 448, (228, None)),  # every stage shifted windows: no largest side
+        ("swin_tiny_patch4_window7_224", 112, (60, 112)),  # stages 2 and 3 one window
+    ],
+)
+def test_swin_size_rule_keeps_every_stage_on_the_example_branch(name, size, rule):
+    from vitkit.models.swin import window_and_shift
+
+    # The rule reads the patch, the window and the stage count only.
+    model = create_model(name, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+    got = size_rule(model, example_size=size)
+    assert (got.min_size, got.max_size) == rule
+    p, w = model.cfg.patch_size, model.cfg.window_size
+
+    def branches(side):
+        s = -(-side // p)
+        out = []
+        for _ in model.cfg.depths:
+            out.append(window_and_shift(s, s, w, w // 2)[1] > 0)
+            s = -(-s // 2)
+        return out
+
+    inside = range(got.min_size, (got.max_size or 2 * size) + 1, p)
+    assert all(branches(s) == branches(size) for s in inside)  # the rule is sufficient ...
+    assert branches(got.min_size - p) != branches(size) or got.min_size == 2 * p  # ... and as wide as it can be
+    assert got.max_size is None or branches(got.max_size + p) != branches(size)
+
+
 @pytest.mark.slow
 def test_swin_exports_one_size_with_any_batch(tmp_path):
-    # Swin is refused with dynamic sizes (test_refusals_name_the_value); a one-size file keeps the batch dynamic.
+    # dynamic=False (--static) still gives a file of the example size with a dynamic batch, which fails elsewhere.
     model = tiny("swin")
     program = trace(model, (32, 32), dynamic=False)
     for fmt, ext in (("onnx", "onnx"), ("torch-export", "pt2")):
@@ -167,7 +202,25 @@ def test_swin_exports_one_size_with_any_batch(tmp_path):
         results = check_export(path, model, [(32, 32)], batches=(1, 3))
         assert results[(32, 32)] <= TOL
         with pytest.raises(ExportCheckError, match="failed to run"):
-            check_export(path, model, [(48, 48)], batches=(1,))
+            check_export(path, model, [(24, 24)], batches=(1,))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exported", ["swin"], indirect=True)
+def test_swin_runner_refuses_a_size_outside_the_recorded_rule(exported):
+    # The graph cannot tell a size whose stages take the other window branch: it would run and give wrong logits.
+    model, paths, _ = exported
+    path = paths["torch-export"]
+    meta = read_metadata(path)
+    assert meta["size_rule"]["min"] == 20 and meta["size_rule"]["max"] == 32 and meta["max_size"] == 32
+    with pytest.raises(ExportCheckError, match="failed to run") as err:  # one load of the file: the runner's errors
+        check_export(path, model, [(24, 24), (24, 36), (16, 24)], batches=(1,))
+    results = err.value.results
+    assert results[(24, 24)] <= TOL
+    assert re.match(
+        r"failed to run .*ValueError: image width 36 is outside what model.pt2 takes: .*20 to 32", results[(24, 36)]
+    )
+    assert re.match(r"failed to run .*ValueError: image height 16 is outside .*from 20 to 32", results[(16, 24)])
 
 
 @pytest.mark.parametrize("exported", ["vit"], indirect=True)
@@ -284,10 +337,8 @@ def test_refusals_name_the_value(tmp_path):
     model.set_tome(1)
     with pytest.raises(ValueError, match=r"token merging"):
         export_model(model, out)
-    with pytest.raises(
-        ValueError, match=r"\(Swin\) cannot be exported to onnx with dynamic height and width.*dynamic=False"
-    ):
-        export_model(tiny("swin"), out)
+    with pytest.raises(ValueError, match=r"width 36 .*multiples of 4 from 20 to 32 \(patch size 4; stage 1.*try 32"):
+        export_model(tiny("swin"), out, example_size=(32, 36))  # stage 1 9 x 9: not one window as at 32 x 32
     with pytest.raises(ValueError, match=r"height 30 .*multiples of 4 from 4 \(patch size 4\); try 28 or 32"):
         export_model(tiny("swin"), out, example_size=(30, 32), dynamic=False)
     assert not out.exists()

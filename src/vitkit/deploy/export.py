@@ -8,8 +8,9 @@ wrapped so that no attention-return flag, capture slot or cache keyed by the inp
 code takes its branch-free path while `torch.compiler.is_exporting()` (learned position tables are resampled
 inside the graph, so every grid gets the table eager would use). After tracing, the program is run once at a
 second size and compared with eager before anything is written, so model code that freezes the size is refused
-rather than exported. The size rule (`size_rule`: multiples of the patch, of the network stride for CNNs; Swin one
-size only) and the preprocessing are written into the file as metadata (`read_metadata`).
+rather than exported. The size rule (`size_rule`: multiples of the patch, of the network stride for CNNs; for Swin
+also a largest side, so that every stage takes the example's window branch) and the preprocessing are written into
+the file as metadata (`read_metadata`); the runner (`load_runner`) refuses a size outside the recorded rule.
 """
 
 from __future__ import annotations
@@ -57,18 +58,33 @@ class ExportCheckError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SizeRule:
-    """The input sides an exported program takes: multiples of `multiple`, at least `min_multiples` of them."""
+    """The input sides an exported program takes: multiples of `multiple`, at least `min_multiples` of them and at
+    most `max_multiples` (None = no largest side)."""
 
     multiple: int  # pixels
     min_multiples: int
     reason: str  # why, for error messages and docs
+    max_multiples: int | None = None
 
     @property
     def min_size(self) -> int:
         return self.multiple * self.min_multiples
 
+    @property
+    def max_size(self) -> int | None:
+        return None if self.max_multiples is None else self.multiple * self.max_multiples
 
-def size_rule(model: nn.Module, dynamic: bool = True) -> SizeRule:
+    def describe(self) -> str:
+        """`multiples of 4 from 116 to 224 (...)`: the rule in words, for messages."""
+        to = "" if self.max_size is None else f" to {self.max_size}"
+        return f"multiples of {self.multiple} from {self.min_size}{to} ({self.reason})"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The rule as JSON-ready values (the `size_rule` metadata entry)."""
+        return {"multiple": self.multiple, "min": self.min_size, "max": self.max_size, "reason": self.reason}
+
+
+def size_rule(model: nn.Module, dynamic: bool = True, example_size: int | Sequence[int] | None = None) -> SizeRule:
     """The sides (pixels) every exported input must have, and why. With `dynamic=False` (a one-size file) any size
     the eager model takes at its patch or stride granularity: multiples of the patch (Swin: of its patch), one or
     more. With `dynamic=True`:
@@ -77,16 +93,17 @@ def size_rule(model: nn.Module, dynamic: bool = True) -> SizeRule:
       patches per side: torch.export treats a size of 1 as a constant (its 0/1 specialisation).
     - Local attention in window mode: multiples of patch x window (whole windows, no padding branch); in
       neighbourhood mode at least `window` patches per side (the neighbourhood is never clamped).
-    - Swin: exported for one size only (`check_exportable` says why); multiples of its patch.
+    - Swin: multiples of the patch, within the range where every stage takes the window branch it takes at
+      `example_size` (None = the native size); see `swin_size_rule`.
     - CNNs: multiples of the network stride (no strided layer floors a size), at least two.
 
     Raises:
         ValueError: not a vitkit model (no `feature_info`).
     """
     family = getattr(model, "family", None)
-    if family == "swin":  # dynamic sizes are refused (`check_exportable`); one size at the stem's granularity
+    if family == "swin":
         p = model.cfg.patch_size
-        return SizeRule(p, 2 if dynamic else 1, f"patch size {p}")
+        return swin_size_rule(model, example_size) if dynamic else SizeRule(p, 1, f"patch size {p}")
     info = getattr(model, "feature_info", None)
     if not info:
         raise ValueError(f"{type(model).__name__} is not a vitkit model (no feature_info); export takes vitkit models")
@@ -109,6 +126,42 @@ def size_rule(model: nn.Module, dynamic: bool = True) -> SizeRule:
     return SizeRule(base, 2, f"patch size {base}, at least two patches per side")
 
 
+def swin_size_rule(model: nn.Module, example_size: int | Sequence[int] | None = None) -> SizeRule:
+    """Swin's dynamic-size rule for a program traced at `example_size` (None = the native size).
+
+    A stage whose map has a side at most the window runs as windows of that side without the shift, otherwise
+    as shifted `window` x `window` windows (`vitkit.models.swin.window_and_shift`); one graph holds one of the two
+    per stage. Stage i's side is ceil(S / (patch * 2^i)) for an input side S, so with k the first stage on the
+    one-window branch at the example (k = the stage count when none is), the sides that keep every stage on the
+    example's branch are patch * 2^(k-1) * window < S <= patch * 2^k * window (no lower bound when k = 0, no upper
+    bound when k = stages), in multiples of the patch and at least two of them. Swin-T at 224 px (window 7, last
+    stage 7 x 7 = one window): 116 to 224; window 12 at 384 px: 196 to 384. A non-square example whose sides
+    straddle a bound is outside its own rule (`check_export_size` names the side).
+    """
+    cfg = model.cfg
+    p, w, n = cfg.patch_size, cfg.window_size, len(cfg.depths)
+    if example_size is None:
+        example_size = tuple(model.preprocess.input_size)
+    if isinstance(example_size, int) and not isinstance(example_size, bool):
+        example_size = (example_size, example_size)
+    sides = [-(-int(s) // p) for s in example_size]  # stage 0's map
+    k = n
+    for i in range(n):
+        if min(sides) <= w:
+            k = i
+            break
+        sides = [-(-s // 2) for s in sides]  # patch merging: ceil(side / 2)
+    lo = max(2, 2 ** (k - 1) * w + 1) if k > 0 else 2
+    hi = 2**k * w if k < n else None
+    if k == n:
+        why = f"every stage more than window {w} per side: shifted windows"
+    else:
+        why = f"stage {k}'s side at most window {w}: one window, no shift"
+        if k > 0:
+            why += f"; stage {k - 1}'s more than {w}: shifted windows"
+    return SizeRule(p, lo, f"patch size {p}; {why}", hi)
+
+
 def size_multiple(model: nn.Module) -> int:
     """`size_rule(model).multiple`: the side multiple (pixels) of every exported input."""
     return size_rule(model).multiple
@@ -116,26 +169,35 @@ def size_multiple(model: nn.Module) -> int:
 
 def check_export_size(model: nn.Module, size: int | Sequence[int], dynamic: bool = True) -> tuple[int, int]:
     """(H, W) if the exported model can take it, else a ValueError naming the side, the value and what is allowed.
+    The rule is the one for `size` as the example (it matters for Swin only).
 
     Raises:
         TypeError: not an int or two ints.
-        ValueError: a side that is not a multiple of the model's `size_rule` or below its minimum.
+        ValueError: a side that is not a multiple of the model's `size_rule`, below its minimum or above its maximum.
     """
     if isinstance(size, int) and not isinstance(size, bool):
         size = (size, size)
     if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) for s in size):
         raise TypeError(f"size must be an int or (H, W) ints, got {size!r}")
-    rule = size_rule(model, dynamic)
-    m, lo = rule.multiple, rule.min_size
-    for name, side in zip(("height", "width"), size):
-        if side < lo or side % m:
-            below = (side // m) * m
-            hint = f"{below} or {below + m}" if below >= lo else f"{lo}"
-            raise ValueError(
-                f"image {name} {side} cannot be exported for {_name(model)}: sides must be multiples of {m} from "
-                f"{lo} ({rule.reason}); try {hint}"
-            )
+    rule = size_rule(model, dynamic, example_size=size)
+    check_size_rule(rule, size, f"cannot be exported for {_name(model)}")
     return int(size[0]), int(size[1])
+
+
+def check_size_rule(rule: SizeRule, size: Sequence[int], what: str) -> None:
+    """Raise a ValueError naming the side of `size` (H, W) that `rule` does not allow, its value and the rule;
+    `what` says what cannot happen (`cannot be exported for vit_small_patch16_224`)."""
+    m, lo, hi = rule.multiple, rule.min_size, rule.max_size
+    for name, side in zip(("height", "width"), size):
+        if side < lo or side % m or (hi is not None and side > hi):
+            below = (side // m) * m
+            if hi is not None and side > hi:
+                hint = f"{hi}"
+            elif below >= lo and (hi is None or below + m <= hi):
+                hint = f"{below} or {below + m}"
+            else:
+                hint = f"{below}" if below >= lo else f"{lo}"
+            raise ValueError(f"image {name} {side} {what}: sides must be {rule.describe()}; try {hint}")
 
 
 def _name(model: nn.Module) -> str:
@@ -147,12 +209,6 @@ def refusal(model: nn.Module, format: str, dynamic: bool) -> str | None:
     parity tests; each is a limit of torch.export or of the ONNX exporter with symbolic sizes, not of the model."""
     if not dynamic:
         return None
-    if getattr(model, "family", None) == "swin":
-        return (
-            "its window attention repeats the per-window bias over the batch as (batch x windows) // windows, a "
-            "division of symbolic sizes that torch.export freezes at the example's batch and size, and a stage whose "
-            "side is at most the window runs without the shift (another program)"
-        )
     from vitkit.layers import DecomposedRelPosAttention, LocalAttention, SparseAttention
 
     mods = list(model.modules())
@@ -184,7 +240,7 @@ def check_exportable(model: nn.Module, dynamic: bool = True, format: str = "onnx
     """
     why = refusal(model, format, dynamic)
     if why is not None:
-        kind = "Swin" if getattr(model, "family", None) == "swin" else getattr(model.cfg, "attn_layer", "")
+        kind = getattr(model.cfg, "attn_layer", "")
         raise ValueError(
             f"{_name(model)} ({kind}) cannot be exported to {format} with dynamic height and width: {why}. Export "
             "with dynamic=False (--static on the command line): a file for the example size, any batch"
@@ -218,7 +274,7 @@ def export_metadata(
 ) -> dict[str, Any]:
     """What a runtime needs besides the graph: the preprocessing, the size rule, names. Every value is JSON."""
     pre = model.preprocess
-    rule = size_rule(model, dynamic)
+    rule = size_rule(model, dynamic, example_size=example_size)
     return {
         "model_name": _name(model),
         "family": getattr(model, "family", None),
@@ -238,6 +294,8 @@ def export_metadata(
         "example_size": list(example_size),
         "patch_multiple": rule.multiple,
         "min_size": rule.min_size if dynamic else None,
+        "max_size": rule.max_size if dynamic else None,
+        "size_rule": rule.as_dict() if dynamic else None,
         "dynamic_size": dynamic,
         "batch": batch,
     }
@@ -372,8 +430,13 @@ def _check_generalises(
         ValueError: the program fails at the other size or disagrees with eager there, naming the model and its
             attention layer.
     """
-    m = size_rule(model).multiple
-    other = (size[0] + m, size[1] + 2 * m)
+    try:
+        other = default_check_sizes(model, size)[3]  # a non-square size of the rule, not the example
+    except ValueError:  # a rule of fewer than four sizes (a narrow Swin range): its smallest and largest sides
+        rule = size_rule(model, example_size=size)
+        other = (rule.min_size, rule.max_size or rule.min_size)
+        if other == tuple(size):
+            return  # the example is the only size there is
     x = torch.randn(1 if batch is None else batch, _in_chans(model), *other)
     layer = getattr(getattr(model, "cfg", None), "attn_layer", None)
     what = f"{_name(model)}" + (f" (attn_layer={layer!r})" if layer else "")
@@ -404,7 +467,7 @@ def trace(
     x = torch.randn(2 if batch is None else batch, _in_chans(model), *example_size)
     with torch.no_grad():
         return torch.export.export(
-            ExportForward(model.eval()), (x,), dynamic_shapes=_dynamic_shapes(model, batch, dynamic)
+            ExportForward(model.eval()), (x,), dynamic_shapes=_dynamic_shapes(model, batch, dynamic, example_size)
         )
 
 
@@ -433,17 +496,21 @@ def _in_chans(model: nn.Module) -> int:
     return int(getattr(cfg, "in_chans", 3))
 
 
-def _dynamic_shapes(model: nn.Module, batch: int | None, dynamic: bool) -> dict[str, dict[int, Any]] | None:
+def _dynamic_shapes(
+    model: nn.Module, batch: int | None, dynamic: bool, example_size: Sequence[int] | None = None
+) -> dict[str, dict[int, Any]] | None:
     from torch.export import Dim
 
     axes: dict[int, Any] = {}
     if batch is None:
         axes[0] = Dim("batch", min=1)
     if dynamic:
-        rule = size_rule(model)
-        # Sides as multiple * symbol: the exporter then knows every side divides by the patch (no guard on H % p).
-        axes[2] = rule.multiple * Dim("h_multiples", min=rule.min_multiples)
-        axes[3] = rule.multiple * Dim("w_multiples", min=rule.min_multiples)
+        rule = size_rule(model, example_size=example_size)
+        # Sides as multiple * symbol: the exporter then knows every side divides by the patch (no guard on H % p);
+        # the range settles size branches (Swin's window branch per stage) for every size of the rule.
+        top = {} if rule.max_multiples is None else {"max": rule.max_multiples}
+        axes[2] = rule.multiple * Dim("h_multiples", min=rule.min_multiples, **top)
+        axes[3] = rule.multiple * Dim("w_multiples", min=rule.min_multiples, **top)
     return {"images": axes} if axes else None
 
 
@@ -467,15 +534,31 @@ def _save_onnx(program: torch.export.ExportedProgram, opset: int | None, meta: d
 # ----------------------------------------------------------------------------------------------------------------
 def default_check_sizes(model: nn.Module, example_size: Sequence[int] | None = None) -> list[tuple[int, int]]:
     """The example size and three others of the size rule: larger, smaller (or larger again when the example is
-    the smallest allowed), and a non-square one."""
-    rule = size_rule(model)
-    m, lo = rule.multiple, rule.min_size
+    the smallest allowed), and a non-square one. Where the rule has a largest side (Swin), sizes above it are
+    replaced by smaller ones.
+
+    Raises:
+        ValueError: the rule leaves fewer than four sizes around the example.
+    """
     h, w = (int(s) for s in (example_size or model.preprocess.input_size))  # a one-size file's may be off the rule
-    sizes = [(h, w), (h + 2 * m, w + 2 * m)]
+    rule = size_rule(model, example_size=(h, w))
+    m, lo, hi = rule.multiple, rule.min_size, rule.max_size
+
+    def fits(s: tuple[int, int]) -> bool:
+        return all(v % m == 0 and lo <= v and (hi is None or v <= hi) for v in s)
+
     small = (max(lo, h - m), max(lo, w - m))
-    sizes.append(small if small != (h, w) else (h + m, w + m))
-    odd = (h + m, w + 3 * m)
-    sizes.append(odd if odd[0] != odd[1] else (h + m, w + 4 * m))
+    choices = (  # per size, in order of preference
+        [(h + 2 * m, w + 2 * m), (h - 2 * m, w - 2 * m), (h + m, w + m), (h - 3 * m, w - 3 * m)],
+        [small, (h + m, w + m), (h - m, w - m), (h - 2 * m, w - 2 * m), (h + 3 * m, w + 3 * m)],
+        [(h + m, w + 3 * m), (h + m, w + 4 * m), (h - m, w - 3 * m), (h - 3 * m, w - m), (h, w - m), (h - m, w)],
+    )
+    sizes = [(h, w)]
+    for i, options in enumerate(choices):
+        found = [s for s in options if s not in sizes and fits(s) and (i < 2 or s[0] != s[1])]
+        if not found:
+            raise ValueError(f"{_name(model)}: too few sizes around {h}x{w} to check (sides must be {rule.describe()})")
+        sizes.append(found[0])
     return sizes
 
 
@@ -486,10 +569,12 @@ def load_runner(path: str | os.PathLike, threads: int | None = None) -> Callable
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no exported model at {path}")
+    check = _runner_size_check(path)
     if zipfile.is_zipfile(path):
         module = torch.export.load(str(path)).module()
 
         def run_program(x: torch.Tensor) -> torch.Tensor:
+            check(x)
             with torch.no_grad():
                 return module(x)
 
@@ -507,9 +592,29 @@ def load_runner(path: str | os.PathLike, threads: int | None = None) -> Callable
     name = session.get_inputs()[0].name
 
     def run_onnx(x: torch.Tensor) -> torch.Tensor:
+        check(x)
         return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
     return run_onnx
+
+
+def _runner_size_check(path: Path) -> Callable[[torch.Tensor], None]:
+    """A check of the input's (H, W) against the `size_rule` recorded in the file: the graph itself cannot tell a
+    size outside it (a Swin stage on the other window branch runs and gives wrong numbers). Files without the
+    entry (one-size files, older exports) are not checked here."""
+    try:
+        rule = read_metadata(path).get("size_rule")
+    except ValueError:
+        rule = None
+    if not rule:
+        return lambda x: None
+    m, lo, hi = rule["multiple"], rule["min"], rule["max"]
+    parsed = SizeRule(m, lo // m, rule["reason"], None if hi is None else hi // m)
+
+    def check(x: torch.Tensor) -> None:
+        check_size_rule(parsed, tuple(int(s) for s in x.shape[-2:]), f"is outside what {path.name} takes")
+
+    return check
 
 
 def check_export(

@@ -103,7 +103,16 @@ class SwinConfig:
 # ----------------------------------------------------------------------------------------------------------------
 def window_and_shift(height: int, width: int, window: int, shift: int) -> tuple[int, int]:
     """Window side and shift for a (height, width) map: a map whose shorter side is at most the window gets one
-    window of that side and no shift (transformers' rule); otherwise the configured values."""
+    window of that side and no shift (transformers' rule); otherwise the configured values.
+
+    While exporting (symbolic sides) the same rule without a comparison of the two sides: `torch.sym_min` stays
+    symbolic, and the branch is decided by each side against the constant window, which the exporter settles from
+    the sides' ranges (`vitkit.deploy.export.size_rule` keeps every stage on the example's branch).
+    """
+    if torch.compiler.is_exporting():
+        if height <= window or width <= window:
+            return torch.sym_min(height, width), 0
+        return window, shift
     if min(height, width) <= window:
         return min(height, width), 0
     return window, shift
@@ -187,7 +196,7 @@ class WindowAttention(nn.Module):
 
     def position_bias(self, window: int) -> torch.Tensor:
         """Bias (heads, window^2, window^2) for a window of side `window` (<= the configured side)."""
-        if window == self.window_size:
+        if isinstance(window, int) and window == self.window_size:  # a symbolic side (export) is never the buffer's
             index = self.relative_position_index
         else:
             index = relative_position_index(window, self.window_size).to(self.relative_position_bias_table.device)
@@ -212,7 +221,8 @@ class WindowAttention(nn.Module):
         if bias is None:
             bias = self.attention_bias(window, mask, x.dtype)
         nW = bias.shape[0]
-        if nW > 1:  # one bias per window, the same for every image: (B * nW, heads, N, N)
+        # Exporting, the caller repeats the bias per image (no (B * nW) // nW division of symbolic sizes).
+        if not torch.compiler.is_exporting() and nW > 1:  # one bias per window, the same for every image
             bias = bias.unsqueeze(0).expand(Bw // nW, -1, -1, -1, -1).reshape(Bw, self.num_heads, N, N)
         capture = self.capture  # read once: another thread may close its capture meanwhile
         # The explicit path, while a map is read or while exporting (the ONNX exporter's decomposition of the fused
@@ -302,6 +312,8 @@ class SwinBlock(nn.Module):
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         window, shift = window_and_shift(H, W, self.window_size, self.shift_size)
+        if torch.compiler.is_exporting():
+            return self._attend_exporting(x, window, shift)
         # Pad bottom/right to whole windows after the norm and before the shift (official detection code).
         pad_b, pad_r = (window - H % window) % window, (window - W % window) % window
         if pad_b or pad_r:  # F.pad copies even when it pads nothing
@@ -328,6 +340,66 @@ class SwinBlock(nn.Module):
             x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
         return x[:, :H, :W]
 
+    def _attend_exporting(self, x: torch.Tensor, window, shift: int) -> torch.Tensor:
+        """`_attend` with symbolic sides (vitkit.deploy.export), in gathers instead of pad, roll, views and a crop:
+        those leave guards on the sizes (a pad of zero, one window) that torch.export freezes at the example.
+
+        Shifted or regular `window` x `window` windows (constant window): one gather does the padding, the roll and
+        the partition, another undoes them, and the per-window bias is repeated per image (no division of batch x
+        windows by windows). One-window stages (`window` = the shorter side, symbolic): the padded map attends as
+        one sequence with the bias of each pair in the same window and -inf across windows, which equals attention
+        per window (the number of windows may then be one or more within one graph).
+        """
+        B, H, W, C = x.shape
+        n_h, n_w = (H + window - 1) // window, (W + window - 1) // window  # windows per side
+        Hp, Wp = n_h * window, n_w * window
+        dev = x.device
+        # Padded-map coordinates in the order attention sees them, and their source (the roll by -shift).
+        if isinstance(window, int):  # window order: (n_h, n_w, window, window) flattened
+            rows = torch.arange(n_h, device=dev)[:, None] * window + torch.arange(window, device=dev)[None, :]
+            cols = torch.arange(n_w, device=dev)[:, None] * window + torch.arange(window, device=dev)[None, :]
+            r, c = rows[:, None, :, None], cols[None, :, None, :]  # (n_h, 1, w, 1), (1, n_w, 1, w)
+        else:  # one sequence: the padded map row by row
+            r, c = torch.arange(Hp, device=dev)[:, None], torch.arange(Wp, device=dev)[None, :]  # (Hp, 1), (1, Wp)
+        r_src = torch.where(r + shift >= Hp, r + shift - Hp, r + shift)  # (r + shift) mod Hp, as in torch.roll
+        c_src = torch.where(c + shift >= Wp, c + shift - Wp, c + shift)
+        index = torch.where((r_src < H) & (c_src < W), r_src * W + c_src, H * W).reshape(-1)  # H * W: the padding
+        tokens = torch.cat([x.reshape(B, H * W, C), x.new_zeros(B, 1, C)], dim=1)  # (B, H * W + 1, C)
+        seq = tokens.index_select(1, index)  # (B, Hp * Wp, C) in window (or row) order
+        if isinstance(window, int):
+            mask = shift_mask(Hp, Wp, window, shift, x.dtype, dev) if shift else None  # (nW, N, N)
+            bias = self.attn.attention_bias(window, mask, x.dtype)  # (1 or nW, heads, N, N)
+            if shift:
+                bias = bias.repeat(B, 1, 1, 1)  # (B * nW, heads, N, N): window_partition's order
+            out = self.attn(seq.reshape(-1, window * window, C), window, bias=bias)  # (B * nW, N, C)
+            out = out.reshape(B, Hp * Wp, C)
+        else:
+            out = self.attn(seq, window, bias=self._one_window_bias(Hp, Wp, window, x.dtype, dev))  # (B, Hp*Wp, C)
+        # Back: the token at (i, j) sits where its rolled position (i - shift) mod Hp lands in that order.
+        i, j = torch.arange(H, device=dev)[:, None], torch.arange(W, device=dev)[None, :]
+        ri = torch.where(i < shift, i - shift + Hp, i - shift)
+        cj = torch.where(j < shift, j - shift + Wp, j - shift)
+        if isinstance(window, int):
+            inverse = ((ri // window) * n_w + cj // window) * (window * window) + (ri % window) * window + cj % window
+        else:
+            inverse = ri * Wp + cj
+        return out.index_select(1, inverse.reshape(-1)).reshape(B, H, W, C)
+
+    def _one_window_bias(self, Hp: int, Wp: int, window, dtype: torch.dtype, device) -> torch.Tensor:
+        """(1, heads, Hp * Wp, Hp * Wp) bias of a padded map attended as one sequence: each pair in the same
+        window gets its relative position bias (from the table's centre, as `position_bias`), other pairs -inf."""
+        table = self.attn.relative_position_bias_table
+        T = self.attn.window_size
+        r = torch.arange(Hp, device=device)[:, None].expand(Hp, Wp).reshape(-1)  # (L,) row of each token
+        c = torch.arange(Wp, device=device)[None, :].expand(Hp, Wp).reshape(-1)
+        dr = (r[:, None] - r[None, :]).clamp(-(T - 1), T - 1)  # (L, L); clamped only across windows (masked)
+        dc = (c[:, None] - c[None, :]).clamp(-(T - 1), T - 1)
+        bias = table[((dr + T - 1) * (2 * T - 1) + dc + T - 1).reshape(-1)]  # (L * L, heads)
+        bias = bias.reshape(Hp * Wp, Hp * Wp, -1).permute(2, 0, 1).to(dtype)  # (heads, L, L)
+        win_id = (r // window) * Wp + c // window  # the window of each token
+        apart = win_id[:, None] != win_id[None, :]
+        return bias.masked_fill(apart, float("-inf")).unsqueeze(0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self._attend(self.norm1(x)))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
@@ -343,7 +415,9 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        if H % 2 or W % 2:  # odd sides get one zero row/column (as transformers); F.pad copies even for none
+        if torch.compiler.is_exporting():  # symbolic sides: always pad, to a side written as 2 x halves (no guard)
+            x = F.pad(x, (0, 0, 0, 2 * ((W + 1) // 2) - W, 0, 2 * ((H + 1) // 2) - H))
+        elif H % 2 or W % 2:  # odd sides get one zero row/column (as transformers); F.pad copies even for none
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
         H, W = x.shape[1], x.shape[2]
         # Channel order (0,0), (1,0), (0,1), (1,1) as (row, col) offsets: the original x0..x3 concatenation.
