@@ -29,6 +29,23 @@ def test_bad_values_are_named(changes, message):
         TrainConfig(**changes)
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"task": "detect", "seg_head": "unetr"}, r"seg_head='unetr' is for task='segment', not task='detect'"),
+        ({"task": "classify", "seg_args": {"decoder_depth": 1}}, r"seg_args=\{'decoder_depth': 1\} is for task='segm"),
+        ({"task": "detect", "dice_weight": 0.5}, r"dice_weight=0.5 is for task='segment', not task='detect'"),
+        (
+            {"task": "segment", "model_args": {"num_queries": 5}},
+            r"num_queries=5 \(in model_args\) is for task='detect'",
+        ),
+    ],
+)
+def test_settings_of_another_task_are_refused_not_ignored(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes)
+
+
 def test_unknown_setting_suggests_close_name():
     with pytest.raises(ValueError, match=r"unknown training setting 'learning_rate'"):
         TrainConfig.from_dict({"learning_rate": 0.1})

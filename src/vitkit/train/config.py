@@ -141,6 +141,19 @@ class TrainConfig:
         check_literal("seg_head", self.seg_head, SegHeadName)
         if not self.dice_weight >= 0:
             raise ValueError(f"dice_weight must be >= 0, got {self.dice_weight}")
+        # Settings of one task given to another would be ignored without a word: refuse them by name.
+        if self.task != "segment":
+            for name, given in (("seg_head", self.seg_head != "linear"), ("seg_args", bool(self.seg_args)),
+                                ("dice_weight", self.dice_weight != 0)):  # fmt: skip
+                if given:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} is for task='segment', not task={self.task!r}; drop it"
+                    )
+        if self.task != "detect" and "num_queries" in self.model_args:
+            raise ValueError(
+                f"num_queries={self.model_args['num_queries']!r} (in model_args) is for task='detect', not "
+                f"task={self.task!r}; drop it"
+            )
         check_literal("interpolation", self.interpolation, Interpolation)
         check_threads(self.threads)
         _positive_int("epochs", self.epochs)
