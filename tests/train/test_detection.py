@@ -365,3 +365,20 @@ def test_detector_starts_from_a_segmentation_models_backbone(tmp_path):
     assert any("segmentation head is dropped" in m for m in logs)
     with pytest.raises(ValueError, match="cannot change the architecture"):
         build_detector(cfg.replace(model_args={"depth": 1}), 4, [1, 2, 3, 4], logs.append)
+
+
+def test_eval_of_an_empty_split_is_refused_by_name(tmp_path):
+    # A run trained with test_fraction: 0 has no test split; eval printed mAP nan (and --json wrote NaN, which is
+    # not JSON) instead of saying so.
+    from vitkit.models import ViTDETR
+    from vitkit.train.detection_run import evaluate_detection
+
+    det = ViTDETR("vit_nano_patch4_32", 4, backbone_args={"img_size": 16, "depth": 1, "embed_dim": 16, "num_heads": 2},
+                  hidden_dim=16, dec_layers=1, dec_heads=2, dec_ffn_dim=16, num_queries=8)  # fmt: skip
+    det.save_pretrained(tmp_path / "det")
+    config = json.loads((tmp_path / "det" / "config.json").read_text())
+    config["training"] = {"data": "scenes:10", "shapes_size": 16, "val_fraction": 0.2, "test_fraction": 0.0}
+    (tmp_path / "det" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"the test split of 'scenes:10' is empty \(test_fraction=0.0\); choose"):
+        evaluate_detection(tmp_path / "det", threads=None, device="cpu")
+    assert evaluate_detection(tmp_path / "det", split="val", threads=None, device="cpu")["n"] == 2

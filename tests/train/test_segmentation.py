@@ -421,3 +421,18 @@ def test_train_and_eval_on_coco_json(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(run), "--json", "--threads", "1"]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["n"] == 1 and ev["miou"] == pytest.approx(summary["test_miou"])
+
+
+def test_eval_of_an_empty_split_is_refused_by_name(tmp_path):
+    # scenes:3 holds round(0.3) = 0 test images: eval crashed with "unsupported format string passed to
+    # NoneType.__format__" instead of saying that the split is empty.
+    from vitkit.data.shapes import SCENE_CLASSES
+    from vitkit.models.segmentation import ViTSegmentation
+    from vitkit.train.seg_run import evaluate_segmentation
+
+    model = ViTSegmentation("vit_nano_patch4_32", len(SCENE_CLASSES), backbone_args={"img_size": 16, "depth": 1})
+    model.preprocess.class_names = list(SCENE_CLASSES)
+    model.save_pretrained(tmp_path / "seg")
+    with pytest.raises(ValueError, match=r"the test split of 'scenes:3' is empty \(test_fraction=0.1\); choose"):
+        evaluate_segmentation(tmp_path / "seg", "scenes:3", threads=None, device="cpu")
+    assert evaluate_segmentation(tmp_path / "seg", "scenes:3", split="train", threads=None, device="cpu")["n"] == 3

@@ -258,6 +258,9 @@ def evaluate_detection(
     Returns:
         {"data", "split", "checkpoint", "n", "n_boxes", "loss", "map", "map50", "map75", and with split="test"
         also "test_map", "test_map50", "test_map75"}.
+
+    Raises:
+        ValueError: not a detector, an unknown or empty split, data whose classes are not the detector's.
     """
     from vitkit.data.detection import DetectionDataset, load_detection_data
     from vitkit.train.det_metrics import coco_map
@@ -285,6 +288,11 @@ def evaluate_detection(
         )
     else:
         ds = getattr(splits, split)
+    if len(ds) == 0:  # mAP of nothing is NaN, which is not even JSON
+        fraction = f" ({split}_fraction={record.get(f'{split}_fraction', 0.1)})" if split in ("val", "test") else ""
+        raise ValueError(
+            f"the {split} split of {spec!r} is empty{fraction}; choose another split (train, val, test, all)"
+        )
     if list(splits.class_names) != list(model.preprocess.class_names or splits.class_names):
         raise ValueError(
             f"the data's classes {splits.class_names} are not the detector's {model.preprocess.class_names}"

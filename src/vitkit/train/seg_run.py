@@ -281,7 +281,8 @@ def evaluate_segmentation(
         "confusion", "class_names", "data", "split", "checkpoint"}.
 
     Raises:
-        ValueError: not a segmentation checkpoint, an unknown split, data whose classes differ from the model's.
+        ValueError: not a segmentation checkpoint, an unknown or empty split, data whose classes differ from the
+            model's.
     """
     from vitkit.train.distributed import resolve_device
 
@@ -304,6 +305,9 @@ def evaluate_segmentation(
     if list(splits.class_names) != list(names):
         raise ValueError(f"the data's classes {splits.class_names} differ from the model's {names}")
     ds = getattr(splits, split)
+    if len(ds) == 0:
+        fraction = f" ({split}_fraction={record.get(f'{split}_fraction', 0.1)})" if split != "train" else ""
+        raise ValueError(f"the {split} split of {spec!r} is empty{fraction}; choose another split (train, val, test)")
     task = SegmentationTask()
     task.check_model(model)
     task.setup(model, TrainConfig(task="segment", monitor="val_miou"), dev)
