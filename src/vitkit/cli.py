@@ -723,7 +723,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=_threads_arg, default="auto", metavar="N|auto", help=_THREADS_HELP)
-    p.add_argument("--json", action="store_true", help="print JSON (one object per image)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON: one object per image (classifiers, segmentation); detectors: a list of COCO results",
+    )
     p.add_argument("--tome", type=int, default=0, metavar="R", help=_TOME_HELP)
     p.add_argument(
         "--out",
@@ -1250,7 +1254,7 @@ _ARG_FLAGS: dict[str, dict[str, str]] = {
         "data": "--data", "weight_decays": "--weight-decays", "batch_size": "--batch-size", "device": "--device",
         "out": "--out",
     },
-    "predict": {"topk": "--topk", "device": "--device", **_INT8_FLAGS},
+    "predict": {"topk": "--topk", "device": "--device", "score_threshold": "--threshold", **_INT8_FLAGS},
     "explain": {
         "target": "--target", "method": "--method", "layer": "--layer", "head": "--head",
         "head_fusion": "--head-fusion", "discard_ratio": "--discard-ratio", "layers": "--html-layers",

@@ -382,3 +382,21 @@ def test_eval_of_an_empty_split_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"the test split of 'scenes:10' is empty \(test_fraction=0.0\); choose"):
         evaluate_detection(tmp_path / "det", threads=None, device="cpu")
     assert evaluate_detection(tmp_path / "det", split="val", threads=None, device="cpu")["n"] == 2
+
+
+def test_predict_names_the_threshold_flag_and_json_help_says_what_it_prints(tmp_path, capsys):
+    from PIL import Image
+
+    from vitkit.cli import main
+    from vitkit.models import ViTDETR
+
+    ViTDETR("vit_nano_patch4_32", 2, backbone_args={"img_size": 16, "depth": 1, "embed_dim": 16, "num_heads": 2},
+            hidden_dim=16, dec_layers=1, dec_heads=2, dec_ffn_dim=16, num_queries=3).save_pretrained(tmp_path / "det")  # fmt: skip
+    Image.new("RGB", (20, 16)).save(tmp_path / "a.png")
+    argv = ["predict", "--checkpoint", str(tmp_path / "det"), str(tmp_path / "a.png"), "--threads", "1"]
+    assert main([*argv, "--threshold", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--threshold 1.5 is outside [0, 1]" in err and "score_threshold" not in err, err
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    assert "detectors: a list of COCO results" in " ".join(capsys.readouterr().out.split())

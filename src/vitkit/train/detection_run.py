@@ -363,7 +363,7 @@ def predict_detection(
     from vitkit.data.images import decode_image, list_image_files
 
     if not 0 <= score_threshold <= 1:
-        raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
+        raise ValueError(f"score_threshold={score_threshold} is outside [0, 1]")
     if threads is not None:
         set_threads(threads)
     model, _ = _load_detector(checkpoint, device)
