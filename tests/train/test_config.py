@@ -22,6 +22,13 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
         ({"monitor": "ema_acc"}, "monitor='ema_acc' needs ema: true"),
         ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\)"),
         ({"device": "tpu"}, "device='tpu' is not allowed"),
+        ({"scale": 0.5}, r"scale must be a \(low, high\) pair with 0 < low <= high <= 1.0, got 0.5"),
+        ({"task": "segment", "scale": [0.5]}, r"scale must be a \(low, high\) pair .*, got \(0.5,\)"),
+        ({"task": "segment", "scale": [0, 1]}, r"scale must be a \(low, high\) pair .*, got \(0.0, 1.0\)"),
+        (
+            {"task": "detect", "ratio": [2, 1]},
+            r"ratio must be a \(low, high\) pair with 0 < low <= high, got \(2.0, 1.0\)",
+        ),
     ],
 )
 def test_bad_values_are_named(changes, message):

@@ -19,6 +19,7 @@ import yaml
 
 from vitkit.data.shapes import MIN_SIDE
 from vitkit.data.transforms import AutoAugmentPolicy as AutoAugment
+from vitkit.data.transforms import check_range
 from vitkit.models.base import Interpolation, check_literal, config_from_dict, config_to_dict
 from vitkit.threads import ThreadSetting, check_threads
 
@@ -128,8 +129,14 @@ class TrainConfig:
     progress: bool = True  # show a tqdm progress bar per epoch
 
     def __post_init__(self) -> None:
-        self.scale = tuple(float(v) for v in self.scale)
-        self.ratio = tuple(float(v) for v in self.ratio)
+        # the crop ranges of every task's augmentation (classification, segmentation), checked before a transform is
+        # built: kornia's own error speaks of tensors
+        for name, upper in (("scale", 1.0), ("ratio", None)):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
+                limit = f" <= {upper}" if upper is not None else ""
+                raise ValueError(f"{name} must be a (low, high) pair with 0 < low <= high{limit}, got {value!r}")
+            setattr(self, name, check_range(name, [float(v) for v in value], upper))
         self.model_args = dict(self.model_args or {})
         self.seg_args = dict(self.seg_args or {})
         check_literal("amp", self.amp, Amp)
