@@ -799,6 +799,9 @@ def _cmd_eval_segment(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
+    if r["miou"] is None:  # every mask pixel of the split is 255: nothing to score
+        print(f"{r['data']} ({r['split']}, {r['n']} images): no labelled pixel (every mask pixel is 255), no metric")
+        return 0
     print(f"{r['data']} ({r['split']}, {r['n']} images): mIoU {r['miou']:.4f}  Dice {r['dice']:.4f}  "
           f"foreground IoU {r['fg_iou']:.4f}  pixel accuracy {r['pixel_acc']:.4f}")  # fmt: skip
     width = max(len(c) for c in r["per_class"])

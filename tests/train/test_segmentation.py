@@ -436,3 +436,46 @@ def test_eval_of_an_empty_split_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"the test split of 'scenes:3' is empty \(test_fraction=0.1\); choose"):
         evaluate_segmentation(tmp_path / "seg", "scenes:3", threads=None, device="cpu")
     assert evaluate_segmentation(tmp_path / "seg", "scenes:3", split="train", threads=None, device="cpu")["n"] == 3
+
+
+def _strict_json(text: str):
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_test_split_without_counted_pixels_gives_null_metrics_not_nan_or_a_crash(tmp_path, capsys):
+    # Masks of 255 only (unlabelled) in the test split: summary.json held NaN (not JSON), `vitkit eval` crashed on
+    # "unsupported format string passed to NoneType.__format__" and its --json printed "loss": NaN.
+    from PIL import Image
+
+    from vitkit.cli import main
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    (data / "classes.txt").write_text("background\nobject\n")
+    n, seed = 10, 3
+    test_items = set(np.random.default_rng(seed).permutation(n)[n - 1 :].tolist())  # the folder split's last 10%
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(data / "images" / f"{i}.png")
+        mask = np.full((16, 16), 255, np.uint8)
+        if i not in test_items:
+            mask[:8], mask[8:] = 1, 0
+        Image.fromarray(mask).save(data / "masks" / f"{i}.png")
+    cfg = {**TINY_SEG, "data": str(data), "load_size": 16, "seed": seed, "epochs": 1, "monitor": "val_miou",
+           "out": str(tmp_path / "run")}  # fmt: skip
+    cfg.pop("shapes_size")
+    summary = train(TrainConfig(**cfg), log=lambda m: None)
+    assert summary["split_sizes"]["test"] == 1 and summary["test_images"] == 1
+    written = _strict_json((tmp_path / "run" / "summary.json").read_text())
+    assert written["test_miou"] is None and written["test_loss"] is None and written["test_per_class"] == {}
+    assert summary["best_val_miou"] is not None  # the validation split has labels
+
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--threads", "1"]) == 0
+    assert "no labelled pixel" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--threads", "1", "--json"]) == 0
+    ev = _strict_json(capsys.readouterr().out)
+    assert ev["n"] == 1 and ev["miou"] is None and ev["loss"] is None

@@ -9,6 +9,7 @@ pixels}}). The loop, checkpoints, exact resume, EMA, AMP and DDP are the Trainer
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -187,11 +188,12 @@ def train_segmentation(cfg: TrainConfig, dist: DistInfo, resume: Any, say: Calla
         best_epoch=best_epoch,
         best_is_ema=cfg.monitor.startswith("ema_"),
         monitor=cfg.monitor,
-        test_miou=test.get("miou"),
-        test_dice=test.get("dice"),
-        test_fg_iou=test.get("fg_iou"),
-        test_pixel_acc=test.get("pixel_acc"),
-        test_loss=test.get("loss"),
+        # NaN (a test split of ignored pixels only) is not JSON: None
+        test_miou=_finite(test.get("miou")),
+        test_dice=_finite(test.get("dice")),
+        test_fg_iou=_finite(test.get("fg_iou")),
+        test_pixel_acc=_finite(test.get("pixel_acc")),
+        test_loss=_finite(test.get("loss")),
         test_per_class=per_class,
         test_images=test.get("n", 0),
         epochs_run=len(hist),
@@ -214,6 +216,11 @@ def train_segmentation(cfg: TrainConfig, dist: DistInfo, resume: Any, say: Calla
     return summary
 
 
+def _finite(value: float | None) -> float | None:
+    """A metric for JSON: NaN (nothing counted) becomes None."""
+    return None if value is None or math.isnan(value) else float(value)
+
+
 def _default_load_size() -> int:
     from vitkit.data.segmentation import DEFAULT_SEG_LOAD_SIZE
 
@@ -229,6 +236,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             f"test mIoU {summary['test_miou']:.4f}  Dice {summary['test_dice']:.4f}  foreground IoU "
             f"{summary['test_fg_iou']:.4f}"
         )
+    elif summary.get("test_images"):
+        lines.append("test split: no labelled pixel (every mask pixel is 255), no metric")
     else:
         lines.append("no test split")
     if summary.get("best_val_miou") is not None:
@@ -325,7 +334,7 @@ def evaluate_segmentation(
         "data": spec,
         "split": split,
         "n": metrics["n"],
-        "loss": metrics["loss"],
+        "loss": _finite(metrics["loss"]),
         **{k: full[k] for k in ("miou", "dice", "fg_iou", "pixel_acc", "per_class")},
         "class_names": list(names),
         "confusion": task.confusion(sums).long().tolist(),
