@@ -706,8 +706,9 @@ def _cmd_eval_detection(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    print(f"{r['data']} ({r['split']}, {r['n']} images, {r['n_boxes']} boxes): mAP@0.5 {r['map50']:.4f}  "
-          f"mAP@[.5:.95] {r['map']:.4f}  mAP@0.75 {r['map75']:.4f}  loss {r['loss']:.4f}")  # fmt: skip
+    num = {k: "-" if r[k] is None else f"{r[k]:.4f}" for k in ("map50", "map", "map75", "loss")}  # None: undefined
+    print(f"{r['data']} ({r['split']}, {r['n']} images, {r['n_boxes']} boxes): mAP@0.5 {num['map50']}  "
+          f"mAP@[.5:.95] {num['map']}  mAP@0.75 {num['map75']}  loss {num['loss']}")  # fmt: skip
     if "files" in r:
         print(f"wrote {r['files']['json']}")
     return 0

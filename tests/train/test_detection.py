@@ -400,3 +400,31 @@ def test_predict_names_the_threshold_flag_and_json_help_says_what_it_prints(tmp_
     with pytest.raises(SystemExit):
         main(["predict", "--help"])
     assert "detectors: a list of COCO results" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_split_without_boxes_gives_null_map_not_nan(tmp_path, capsys):
+    # COCO images without annotations (negatives only): mAP is undefined. eval --json printed NaN (not JSON).
+    from PIL import Image
+
+    from vitkit.cli import main
+    from vitkit.models import ViTDETR
+
+    ViTDETR("vit_nano_patch4_32", 1, backbone_args={"img_size": 16, "depth": 1, "embed_dim": 16, "num_heads": 2},
+            hidden_dim=16, dec_layers=1, dec_heads=2, dec_ffn_dim=16, num_queries=3).save_pretrained(tmp_path / "det")  # fmt: skip
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        Image.new("RGB", (20, 16), (40 * i, 0, 0)).save(tmp_path / "images" / f"{i}.png")
+    coco = {"images": [{"id": i, "file_name": f"{i}.png"} for i in range(3)], "annotations": [],
+            "categories": [{"id": 1, "name": "0"}]}  # fmt: skip
+    (tmp_path / "empty.json").write_text(json.dumps(coco))
+    argv = ["eval", "--checkpoint", str(tmp_path / "det"), "--data", f"coco:{tmp_path / 'empty.json'}", "--split",
+            "all", "--threads", "1"]  # fmt: skip
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    assert main([*argv, "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert ev["n"] == 3 and ev["n_boxes"] == 0 and ev["map50"] is None and ev["map"] is None
+    assert main(argv) == 0
+    assert "mAP@0.5 -" in capsys.readouterr().out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -183,10 +184,11 @@ def train_detection(cfg: TrainConfig, dist: DistInfo, resume: Any, say, t0: floa
         best_epoch=best_epoch,
         best_is_ema=prefix == "ema",
         monitor=cfg.monitor,
-        test_map=test.get("map"),
-        test_map50=test.get("map50"),
-        test_map75=test.get("map75"),
-        test_loss=test.get("loss"),
+        # NaN (a test split without boxes: mAP undefined) is not JSON: None
+        test_map=_finite(test.get("map")),
+        test_map50=_finite(test.get("map50")),
+        test_map75=_finite(test.get("map75")),
+        test_loss=_finite(test.get("loss")),
         test_images=test.get("n", 0),
         epochs_run=len(hist),
         stopped_early=bool(trainer.best.get("stopped_early")),
@@ -316,13 +318,14 @@ def evaluate_detection(
         "checkpoint": str(resolve_checkpoint(checkpoint)),
         "n": n,
         "n_boxes": scores["n_boxes"],
-        "loss": loss_sum / n if n else float("nan"),
-        "map": scores["map"],
-        "map50": scores["map50"],
-        "map75": scores["map75"],
+        "loss": _finite(loss_sum / n),
+        # None where mAP is undefined (no ground-truth box in the split): NaN is not JSON
+        "map": _finite(scores["map"]),
+        "map50": _finite(scores["map50"]),
+        "map75": _finite(scores["map75"]),
     }
     if split == "test":
-        result.update(test_map=scores["map"], test_map50=scores["map50"], test_map75=scores["map75"])
+        result.update(test_map=result["map"], test_map50=result["map50"], test_map75=result["map75"])
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -420,6 +423,11 @@ def coco_results(predictions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _finite(value: float | None) -> float | None:
+    """A metric for JSON: NaN (undefined) becomes None."""
+    return None if value is None or math.isnan(value) else float(value)
+
+
 def describe_summary(summary: dict[str, Any]) -> str:
     """The lines `vitkit train` prints at the end of a detection run."""
     run = summary["run_dir"]
@@ -429,7 +437,7 @@ def describe_summary(summary: dict[str, Any]) -> str:
 
     lines = [
         f"test mAP@0.5 {num(summary['test_map50'])}  mAP@[.5:.95] {num(summary['test_map'])}"
-        if summary["test_map50"] is not None
+        if summary.get("test_images")
         else "no test split",
         f"best val mAP@0.5 {num(summary['best_val_map50'])} (epoch {summary['best_epoch']})",
         f"{summary['epochs_run']} epochs in {summary['wall_time_s']:.0f} s ({summary['images_per_s']:.0f} img/s)",
