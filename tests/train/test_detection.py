@@ -428,3 +428,18 @@ def test_a_split_without_boxes_gives_null_map_not_nan(tmp_path, capsys):
     assert ev["n"] == 3 and ev["n_boxes"] == 0 and ev["map50"] is None and ev["map"] is None
     assert main(argv) == 0
     assert "mAP@0.5 -" in capsys.readouterr().out
+
+
+def test_more_objects_than_queries_is_refused_before_training(tmp_path, capsys):
+    # The Hungarian matching needs a query per object; the run used to stop mid-epoch (or, for a crowded test image,
+    # after the whole training) with "raise num_queries", a name the command line does not have.
+    from vitkit.cli import main
+    from vitkit.data.detection import load_detection_data
+
+    splits = load_detection_data("scenes:20", shapes_size=32)
+    most = max(len(t["labels"]) for ds in (splits.train, splits.val, splits.test) for t in ds.targets)
+    argv = [a if a != "6" else str(most - 1) for a in TINY_DET]
+    assert main(["train", *argv, "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"has {most} objects but --num-queries {most - 1}" in err and f"at least {most}" in err, err
+    assert not (tmp_path / "run" / "last").exists()

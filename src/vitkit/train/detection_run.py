@@ -120,6 +120,7 @@ def train_detection(cfg: TrainConfig, dist: DistInfo, resume: Any, say, t0: floa
     cfg, batch_note = fit_batch_size(cfg, len(splits.train), dist, say)
 
     model = build_detector(cfg, splits.num_classes, splits.category_ids, say)
+    check_queries(model.cfg.num_queries, cfg.data, {"train": splits.train, "val": splits.val, "test": splits.test})
     pre = model.preprocess
     mean, std = (pre.mean, pre.std) if cfg.pretrained else (splits.mean, splits.std)
     model.preprocess = Preprocess(
@@ -295,6 +296,7 @@ def evaluate_detection(
         raise ValueError(
             f"the {split} split of {spec!r} is empty{fraction}; choose another split (train, val, test, all)"
         )
+    check_queries(model.cfg.num_queries, spec, {split: ds})
     if list(splits.class_names) != list(model.preprocess.class_names or splits.class_names):
         raise ValueError(
             f"the data's classes {splits.class_names} are not the detector's {model.preprocess.class_names}"
@@ -421,6 +423,27 @@ def coco_results(predictions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 }
             )
     return out
+
+
+def check_queries(num_queries: int, spec: str, datasets: dict[str, Any]) -> None:
+    """Refuse data with an image holding more objects than the detector has queries, before any step: the Hungarian
+    matching gives each object its own query, and would otherwise stop the run where it meets that image (a crowded
+    test image: after the whole training).
+
+    Raises:
+        ValueError: naming the split, the image and the smallest num_queries that fits.
+    """
+    counts = [(len(t["labels"]), split, i) for split, ds in datasets.items() for i, t in enumerate(ds.targets)]
+    if not counts:
+        return
+    most, split, i = max(counts, key=lambda c: c[0])
+    if most > num_queries:
+        ds = datasets[split]
+        image = ds.paths[i] or f"image {ds.image_ids[i]}"
+        raise ValueError(
+            f"{spec}: {split} {image} has {most} objects but num_queries={num_queries}; DETR matches each object to "
+            f"a query of its own: use at least {most}"
+        )
 
 
 def _finite(value: float | None) -> float | None:
