@@ -479,3 +479,26 @@ def test_a_test_split_without_counted_pixels_gives_null_metrics_not_nan_or_a_cra
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--threads", "1", "--json"]) == 0
     ev = _strict_json(capsys.readouterr().out)
     assert ev["n"] == 1 and ev["miou"] is None and ev["loss"] is None
+
+
+@pytest.mark.parametrize("kind", ["segmentation", "detection"])
+def test_an_undecodable_image_is_named_by_predict_and_explain(tmp_path, capsys, kind):
+    # predict and explain of dense models printed PIL's traceback for a file that is not an image.
+    from vitkit.cli import main
+    from vitkit.models import ViTDETR
+    from vitkit.models.segmentation import ViTSegmentation
+
+    args = {"img_size": 16, "depth": 1, "embed_dim": 16, "num_heads": 2}
+    if kind == "segmentation":
+        model = ViTSegmentation("vit_nano_patch4_32", 3, backbone_args=args)
+    else:
+        model = ViTDETR("vit_nano_patch4_32", 2, backbone_args=args, hidden_dim=16, dec_layers=1, dec_heads=2,
+                        dec_ffn_dim=16, num_queries=3)  # fmt: skip
+    model.save_pretrained(tmp_path / "m")
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    for argv in (["predict", "--checkpoint", str(tmp_path / "m"), str(bad), "--json"],
+                 ["explain", str(bad), "--checkpoint", str(tmp_path / "m"), "--out", str(tmp_path / "why")]):  # fmt: skip
+        assert main([*argv, "--threads", "1"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: cannot decode image {bad}: UnidentifiedImageError" in err and "Traceback" not in err, err

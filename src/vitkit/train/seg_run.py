@@ -383,7 +383,12 @@ def predict_masks(
     transform = SegEvalTransform(pre.input_size, pre.mean, pre.std).to(dev)
     results = []
     for path in list_image_files(images):
-        image = decode_image(path)
+        try:
+            image = decode_image(path)
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError) as e:  # PIL's errors for a corrupt file: name the file
+            raise ValueError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
         if pre.load_size:  # the run decoded its files to load_size squares: predict on what it was trained on
             image = resize_center_crop(image, pre.load_size)
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(dev)  # (1, 3, H, W)
