@@ -445,26 +445,34 @@ def _strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
-def test_a_test_split_without_counted_pixels_gives_null_metrics_not_nan_or_a_crash(tmp_path, capsys):
-    # Masks of 255 only (unlabelled) in the test split: summary.json held NaN (not JSON), `vitkit eval` crashed on
-    # "unsupported format string passed to NoneType.__format__" and its --json printed "loss": NaN.
+def _folder_with_an_unlabelled_split(tmp_path: Path, split: str, seed: int, n: int = 10) -> Path:
+    """A 2-class mask folder of n 16 px images whose `split` (one image of the seeded folder split) is all 255."""
     from PIL import Image
-
-    from vitkit.cli import main
 
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
     (data / "masks").mkdir()
     (data / "classes.txt").write_text("background\nobject\n")
-    n, seed = 10, 3
-    test_items = set(np.random.default_rng(seed).permutation(n)[n - 1 :].tolist())  # the folder split's last 10%
+    order = np.random.default_rng(seed).permutation(n)  # load_mask_folder's split: train, then val, then test
+    unlabelled = {"val": order[n - 2], "test": order[n - 1]}[split]
     rng = np.random.default_rng(0)
     for i in range(n):
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(data / "images" / f"{i}.png")
         mask = np.full((16, 16), 255, np.uint8)
-        if i not in test_items:
+        if i != unlabelled:
             mask[:8], mask[8:] = 1, 0
         Image.fromarray(mask).save(data / "masks" / f"{i}.png")
+    return data
+
+
+def test_a_test_split_without_counted_pixels_gives_null_metrics_not_nan_or_a_crash(tmp_path, capsys):
+    # Masks of 255 only (unlabelled) in the test split: summary.json held NaN (not JSON), `vitkit eval` crashed on
+    # "unsupported format string passed to NoneType.__format__" and its --json printed "loss": NaN.
+
+    from vitkit.cli import main
+
+    seed = 3
+    data = _folder_with_an_unlabelled_split(tmp_path, "test", seed)
     cfg = {**TINY_SEG, "data": str(data), "load_size": 16, "seed": seed, "epochs": 1, "monitor": "val_miou",
            "out": str(tmp_path / "run")}  # fmt: skip
     cfg.pop("shapes_size")
@@ -502,3 +510,13 @@ def test_an_undecodable_image_is_named_by_predict_and_explain(tmp_path, capsys, 
         assert main([*argv, "--threads", "1"]) == 2
         err = capsys.readouterr().err
         assert f"error: cannot decode image {bad}: UnidentifiedImageError" in err and "Traceback" not in err, err
+
+
+def test_a_validation_split_without_counted_pixels_is_refused(tmp_path):
+    # val_miou was NaN every epoch, so "best" stayed at epoch 1 whatever the run learned, without a word.
+    data = _folder_with_an_unlabelled_split(tmp_path, "val", seed=0)
+    cfg = {**TINY_SEG, "data": str(data), "load_size": 16, "seed": 0, "epochs": 1, "monitor": "val_miou",
+           "out": str(tmp_path / "run")}  # fmt: skip
+    cfg.pop("shapes_size")
+    with pytest.raises(ValueError, match=r"the validation split of .*data \(1 images\) has no labelled pixel"):
+        train(TrainConfig(**cfg), log=lambda m: None)

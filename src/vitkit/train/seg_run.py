@@ -26,7 +26,7 @@ from vitkit.threads import ThreadSetting, set_threads
 from vitkit.train.config import DEFAULT_MODEL, TrainConfig
 from vitkit.train.distributed import DistInfo, barrier
 from vitkit.train.loader import BatchLoader
-from vitkit.train.seg_metrics import seg_metrics
+from vitkit.train.seg_metrics import IGNORE_INDEX, seg_metrics
 from vitkit.train.tasks.segmentation import SegmentationTask
 from vitkit.train.trainer import Trainer
 
@@ -110,6 +110,12 @@ def train_segmentation(cfg: TrainConfig, dist: DistInfo, resume: Any, say: Calla
         f"{splits.num_classes} classes ({', '.join(splits.class_names)})"
         + (f", {len(splits.skipped)} bad files skipped" if splits.skipped else "")
     )
+    if len(splits.val) and bool((splits.val.masks == IGNORE_INDEX).all()):
+        # val_miou would be NaN every epoch: the best checkpoint would stay at epoch 1 whatever the run learns
+        raise ValueError(
+            f"the validation split of {cfg.data} ({len(splits.val)} images) has no labelled pixel (every mask pixel "
+            "is 255), so no checkpoint can be chosen by it: change seed or val_fraction, or label those images"
+        )
     requested_batch_size = cfg.batch_size
     cfg, batch_note = R.fit_batch_size(cfg, len(splits.train), dist, say)
 
