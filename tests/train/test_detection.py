@@ -443,3 +443,28 @@ def test_more_objects_than_queries_is_refused_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"has {most} objects but --num-queries {most - 1}" in err and f"at least {most}" in err, err
     assert not (tmp_path / "run" / "last").exists()
+
+
+def test_a_validation_split_without_boxes_is_refused(tmp_path):
+    # val_map50 was NaN every epoch, so "best" stayed at epoch 1 whatever the run learned, without a word.
+    from PIL import Image
+
+    from vitkit.train import TrainConfig, train
+
+    (tmp_path / "images").mkdir()
+    n, seed = 10, 0
+    val_image = int(np.random.default_rng(seed).permutation(n)[0])  # coco_splits: the first n_val of the permutation
+    for i in range(n):
+        Image.new("RGB", (16, 16), (20 * i, 0, 0)).save(tmp_path / "images" / f"{i}.png")
+    annotations = [
+        {"id": i + 1, "image_id": i, "category_id": 1, "bbox": [2, 2, 8, 8]} for i in range(n) if i != val_image
+    ]
+    coco = {"images": [{"id": i, "file_name": f"{i}.png"} for i in range(n)], "annotations": annotations,
+            "categories": [{"id": 1, "name": "thing"}]}  # fmt: skip
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    cfg = TrainConfig(task="detect", data=f"coco:{tmp_path / 'ann.json'}", load_size=16, img_size=16, seed=seed,
+                      model_args={"depth": 1, "embed_dim": 16, "num_heads": 2, "hidden_dim": 16, "dec_layers": 1,
+                                  "num_queries": 3}, epochs=1, batch_size=4, threads=1, progress=False,
+                      out=str(tmp_path / "run"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"the validation split of coco:.* \(1 images\) has no box"):
+        train(cfg, log=lambda m: None)

@@ -116,6 +116,12 @@ def train_detection(cfg: TrainConfig, dist: DistInfo, resume: Any, say, t0: floa
         f"{splits.train.num_boxes} train boxes, {splits.num_classes} classes"
         + (f", {len(splits.skipped)} bad entries skipped" if splits.skipped else "")
     )
+    if len(splits.val) and splits.val.num_boxes == 0:
+        # val_map50 would be NaN (undefined) every epoch: the best checkpoint would stay at epoch 1
+        raise ValueError(
+            f"the validation split of {cfg.data} ({len(splits.val)} images) has no box, so no checkpoint can be "
+            "chosen by its mAP: change seed or val_fraction, or annotate those images"
+        )
     requested_batch_size = cfg.batch_size
     cfg, batch_note = fit_batch_size(cfg, len(splits.train), dist, say)
 
