@@ -520,3 +520,31 @@ def test_a_validation_split_without_counted_pixels_is_refused(tmp_path):
     cfg.pop("shapes_size")
     with pytest.raises(ValueError, match=r"the validation split of .*data \(1 images\) has no labelled pixel"):
         train(TrainConfig(**cfg), log=lambda m: None)
+
+
+def test_a_dense_pretrained_model_gives_its_backbone_at_its_own_size(tmp_path):
+    # --task segment --pretrained DETECTION_RUN failed with "unknown DETRConfig fields ['img_size']"; an --img-size
+    # other than the pretrained segmentation model's or detector's was an unclear error or silently dropped.
+    from vitkit.models import ViTDETR, ViTUNet
+    from vitkit.train.detection_run import build_detector
+    from vitkit.train.seg_run import build_segmentation_model
+
+    args = {"img_size": 16, "depth": 1, "embed_dim": 16, "num_heads": 2}
+    det = ViTDETR("vit_nano_patch4_32", 2, backbone_args=args, hidden_dim=16, dec_layers=1, dec_heads=2,
+                  dec_ffn_dim=16, num_queries=3)  # fmt: skip
+    det.save_pretrained(tmp_path / "det")
+    ViTUNet("vit_nano_patch4_32", 3, backbone_args=args).save_pretrained(tmp_path / "seg")
+    logs = []
+    for size in (None, 16):
+        cfg = TrainConfig(task="segment", data="scenes:8", pretrained=str(tmp_path / "det"), img_size=size)
+        seg = build_segmentation_model(cfg, 5, logs.append)
+        want, got = det.backbone.state_dict(), seg.backbone.state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+        assert tuple(seg.preprocess.input_size) == (16, 16) and seg.num_classes == 5
+    assert any("detection head is dropped" in m for m in logs)
+    for pretrained, build, task in ((tmp_path / "det", build_segmentation_model, "segment"),
+                                    (tmp_path / "seg", build_segmentation_model, "segment"),
+                                    (tmp_path / "seg", lambda c, k, log: build_detector(c, k, [1, 2], log), "detect")):  # fmt: skip
+        cfg = TrainConfig(task=task, data="scenes:8", pretrained=str(pretrained), img_size=32)
+        with pytest.raises(ValueError, match=r"was trained at 16x16; img_size=32 cannot resize it: drop img_size= or set img_size=16"):
+            build(cfg, 3 if "seg" in str(pretrained) else 2, logs.append)

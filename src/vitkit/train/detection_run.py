@@ -59,7 +59,7 @@ def split_model_args(model_args: dict[str, Any]) -> tuple[dict[str, Any], dict[s
 def build_detector(cfg: TrainConfig, num_classes: int, category_ids: Sequence[int], log) -> nn.Module:
     """`ViTDETR` on the backbone the recipe names (`model`, from scratch) or gives (`pretrained`)."""
     from vitkit.models.detr import ViTDETR
-    from vitkit.train.seg_run import is_segmentation_checkpoint
+    from vitkit.train.seg_run import check_dense_source_size, is_segmentation_checkpoint
     from vitkit.train.setup import build_model
 
     detr_args, backbone_args = split_model_args(cfg.model_args)
@@ -76,6 +76,7 @@ def build_detector(cfg: TrainConfig, num_classes: int, category_ids: Sequence[in
         from vitkit.weights import load_model
 
         source = load_model(cfg.pretrained, log=log)  # trained at its own size, as segmentation runs are
+        check_dense_source_size(source, cfg)
         log(f"backbone: the backbone of {cfg.pretrained} ({type(source).__name__}); its segmentation head is dropped")
         backbone = source.backbone
     else:

@@ -33,21 +33,37 @@ from vitkit.train.trainer import Trainer
 SEG_FAMILIES = ("segmentation", "segmentation_unet")  # vitkit.models.segmentation's registered families
 
 
-def is_segmentation_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether `path` (a run or model directory) holds a segmentation model (so eval/predict take this path)."""
+def checkpoint_family(path: str | os.PathLike) -> str | None:
+    """The model family a vitkit run or model directory holds, or None (not such a directory: a timm/HF file ...)."""
     from vitkit.runs import model_config
 
     try:
         directory = resolve_checkpoint(path)
     except (FileNotFoundError, ValueError):
-        return False
-    return directory.is_dir() and model_config(directory).get("family") in SEG_FAMILIES
+        return None
+    return model_config(directory).get("family") if directory.is_dir() else None
+
+
+def is_segmentation_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` (a run or model directory) holds a segmentation model (so eval/predict take this path)."""
+    return checkpoint_family(path) in SEG_FAMILIES
+
+
+def check_dense_source_size(source: nn.Module, cfg: TrainConfig) -> None:
+    """Refuse an img_size other than the one a pretrained segmentation model or detector was trained at: their
+    heads are built for it, and the size would otherwise be dropped without a word."""
+    h, w = source.preprocess.input_size
+    if cfg.img_size is not None and (cfg.img_size, cfg.img_size) != (h, w):
+        raise ValueError(
+            f"{cfg.pretrained} ({type(source).__name__}) was trained at {h}x{w}; img_size={cfg.img_size} cannot "
+            f"resize it: drop img_size= or set img_size={h}"
+        )
 
 
 def build_segmentation_model(cfg: TrainConfig, num_classes: int, log: Callable[[str], None]) -> nn.Module:
     """The model a segmentation recipe asks for: `cfg.seg_head` on the backbone `cfg.model` (+ `model_args`), or on
-    the backbone of `cfg.pretrained` (a classifier run: its head is dropped), or `cfg.pretrained` itself when it is
-    a segmentation checkpoint with the same classes."""
+    the backbone of `cfg.pretrained` (a classifier or detector run: its head is dropped; an MAE run: its encoder),
+    or `cfg.pretrained` itself when it is a segmentation checkpoint with the same classes."""
     from vitkit.models.registry import create_model, get_family, model_family
     from vitkit.models.segmentation import segmentation_model
 
@@ -56,7 +72,15 @@ def build_segmentation_model(cfg: TrainConfig, num_classes: int, log: Callable[[
             raise ValueError(f"model_args {cfg.model_args} cannot change the architecture of a pretrained model")
         from vitkit.weights import load_model
 
-        source = load_model(cfg.pretrained, model_name=cfg.model, img_size=cfg.img_size, log=log)
+        family = checkpoint_family(cfg.pretrained)
+        if family in (*SEG_FAMILIES, "detr"):  # a dense model: loaded at the size it was trained at
+            source = load_model(cfg.pretrained, log=log)
+            check_dense_source_size(source, cfg)
+        else:
+            source = load_model(cfg.pretrained, model_name=cfg.model, img_size=cfg.img_size, log=log)
+        if family == "detr":  # a detector's backbone already reads where objects are: its box decoder is dropped
+            log(f"backbone: the backbone of {cfg.pretrained} ({type(source).__name__}); its detection head is dropped")
+            return segmentation_model(source.backbone, num_classes, cfg.seg_head, **cfg.seg_args)
         if getattr(source, "family", None) in SEG_FAMILIES:
             if source.num_classes != num_classes:
                 raise ValueError(
