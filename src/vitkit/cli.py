@@ -706,8 +706,9 @@ def _cmd_eval_detection(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    print(f"{r['data']} ({r['split']}, {r['n']} images, {r['n_boxes']} boxes): mAP@0.5 {r['map50']:.4f}  "
-          f"mAP@[.5:.95] {r['map']:.4f}  mAP@0.75 {r['map75']:.4f}  loss {r['loss']:.4f}")  # fmt: skip
+    num = {k: "-" if r[k] is None else f"{r[k]:.4f}" for k in ("map50", "map", "map75", "loss")}  # None: undefined
+    print(f"{r['data']} ({r['split']}, {r['n']} images, {r['n_boxes']} boxes): mAP@0.5 {num['map50']}  "
+          f"mAP@[.5:.95] {num['map']}  mAP@0.75 {num['map75']}  loss {num['loss']}")  # fmt: skip
     if "files" in r:
         print(f"wrote {r['files']['json']}")
     return 0
@@ -723,7 +724,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=_threads_arg, default="auto", metavar="N|auto", help=_THREADS_HELP)
-    p.add_argument("--json", action="store_true", help="print JSON (one object per image)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON: one object per image (classifiers, segmentation); detectors: a list of COCO results",
+    )
     p.add_argument("--tome", type=int, default=0, metavar="R", help=_TOME_HELP)
     p.add_argument(
         "--out",
@@ -794,6 +799,9 @@ def _cmd_eval_segment(args: argparse.Namespace) -> int:
                               device=args.device, out=args.out, threads=None)  # fmt: skip
     if args.json:
         print(json.dumps(r, indent=2))
+        return 0
+    if r["miou"] is None:  # every mask pixel of the split is 255: nothing to score
+        print(f"{r['data']} ({r['split']}, {r['n']} images): no labelled pixel (every mask pixel is 255), no metric")
         return 0
     print(f"{r['data']} ({r['split']}, {r['n']} images): mIoU {r['miou']:.4f}  Dice {r['dice']:.4f}  "
           f"foreground IoU {r['fg_iou']:.4f}  pixel accuracy {r['pixel_acc']:.4f}")  # fmt: skip
@@ -1253,7 +1261,7 @@ _ARG_FLAGS: dict[str, dict[str, str]] = {
         "data": "--data", "weight_decays": "--weight-decays", "batch_size": "--batch-size", "device": "--device",
         "out": "--out",
     },
-    "predict": {"topk": "--topk", "device": "--device", **_INT8_FLAGS},
+    "predict": {"topk": "--topk", "device": "--device", "score_threshold": "--threshold", **_INT8_FLAGS},
     "explain": {
         "target": "--target", "method": "--method", "layer": "--layer", "head": "--head",
         "head_fusion": "--head-fusion", "discard_ratio": "--discard-ratio", "layers": "--html-layers",

@@ -33,6 +33,28 @@ def test_scenes_split_rule():
         load_detection_data("digits")
 
 
+@pytest.mark.parametrize(
+    ("count", "val_fraction", "test_fraction", "sizes"),
+    [
+        (45, 0.1, 0.1, (36, 4, 5)),
+        (12, 0.1, 0.1, (9, 1, 2)),
+        (40, 0.25, 0.25, (20, 10, 10)),
+        (40, 0.3, 0.0, (28, 12, 0)),
+    ],
+)
+def test_scenes_split_honours_the_fractions(count, val_fraction, test_fraction, sizes):
+    # the defaults keep the 80/10/10 cut the earlier runs used (int(0.8 N), int(0.9 N)); other fractions are not
+    # ignored: segmentation scenes honour them, and so do detection scenes
+    splits = load_detection_data(f"scenes:{count}", seed=1, shapes_size=16, val_fraction=val_fraction,
+                                 test_fraction=test_fraction)  # fmt: skip
+    images = make_scenes(count, 16, 16, 1)[0]
+    assert (len(splits.train), len(splits.val), len(splits.test)) == sizes
+    a, b = sizes[0], sizes[0] + sizes[1]
+    assert torch.equal(splits.val.images, images[a:b]) and torch.equal(splits.test.images, images[b:])
+    with pytest.raises(ValueError, match=r"scenes:10 leaves no training image with val/test fractions 0.45/0.5"):
+        load_detection_data("scenes:10", val_fraction=0.45, test_fraction=0.5)
+
+
 def test_collate_keeps_variable_length_targets():
     a = (torch.zeros(3, 8, 8, dtype=torch.uint8), {"boxes": torch.zeros(2, 4), "labels": torch.zeros(2)})
     b = (torch.ones(3, 8, 8, dtype=torch.uint8), {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)})

@@ -239,3 +239,12 @@ def test_coco_bad_segmentation_entries_are_counted_and_strict_names_them(tmp_pat
     assert len(reports) == 1 and "skipped 4 bad" in str(reports[0].message)
     with pytest.raises(ValueError, match=r"instances.json: annotations\[1\] \(id 2\): has no 'segmentation'"):
         load_segmentation_data(f"coco:{path}", load_size=30, strict=True)
+
+
+@pytest.mark.parametrize(("scale", "ratio"), [((0.5,), (0.75, 1.33)), ((0.0, 1.0), (0.75, 1.33)), ((0.5, 1.0), (2, 1))])
+def test_train_transform_names_a_bad_crop_range(scale, ratio):
+    # kornia's own error spoke of tensors ("scale should be a torch.Tensor with length 2 ...")
+    from vitkit.data.segmentation import SegTrainTransform
+
+    with pytest.raises(ValueError, match=r"(scale|ratio) must be a \(low, high\) pair with 0 < low <= high"):
+        SegTrainTransform((16, 16), (0.5,) * 3, (0.25,) * 3, scale=scale, ratio=ratio)

@@ -113,7 +113,7 @@ def test_bad_arguments_name_the_value():
         ViTSegmentation("vit_nanno_patch4_32", 3)
     with pytest.raises(TypeError, match=r"backbone Linear has no forward_intermediates/feature_info"):
         ViTUNet(nn.Linear(3, 3), 3)
-    with pytest.raises(ValueError, match=r"feature_index 5 is out of range for a backbone with 2"):
+    with pytest.raises(ValueError, match=r"feature_index 5 is out of range for a backbone with 2 .* \(use -2..1\)"):
         ViTSegmentation(_backbone("vit"), 3, feature_index=5)
     with pytest.raises(ValueError, match=r"num_classes must be a positive integer, got 0"):
         SegmentationConfig(num_classes=0)

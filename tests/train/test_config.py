@@ -22,9 +22,33 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
         ({"monitor": "ema_acc"}, "monitor='ema_acc' needs ema: true"),
         ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\)"),
         ({"device": "tpu"}, "device='tpu' is not allowed"),
+        ({"scale": 0.5}, r"scale must be a \(low, high\) pair with 0 < low <= high <= 1.0, got 0.5"),
+        ({"task": "segment", "scale": [0.5]}, r"scale must be a \(low, high\) pair .*, got \(0.5,\)"),
+        ({"task": "segment", "scale": [0, 1]}, r"scale must be a \(low, high\) pair .*, got \(0.0, 1.0\)"),
+        (
+            {"task": "detect", "ratio": [2, 1]},
+            r"ratio must be a \(low, high\) pair with 0 < low <= high, got \(2.0, 1.0\)",
+        ),
     ],
 )
 def test_bad_values_are_named(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"task": "detect", "seg_head": "unetr"}, r"seg_head='unetr' is for task='segment', not task='detect'"),
+        ({"task": "classify", "seg_args": {"decoder_depth": 1}}, r"seg_args=\{'decoder_depth': 1\} is for task='segm"),
+        ({"task": "detect", "dice_weight": 0.5}, r"dice_weight=0.5 is for task='segment', not task='detect'"),
+        (
+            {"task": "segment", "model_args": {"num_queries": 5}},
+            r"num_queries=5 \(in model_args\) is for task='detect'",
+        ),
+    ],
+)
+def test_settings_of_another_task_are_refused_not_ignored(changes, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**changes)
 

@@ -365,3 +365,106 @@ def test_detector_starts_from_a_segmentation_models_backbone(tmp_path):
     assert any("segmentation head is dropped" in m for m in logs)
     with pytest.raises(ValueError, match="cannot change the architecture"):
         build_detector(cfg.replace(model_args={"depth": 1}), 4, [1, 2, 3, 4], logs.append)
+
+
+def test_eval_of_an_empty_split_is_refused_by_name(tmp_path):
+    # A run trained with test_fraction: 0 has no test split; eval printed mAP nan (and --json wrote NaN, which is
+    # not JSON) instead of saying so.
+    from vitkit.models import ViTDETR
+    from vitkit.train.detection_run import evaluate_detection
+
+    det = ViTDETR("vit_nano_patch4_32", 4, backbone_args={"img_size": 16, "depth": 1, "embed_dim": 16, "num_heads": 2},
+                  hidden_dim=16, dec_layers=1, dec_heads=2, dec_ffn_dim=16, num_queries=8)  # fmt: skip
+    det.save_pretrained(tmp_path / "det")
+    config = json.loads((tmp_path / "det" / "config.json").read_text())
+    config["training"] = {"data": "scenes:10", "shapes_size": 16, "val_fraction": 0.2, "test_fraction": 0.0}
+    (tmp_path / "det" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"the test split of 'scenes:10' is empty \(test_fraction=0.0\); choose"):
+        evaluate_detection(tmp_path / "det", threads=None, device="cpu")
+    assert evaluate_detection(tmp_path / "det", split="val", threads=None, device="cpu")["n"] == 2
+
+
+def test_predict_names_the_threshold_flag_and_json_help_says_what_it_prints(tmp_path, capsys):
+    from PIL import Image
+
+    from vitkit.cli import main
+    from vitkit.models import ViTDETR
+
+    ViTDETR("vit_nano_patch4_32", 2, backbone_args={"img_size": 16, "depth": 1, "embed_dim": 16, "num_heads": 2},
+            hidden_dim=16, dec_layers=1, dec_heads=2, dec_ffn_dim=16, num_queries=3).save_pretrained(tmp_path / "det")  # fmt: skip
+    Image.new("RGB", (20, 16)).save(tmp_path / "a.png")
+    argv = ["predict", "--checkpoint", str(tmp_path / "det"), str(tmp_path / "a.png"), "--threads", "1"]
+    assert main([*argv, "--threshold", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--threshold 1.5 is outside [0, 1]" in err and "score_threshold" not in err, err
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    assert "detectors: a list of COCO results" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_split_without_boxes_gives_null_map_not_nan(tmp_path, capsys):
+    # COCO images without annotations (negatives only): mAP is undefined. eval --json printed NaN (not JSON).
+    from PIL import Image
+
+    from vitkit.cli import main
+    from vitkit.models import ViTDETR
+
+    ViTDETR("vit_nano_patch4_32", 1, backbone_args={"img_size": 16, "depth": 1, "embed_dim": 16, "num_heads": 2},
+            hidden_dim=16, dec_layers=1, dec_heads=2, dec_ffn_dim=16, num_queries=3).save_pretrained(tmp_path / "det")  # fmt: skip
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        Image.new("RGB", (20, 16), (40 * i, 0, 0)).save(tmp_path / "images" / f"{i}.png")
+    coco = {"images": [{"id": i, "file_name": f"{i}.png"} for i in range(3)], "annotations": [],
+            "categories": [{"id": 1, "name": "0"}]}  # fmt: skip
+    (tmp_path / "empty.json").write_text(json.dumps(coco))
+    argv = ["eval", "--checkpoint", str(tmp_path / "det"), "--data", f"coco:{tmp_path / 'empty.json'}", "--split",
+            "all", "--threads", "1"]  # fmt: skip
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    assert main([*argv, "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert ev["n"] == 3 and ev["n_boxes"] == 0 and ev["map50"] is None and ev["map"] is None
+    assert main(argv) == 0
+    assert "mAP@0.5 -" in capsys.readouterr().out
+
+
+def test_more_objects_than_queries_is_refused_before_training(tmp_path, capsys):
+    # The Hungarian matching needs a query per object; the run used to stop mid-epoch (or, for a crowded test image,
+    # after the whole training) with "raise num_queries", a name the command line does not have.
+    from vitkit.cli import main
+    from vitkit.data.detection import load_detection_data
+
+    splits = load_detection_data("scenes:20", shapes_size=32)
+    most = max(len(t["labels"]) for ds in (splits.train, splits.val, splits.test) for t in ds.targets)
+    argv = [a if a != "6" else str(most - 1) for a in TINY_DET]
+    assert main(["train", *argv, "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"has {most} objects but --num-queries {most - 1}" in err and f"at least {most}" in err, err
+    assert not (tmp_path / "run" / "last").exists()
+
+
+def test_a_validation_split_without_boxes_is_refused(tmp_path):
+    # val_map50 was NaN every epoch, so "best" stayed at epoch 1 whatever the run learned, without a word.
+    from PIL import Image
+
+    from vitkit.train import TrainConfig, train
+
+    (tmp_path / "images").mkdir()
+    n, seed = 10, 0
+    val_image = int(np.random.default_rng(seed).permutation(n)[0])  # coco_splits: the first n_val of the permutation
+    for i in range(n):
+        Image.new("RGB", (16, 16), (20 * i, 0, 0)).save(tmp_path / "images" / f"{i}.png")
+    annotations = [
+        {"id": i + 1, "image_id": i, "category_id": 1, "bbox": [2, 2, 8, 8]} for i in range(n) if i != val_image
+    ]
+    coco = {"images": [{"id": i, "file_name": f"{i}.png"} for i in range(n)], "annotations": annotations,
+            "categories": [{"id": 1, "name": "thing"}]}  # fmt: skip
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    cfg = TrainConfig(task="detect", data=f"coco:{tmp_path / 'ann.json'}", load_size=16, img_size=16, seed=seed,
+                      model_args={"depth": 1, "embed_dim": 16, "num_heads": 2, "hidden_dim": 16, "dec_layers": 1,
+                                  "num_queries": 3}, epochs=1, batch_size=4, threads=1, progress=False,
+                      out=str(tmp_path / "run"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"the validation split of coco:.* \(1 images\) has no box"):
+        train(cfg, log=lambda m: None)

@@ -421,3 +421,130 @@ def test_train_and_eval_on_coco_json(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(run), "--json", "--threads", "1"]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["n"] == 1 and ev["miou"] == pytest.approx(summary["test_miou"])
+
+
+def test_eval_of_an_empty_split_is_refused_by_name(tmp_path):
+    # scenes:3 holds round(0.3) = 0 test images: eval crashed with "unsupported format string passed to
+    # NoneType.__format__" instead of saying that the split is empty.
+    from vitkit.data.shapes import SCENE_CLASSES
+    from vitkit.models.segmentation import ViTSegmentation
+    from vitkit.train.seg_run import evaluate_segmentation
+
+    model = ViTSegmentation("vit_nano_patch4_32", len(SCENE_CLASSES), backbone_args={"img_size": 16, "depth": 1})
+    model.preprocess.class_names = list(SCENE_CLASSES)
+    model.save_pretrained(tmp_path / "seg")
+    with pytest.raises(ValueError, match=r"the test split of 'scenes:3' is empty \(test_fraction=0.1\); choose"):
+        evaluate_segmentation(tmp_path / "seg", "scenes:3", threads=None, device="cpu")
+    assert evaluate_segmentation(tmp_path / "seg", "scenes:3", split="train", threads=None, device="cpu")["n"] == 3
+
+
+def _strict_json(text: str):
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _folder_with_an_unlabelled_split(tmp_path: Path, split: str, seed: int, n: int = 10) -> Path:
+    """A 2-class mask folder of n 16 px images whose `split` (one image of the seeded folder split) is all 255."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    (data / "classes.txt").write_text("background\nobject\n")
+    order = np.random.default_rng(seed).permutation(n)  # load_mask_folder's split: train, then val, then test
+    unlabelled = {"val": order[n - 2], "test": order[n - 1]}[split]
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(data / "images" / f"{i}.png")
+        mask = np.full((16, 16), 255, np.uint8)
+        if i != unlabelled:
+            mask[:8], mask[8:] = 1, 0
+        Image.fromarray(mask).save(data / "masks" / f"{i}.png")
+    return data
+
+
+def test_a_test_split_without_counted_pixels_gives_null_metrics_not_nan_or_a_crash(tmp_path, capsys):
+    # Masks of 255 only (unlabelled) in the test split: summary.json held NaN (not JSON), `vitkit eval` crashed on
+    # "unsupported format string passed to NoneType.__format__" and its --json printed "loss": NaN.
+
+    from vitkit.cli import main
+
+    seed = 3
+    data = _folder_with_an_unlabelled_split(tmp_path, "test", seed)
+    cfg = {**TINY_SEG, "data": str(data), "load_size": 16, "seed": seed, "epochs": 1, "monitor": "val_miou",
+           "out": str(tmp_path / "run")}  # fmt: skip
+    cfg.pop("shapes_size")
+    summary = train(TrainConfig(**cfg), log=lambda m: None)
+    assert summary["split_sizes"]["test"] == 1 and summary["test_images"] == 1
+    written = _strict_json((tmp_path / "run" / "summary.json").read_text())
+    assert written["test_miou"] is None and written["test_loss"] is None and written["test_per_class"] == {}
+    assert summary["best_val_miou"] is not None  # the validation split has labels
+
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--threads", "1"]) == 0
+    assert "no labelled pixel" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--threads", "1", "--json"]) == 0
+    ev = _strict_json(capsys.readouterr().out)
+    assert ev["n"] == 1 and ev["miou"] is None and ev["loss"] is None
+
+
+@pytest.mark.parametrize("kind", ["segmentation", "detection"])
+def test_an_undecodable_image_is_named_by_predict_and_explain(tmp_path, capsys, kind):
+    # predict and explain of dense models printed PIL's traceback for a file that is not an image.
+    from vitkit.cli import main
+    from vitkit.models import ViTDETR
+    from vitkit.models.segmentation import ViTSegmentation
+
+    args = {"img_size": 16, "depth": 1, "embed_dim": 16, "num_heads": 2}
+    if kind == "segmentation":
+        model = ViTSegmentation("vit_nano_patch4_32", 3, backbone_args=args)
+    else:
+        model = ViTDETR("vit_nano_patch4_32", 2, backbone_args=args, hidden_dim=16, dec_layers=1, dec_heads=2,
+                        dec_ffn_dim=16, num_queries=3)  # fmt: skip
+    model.save_pretrained(tmp_path / "m")
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    for argv in (["predict", "--checkpoint", str(tmp_path / "m"), str(bad), "--json"],
+                 ["explain", str(bad), "--checkpoint", str(tmp_path / "m"), "--out", str(tmp_path / "why")]):  # fmt: skip
+        assert main([*argv, "--threads", "1"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: cannot decode image {bad}: UnidentifiedImageError" in err and "Traceback" not in err, err
+
+
+def test_a_validation_split_without_counted_pixels_is_refused(tmp_path):
+    # val_miou was NaN every epoch, so "best" stayed at epoch 1 whatever the run learned, without a word.
+    data = _folder_with_an_unlabelled_split(tmp_path, "val", seed=0)
+    cfg = {**TINY_SEG, "data": str(data), "load_size": 16, "seed": 0, "epochs": 1, "monitor": "val_miou",
+           "out": str(tmp_path / "run")}  # fmt: skip
+    cfg.pop("shapes_size")
+    with pytest.raises(ValueError, match=r"the validation split of .*data \(1 images\) has no labelled pixel"):
+        train(TrainConfig(**cfg), log=lambda m: None)
+
+
+def test_a_dense_pretrained_model_gives_its_backbone_at_its_own_size(tmp_path):
+    # --task segment --pretrained DETECTION_RUN failed with "unknown DETRConfig fields ['img_size']"; an --img-size
+    # other than the pretrained segmentation model's or detector's was an unclear error or silently dropped.
+    from vitkit.models import ViTDETR, ViTUNet
+    from vitkit.train.detection_run import build_detector
+    from vitkit.train.seg_run import build_segmentation_model
+
+    args = {"img_size": 16, "depth": 1, "embed_dim": 16, "num_heads": 2}
+    det = ViTDETR("vit_nano_patch4_32", 2, backbone_args=args, hidden_dim=16, dec_layers=1, dec_heads=2,
+                  dec_ffn_dim=16, num_queries=3)  # fmt: skip
+    det.save_pretrained(tmp_path / "det")
+    ViTUNet("vit_nano_patch4_32", 3, backbone_args=args).save_pretrained(tmp_path / "seg")
+    logs = []
+    for size in (None, 16):
+        cfg = TrainConfig(task="segment", data="scenes:8", pretrained=str(tmp_path / "det"), img_size=size)
+        seg = build_segmentation_model(cfg, 5, logs.append)
+        want, got = det.backbone.state_dict(), seg.backbone.state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+        assert tuple(seg.preprocess.input_size) == (16, 16) and seg.num_classes == 5
+    assert any("detection head is dropped" in m for m in logs)
+    for pretrained, build, task in ((tmp_path / "det", build_segmentation_model, "segment"),
+                                    (tmp_path / "seg", build_segmentation_model, "segment"),
+                                    (tmp_path / "seg", lambda c, k, log: build_detector(c, k, [1, 2], log), "detect")):  # fmt: skip
+        cfg = TrainConfig(task=task, data="scenes:8", pretrained=str(pretrained), img_size=32)
+        with pytest.raises(ValueError, match=r"trained at 16x16; img_size=32 cannot resize it: drop img_size= or set"):
+            build(cfg, 3 if "seg" in str(pretrained) else 2, logs.append)

@@ -177,3 +177,26 @@ def test_attention_visualizer_errors(model, image):
         viz.visualize_attention("nope.png")
     with pytest.raises(TypeError, match="cannot read an image from int"):
         viz.visualize_attention(3)
+
+
+@pytest.mark.parametrize("name", ["fig.png", "fig.pdf", "noext"])
+def test_figures_are_written_atomically(tmp_path, monkeypatch, name):
+    from vitkit.viz._common import finish, new_figure
+
+    path = tmp_path / name
+    path.write_bytes(b"the previous figure")
+    real_savefig = Figure.savefig
+
+    def interrupted(self, fname, *args, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"half a fig")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finish(new_figure(1, 1), path)
+    assert path.read_bytes() == b"the previous figure"  # a kill mid-write leaves the old file whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # and no temporary file behind
+    monkeypatch.setattr(Figure, "savefig", real_savefig)
+    finish(new_figure(1, 1), path)
+    assert path.read_bytes().startswith(b"%PDF" if name.endswith(".pdf") else b"\x89PNG\r\n\x1a\n")  # no suffix: PNG

@@ -8,7 +8,8 @@ the pixels.
 
 Data specs:
     scenes | scenes:N     N images (default 2000) from `make_scenes(N, S, S, seed)` (S = shapes_size, seed = the
-                          run's seed): the first 80% train, the next 10% validation, the last 10% test.
+                          run's seed): the first 80% train, the next 10% validation, the last 10% test (the
+                          val_fraction / test_fraction settings).
     coco:FILE.json        COCO instances JSON. Each image's `file_name` is resolved against the folder `images/`
                           next to the JSON when that folder exists, else against the JSON's own folder. Images are
                           decoded to load_size x load_size (stretched, so boxes scale by load_size / width and
@@ -177,8 +178,8 @@ def load_detection_data(
     Args:
         spec: "scenes", "scenes:N" or "coco:FILE.json".
         seed: fixes the scenes and the COCO split.
-        val_fraction: COCO: share of the images held out for validation (scenes: always 10%).
-        test_fraction: COCO: share held out for the final test (scenes: always 10%).
+        val_fraction: share of the images held out for validation (scenes: the images after the training ones).
+        test_fraction: share held out for the final test (scenes: the last images).
         strict: raise on the first bad entry instead of skipping and reporting it.
         load_size: COCO: side of the square images are decoded to (default 224). Not for scenes.
         shapes_size: side of the scene images.
@@ -193,7 +194,9 @@ def load_detection_data(
         arg = spec.partition(":")[2]
         if arg and (not arg.isdigit() or int(arg) < 10):
             raise ValueError(f"scenes:N needs an integer N >= 10 (80/10/10 split), got {spec!r}")
-        return scenes_splits(int(arg) if arg else DEFAULT_SCENES, shapes_size, seed, spec)
+        check_fractions(val_fraction, test_fraction)
+        count = int(arg) if arg else DEFAULT_SCENES
+        return scenes_splits(count, shapes_size, seed, spec, val_fraction=val_fraction, test_fraction=test_fraction)
     if spec.startswith("coco:"):
         path = os.path.expanduser(spec.partition(":")[2])
         if not path:
@@ -204,12 +207,26 @@ def load_detection_data(
     raise ValueError(f"{spec!r} is not detection data\n{SPEC_FORMS}")
 
 
-def scenes_splits(count: int, size: int, seed: int, spec: str = "scenes") -> DetectionSplits:
-    """`make_scenes(count, size, size, seed)`: the first 80% train, the next 10% validation, the last 10% test."""
+def scenes_splits(
+    count: int, size: int, seed: int, spec: str = "scenes", *, val_fraction: float = 0.1, test_fraction: float = 0.1
+) -> DetectionSplits:
+    """`make_scenes(count, size, size, seed)`: the first 1 - val_fraction - test_fraction train, the next
+    val_fraction validate, the last test_fraction test (80/10/10 by default).
+
+    Raises:
+        ValueError: the fractions leave no training image.
+    """
+    # int(0.8 N), int(0.9 N) with the default fractions, as the 80/10/10 cut always was (the epsilon keeps float
+    # error such as 0.7 * 40 = 27.999... from losing an image)
+    a = int(count * (1 - val_fraction - test_fraction) + 1e-9)
+    b = int(count * (1 - test_fraction) + 1e-9)
+    if a < 1:
+        raise ValueError(
+            f"scenes:{count} leaves no training image with val/test fractions {val_fraction}/{test_fraction}"
+        )
     images, _, scene_targets = make_scenes(count, size, size, seed)
     targets = [{"boxes": t["boxes"].float(), "labels": t["labels"]} for t in scene_targets]
     full = DetectionDataset(images, targets, list(SHAPE_CLASSES))
-    a, b = int(count * 0.8), int(count * 0.9)
     train, val, test = full.subset(range(a)), full.subset(range(a, b)), full.subset(range(b, count))
     mean, std = channel_stats(train.images)
     ids = list(range(1, len(SHAPE_CLASSES) + 1))

@@ -48,6 +48,7 @@ from vitkit.data.dataset import DataSplits, channel_stats, check_fractions
 from vitkit.data.files import report_skipped
 from vitkit.data.images import IMAGE_EXTENSIONS, decode_image, resize_center_crop
 from vitkit.data.shapes import SCENE_CLASSES, make_scenes
+from vitkit.data.transforms import check_range
 
 IGNORE_INDEX = 255  # mask value of pixels that count for nothing (VOC's borders); vitkit.train.seg_metrics agrees
 DEFAULT_SCENES = 2000
@@ -449,6 +450,7 @@ class SegTrainTransform(nn.Module):
         import kornia.augmentation as K
 
         self.size = tuple(int(s) for s in size)
+        scale, ratio = check_range("scale", scale, upper=1.0), check_range("ratio", ratio)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         augs = [K.RandomResizedCrop(self.size, scale=tuple(scale), ratio=tuple(ratio))]

@@ -49,7 +49,7 @@ def _check_unit(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
-def _check_range(name: str, value: Sequence[float], upper: float | None = None) -> tuple[float, float]:
+def check_range(name: str, value: Sequence[float], upper: float | None = None) -> tuple[float, float]:
     if len(value) != 2 or not 0 < value[0] <= value[1] or (upper is not None and value[1] > upper):
         limit = f" <= {upper}" if upper is not None else ""
         raise ValueError(f"{name} must be a (low, high) pair with 0 < low <= high{limit}, got {tuple(value)}")
@@ -160,8 +160,8 @@ class TrainTransform(nn.Module):
     ) -> None:
         super().__init__()
         self.img_size = _size_pair(img_size)
-        self.scale = _check_range("scale", scale, upper=1.0)
-        self.ratio = _check_range("ratio", ratio)
+        self.scale = check_range("scale", scale, upper=1.0)
+        self.ratio = check_range("ratio", ratio)
         _check_unit("hflip", hflip)
         _check_unit("random_erasing", random_erasing)
         if color_jitter < 0:

@@ -27,6 +27,7 @@ decode size, then a stretch to the input size, no centre crop), so any aspect ra
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -124,10 +125,21 @@ def prepare_dense_images(images: Sequence[ImageLike], model: nn.Module) -> tuple
     # SegEvalTransform is also the detectors' eval transform (DetectionTransform with train=False, without boxes):
     # a bilinear, antialiased stretch to the input size, then the normalisation.
     tf = SegEvalTransform(pre.input_size, pre.mean, pre.std).to(device)
-    if dense_kind(model) == "detection":
-        decoded = [torch.from_numpy(np.ascontiguousarray(decode_image(im))).permute(2, 0, 1) for im in images]
-    else:
-        decoded = [decode_for_model(im, model) for im in images]  # uint8 (3, H_i, W_i)
+    detector = dense_kind(model) == "detection"
+
+    def decode(im: ImageLike) -> Tensor:  # uint8 (3, H_i, W_i)
+        try:
+            if detector:
+                return torch.from_numpy(np.ascontiguousarray(decode_image(im))).permute(2, 0, 1)
+            return decode_for_model(im, model)
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError) as e:  # PIL's errors for a corrupt file: name the file, as predict does
+            if not isinstance(im, (str, os.PathLike)):
+                raise
+            raise ValueError(f"cannot decode image {im}: {type(e).__name__}: {e}") from None
+
+    decoded = [decode(im) for im in images]
     x = torch.cat([tf(d[None].to(device)) for d in decoded])  # (B, 3, h, w)
     return [d.permute(1, 2, 0).numpy() for d in decoded], x
 

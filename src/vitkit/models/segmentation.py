@@ -222,7 +222,9 @@ class _SegmentationModel(nn.Module):
 
 def _resolve_index(index: int, n: int, what: str) -> int:
     if not -n <= index < n:
-        raise ValueError(f"{what} {index} is out of range for a backbone with {n} feature_info entries")
+        raise ValueError(
+            f"{what} {index} is out of range for a backbone with {n} feature_info entries (use {-n}..{n - 1})"
+        )
     return index % n
 
 

@@ -19,6 +19,7 @@ import yaml
 
 from vitkit.data.shapes import MIN_SIDE
 from vitkit.data.transforms import AutoAugmentPolicy as AutoAugment
+from vitkit.data.transforms import check_range
 from vitkit.models.base import Interpolation, check_literal, config_from_dict, config_to_dict
 from vitkit.threads import ThreadSetting, check_threads
 
@@ -128,8 +129,14 @@ class TrainConfig:
     progress: bool = True  # show a tqdm progress bar per epoch
 
     def __post_init__(self) -> None:
-        self.scale = tuple(float(v) for v in self.scale)
-        self.ratio = tuple(float(v) for v in self.ratio)
+        # the crop ranges of every task's augmentation (classification, segmentation), checked before a transform is
+        # built: kornia's own error speaks of tensors
+        for name, upper in (("scale", 1.0), ("ratio", None)):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
+                limit = f" <= {upper}" if upper is not None else ""
+                raise ValueError(f"{name} must be a (low, high) pair with 0 < low <= high{limit}, got {value!r}")
+            setattr(self, name, check_range(name, [float(v) for v in value], upper))
         self.model_args = dict(self.model_args or {})
         self.seg_args = dict(self.seg_args or {})
         check_literal("amp", self.amp, Amp)
@@ -141,6 +148,19 @@ class TrainConfig:
         check_literal("seg_head", self.seg_head, SegHeadName)
         if not self.dice_weight >= 0:
             raise ValueError(f"dice_weight must be >= 0, got {self.dice_weight}")
+        # Settings of one task given to another would be ignored without a word: refuse them by name.
+        if self.task != "segment":
+            for name, given in (("seg_head", self.seg_head != "linear"), ("seg_args", bool(self.seg_args)),
+                                ("dice_weight", self.dice_weight != 0)):  # fmt: skip
+                if given:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} is for task='segment', not task={self.task!r}; drop it"
+                    )
+        if self.task != "detect" and "num_queries" in self.model_args:
+            raise ValueError(
+                f"num_queries={self.model_args['num_queries']!r} (in model_args) is for task='detect', not "
+                f"task={self.task!r}; drop it"
+            )
         check_literal("interpolation", self.interpolation, Interpolation)
         check_threads(self.threads)
         _positive_int("epochs", self.epochs)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -58,7 +59,7 @@ def split_model_args(model_args: dict[str, Any]) -> tuple[dict[str, Any], dict[s
 def build_detector(cfg: TrainConfig, num_classes: int, category_ids: Sequence[int], log) -> nn.Module:
     """`ViTDETR` on the backbone the recipe names (`model`, from scratch) or gives (`pretrained`)."""
     from vitkit.models.detr import ViTDETR
-    from vitkit.train.seg_run import is_segmentation_checkpoint
+    from vitkit.train.seg_run import check_dense_source_size, is_segmentation_checkpoint
     from vitkit.train.setup import build_model
 
     detr_args, backbone_args = split_model_args(cfg.model_args)
@@ -75,6 +76,7 @@ def build_detector(cfg: TrainConfig, num_classes: int, category_ids: Sequence[in
         from vitkit.weights import load_model
 
         source = load_model(cfg.pretrained, log=log)  # trained at its own size, as segmentation runs are
+        check_dense_source_size(source, cfg)
         log(f"backbone: the backbone of {cfg.pretrained} ({type(source).__name__}); its segmentation head is dropped")
         backbone = source.backbone
     else:
@@ -115,10 +117,17 @@ def train_detection(cfg: TrainConfig, dist: DistInfo, resume: Any, say, t0: floa
         f"{splits.train.num_boxes} train boxes, {splits.num_classes} classes"
         + (f", {len(splits.skipped)} bad entries skipped" if splits.skipped else "")
     )
+    if len(splits.val) and splits.val.num_boxes == 0:
+        # val_map50 would be NaN (undefined) every epoch: the best checkpoint would stay at epoch 1
+        raise ValueError(
+            f"the validation split of {cfg.data} ({len(splits.val)} images) has no box, so no checkpoint can be "
+            "chosen by its mAP: change seed or val_fraction, or annotate those images"
+        )
     requested_batch_size = cfg.batch_size
     cfg, batch_note = fit_batch_size(cfg, len(splits.train), dist, say)
 
     model = build_detector(cfg, splits.num_classes, splits.category_ids, say)
+    check_queries(model.cfg.num_queries, cfg.data, {"train": splits.train, "val": splits.val, "test": splits.test})
     pre = model.preprocess
     mean, std = (pre.mean, pre.std) if cfg.pretrained else (splits.mean, splits.std)
     model.preprocess = Preprocess(
@@ -183,10 +192,11 @@ def train_detection(cfg: TrainConfig, dist: DistInfo, resume: Any, say, t0: floa
         best_epoch=best_epoch,
         best_is_ema=prefix == "ema",
         monitor=cfg.monitor,
-        test_map=test.get("map"),
-        test_map50=test.get("map50"),
-        test_map75=test.get("map75"),
-        test_loss=test.get("loss"),
+        # NaN (a test split without boxes: mAP undefined) is not JSON: None
+        test_map=_finite(test.get("map")),
+        test_map50=_finite(test.get("map50")),
+        test_map75=_finite(test.get("map75")),
+        test_loss=_finite(test.get("loss")),
         test_images=test.get("n", 0),
         epochs_run=len(hist),
         stopped_early=bool(trainer.best.get("stopped_early")),
@@ -258,6 +268,9 @@ def evaluate_detection(
     Returns:
         {"data", "split", "checkpoint", "n", "n_boxes", "loss", "map", "map50", "map75", and with split="test"
         also "test_map", "test_map50", "test_map75"}.
+
+    Raises:
+        ValueError: not a detector, an unknown or empty split, data whose classes are not the detector's.
     """
     from vitkit.data.detection import DetectionDataset, load_detection_data
     from vitkit.train.det_metrics import coco_map
@@ -285,6 +298,12 @@ def evaluate_detection(
         )
     else:
         ds = getattr(splits, split)
+    if len(ds) == 0:  # mAP of nothing is NaN, which is not even JSON
+        fraction = f" ({split}_fraction={record.get(f'{split}_fraction', 0.1)})" if split in ("val", "test") else ""
+        raise ValueError(
+            f"the {split} split of {spec!r} is empty{fraction}; choose another split (train, val, test, all)"
+        )
+    check_queries(model.cfg.num_queries, spec, {split: ds})
     if list(splits.class_names) != list(model.preprocess.class_names or splits.class_names):
         raise ValueError(
             f"the data's classes {splits.class_names} are not the detector's {model.preprocess.class_names}"
@@ -308,13 +327,14 @@ def evaluate_detection(
         "checkpoint": str(resolve_checkpoint(checkpoint)),
         "n": n,
         "n_boxes": scores["n_boxes"],
-        "loss": loss_sum / n if n else float("nan"),
-        "map": scores["map"],
-        "map50": scores["map50"],
-        "map75": scores["map75"],
+        "loss": _finite(loss_sum / n),
+        # None where mAP is undefined (no ground-truth box in the split): NaN is not JSON
+        "map": _finite(scores["map"]),
+        "map50": _finite(scores["map50"]),
+        "map75": _finite(scores["map75"]),
     }
     if split == "test":
-        result.update(test_map=scores["map"], test_map50=scores["map50"], test_map75=scores["map75"])
+        result.update(test_map=result["map"], test_map50=result["map50"], test_map75=result["map75"])
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -355,7 +375,7 @@ def predict_detection(
     from vitkit.data.images import decode_image, list_image_files
 
     if not 0 <= score_threshold <= 1:
-        raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
+        raise ValueError(f"score_threshold={score_threshold} is outside [0, 1]")
     if threads is not None:
         set_threads(threads)
     model, _ = _load_detector(checkpoint, device)
@@ -412,6 +432,32 @@ def coco_results(predictions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def check_queries(num_queries: int, spec: str, datasets: dict[str, Any]) -> None:
+    """Refuse data with an image holding more objects than the detector has queries, before any step: the Hungarian
+    matching gives each object its own query, and would otherwise stop the run where it meets that image (a crowded
+    test image: after the whole training).
+
+    Raises:
+        ValueError: naming the split, the image and the smallest num_queries that fits.
+    """
+    counts = [(len(t["labels"]), split, i) for split, ds in datasets.items() for i, t in enumerate(ds.targets)]
+    if not counts:
+        return
+    most, split, i = max(counts, key=lambda c: c[0])
+    if most > num_queries:
+        ds = datasets[split]
+        image = ds.paths[i] or f"image {ds.image_ids[i]}"
+        raise ValueError(
+            f"{spec}: {split} {image} has {most} objects but num_queries={num_queries}; DETR matches each object to "
+            f"a query of its own: use at least {most}"
+        )
+
+
+def _finite(value: float | None) -> float | None:
+    """A metric for JSON: NaN (undefined) becomes None."""
+    return None if value is None or math.isnan(value) else float(value)
+
+
 def describe_summary(summary: dict[str, Any]) -> str:
     """The lines `vitkit train` prints at the end of a detection run."""
     run = summary["run_dir"]
@@ -421,7 +467,7 @@ def describe_summary(summary: dict[str, Any]) -> str:
 
     lines = [
         f"test mAP@0.5 {num(summary['test_map50'])}  mAP@[.5:.95] {num(summary['test_map'])}"
-        if summary["test_map50"] is not None
+        if summary.get("test_images")
         else "no test split",
         f"best val mAP@0.5 {num(summary['best_val_map50'])} (epoch {summary['best_epoch']})",
         f"{summary['epochs_run']} epochs in {summary['wall_time_s']:.0f} s ({summary['images_per_s']:.0f} img/s)",

@@ -9,6 +9,7 @@ pixels}}). The loop, checkpoints, exact resume, EMA, AMP and DDP are the Trainer
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -25,28 +26,44 @@ from vitkit.threads import ThreadSetting, set_threads
 from vitkit.train.config import DEFAULT_MODEL, TrainConfig
 from vitkit.train.distributed import DistInfo, barrier
 from vitkit.train.loader import BatchLoader
-from vitkit.train.seg_metrics import seg_metrics
+from vitkit.train.seg_metrics import IGNORE_INDEX, seg_metrics
 from vitkit.train.tasks.segmentation import SegmentationTask
 from vitkit.train.trainer import Trainer
 
 SEG_FAMILIES = ("segmentation", "segmentation_unet")  # vitkit.models.segmentation's registered families
 
 
-def is_segmentation_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether `path` (a run or model directory) holds a segmentation model (so eval/predict take this path)."""
+def checkpoint_family(path: str | os.PathLike) -> str | None:
+    """The model family a vitkit run or model directory holds, or None (not such a directory: a timm/HF file ...)."""
     from vitkit.runs import model_config
 
     try:
         directory = resolve_checkpoint(path)
     except (FileNotFoundError, ValueError):
-        return False
-    return directory.is_dir() and model_config(directory).get("family") in SEG_FAMILIES
+        return None
+    return model_config(directory).get("family") if directory.is_dir() else None
+
+
+def is_segmentation_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` (a run or model directory) holds a segmentation model (so eval/predict take this path)."""
+    return checkpoint_family(path) in SEG_FAMILIES
+
+
+def check_dense_source_size(source: nn.Module, cfg: TrainConfig) -> None:
+    """Refuse an img_size other than the one a pretrained segmentation model or detector was trained at: their
+    heads are built for it, and the size would otherwise be dropped without a word."""
+    h, w = source.preprocess.input_size
+    if cfg.img_size is not None and (cfg.img_size, cfg.img_size) != (h, w):
+        raise ValueError(
+            f"{cfg.pretrained} ({type(source).__name__}) was trained at {h}x{w}; img_size={cfg.img_size} cannot "
+            f"resize it: drop img_size= or set img_size={h}"
+        )
 
 
 def build_segmentation_model(cfg: TrainConfig, num_classes: int, log: Callable[[str], None]) -> nn.Module:
     """The model a segmentation recipe asks for: `cfg.seg_head` on the backbone `cfg.model` (+ `model_args`), or on
-    the backbone of `cfg.pretrained` (a classifier run: its head is dropped), or `cfg.pretrained` itself when it is
-    a segmentation checkpoint with the same classes."""
+    the backbone of `cfg.pretrained` (a classifier or detector run: its head is dropped; an MAE run: its encoder),
+    or `cfg.pretrained` itself when it is a segmentation checkpoint with the same classes."""
     from vitkit.models.registry import create_model, get_family, model_family
     from vitkit.models.segmentation import segmentation_model
 
@@ -55,7 +72,15 @@ def build_segmentation_model(cfg: TrainConfig, num_classes: int, log: Callable[[
             raise ValueError(f"model_args {cfg.model_args} cannot change the architecture of a pretrained model")
         from vitkit.weights import load_model
 
-        source = load_model(cfg.pretrained, model_name=cfg.model, img_size=cfg.img_size, log=log)
+        family = checkpoint_family(cfg.pretrained)
+        if family in (*SEG_FAMILIES, "detr"):  # a dense model: loaded at the size it was trained at
+            source = load_model(cfg.pretrained, log=log)
+            check_dense_source_size(source, cfg)
+        else:
+            source = load_model(cfg.pretrained, model_name=cfg.model, img_size=cfg.img_size, log=log)
+        if family == "detr":  # a detector's backbone already reads where objects are: its box decoder is dropped
+            log(f"backbone: the backbone of {cfg.pretrained} ({type(source).__name__}); its detection head is dropped")
+            return segmentation_model(source.backbone, num_classes, cfg.seg_head, **cfg.seg_args)
         if getattr(source, "family", None) in SEG_FAMILIES:
             if source.num_classes != num_classes:
                 raise ValueError(
@@ -109,6 +134,12 @@ def train_segmentation(cfg: TrainConfig, dist: DistInfo, resume: Any, say: Calla
         f"{splits.num_classes} classes ({', '.join(splits.class_names)})"
         + (f", {len(splits.skipped)} bad files skipped" if splits.skipped else "")
     )
+    if len(splits.val) and bool((splits.val.masks == IGNORE_INDEX).all()):
+        # val_miou would be NaN every epoch: the best checkpoint would stay at epoch 1 whatever the run learns
+        raise ValueError(
+            f"the validation split of {cfg.data} ({len(splits.val)} images) has no labelled pixel (every mask pixel "
+            "is 255), so no checkpoint can be chosen by it: change seed or val_fraction, or label those images"
+        )
     requested_batch_size = cfg.batch_size
     cfg, batch_note = R.fit_batch_size(cfg, len(splits.train), dist, say)
 
@@ -187,11 +218,12 @@ def train_segmentation(cfg: TrainConfig, dist: DistInfo, resume: Any, say: Calla
         best_epoch=best_epoch,
         best_is_ema=cfg.monitor.startswith("ema_"),
         monitor=cfg.monitor,
-        test_miou=test.get("miou"),
-        test_dice=test.get("dice"),
-        test_fg_iou=test.get("fg_iou"),
-        test_pixel_acc=test.get("pixel_acc"),
-        test_loss=test.get("loss"),
+        # NaN (a test split of ignored pixels only) is not JSON: None
+        test_miou=_finite(test.get("miou")),
+        test_dice=_finite(test.get("dice")),
+        test_fg_iou=_finite(test.get("fg_iou")),
+        test_pixel_acc=_finite(test.get("pixel_acc")),
+        test_loss=_finite(test.get("loss")),
         test_per_class=per_class,
         test_images=test.get("n", 0),
         epochs_run=len(hist),
@@ -214,6 +246,11 @@ def train_segmentation(cfg: TrainConfig, dist: DistInfo, resume: Any, say: Calla
     return summary
 
 
+def _finite(value: float | None) -> float | None:
+    """A metric for JSON: NaN (nothing counted) becomes None."""
+    return None if value is None or math.isnan(value) else float(value)
+
+
 def _default_load_size() -> int:
     from vitkit.data.segmentation import DEFAULT_SEG_LOAD_SIZE
 
@@ -229,6 +266,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             f"test mIoU {summary['test_miou']:.4f}  Dice {summary['test_dice']:.4f}  foreground IoU "
             f"{summary['test_fg_iou']:.4f}"
         )
+    elif summary.get("test_images"):
+        lines.append("test split: no labelled pixel (every mask pixel is 255), no metric")
     else:
         lines.append("no test split")
     if summary.get("best_val_miou") is not None:
@@ -281,7 +320,8 @@ def evaluate_segmentation(
         "confusion", "class_names", "data", "split", "checkpoint"}.
 
     Raises:
-        ValueError: not a segmentation checkpoint, an unknown split, data whose classes differ from the model's.
+        ValueError: not a segmentation checkpoint, an unknown or empty split, data whose classes differ from the
+            model's.
     """
     from vitkit.train.distributed import resolve_device
 
@@ -304,6 +344,9 @@ def evaluate_segmentation(
     if list(splits.class_names) != list(names):
         raise ValueError(f"the data's classes {splits.class_names} differ from the model's {names}")
     ds = getattr(splits, split)
+    if len(ds) == 0:
+        fraction = f" ({split}_fraction={record.get(f'{split}_fraction', 0.1)})" if split != "train" else ""
+        raise ValueError(f"the {split} split of {spec!r} is empty{fraction}; choose another split (train, val, test)")
     task = SegmentationTask()
     task.check_model(model)
     task.setup(model, TrainConfig(task="segment", monitor="val_miou"), dev)
@@ -321,7 +364,7 @@ def evaluate_segmentation(
         "data": spec,
         "split": split,
         "n": metrics["n"],
-        "loss": metrics["loss"],
+        "loss": _finite(metrics["loss"]),
         **{k: full[k] for k in ("miou", "dice", "fg_iou", "pixel_acc", "per_class")},
         "class_names": list(names),
         "confusion": task.confusion(sums).long().tolist(),
@@ -370,7 +413,12 @@ def predict_masks(
     transform = SegEvalTransform(pre.input_size, pre.mean, pre.std).to(dev)
     results = []
     for path in list_image_files(images):
-        image = decode_image(path)
+        try:
+            image = decode_image(path)
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError) as e:  # PIL's errors for a corrupt file: name the file
+            raise ValueError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
         if pre.load_size:  # the run decoded its files to load_size squares: predict on what it was trained on
             image = resize_center_crop(image, pre.load_size)
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(dev)  # (1, 3, H, W)

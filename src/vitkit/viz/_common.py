@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from vitkit._io import atomic_path
 from vitkit.data.images import ImageLike, decode_image
 from vitkit.data.inference import prepare_image
 
@@ -24,11 +25,15 @@ def new_figure(width: float, height: float) -> Figure:
 
 
 def finish(fig: Figure, save_path: str | os.PathLike | None, dpi: int = 120) -> Figure:
-    """Save `fig` as an image when `save_path` is given (parent folders are created) and return it."""
+    """Save `fig` as an image when `save_path` is given (atomically, parent folders created) and return it.
+
+    The format follows the file's suffix (PNG without one), as `Figure.savefig` would choose it.
+    """
     if save_path is not None:
         path = Path(save_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi)
+        fmt = path.suffix[1:].lower() or "png"  # the temporary file's own suffix must not choose the format
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=dpi)
     return fig
 
 
