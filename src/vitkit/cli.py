@@ -584,6 +584,11 @@ def _add_int8_flags(p: argparse.ArgumentParser) -> None:
         help=f"pt2e: calibrated, compiled int8 kernels (default: {DEFAULT_METHOD}); dynamic: linear layers, no "
         "calibration, no compilation",
     )  # fmt: skip
+    p.add_argument(
+        "--int8-mixed-bf16", action="store_true",
+        help="pt2e: run what stays unquantized (attention, softmax, norms) in bf16; fastest on CPUs with bf16 "
+        "kernels (AVX-512-bf16, AMX)",
+    )  # fmt: skip
     p.add_argument("--calib", metavar="DATA", help="pt2e calibration data (default: the checkpoint's training data)")
     p.add_argument(
         "--calib-images", type=int, metavar="N",
@@ -595,7 +600,8 @@ def _int8_requested(args: argparse.Namespace) -> bool:
     """Whether --int8 is on; its options without it are an error, not ignored."""
     if not args.int8:
         given = [f for f, v in (("--int8-method", args.int8_method), ("--calib", args.calib),
-                                ("--calib-images", args.calib_images)) if v is not None]  # fmt: skip
+                                ("--calib-images", args.calib_images),
+                                ("--int8-mixed-bf16", args.int8_mixed_bf16 or None)) if v is not None]  # fmt: skip
         if given:
             raise ValueError(f"{given[0]} needs --int8")
     elif args.device not in ("auto", "cpu"):
@@ -604,7 +610,10 @@ def _int8_requested(args: argparse.Namespace) -> bool:
 
 
 def _int8_kwargs(args: argparse.Namespace) -> dict:
-    return dict(method=args.int8_method or DEFAULT_METHOD, calibration=args.calib, num_images=args.calib_images)
+    return dict(
+        method=args.int8_method or DEFAULT_METHOD, calibration=args.calib, num_images=args.calib_images,
+        mixed_bf16=args.int8_mixed_bf16,
+    )  # fmt: skip
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -687,7 +696,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if "int8" in r:
         q = r["int8"]
         calib = f", {q['calibration_images']} calibration images from {q['calibration']}" if q["calibration"] else ""
-        print(f"int8 ({q['method']}{calib}): agreement with fp32 {r['agreement']:.4f}, "
+        mixed = " + bf16" if q.get("mixed_bf16") else ""
+        print(f"int8 ({q['method']}{mixed}{calib}): agreement with fp32 {r['agreement']:.4f}, "
               f"fp32 top-1 {r['top1_reference']:.4f}")  # fmt: skip
     if "files" in r:
         print(f"wrote {r['files']['json']} and {r['files']['confusion_png']}")
@@ -1234,7 +1244,9 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 # Messages: library errors and logs name Python arguments; on the command line they name the flags.
 # ----------------------------------------------------------------------------------------------------------------
 # Per command: library argument -> the flag that sets it.
-_INT8_FLAGS = {"method": "--int8-method", "calibration": "--calib", "num_images": "--calib-images"}
+_INT8_FLAGS = {
+    "method": "--int8-method", "calibration": "--calib", "num_images": "--calib-images", "mixed_bf16": "--int8-mixed-bf16",
+}  # fmt: skip
 _ARG_FLAGS: dict[str, dict[str, str]] = {
     "convert": {"model_name": "--model", "img_size": "--img-size", "num_classes": "--num-classes", "to": "--to"},
     # Every TrainConfig field: its own flag where it has one (_TRAIN_FLAGS), else --set FIELD.

@@ -203,6 +203,30 @@ def test_pt2e_save_and_load_round_trip(digits, tmp_path):
         load_int8(tmp_path / "missing.pt2")
 
 
+def test_mixed_bf16_runs_the_unquantized_ops_in_bf16_and_is_saved(digits, tmp_path):
+    """int8-mixed-bf16: the graph under bf16 autocast agrees with fp32 as plain PT2E does, its logits are not the
+    fp32 graph's (bf16 really ran), and the setting survives save/load."""
+    model, _, test_x = digits
+    batches = calibration_batches(model, "digits", 64)
+    plain = quantize(model, "pt2e", batches, compile=False)
+    mixed = quantize(model, "pt2e", batches, compile=False, mixed_bf16=True)
+    assert mixed.mixed_bf16 and not plain.mixed_bf16 and "mixed_bf16=True" in repr(mixed)
+    with torch.no_grad():
+        a, b = mixed(test_x), plain(test_x)
+    assert a.dtype == torch.float32 and a.shape == b.shape
+    assert not torch.equal(a, b)  # bf16 rounding: another computation
+    agreement, cosine = _compare(mixed, model, test_x)
+    assert agreement >= 0.95 and cosine >= 0.99, (agreement, cosine)
+    loaded = load_int8(save_int8(mixed, tmp_path / "mixed.pt2"), compile=False)
+    assert loaded.mixed_bf16
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(test_x), a, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"applies to method='pt2e' only, got method='dynamic'"):
+        quantize(model, "dynamic", mixed_bf16=True)
+    with pytest.raises(ValueError, match=r"mixed_bf16=True applies to method='pt2e' only"):
+        evaluate_int8(tmp_path, "digits", method="dynamic", mixed_bf16=True, threads=None)
+
+
 def test_dynamic_refuses_a_model_of_convolutions():
     model = create_model("resnet18", depths=(1, 1, 1, 1), widths=(4, 8, 8, 16), stem_width=8, num_classes=5).eval()
     with pytest.raises(ValueError, match=r"quantizes linear layers only, and in resnet18 they hold \d+% .*'pt2e'"):
@@ -258,13 +282,14 @@ def test_pt2e_quantizes_every_attention_variant(attn):
 
 
 @pytest.mark.slow
-def test_compiled_pt2e_runs_int8_kernels_and_matches_the_converted_graph(digits):
+@pytest.mark.parametrize("mixed_bf16", [False, True], ids=["fp32", "mixed-bf16"])
+def test_compiled_pt2e_runs_int8_kernels_and_matches_the_converted_graph(digits, mixed_bf16):
     from torch._dynamo.utils import counters
 
     model, _, test_x = digits
     counters.clear()
-    q = quantize(model, "pt2e", "digits", num_images=64, compile=True)
-    eager = quantize(model, "pt2e", "digits", num_images=64, compile=False)
+    q = quantize(model, "pt2e", "digits", num_images=64, compile=True, mixed_bf16=mixed_bf16)
+    eager = quantize(model, "pt2e", "digits", num_images=64, compile=False, mixed_bf16=mixed_bf16)
     with torch.no_grad():
         a, b = q(test_x), eager(test_x)
         q(test_x[:3])  # another batch size: the graph has a dynamic batch
@@ -280,7 +305,9 @@ def test_evaluate_and_predict_int8(digits, model_dir, tmp_path, monkeypatch):
     model, splits, test_x = digits
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
     r = evaluate_int8(model_dir, "digits", calibration="digits", num_images=64, out=tmp_path / "ev", threads=None)
-    assert r["int8"] == {"method": "pt2e", "calibration": "digits", "calibration_images": 64, "compiled": True}
+    assert r["int8"] == {
+        "method": "pt2e", "calibration": "digits", "calibration_images": 64, "compiled": True, "mixed_bf16": False
+    }  # fmt: skip
     assert r["agreement"] >= 0.95 and r["n"] == len(test_x)
     with torch.no_grad():
         fp32_top1 = (model(test_x).argmax(1) == splits.test.labels).float().mean().item()
@@ -325,6 +352,10 @@ def test_cli_eval_and_predict_int8(digits, model_dir, tmp_path, monkeypatch, cap
 
     assert main(["predict", *ck, "--calib", "digits"]) == 2
     assert "--calib needs --int8" in capsys.readouterr().err
+    assert main(["predict", *ck, "--int8-mixed-bf16"]) == 2
+    assert "--int8-mixed-bf16 needs --int8" in capsys.readouterr().err
+    assert main(["predict", *ck, "--int8", "--int8-method", "dynamic", "--int8-mixed-bf16"]) == 2
+    assert "--int8-mixed-bf16 applies to --int8-method pt2e only" in capsys.readouterr().err
     assert main(["predict", *ck, "--int8", "--int8-method", "dynamic", "--calib", "digits"]) == 2
     assert "takes no calibration data" in capsys.readouterr().err
     assert main(["predict", *ck, "--int8", "--device", "cuda"]) == 2

@@ -16,6 +16,11 @@ Two methods:
   the tests because compiling takes minutes on 2 cores). The graph takes exactly the calibrated (H, W) and any
   batch size.
 
+  ``mixed_bf16=True`` (Intel's "int8-mixed-bf16" recipe for this flow): the graph is compiled and run under bf16
+  autocast, so what stays unquantized (attention's scaled dot product, softmax, LayerNorm, GELU, the residual adds)
+  runs in bf16 and the int8 kernels write bf16. On CPUs with native bf16 kernels (AVX-512-bf16, AMX) this is the
+  fastest int8 setting measured (benchmarks/RESULTS.md); on others bf16 is emulated and slower than fp32.
+
 Which is the default: `DEFAULT_METHOD`, chosen by measurement (see its comment and docs/deploy.md).
 
 Data flow: deploy sits above models, weights, data and train; it imports none of the CLI.
@@ -75,6 +80,7 @@ class Int8Model(nn.Module):
             model takes).
         compiled: Whether the PT2E graph was lowered by inductor to int8 kernels (False = the converted graph runs
             eagerly, computing in fp32 with int8 rounding simulated).
+        mixed_bf16: Whether the PT2E graph runs under bf16 autocast (int8-mixed-bf16; see the module docstring).
         module: The quantized model ("dynamic") or the converted PT2E graph ("pt2e").
     """
 
@@ -89,9 +95,13 @@ class Int8Model(nn.Module):
         calibration_images: int,
         input_size: tuple[int, int] | None,
         compiled: bool,
+        mixed_bf16: bool = False,
     ) -> None:
         super().__init__()
+        if mixed_bf16 and method != "pt2e":
+            raise ValueError(f"mixed_bf16=True applies to method='pt2e' only, got method={method!r}")
         self.method = method
+        self.mixed_bf16 = bool(mixed_bf16)
         self.preprocess = preprocess
         self.num_classes = num_classes
         self.model_name = model_name
@@ -127,11 +137,15 @@ class Int8Model(nn.Module):
             # The contract path: ViT's class-token-only last block slices `qkv.weight`, which a quantized layer
             # does not have as a tensor.
             return self.module.forward_head(self.module.forward_features(x)).float()
-        if self.compiled:
-            # The int8 lowering patterns are freezing passes: a recompilation (a new batch size) needs them too.
-            with torch._inductor.config.patch(freezing=True):
-                return self._run(x).float()
-        return self._run(x).float()
+        # Mixed bf16: the compiler traces (and recompiles) under the same autocast, so its int8 patterns see the
+        # bf16 casts around each quantized layer.
+        mixed = torch.autocast("cpu", dtype=torch.bfloat16) if self.mixed_bf16 else contextlib.nullcontext()
+        with mixed:
+            if self.compiled:
+                # The int8 lowering patterns are freezing passes: a recompilation (a new batch size) needs them too.
+                with torch._inductor.config.patch(freezing=True):
+                    return self._run(x).float()
+            return self._run(x).float()
 
     def train(self, mode: bool = True) -> Int8Model:
         """Int8 models are for inference only: `eval()` works, `train()` raises. (Exported graphs refuse the
@@ -146,7 +160,7 @@ class Int8Model(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"model={self.model_name}, method={self.method}, calibration_images={self.calibration_images}, "
-            f"input_size={self.input_size}, compiled={self.compiled}"
+            f"input_size={self.input_size}, compiled={self.compiled}, mixed_bf16={self.mixed_bf16}"
         )
 
 
@@ -396,6 +410,7 @@ def quantize(
     batch_size: int = 32,
     seed: int = 0,
     compile: bool = True,
+    mixed_bf16: bool = False,
 ) -> Int8Model:
     """An int8 copy of a vitkit model for CPU inference; the model itself is not changed.
 
@@ -412,17 +427,24 @@ def quantize(
         compile: For "pt2e": lower to int8 kernels with `torch.compile` (inductor, freezing). The first call then
             compiles (minutes on 2 cores for a ViT-S). False keeps the converted graph eager (fp32 arithmetic with
             int8 rounding simulated: same predictions up to float rounding, not faster).
+        mixed_bf16: For "pt2e": run the graph under bf16 autocast (int8-mixed-bf16: the unquantized ops in bf16;
+            see the module docstring). Calibration stays fp32.
 
     Returns:
         An `Int8Model` in eval mode; `calibration_images` records how many images calibrated it.
 
     Raises:
         ValueError: An unknown method, a model not on the CPU or in training mode, "pt2e" without calibration data
-            or "dynamic" with it, a model the method cannot quantize (named, with the reason), or bad calibration
+            or "dynamic" with it or with mixed_bf16, a model the method cannot quantize (named, with the reason), or bad calibration
             data (see `calibration_batches`).
         TypeError: `model` is not an nn.Module or calibration of the wrong type.
     """
     check_choice("method", method, Int8Method)
+    if mixed_bf16 and method != "pt2e":
+        raise ValueError(
+            f"mixed_bf16=True runs a PT2E graph under bf16 autocast and applies to method='pt2e' only, got "
+            f"method={method!r}: drop mixed_bf16, or use method='pt2e'"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize needs a torch nn.Module, got {type(model).__name__}")
     name = _model_name(model)
@@ -459,6 +481,7 @@ def quantize(
             method="pt2e",
             calibration_images=sum(len(b) for b in batches),
             input_size=tuple(model.preprocess.input_size),
+            mixed_bf16=mixed_bf16,
             **meta,
         )
         return q.eval()
@@ -508,6 +531,7 @@ def save_int8(q: Int8Model, path: str | os.PathLike) -> Path:
         "preprocess": dataclasses.asdict(q.preprocess),
         # Activations in 0..127 (a CPU without VNNI quantized it); full-range files saturate on such CPUs.
         "reduce_range": bool(q.graph.meta.get("vitkit_reduce_range", True)),
+        "mixed_bf16": q.mixed_bf16,
     }
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -555,6 +579,7 @@ def load_int8(path: str | os.PathLike, *, compile: bool = True) -> Int8Model:
         calibration_images=int(meta["calibration_images"]),
         input_size=tuple(meta["input_size"]),
         compiled=compile,
+        mixed_bf16=bool(meta.get("mixed_bf16", False)),
     )
     return q.eval()
 
@@ -567,15 +592,18 @@ def _int8_variant(
     num_images: int | None,
     compile: bool,
     made: list[Int8Model],
+    mixed_bf16: bool = False,
 ) -> Callable[[nn.Module], Int8Model]:
     """The function that turns the checkpoint's loaded fp32 model into its int8 copy (appended to `made`)."""
     from vitkit.runs import resolve_checkpoint, training_record
 
     check_choice("method", method, Int8Method)
-    directory = resolve_checkpoint(checkpoint)
-    record = training_record(directory) if directory.is_dir() else {}
     if method == "dynamic" and (calibration is not None or num_images is not None):
         raise ValueError("method='dynamic' takes no calibration data (calibration=, num_images=): use method='pt2e'")
+    if method == "dynamic" and mixed_bf16:
+        raise ValueError("mixed_bf16=True applies to method='pt2e' only: drop it, or use method='pt2e'")
+    directory = resolve_checkpoint(checkpoint)
+    record = training_record(directory) if directory.is_dir() else {}
 
     def make(model: nn.Module) -> Int8Model:
         calib, seed, load = calibration, 0, None
@@ -588,7 +616,7 @@ def _int8_variant(
             load = {k: record[k] for k in ("val_fraction", "test_fraction") if k in record}
         if method == "pt2e":
             batches = calibration_batches(model, calib, num_images, seed=seed, load=load)
-            q = quantize(model, "pt2e", batches, compile=compile)
+            q = quantize(model, "pt2e", batches, compile=compile, mixed_bf16=mixed_bf16)
         else:
             q = quantize(model, "dynamic")
         made.append(q)
@@ -609,6 +637,7 @@ def _int8_record(q: Int8Model, calibration: CalibrationData | None, checkpoint: 
         "calibration": None if q.method == "dynamic" else os.fspath(source) if source is not None else None,
         "calibration_images": q.calibration_images,
         "compiled": q.compiled,
+        "mixed_bf16": q.mixed_bf16,
     }
 
 
@@ -620,6 +649,7 @@ def evaluate_int8(
     calibration: CalibrationData | None = None,
     num_images: int | None = None,
     compile: bool = True,
+    mixed_bf16: bool = False,
     split: str = "test",
     batch_size: int = 256,
     out: str | os.PathLike | None = None,
@@ -636,12 +666,13 @@ def evaluate_int8(
             run's own train split (never its held-out images).
         num_images: Calibration images; None = `DEFAULT_CALIBRATION_IMAGES` (or all, if fewer).
         compile: For "pt2e": lower to int8 kernels (see `quantize`).
+        mixed_bf16: For "pt2e": the unquantized ops in bf16 (see `quantize`).
         split, batch_size, out, threads, tome: As in `vitkit.train.evaluate` (int8 refuses tome != 0).
 
     Returns:
         `evaluate`'s result for the int8 model ("top1", "top5", "loss", "per_class", "confusion" ...) plus
         "agreement" (share of images whose int8 top-1 equals the fp32 top-1), "top1_reference" (the fp32 top-1)
-        and "int8": {"method", "calibration", "calibration_images", "compiled"}. With `out`, eval.json holds the
+        and "int8": {"method", "calibration", "calibration_images", "compiled", "mixed_bf16"}. With `out`, eval.json holds the
         same.
     """
     import json
@@ -650,7 +681,7 @@ def evaluate_int8(
     from vitkit.train import evaluate
 
     made: list[Int8Model] = []
-    make = _int8_variant(checkpoint, method, calibration, num_images, compile, made)
+    make = _int8_variant(checkpoint, method, calibration, num_images, compile, made, mixed_bf16)
     result = evaluate(
         checkpoint, data, split=split, batch_size=batch_size, device="cpu", out=out, threads=threads, tome=tome,
         variant=make,
@@ -670,6 +701,7 @@ def predict_int8(
     calibration: CalibrationData | None = None,
     num_images: int | None = None,
     compile: bool = True,
+    mixed_bf16: bool = False,
     topk: int = 5,
     threads: Any = "auto",
     tome: int = 0,
@@ -679,5 +711,5 @@ def predict_int8(
     from vitkit.train import predict
 
     made: list[Int8Model] = []
-    make = _int8_variant(checkpoint, method, calibration, num_images, compile, made)
+    make = _int8_variant(checkpoint, method, calibration, num_images, compile, made, mixed_bf16)
     return predict(checkpoint, images, topk=topk, device="cpu", threads=threads, tome=tome, variant=make)
