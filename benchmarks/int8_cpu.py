@@ -2,8 +2,8 @@
 
 1. Throughput: ViT-S/16 and ViT-B/16 at 224 px, batch 1 and 16, `torch.inference_mode()`, rows:
    fp32 eager, bf16 eager (weights and input cast to bf16), bf16 compiled (`torch.compile`), int8 dynamic
-   (`vitkit.deploy.quantize(method="dynamic")`) and int8 PT2E compiled (`method="pt2e"`, x86 inductor quantizer,
-   inductor freezing). The rows are interleaved: each round times every row once and a row's number is the median
+   (`vitkit.deploy.quantize(method="dynamic")`), int8 PT2E compiled (`method="pt2e"`, x86 inductor quantizer,
+   inductor freezing) and the same under bf16 autocast (`mixed_bf16=True`, int8-mixed-bf16). The rows are interleaved: each round times every row once and a row's number is the median
    over rounds, so a drift of the machine hits every row alike. The dense 2048^2 matmul rates (fp32 and bf16) are
    measured in the same run, before and after the rows. Random weights: speed does not depend on the values (the
    PT2E rows are calibrated on random inputs).
@@ -46,7 +46,7 @@ import tome_cpu  # noqa: E402  (benchmarks/tome_cpu.py: the small shapes ViT and
 from models import matmul_rate  # noqa: E402  (benchmarks/models.py, beside this script)
 from tome_cpu import shapes_tensors  # noqa: E402
 
-ROWS = ("fp32", "bf16", "bf16-compiled", "int8-dynamic", "int8-pt2e")
+ROWS = ("fp32", "bf16", "bf16-compiled", "int8-dynamic", "int8-pt2e", "int8-pt2e-bf16")
 
 
 def runners(model: torch.nn.Module, batch: int, size: int, rows: list[str], calib_images: int) -> dict:
@@ -62,9 +62,9 @@ def runners(model: torch.nn.Module, batch: int, size: int, rows: list[str], cali
             out[row] = (torch.compile(copy.deepcopy(model).to(torch.bfloat16)), x.to(torch.bfloat16))
         elif row == "int8-dynamic":
             out[row] = (quantize(model, "dynamic"), x)
-        elif row == "int8-pt2e":
+        elif row in ("int8-pt2e", "int8-pt2e-bf16"):
             calib = [torch.randn(min(16, calib_images), 3, size, size) for _ in range(max(1, calib_images // 16))]
-            out[row] = (quantize(model, "pt2e", calib), x)
+            out[row] = (quantize(model, "pt2e", calib, mixed_bf16=row.endswith("bf16")), x)
     return out
 
 
@@ -120,6 +120,10 @@ def agreement_rows(model, calib_x: torch.Tensor, x: torch.Tensor, y: torch.Tenso
         "bf16": (copy.deepcopy(model).to(torch.bfloat16), torch.bfloat16),
         "int8-dynamic": (quantize(model, "dynamic"), None),
         "int8-pt2e": (quantize(model, "pt2e", calib_x.split(32), compile=not args.no_compile_agreement), None),
+        "int8-pt2e-bf16": (
+            quantize(model, "pt2e", calib_x.split(32), compile=not args.no_compile_agreement, mixed_bf16=True),
+            None,
+        ),
     }
     rows = []
     for name, (fn, dtype) in variants.items():

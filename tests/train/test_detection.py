@@ -468,3 +468,11 @@ def test_a_validation_split_without_boxes_is_refused(tmp_path):
                       out=str(tmp_path / "run"))  # fmt: skip
     with pytest.raises(ValueError, match=r"the validation split of coco:.* \(1 images\) has no box"):
         train(cfg, log=lambda m: None)
+
+
+def test_default_monitor_follows_ema_as_segmentation_does():
+    from vitkit.train.config import resolve_config
+
+    assert resolve_config(None, {"task": "detect", "data": "scenes"}).monitor == "val_map50"
+    assert resolve_config(None, {"task": "detect", "data": "scenes", "ema": True}).monitor == "ema_map50"
+    assert resolve_config(None, {"task": "detect", "data": "scenes", "monitor": "val_map"}).monitor == "val_map"

@@ -319,4 +319,6 @@ def resolve_config(
     merged = {**base, **overrides}
     if merged.get("task") == "segment" and "monitor" not in merged:
         merged["monitor"] = "ema_miou" if merged.get("ema") else "val_miou"  # a segmentation run's default
+    if merged.get("task") == "detect" and "monitor" not in merged:
+        merged["monitor"] = "ema_map50" if merged.get("ema") else "val_map50"  # a detection run's default
     return TrainConfig.from_dict(merged)
