@@ -1,4 +1,4 @@
-"""torch.compile against eager for vitkit models: inference img/s and training steps/s, side by side in one run.
+"""torch.compile against eager for vitkit models: inference and training img/s, side by side in one run.
 
 Issue 13 asks that compiled paths are never slower than eager. Rows: model x batch x precision x (inference |
 training) with eager and compiled timed in interleaved rounds (eager, compiled, eager, ...; median of the rounds),
@@ -87,7 +87,7 @@ def main() -> None:
         f"threads={torch.get_num_threads()}; native bf16 kernels: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}"
     )
     print(f"# 2048^2 matmul: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s")
-    print("| model | batch | kind | precision | eager /s | compiled /s | compiled / eager | compile s | graphs |")
+    print("| model | batch | kind | precision | eager img/s | compiled img/s | compiled / eager | compile s | graphs |")
     print("|---|---:|---|---|---:|---:|---:|---:|---:|")
     rows = []
     for name in args.models:
