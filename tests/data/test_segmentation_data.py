@@ -93,6 +93,21 @@ def test_bad_pairs_are_reported_by_file_and_refused_under_strict(tmp_path):
         load_mask_folder(root, size=12, strict=True)
 
 
+def test_files_sharing_a_stem_are_reported_not_paired_silently(tmp_path):
+    root = _folder(tmp_path)
+    (root / "masks" / "img1.txt").write_text("notes")  # not an image: reported, img1 still pairs
+    Image.fromarray(np.zeros((12, 20), np.uint8), mode="L").save(root / "masks" / "img3.bmp")  # two masks for img3
+    with pytest.warns(UserWarning, match="skipped 3 bad file"):
+        ds, skipped = load_mask_folder(root, size=12)
+    reasons = {p.rsplit("/", 2)[-2] + "/" + p.rsplit("/", 1)[-1]: r for p, r in skipped}
+    assert reasons["masks/img1.txt"].startswith("not an image file")
+    assert "shares the stem 'img3' with img3.png" in reasons["masks/img3.bmp"]
+    assert "shares the stem 'img3' with img3.bmp" in reasons["masks/img3.png"]
+    assert len(ds) == 5 and str(root / "images" / "img3.jpg") not in ds.paths  # no guess at which mask is meant
+    with pytest.raises(ValueError, match=r"img1\.txt: not an image file"):
+        load_mask_folder(root, size=12, strict=True)
+
+
 def test_class_list_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"classes\.txt is missing"):
         read_class_list(tmp_path / "classes.txt")

@@ -311,8 +311,6 @@ def load_mask_folder(
     """
     root = Path(root)
     class_names = read_class_list(root / "classes.txt")
-    images = {p.stem: p for p in sorted((root / "images").iterdir()) if not p.name.startswith(".") and p.is_file()}
-    masks = {p.stem: p for p in sorted((root / "masks").iterdir()) if not p.name.startswith(".") and p.is_file()}
     skipped: list[tuple[str, str]] = []
 
     def bad(path: Path, reason: str) -> None:
@@ -320,16 +318,36 @@ def load_mask_folder(
             raise ValueError(f"{path}: {reason} (pass strict=False to skip bad files)")
         skipped.append((str(path), reason))
 
+    def by_stem(folder: Path) -> dict[str, Path]:
+        """stem -> file; files that are not images and stems that several images share (a.jpg + a.png: which one
+        pairs is ambiguous) are reported, not paired."""
+        files: dict[str, list[Path]] = {}
+        for p in sorted(folder.iterdir()):
+            if p.name.startswith(".") or not p.is_file():
+                continue
+            if p.suffix.lower() not in IMAGE_EXTENSIONS:
+                bad(p, f"not an image file (supported extensions: {', '.join(IMAGE_EXTENSIONS)})")
+                continue
+            files.setdefault(p.stem, []).append(p)
+        for stem, same in files.items():
+            if len(same) > 1:
+                for p in same:
+                    others = ", ".join(q.name for q in same if q != p)
+                    bad(p, f"shares the stem {stem!r} with {others} in {folder.name}/: rename one (pairs go by stem)")
+        return {stem: same[0] for stem, same in files.items() if len(same) == 1}
+
+    images, masks = by_stem(root / "images"), by_stem(root / "masks")
+    ambiguous = {Path(path).stem for path, reason in skipped if "shares the stem" in reason}
     pairs = []
     for stem, img_path in images.items():
-        if img_path.suffix.lower() not in IMAGE_EXTENSIONS:
-            bad(img_path, f"not an image file (supported extensions: {', '.join(IMAGE_EXTENSIONS)})")
-        elif stem not in masks:
+        if stem in ambiguous:  # its mask (or image) is one of several: reported above
+            continue
+        if stem not in masks:
             bad(img_path, f"has no mask: expected {root / 'masks' / (stem + '.png')}")
         else:
             pairs.append((img_path, masks[stem]))
     for stem, mask_path in masks.items():
-        if stem not in images:
+        if stem not in images and stem not in ambiguous:
             bad(mask_path, f"has no image: expected images/{stem}.<{'|'.join(e[1:] for e in IMAGE_EXTENSIONS)}>")
     out_images, out_masks, paths = [], [], []
     for img_path, mask_path in pairs:
