@@ -82,7 +82,8 @@ def check_head(head: int | None, num_heads: int) -> int | None:
         raise TypeError(f"head must be an integer or None (fuse all heads), got {head!r}")
     if not -num_heads <= head < num_heads:
         raise ValueError(
-            f"head {head} is out of range for {num_heads} heads (use -{num_heads}..{num_heads - 1} or None)"
+            f"head {head} is out of range for {num_heads} heads (use -{num_heads}..{num_heads - 1}, or None to fuse "
+            "the heads: no --head on the command line)"
         )
     return head % num_heads
 
