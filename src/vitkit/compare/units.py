@@ -107,15 +107,7 @@ def load_splits(cfg: TrainConfig) -> DataSplits:
     """The train/val/test splits of `cfg.data` with the config's seed and fractions."""
     from vitkit.data import load_data
 
-    return load_data(
-        cfg.data,
-        seed=cfg.seed,
-        val_fraction=cfg.val_fraction,
-        test_fraction=cfg.test_fraction,
-        strict=cfg.strict,
-        load_size=cfg.load_size,
-        shapes_size=cfg.shapes_size,
-    )
+    return load_data(cfg.data, **cfg.data_settings())
 
 
 def train_subset(train: ImageDataset, fraction: float, seed: int) -> ImageDataset:

@@ -246,6 +246,18 @@ class TrainConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def data_settings(self) -> dict[str, Any]:
+        """The keyword arguments every data loader takes from a run's settings (`vitkit.data.load_data`,
+        `load_detection_data`, `load_unlabeled`, ...): the split (seed, fractions), strictness and image sizes."""
+        return dict(
+            seed=self.seed,
+            val_fraction=self.val_fraction,
+            test_fraction=self.test_fraction,
+            strict=self.strict,
+            load_size=self.load_size,
+            shapes_size=self.shapes_size,
+        )
+
     def replace(self, **changes: Any) -> TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 

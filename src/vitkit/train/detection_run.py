@@ -103,15 +103,7 @@ def train_detection(cfg: TrainConfig, dist: DistInfo, resume: Any, say, t0: floa
         say(f"monitor: {cfg.monitor} (detection has no accuracy)")
     run_dir, state, threads = start_run(cfg, dist, resume, say)
 
-    splits = load_detection_data(
-        cfg.data,
-        seed=cfg.seed,
-        val_fraction=cfg.val_fraction,
-        test_fraction=cfg.test_fraction,
-        strict=cfg.strict,
-        load_size=cfg.load_size,
-        shapes_size=cfg.shapes_size,
-    )
+    splits = load_detection_data(cfg.data, **cfg.data_settings())
     say(
         f"data {cfg.data}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images, "
         f"{splits.train.num_boxes} train boxes, {splits.num_classes} classes"

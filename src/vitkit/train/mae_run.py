@@ -64,15 +64,7 @@ def run_mae(cfg: TrainConfig, dist: DistInfo, resume: str | os.PathLike | None, 
     run_dir, state, threads = start_run(cfg, dist, resume, say)
 
     # --- data: labels are loaded where the source has them, and ignored -------------------------------------
-    splits = load_unlabeled(
-        cfg.data,
-        seed=cfg.seed,
-        val_fraction=cfg.val_fraction,
-        test_fraction=cfg.test_fraction,
-        strict=cfg.strict,
-        load_size=cfg.load_size,
-        shapes_size=cfg.shapes_size,
-    )
+    splits = load_unlabeled(cfg.data, **cfg.data_settings())
     say(
         f"data {cfg.data} (labels ignored): {len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test)} test images"

@@ -134,15 +134,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
     run_dir, state, threads = start_run(cfg, dist, resume, say)
 
     # --- data -----------------------------------------------------------------------------------------------
-    splits = load_data(
-        cfg.data,
-        seed=cfg.seed,
-        val_fraction=cfg.val_fraction,
-        test_fraction=cfg.test_fraction,
-        strict=cfg.strict,
-        load_size=cfg.load_size,
-        shapes_size=cfg.shapes_size,
-    )
+    splits = load_data(cfg.data, **cfg.data_settings())
     say(
         f"data {cfg.data}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images, "
         f"{splits.num_classes} classes"
