@@ -11,7 +11,9 @@
    ViT-S/B: no weights trained on data we have exist here, and fine-tuning them at 224 px on 2 CPU cores takes
    hours; agreement of randomly initialised ViT-S/B would measure noise (near-tied logits), so it is not reported.
    `--checkpoint DIR` (a vitkit model dir trained on `shapes`, e.g. a ViT-S/16 fine-tuned on a GPU) measures the
-   agreement of that model instead, on shapes drawn at its input size with a seed the training never saw.
+   agreement of that model instead, on shapes drawn at its input size with a seed the training never saw;
+   with `--checkpoint-data held-out`, on the held-out (val + test) images of the data it was trained on (its run's
+   own seed and split fractions), preprocessed as `vitkit eval` does.
 
 Usage:
     python benchmarks/tome_cpu.py                   # the full run (~15-25 min on 2 cores)
@@ -100,6 +102,27 @@ def agreement_rows(model, x: torch.Tensor, y: torch.Tensor, rs: list[int], label
     return rows
 
 
+def held_out_of_run(checkpoint: str, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The val + test images of the data a run trained on (its seed and fractions: images training never saw),
+    through the model's eval preprocessing; and a label naming the data."""
+    from vitkit.data import load_data
+    from vitkit.data.inference import eval_transform
+    from vitkit.runs import resolve_checkpoint, training_record
+
+    record = training_record(resolve_checkpoint(checkpoint))
+    if "data" not in record:
+        raise SystemExit(f"{checkpoint} does not record its training data: use --checkpoint-data shapes")
+    splits = load_data(
+        record["data"], seed=int(record.get("seed", 0)), val_fraction=record.get("val_fraction", 0.1),
+        test_fraction=record.get("test_fraction", 0.1), shapes_size=record.get("shapes_size") or 64,
+        load_size=record.get("load_size"),
+    )  # fmt: skip
+    tf = eval_transform(model)
+    x = torch.cat([tf(splits.val.images), tf(splits.test.images)])
+    y = torch.cat([splits.val.labels, splits.test.labels])
+    return x, y, f"{record['data']} val+test"
+
+
 def train_small(args) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(0)
     side = args.small_side
@@ -169,6 +192,10 @@ def main() -> int:
     p.add_argument("--small-rs", type=int, nargs="+", default=[1, 2, 3, 4, 6])
     p.add_argument("--checkpoint", default=None, help="a vitkit model dir trained on shapes: its agreement too")
     p.add_argument("--checkpoint-rs", type=int, nargs="+", default=[8, 13, 16])
+    p.add_argument(
+        "--checkpoint-data", choices=["shapes", "held-out"], default="shapes",
+        help="shapes: fresh shapes (a model trained on shapes); held-out: the val + test splits of its own data",
+    )  # fmt: skip
     p.add_argument("--skip-throughput", action="store_true", help="agreement rows only")
     args = p.parse_args()
     args.model_overrides, args.small_overrides, args.small_side = {}, dict(embed_dim=96, depth=6, num_heads=3), 64
@@ -204,9 +231,13 @@ def main() -> int:
         from vitkit.weights import load_model
 
         ck = load_model(args.checkpoint).eval()
-        side = ck.preprocess.input_size[0]
-        cx, cy = shapes_tensors(args.heldout, side, seed=12345, mean=ck.preprocess.mean, std=ck.preprocess.std)
-        res["agreement"] += agreement_rows(ck, cx, cy, [0, *args.checkpoint_rs], f"{args.checkpoint} (shapes)")
+        if args.checkpoint_data == "held-out":
+            cx, cy, label = held_out_of_run(args.checkpoint, ck)
+        else:
+            side = ck.preprocess.input_size[0]
+            cx, cy = shapes_tensors(args.heldout, side, seed=12345, mean=ck.preprocess.mean, std=ck.preprocess.std)
+            label = "shapes"
+        res["agreement"] += agreement_rows(ck, cx, cy, [0, *args.checkpoint_rs], f"{args.checkpoint} ({label})")
         flush()
     if not args.skip_throughput:
         res["throughput"] = throughput(args)
