@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 # Choices come from the Literals of the library's configs, so the CLI and the library never disagree.
 from vitkit._validate import choices
 from vitkit.deploy.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_METHOD, Int8Method
+from vitkit.explain.evaluate import EVAL_METHODS
 from vitkit.explain.maps import HeadFusion, Method
 from vitkit.train.config import Amp, AutoAugment, Distillation, Monitor, Parallel, SegHeadName, TaskName, TrainConfig
 from vitkit.train.evaluate import Split
@@ -263,7 +264,12 @@ def _add_explain_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explain-eval", help="compare saliency methods: pointing game, deletion/insertion AUC")
     p.add_argument("--checkpoint", required=True, metavar="RUN", help="run dir (RUN/best, else RUN/last) or model dir")
     p.add_argument("--data", default="shapes", help="shapes or shapes:N (default: the run's own shapes data)")
-    p.add_argument("--methods", nargs="+", default=[*_EXPLAIN_METHODS, "random"], help="methods to compare")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(EVAL_METHODS),
+        help=f"methods to compare (default: {' '.join(EVAL_METHODS)})",
+    )
     p.add_argument("--count", type=int, default=200, help="test images to use (default 200)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch")
     p.add_argument("--max-steps", type=int, default=64, help="deletion/insertion steps per curve")

@@ -9,7 +9,7 @@ from PIL import Image
 
 from tests.explain.conftest import make_model
 from vitkit.cli import main
-from vitkit.explain import resolve_checkpoint
+from vitkit.explain import EVAL_METHODS, resolve_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,15 @@ def test_explain_eval(run_dir, tmp_path, capsys):
     assert results["image_size"] == 32 and results["grid"] == [4, 4]
     assert "| rollout |" in (tmp_path / "results.md").read_text()
     assert "| random |" in capsys.readouterr().out
+
+
+def test_explain_eval_default_methods_run_on_a_classifier(run_dir, tmp_path):
+    """Without --methods, explain-eval compares every method the library evaluates. Its default once also held
+    explain's "cross-attention" (DETR only), so `vitkit explain-eval --checkpoint RUN --out DIR` always failed."""
+    rc = main(["explain-eval", "--checkpoint", str(run_dir), "--count", "2", "--max-steps", "2",
+               "--out", str(tmp_path)])  # fmt: skip
+    assert rc == 0
+    assert set(json.loads((tmp_path / "results.json").read_text())["methods"]) == set(EVAL_METHODS)
 
 
 def test_explain_eval_gradcam_uses_its_default_stage(run_dir, tmp_path):
