@@ -108,6 +108,9 @@ def test_cli_message_translation_table():
     assert cli_message("load_size=8 does not apply", "train") == "--set load_size=8 does not apply"
     assert cli_message("method='rollout' and num_heads=2", "explain") == "--method rollout and num_heads=2"
     assert cli_message("model_name= is unknown here", "models") == "model_name= is unknown here"
+    # A spelled-out Python call stays Python; the text around it is still translated.
+    text = "load it back with vitkit.load_model(path, model_name='vit_nano', img_size=(16, 16)) or pass model_name="
+    assert cli_message(text, "convert") == text.replace("pass model_name=", "pass --model")
 
 
 def test_bad_image_warning_is_one_clean_line_and_top5_is_left_out_for_3_classes(model_dir, tmp_path, capsys):

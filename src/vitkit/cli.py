@@ -1299,7 +1299,8 @@ def cli_message(text: str, command: str) -> str:
     """`text` with the library arguments of `command` written as its flags: `pass model_name=` -> `pass --model`.
 
     `arg=` and `arg=...` become the bare flag, `arg=value` becomes `flag value` (a tuple `(16, 16)` becomes
-    `16 16`, a quoted string loses its quotes), and `strict=False` style booleans become `--no-strict`.
+    `16 16`, a quoted string loses its quotes), and `strict=False` style booleans become `--no-strict`. A Python
+    call the text spells out (`vitkit.load_model(path, model_name='x')`) stays Python: a flag inside it is wrong.
     """
     for name, cli in _PYTHON_NAMES.items():
         text = text.replace(name, cli)
@@ -1320,7 +1321,9 @@ def cli_message(text: str, command: str) -> str:
             value = " ".join(v.strip() for v in value[1:-1].split(",") if v.strip())
         return f"{name} {value.strip(chr(39))}"
 
-    return re.sub(pattern, flag, text)
+    # Translate only outside `vitkit.name(...)` calls (one level of nested parentheses inside them).
+    parts = re.split(r"(\bvitkit\.[\w.]+\((?:[^()]|\([^()]*\))*\))", text)
+    return "".join(part if i % 2 else re.sub(pattern, flag, part) for i, part in enumerate(parts))
 
 
 def _printer(command: str, file=None) -> Callable[[str], None]:
