@@ -63,3 +63,11 @@ def test_shift_rule_uses_every_shift_not_only_the_largest():
     res["models"]["cnn"]["probe"]["shift"] = {"shift_px": [1, 2, 3, 4], "consistency": [0.95, 0.75, 0.39, 0.20]}
     text = " ".join(recommendations(res))
     assert "Most shift-consistent over shifts of 1-4 px: cnn (57.2%" in text and "vs 45.5% for vit" in text
+
+
+def test_one_fraction_states_its_winner_once():
+    """With a single --fractions value the smallest and the largest fraction are the same one: one sentence."""
+    res = _results({"1.0": 0.97}, {"1.0": 0.93})
+    res["fractions"], res["subset_sizes"] = [1.0], {"1.0": 1439}
+    lines = recommendations(res)
+    assert sum("training images" in line for line in lines) == 1, lines

@@ -278,7 +278,8 @@ def recommendations(results: dict[str, Any]) -> list[str]:
     lo_name, lo_acc, lo_tied = best_at(lo_f)
     hi_name, hi_acc, hi_tied = best_at(hi_f)
     if len(models) > 1:
-        for f, name, acc, tied in ((lo_f, lo_name, lo_acc, lo_tied), (hi_f, hi_name, hi_acc, hi_tied)):
+        ends = [(lo_f, lo_name, lo_acc, lo_tied)] + ([(hi_f, hi_name, hi_acc, hi_tied)] if hi_f != lo_f else [])
+        for f, name, acc, tied in ends:  # one fraction: one sentence, not the same one twice
             worst = min(models, key=lambda k: _acc(models[k], f))
             if len(tied) > 1:
                 out.append(
