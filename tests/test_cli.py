@@ -174,3 +174,13 @@ def test_train_messages_name_every_setting_as_a_flag():
     assert cli_message("set load_size=48", "train") == "set --set load_size=48"
     # not a training setting: left alone rather than turned into a `--set num_classes` that does not exist
     assert cli_message("the head has num_classes=0", "train") == "the head has num_classes=0"
+
+
+def test_an_empty_split_says_which_splits_to_choose(model_dir, tmp_path, capsys):
+    """`vitkit eval --data FOLDER` on a folder too small for a test split names --split, as detection's eval does."""
+    small = tmp_path / "small"
+    for name in CLASSES:
+        _png(small / name / "0.png", 0)
+    assert main(["eval", "--checkpoint", str(model_dir), "--data", str(small), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "the test split of" in err and "is empty" in err and "--split" in err, err

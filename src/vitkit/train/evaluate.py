@@ -149,7 +149,7 @@ def evaluate(
     else:
         ds = getattr(splits, split)
     if len(ds) == 0:
-        raise ValueError(f"the {split} split of {spec!r} is empty")
+        raise ValueError(f"the {split} split of {spec!r} is empty; choose another split=... (train, val, test, all)")
 
     class_names = model.preprocess.class_names
     label_map = _label_map(class_names, splits.class_names, model.num_classes).to(dev)
