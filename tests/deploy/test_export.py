@@ -282,6 +282,19 @@ def test_export_refuses_a_model_that_freezes_the_size(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
+def test_a_refusal_names_the_patch_embedding_and_the_static_flag(tmp_path):
+    # `local` attention exports alone (the parity cases) and so does `overlap`; together the traced program keeps a
+    # guard on the size (found by trying README's layer-variant run). The refusal must not blame the attention
+    # alone, and must say how to get a one-size file from the command line too.
+    name, kw = FAMILIES["vit"]
+    kw = {**kw, "reg_tokens": 0, "attn_layer": "local", "attn_args": ATTENTION["local"], "embed_layer": "overlap"}
+    model = create_model(name, num_classes=3, **kw).eval()
+    with pytest.raises(ValueError, match=r"embed_layer='overlap'\) cannot be exported with dynamic") as err:
+        export_model(model, tmp_path / "m.pt2", format="torch-export")
+    assert "attn_layer='local'" in str(err.value) and "--static" in str(err.value)
+
+
 def test_traced_resample_equals_eager_at_every_grid():
     torch.manual_seed(0)
     table = torch.randn(1, 1 + 4 * 6, 8)

@@ -438,8 +438,11 @@ def _check_generalises(
         if other == tuple(size):
             return  # the example is the only size there is
     x = torch.randn(1 if batch is None else batch, _in_chans(model), *other)
-    layer = getattr(getattr(model, "cfg", None), "attn_layer", None)
-    what = f"{_name(model)}" + (f" (attn_layer={layer!r})" if layer else "")
+    cfg = getattr(model, "cfg", None)
+    layers = [f"attn_layer={getattr(cfg, 'attn_layer', None)!r}"] if getattr(cfg, "attn_layer", None) else []
+    if getattr(cfg, "embed_layer", "patch") != "patch":  # e.g. local + overlap: each exports alone, not together
+        layers.append(f"embed_layer={cfg.embed_layer!r}")
+    what = f"{_name(model)}" + (f" ({', '.join(layers)})" if layers else "")
     try:
         with torch.no_grad():
             got, want = program.module()(x), model(x)
@@ -447,14 +450,14 @@ def _check_generalises(
         raise ValueError(
             f"{what} cannot be exported with dynamic sizes: the traced program fails at {other[0]}x{other[1]} "
             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); its code branches on the input size in Python. "
-            "Export with dynamic=False for a file of the example size only"
+            "Export with dynamic=False (--static on the command line) for a file of the example size only"
         ) from None
     delta = (got - want).abs().max().item()
     if not delta <= TOLERANCE:
         raise ValueError(
             f"{what} cannot be exported with dynamic sizes: the traced program is off by {delta:.3g} at "
-            f"{other[0]}x{other[1]}; its code branches on the input size in Python. Export with dynamic=False for a "
-            "file of the example size only"
+            f"{other[0]}x{other[1]}; its code branches on the input size in Python. Export with dynamic=False "
+            "(--static on the command line) for a file of the example size only"
         )
 
 
