@@ -577,7 +577,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if summary.get("best_val_loss") is not None:
         print(f"best val reconstruction loss {summary['best_val_loss']:.4f} (epoch {summary['best_epoch']})")
     print(f"{summary['epochs_run']} epochs in {summary['wall_time_s']:.0f} s ({summary['images_per_s']:.0f} img/s)")
-    print(f"outputs in {run}/: best/ last/, reconstructions/, metrics.jsonl, curves.png, summary.json")
+    print(f"outputs in {run}/: best/ last/, reconstructions/, metrics.jsonl, metrics.csv, curves.png, summary.json")
     print(f"next: vitkit train --pretrained {run} --data DATA    vitkit probe --checkpoint {run}")
     return 0
 

@@ -114,6 +114,11 @@ def test_pretrain_writes_a_run_with_figures_and_its_encoder_fine_tunes(tmp_path,
     assert main([*args, "--out", str(run)]) == 0
     out = capsys.readouterr()
     assert "test reconstruction loss" in out.out and "(labels ignored)" in out.err
+    # The "outputs in RUN/:" line names every output the run holds, as train's does (it once left metrics.csv out);
+    # config.yaml, the run's settings, is not an output.
+    listed = next(line for line in out.out.splitlines() if line.startswith("outputs in ")).split(":", 1)[1]
+    named = {name.strip().rstrip("/") for part in listed.split(",") for name in part.split()}
+    assert named == {p.name for p in run.iterdir()} - {"config.yaml"}, listed
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["task"] == "mae" and config["model_args"]["mask_ratio"] == 0.5 and config["scale"] == [0.2, 1.0]
     summary = json.loads((run / "summary.json").read_text())
