@@ -791,6 +791,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
+    if args.int8:
+        q = _int8_kwargs(args)
+        print(f"int8 ({q['method']}{' + bf16' if q['mixed_bf16'] else ''}): probabilities of the int8 model")
     for r in results:
         print(r["path"])
         for t in r["top"]:
@@ -1268,7 +1271,7 @@ _ARG_FLAGS: dict[str, dict[str, str]] = {
     },
     "eval": {
         "data": "--data", "split": "--split", "batch_size": "--batch-size", "device": "--device", "k": "--knn-k",
-        "temperature": "--knn-temperature", **_INT8_FLAGS,
+        "temperature": "--knn-temperature", "tome": "--tome", **_INT8_FLAGS,
     },
     "embed": {
         "batch_size": "--batch-size", "split": "--split", "seed": "--seed", "device": "--device",
@@ -1279,7 +1282,9 @@ _ARG_FLAGS: dict[str, dict[str, str]] = {
         "data": "--data", "weight_decays": "--weight-decays", "batch_size": "--batch-size", "device": "--device",
         "out": "--out",
     },
-    "predict": {"topk": "--topk", "device": "--device", "score_threshold": "--threshold", **_INT8_FLAGS},
+    "predict": {
+        "topk": "--topk", "device": "--device", "score_threshold": "--threshold", "tome": "--tome", **_INT8_FLAGS,
+    },
     "explain": {
         "target": "--target", "method": "--method", "layer": "--layer", "head": "--head",
         "head_fusion": "--head-fusion", "discard_ratio": "--discard-ratio", "layers": "--html-layers",

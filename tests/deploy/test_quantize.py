@@ -352,6 +352,10 @@ def test_cli_eval_and_predict_int8(digits, model_dir, tmp_path, monkeypatch, cap
 
     assert main(["predict", *ck, "--calib", "digits"]) == 2
     assert "--calib needs --int8" in capsys.readouterr().err
+    assert main(["predict", *ck[:-3], "--int8", "--int8-method", "dynamic", "--threads", "1"]) == 0  # not --json
+    assert capsys.readouterr().out.startswith("int8 (dynamic): probabilities of the int8 model")
+    assert main(["eval", "--checkpoint", str(model_dir), "--int8", "--tome", "2", "--threads", "1"]) == 2
+    assert "--tome 2: int8 quantization takes unmerged models only" in capsys.readouterr().err
     assert main(["predict", *ck, "--int8-mixed-bf16"]) == 2
     assert "--int8-mixed-bf16 needs --int8" in capsys.readouterr().err
     assert main(["predict", *ck, "--int8", "--int8-method", "dynamic", "--int8-mixed-bf16"]) == 2

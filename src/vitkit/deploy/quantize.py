@@ -593,6 +593,7 @@ def _int8_variant(
     compile: bool,
     made: list[Int8Model],
     mixed_bf16: bool = False,
+    tome: int = 0,
 ) -> Callable[[nn.Module], Int8Model]:
     """The function that turns the checkpoint's loaded fp32 model into its int8 copy (appended to `made`)."""
     from vitkit.runs import resolve_checkpoint, training_record
@@ -602,6 +603,11 @@ def _int8_variant(
         raise ValueError("method='dynamic' takes no calibration data (calibration=, num_images=): use method='pt2e'")
     if method == "dynamic" and mixed_bf16:
         raise ValueError("mixed_bf16=True applies to method='pt2e' only: drop it, or use method='pt2e'")
+    if tome:
+        raise ValueError(
+            f"tome={tome}: int8 quantization takes unmerged models only (token merging's data-dependent matching "
+            "cannot be exported and quantized); drop tome, or evaluate the fp32 model with it"
+        )
     directory = resolve_checkpoint(checkpoint)
     record = training_record(directory) if directory.is_dir() else {}
 
@@ -681,7 +687,7 @@ def evaluate_int8(
     from vitkit.train import evaluate
 
     made: list[Int8Model] = []
-    make = _int8_variant(checkpoint, method, calibration, num_images, compile, made, mixed_bf16)
+    make = _int8_variant(checkpoint, method, calibration, num_images, compile, made, mixed_bf16, tome)
     result = evaluate(
         checkpoint, data, split=split, batch_size=batch_size, device="cpu", out=out, threads=threads, tome=tome,
         variant=make,
@@ -711,5 +717,5 @@ def predict_int8(
     from vitkit.train import predict
 
     made: list[Int8Model] = []
-    make = _int8_variant(checkpoint, method, calibration, num_images, compile, made, mixed_bf16)
+    make = _int8_variant(checkpoint, method, calibration, num_images, compile, made, mixed_bf16, tome)
     return predict(checkpoint, images, topk=topk, device="cpu", threads=threads, tome=tome, variant=make)
