@@ -151,6 +151,17 @@ def test_calibration_batches_use_the_models_preprocessing(digits):
     assert quantize(model, "pt2e", batches, compile=False).calibration_images == 40
 
 
+def test_calibration_from_a_flat_folder_of_images(digits, tmp_path):
+    """Calibration ignores labels, so a folder of images without class subfolders is enough."""
+    from PIL import Image
+
+    model, splits, _ = digits
+    for i in range(12):
+        Image.fromarray(splits.train.images[i].permute(1, 2, 0).numpy()).save(tmp_path / f"img{i:02d}.png")
+    batches = calibration_batches(model, str(tmp_path), 8, seed=0)
+    assert sum(len(b) for b in batches) == 8 and batches[0].shape[1:] == (3, SIZE, SIZE)
+
+
 def test_refusals_name_the_value_and_the_fix(digits):
     model, _, test_x = digits
     with pytest.raises(ValueError, match="method='int4' is not allowed"):

@@ -178,7 +178,8 @@ def calibration_batches(
 
     Args:
         model: The fp32 vitkit model (its `preprocess` gives the input size, normalisation and decode size).
-        calibration: Either a data spec (`vitkit.data.load_data`: "digits", "shapes", a folder, a CSV ...), whose
+        calibration: Either a data spec (`vitkit.data.load_data`: "digits", "shapes", a folder, a CSV ...; also a flat
+            folder of images without class subfolders: labels are not used), whose
             *train* split is drawn from (so the held-out test split never calibrates); or an iterable of image
             batches: uint8 tensors (B, 3, H, W) are raw images and go through the model's eval transform (resize,
             centre crop, normalise); floating tensors are taken as model inputs, already normalised, at the model's
@@ -207,10 +208,11 @@ def calibration_batches(
     tf = eval_transform(model)
     size = tuple(model.preprocess.input_size)
     if isinstance(calibration, (str, os.PathLike)):
-        from vitkit.data import load_data
+        from vitkit.data.unlabeled import load_unlabeled
 
         spec = os.fspath(calibration)
-        splits = load_data(spec, seed=seed, load_size=model.preprocess.load_size, **(load or {}))
+        # Labels are not used: a flat folder of images works as well as any `load_data` spec.
+        splits = load_unlabeled(spec, seed=seed, load_size=model.preprocess.load_size, **(load or {}))
         pool = splits.train
         want = min(DEFAULT_CALIBRATION_IMAGES, len(pool)) if num_images is None else num_images
         if want > len(pool):
