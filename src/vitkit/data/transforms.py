@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import kornia.augmentation as K
 import torch
@@ -49,11 +49,16 @@ def _check_unit(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
-def check_range(name: str, value: Sequence[float], upper: float | None = None) -> tuple[float, float]:
-    if len(value) != 2 or not 0 < value[0] <= value[1] or (upper is not None and value[1] > upper):
-        limit = f" <= {upper}" if upper is not None else ""
-        raise ValueError(f"{name} must be a (low, high) pair with 0 < low <= high{limit}, got {tuple(value)}")
-    return float(value[0]), float(value[1])
+def check_range(name: str, value: Any, upper: float | None = None) -> tuple[float, float]:
+    """`value` as a (low, high) float pair with 0 < low <= high (<= `upper`), else a ValueError naming `name` and
+    the value (also for a value that is not a list or tuple of numbers, e.g. a scalar from a recipe)."""
+    limit = f" <= {upper}" if upper is not None else ""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
+        raise ValueError(f"{name} must be a (low, high) pair with 0 < low <= high{limit}, got {value!r}")
+    pair = tuple(float(v) for v in value)
+    if len(pair) != 2 or not 0 < pair[0] <= pair[1] or (upper is not None and pair[1] > upper):
+        raise ValueError(f"{name} must be a (low, high) pair with 0 < low <= high{limit}, got {pair}")
+    return pair
 
 
 class Normalize(nn.Module):

@@ -131,12 +131,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # the crop ranges of every task's augmentation (classification, segmentation), checked before a transform is
         # built: kornia's own error speaks of tensors
-        for name, upper in (("scale", 1.0), ("ratio", None)):
-            value = getattr(self, name)
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
-                limit = f" <= {upper}" if upper is not None else ""
-                raise ValueError(f"{name} must be a (low, high) pair with 0 < low <= high{limit}, got {value!r}")
-            setattr(self, name, check_range(name, [float(v) for v in value], upper))
+        self.scale = check_range("scale", self.scale, upper=1.0)
+        self.ratio = check_range("ratio", self.ratio)
         self.model_args = dict(self.model_args or {})
         self.seg_args = dict(self.seg_args or {})
         check_literal("amp", self.amp, Amp)
