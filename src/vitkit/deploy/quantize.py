@@ -62,6 +62,15 @@ DEFAULT_CALIBRATION_IMAGES = 256
 CalibrationData = str | os.PathLike | Iterable[Any]
 
 
+def _check_mixed_bf16(method: str, mixed_bf16: bool) -> None:
+    """mixed_bf16 runs a PT2E graph under bf16 autocast: refuse it with any other method."""
+    if mixed_bf16 and method != "pt2e":
+        raise ValueError(
+            f"mixed_bf16=True applies to method='pt2e' only, got method={method!r} (it runs a PT2E graph under bf16 "
+            "autocast): drop mixed_bf16, or use method='pt2e'"
+        )
+
+
 def _model_name(model: nn.Module) -> str:
     return getattr(model, "model_name", None) or type(model).__name__
 
@@ -98,8 +107,7 @@ class Int8Model(nn.Module):
         mixed_bf16: bool = False,
     ) -> None:
         super().__init__()
-        if mixed_bf16 and method != "pt2e":
-            raise ValueError(f"mixed_bf16=True applies to method='pt2e' only, got method={method!r}")
+        _check_mixed_bf16(method, mixed_bf16)
         self.method = method
         self.mixed_bf16 = bool(mixed_bf16)
         self.preprocess = preprocess
@@ -442,11 +450,7 @@ def quantize(
         TypeError: `model` is not an nn.Module or calibration of the wrong type.
     """
     check_choice("method", method, Int8Method)
-    if mixed_bf16 and method != "pt2e":
-        raise ValueError(
-            f"mixed_bf16=True runs a PT2E graph under bf16 autocast and applies to method='pt2e' only, got "
-            f"method={method!r}: drop mixed_bf16, or use method='pt2e'"
-        )
+    _check_mixed_bf16(method, mixed_bf16)
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize needs a torch nn.Module, got {type(model).__name__}")
     name = _model_name(model)
@@ -603,8 +607,7 @@ def _int8_variant(
     check_choice("method", method, Int8Method)
     if method == "dynamic" and (calibration is not None or num_images is not None):
         raise ValueError("method='dynamic' takes no calibration data (calibration=, num_images=): use method='pt2e'")
-    if method == "dynamic" and mixed_bf16:
-        raise ValueError("mixed_bf16=True applies to method='pt2e' only: drop it, or use method='pt2e'")
+    _check_mixed_bf16(method, mixed_bf16)
     if tome:
         raise ValueError(
             f"tome={tome}: int8 quantization takes unmerged models only (token merging's data-dependent matching "
