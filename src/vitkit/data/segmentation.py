@@ -318,9 +318,9 @@ def load_mask_folder(
             raise ValueError(f"{path}: {reason} (pass strict=False to skip bad files)")
         skipped.append((str(path), reason))
 
-    def by_stem(folder: Path) -> dict[str, Path]:
-        """stem -> file; files that are not images and stems that several images share (a.jpg + a.png: which one
-        pairs is ambiguous) are reported, not paired."""
+    def by_stem(folder: Path) -> tuple[dict[str, Path], set[str]]:
+        """(stem -> file, the stems several images share); files that are not images and the files of a shared
+        stem (a.jpg + a.png: which one pairs is ambiguous) are reported, not paired."""
         files: dict[str, list[Path]] = {}
         for p in sorted(folder.iterdir()):
             if p.name.startswith(".") or not p.is_file():
@@ -329,15 +329,15 @@ def load_mask_folder(
                 bad(p, f"not an image file (supported extensions: {', '.join(IMAGE_EXTENSIONS)})")
                 continue
             files.setdefault(p.stem, []).append(p)
-        for stem, same in files.items():
-            if len(same) > 1:
-                for p in same:
-                    others = ", ".join(q.name for q in same if q != p)
-                    bad(p, f"shares the stem {stem!r} with {others} in {folder.name}/: rename one (pairs go by stem)")
-        return {stem: same[0] for stem, same in files.items() if len(same) == 1}
+        shared = [stem for stem, same in files.items() if len(same) > 1]  # in file order: strict names the first
+        for stem in shared:
+            for p in files[stem]:
+                others = ", ".join(q.name for q in files[stem] if q != p)
+                bad(p, f"shares the stem {stem!r} with {others} in {folder.name}/: rename one (pairs go by stem)")
+        return {stem: same[0] for stem, same in files.items() if len(same) == 1}, set(shared)
 
-    images, masks = by_stem(root / "images"), by_stem(root / "masks")
-    ambiguous = {Path(path).stem for path, reason in skipped if "shares the stem" in reason}
+    (images, shared_images), (masks, shared_masks) = by_stem(root / "images"), by_stem(root / "masks")
+    ambiguous = shared_images | shared_masks
     pairs = []
     for stem, img_path in images.items():
         if stem in ambiguous:  # its mask (or image) is one of several: reported above
