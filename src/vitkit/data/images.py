@@ -10,9 +10,10 @@ whichever entry point reads it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,21 @@ def decode_image(image: ImageLike) -> np.ndarray:
         f"cannot read an image from {type(image).__name__}; give a path, a PIL image, an (H, W[, C]) array "
         "or a (C, H, W) tensor"
     )
+
+
+@contextlib.contextmanager
+def naming_the_file(image: Any) -> Iterator[None]:
+    """Around decoding `image`: a corrupt or unreadable file's error (PIL's OSError or ValueError) becomes a
+    ValueError that names the file, in one line. A missing file's FileNotFoundError, and errors for inputs that are
+    not paths, pass unchanged."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        if not isinstance(image, (str, os.PathLike)):
+            raise
+        raise ValueError(f"cannot decode image {image}: {type(e).__name__}: {e}") from None
 
 
 def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:

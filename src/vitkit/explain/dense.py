@@ -27,7 +27,6 @@ decode size, then a stretch to the input size, no centre crop), so any aspect ra
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -114,7 +113,7 @@ def prepare_dense_images(images: Sequence[ImageLike], model: nn.Module) -> tuple
     given in the file's pixels). Maps, masks and boxes are drawn on the decoded images, so a non-square file keeps
     its shape in the figures.
     """
-    from vitkit.data.images import decode_image
+    from vitkit.data.images import decode_image, naming_the_file
     from vitkit.data.inference import decode_for_model
     from vitkit.data.segmentation import SegEvalTransform
 
@@ -128,16 +127,10 @@ def prepare_dense_images(images: Sequence[ImageLike], model: nn.Module) -> tuple
     detector = dense_kind(model) == "detection"
 
     def decode(im: ImageLike) -> Tensor:  # uint8 (3, H_i, W_i)
-        try:
+        with naming_the_file(im):  # a corrupt file named, as predict does
             if detector:
                 return torch.from_numpy(np.ascontiguousarray(decode_image(im))).permute(2, 0, 1)
             return decode_for_model(im, model)
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError) as e:  # PIL's errors for a corrupt file: name the file, as predict does
-            if not isinstance(im, (str, os.PathLike)):
-                raise
-            raise ValueError(f"cannot decode image {im}: {type(e).__name__}: {e}") from None
 
     decoded = [decode(im) for im in images]
     x = torch.cat([tf(d[None].to(device)) for d in decoded])  # (B, 3, h, w)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ from vitkit.threads import ThreadSetting, set_threads
 from vitkit.train.checkpoint import load_weights_into
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import DistInfo, barrier
+from vitkit.train.metrics import finite_or_none
 from vitkit.train.tasks.detection import DetectionLoader, DetectionTask, postprocess
 from vitkit.train.trainer import Trainer
 
@@ -185,10 +185,10 @@ def train_detection(cfg: TrainConfig, dist: DistInfo, resume: Any, say, t0: floa
         best_is_ema=prefix == "ema",
         monitor=cfg.monitor,
         # NaN (a test split without boxes: mAP undefined) is not JSON: None
-        test_map=_finite(test.get("map")),
-        test_map50=_finite(test.get("map50")),
-        test_map75=_finite(test.get("map75")),
-        test_loss=_finite(test.get("loss")),
+        test_map=finite_or_none(test.get("map")),
+        test_map50=finite_or_none(test.get("map50")),
+        test_map75=finite_or_none(test.get("map75")),
+        test_loss=finite_or_none(test.get("loss")),
         test_images=test.get("n", 0),
         epochs_run=len(hist),
         stopped_early=bool(trainer.best.get("stopped_early")),
@@ -319,11 +319,11 @@ def evaluate_detection(
         "checkpoint": str(resolve_checkpoint(checkpoint)),
         "n": n,
         "n_boxes": scores["n_boxes"],
-        "loss": _finite(loss_sum / n),
+        "loss": finite_or_none(loss_sum / n),
         # None where mAP is undefined (no ground-truth box in the split): NaN is not JSON
-        "map": _finite(scores["map"]),
-        "map50": _finite(scores["map50"]),
-        "map75": _finite(scores["map75"]),
+        "map": finite_or_none(scores["map"]),
+        "map50": finite_or_none(scores["map50"]),
+        "map75": finite_or_none(scores["map75"]),
     }
     if split == "test":
         result.update(test_map=result["map"], test_map50=result["map50"], test_map75=result["map75"])
@@ -443,11 +443,6 @@ def check_queries(num_queries: int, spec: str, datasets: dict[str, Any]) -> None
             f"{spec}: {split} {image} has {most} objects but num_queries={num_queries}; DETR matches each object to "
             f"a query of its own: use at least {most}"
         )
-
-
-def _finite(value: float | None) -> float | None:
-    """A metric for JSON: NaN (undefined) becomes None."""
-    return None if value is None or math.isnan(value) else float(value)
 
 
 def describe_summary(summary: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,11 @@ import torch
 from torch import Tensor
 
 from vitkit._io import atomic_write_text
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """A metric for JSON: NaN (undefined: nothing was counted, e.g. mAP of a split without boxes) becomes None."""
+    return None if value is None or math.isnan(value) else float(value)
 
 
 class History:

@@ -9,7 +9,6 @@ pixels}}). The loop, checkpoints, exact resume, EMA, AMP and DDP are the Trainer
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ from vitkit.threads import ThreadSetting, set_threads
 from vitkit.train.config import DEFAULT_MODEL, TrainConfig
 from vitkit.train.distributed import DistInfo, barrier
 from vitkit.train.loader import BatchLoader
+from vitkit.train.metrics import finite_or_none
 from vitkit.train.seg_metrics import IGNORE_INDEX, seg_metrics
 from vitkit.train.tasks.segmentation import SegmentationTask
 from vitkit.train.trainer import Trainer
@@ -219,11 +219,11 @@ def train_segmentation(cfg: TrainConfig, dist: DistInfo, resume: Any, say: Calla
         best_is_ema=cfg.monitor.startswith("ema_"),
         monitor=cfg.monitor,
         # NaN (a test split of ignored pixels only) is not JSON: None
-        test_miou=_finite(test.get("miou")),
-        test_dice=_finite(test.get("dice")),
-        test_fg_iou=_finite(test.get("fg_iou")),
-        test_pixel_acc=_finite(test.get("pixel_acc")),
-        test_loss=_finite(test.get("loss")),
+        test_miou=finite_or_none(test.get("miou")),
+        test_dice=finite_or_none(test.get("dice")),
+        test_fg_iou=finite_or_none(test.get("fg_iou")),
+        test_pixel_acc=finite_or_none(test.get("pixel_acc")),
+        test_loss=finite_or_none(test.get("loss")),
         test_per_class=per_class,
         test_images=test.get("n", 0),
         epochs_run=len(hist),
@@ -244,11 +244,6 @@ def train_segmentation(cfg: TrainConfig, dist: DistInfo, resume: Any, say: Calla
     if dist.is_main:
         R.write_summary(run_dir, summary)
     return summary
-
-
-def _finite(value: float | None) -> float | None:
-    """A metric for JSON: NaN (nothing counted) becomes None."""
-    return None if value is None or math.isnan(value) else float(value)
 
 
 def _default_load_size() -> int:
@@ -364,7 +359,7 @@ def evaluate_segmentation(
         "data": spec,
         "split": split,
         "n": metrics["n"],
-        "loss": _finite(metrics["loss"]),
+        "loss": finite_or_none(metrics["loss"]),
         **{k: full[k] for k in ("miou", "dice", "fg_iou", "pixel_acc", "per_class")},
         "class_names": list(names),
         "confusion": task.confusion(sums).long().tolist(),
@@ -397,7 +392,7 @@ def predict_masks(
         One dict per image: "path", "image" (uint8 (H, W, 3), as decoded for the model), "mask" (uint8 (H, W) class
         indices at that size), "shares" ({class: share of the pixels}), "class_names".
     """
-    from vitkit.data.images import decode_image, list_image_files, resize_center_crop
+    from vitkit.data.images import decode_image, list_image_files, naming_the_file, resize_center_crop
     from vitkit.data.segmentation import SegEvalTransform
     from vitkit.train.distributed import resolve_device
 
@@ -413,12 +408,8 @@ def predict_masks(
     transform = SegEvalTransform(pre.input_size, pre.mean, pre.std).to(dev)
     results = []
     for path in list_image_files(images):
-        try:
+        with naming_the_file(path):
             image = decode_image(path)
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError) as e:  # PIL's errors for a corrupt file: name the file
-            raise ValueError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
         if pre.load_size:  # the run decoded its files to load_size squares: predict on what it was trained on
             image = resize_center_crop(image, pre.load_size)
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(dev)  # (1, 3, H, W)
