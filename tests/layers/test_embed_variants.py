@@ -61,8 +61,8 @@ def test_save_load_round_trip_keeps_outputs_and_config(variant, tmp_path):
 def test_overlap_default_kernel_is_larger_than_the_stride(patch, kernel):
     layer = OverlapPatchEmbed(patch, 3, 8)
     assert layer.proj.kernel_size == (kernel, kernel) and layer.proj.stride == (patch, patch)
-    pad = (kernel - patch + 1) // 2
-    assert layer.proj.padding == (pad, pad)
+    before = (kernel - patch + 1) // 2  # the odd pixel of padding before the patch, the rest after
+    assert layer.padding == (before, kernel - patch - before) * 2 and layer.proj.padding == (0, 0)
     assert layer(torch.randn(1, 3, 2 * patch, 3 * patch)).shape == (1, 6, 8)
 
 

@@ -147,10 +147,15 @@ class OverlapPatchEmbed(nn.Module):
     """Overlapping patch embedding (PVTv2, Wang et al. 2022; CvT, Wu et al. 2021): (B, C, H, W) -> (B, H/p * W/p, D).
 
     A convolution with stride p but a larger, zero-padded kernel k, then LayerNorm on the tokens. Neighbouring
-    patches share k - p pixels of context, which keeps the local continuity a plain patchify cuts. The padding
-    ceil((k - p) / 2) centres each token's window on its own p x p patch (k - p extra pixels split over both sides,
-    the odd one after; CvT's 7/4/2) and makes the grid exactly H/p x W/p, the plain ViT's, so positions, tables
-    and explain work unchanged. (PVTv2 pads k // 2, which centres the window on the patch's top-left pixel.)
+    patches share k - p pixels of context, which keeps the local continuity a plain patchify cuts. Zero padding of
+    k - p pixels per side, ceil((k - p) / 2) before and the rest after, centres each token's window on its own
+    p x p patch (the odd pixel before; CvT's 7/4/2) and makes the grid exactly H/p x W/p, the plain ViT's, so
+    positions, tables and explain work unchanged. (PVTv2 pads k // 2, which centres the window on the patch's
+    top-left pixel.) The padding is explicit (`F.pad`, then an unpadded strided convolution) so that the output
+    side is (H + k - p - k) / p + 1 = H / p also as a symbolic size in torch.export, the same expression as the
+    model's grid; a symmetric convolution padding of ceil((k - p) / 2) gives the same numbers but the expression
+    (H + 1 - p) // p + 1, which the exporter cannot prove equal to H // p, and the traced program then failed at
+    any batch or size but the example's with attention that reshapes by the grid (`local`).
     Default k = p + p // 2 rounded up to odd: 7 at p=4 and 3 at p=2 (CvT's and PVTv2's stems), 25 at p=16 (2.4x the
     weights of a 16x16 patchify; 2p - 1 would be 3.8x).
 
@@ -184,8 +189,9 @@ class OverlapPatchEmbed(nn.Module):
         self.kernel_size = kernel_size
         self.in_chans = in_chans
         self.embed_dim = embed_dim
-        pad = (kernel_size - p + 1) // 2
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size, stride=p, padding=pad)  # (B, D, H/p, W/p)
+        before = (kernel_size - p + 1) // 2
+        self.padding = (before, kernel_size - p - before) * 2  # F.pad's (left, right, top, bottom)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size, stride=p)  # on the padded image: (B, D, H/p, W/p)
         self.norm = nn.LayerNorm(embed_dim)
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
@@ -195,7 +201,7 @@ class OverlapPatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_images(x, self.in_chans)
         self.grid_size(x.shape[2], x.shape[3])
-        x = self.proj(x)  # (B, D, H/p, W/p)
+        x = self.proj(F.pad(x, self.padding))  # (B, D, H/p, W/p)
         return self.norm(x.flatten(2).transpose(1, 2))  # (B, H/p * W/p, D)
 
 
