@@ -22,6 +22,7 @@ from vitkit.deploy.export import (
     export_model,
     read_metadata,
     refusal,
+    SizeRule,
     save_program,
     size_rule,
     trace,
@@ -314,6 +315,12 @@ def test_a_refusal_names_the_patch_embedding_and_the_static_flag(tmp_path):
         export_model(model, tmp_path / "m.pt2", format="torch-export")
     assert "attn_layer='local'" in str(err.value) and "--static" in str(err.value)
     assert not (tmp_path / "m.pt2").exists()
+
+
+@pytest.mark.parametrize("rule", [SizeRule(4, 29, "swin", 56), SizeRule(16, 2, "patch"), SizeRule(8, 1, "one size", 1)])
+def test_size_rule_round_trips_through_the_metadata(rule):
+    back = SizeRule.from_dict(json.loads(json.dumps(rule.as_dict())))
+    assert back == rule and (back.min_size, back.max_size) == (rule.min_size, rule.max_size)
 
 
 def test_traced_resample_equals_eager_at_every_grid():

@@ -83,6 +83,12 @@ class SizeRule:
         """The rule as JSON-ready values (the `size_rule` metadata entry)."""
         return {"multiple": self.multiple, "min": self.min_size, "max": self.max_size, "reason": self.reason}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SizeRule:
+        """The rule back from `as_dict`'s values (an exported file's `size_rule` metadata)."""
+        m, hi = d["multiple"], d["max"]
+        return cls(m, d["min"] // m, d["reason"], None if hi is None else hi // m)
+
 
 def size_rule(model: nn.Module, dynamic: bool = True, example_size: int | Sequence[int] | None = None) -> SizeRule:
     """The sides (pixels) every exported input must have, and why. With `dynamic=False` (a one-size file) any size
@@ -611,8 +617,7 @@ def _runner_size_check(path: Path) -> Callable[[torch.Tensor], None]:
         rule = None
     if not rule:
         return lambda x: None
-    m, lo, hi = rule["multiple"], rule["min"], rule["max"]
-    parsed = SizeRule(m, lo // m, rule["reason"], None if hi is None else hi // m)
+    parsed = SizeRule.from_dict(rule)
 
     def check(x: torch.Tensor) -> None:
         check_size_rule(parsed, tuple(int(s) for s in x.shape[-2:]), f"is outside what {path.name} takes")
