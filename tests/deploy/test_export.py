@@ -16,13 +16,13 @@ import torch
 
 from vitkit.deploy.export import (
     ExportCheckError,
+    SizeRule,
     check_export,
     default_check_sizes,
     export_metadata,
     export_model,
     read_metadata,
     refusal,
-    SizeRule,
     save_program,
     size_rule,
     trace,
