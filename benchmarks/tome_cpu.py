@@ -102,9 +102,10 @@ def agreement_rows(model, x: torch.Tensor, y: torch.Tensor, rs: list[int], label
     return rows
 
 
-def held_out_of_run(checkpoint: str, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
+def held_out_of_run(checkpoint: str, model: torch.nn.Module, calibration: int = 0) -> tuple:
     """The val + test images of the data a run trained on (its seed and fractions: images training never saw),
-    through the model's eval preprocessing; and a label naming the data."""
+    through the model's eval preprocessing; and a label naming the data. With `calibration` > 0, also that many of
+    its training images (same preprocessing) as a fourth element."""
     from vitkit.data import load_data
     from vitkit.data.inference import eval_transform
     from vitkit.runs import resolve_checkpoint, training_record
@@ -120,6 +121,8 @@ def held_out_of_run(checkpoint: str, model: torch.nn.Module) -> tuple[torch.Tens
     tf = eval_transform(model)
     x = torch.cat([tf(splits.val.images), tf(splits.test.images)])
     y = torch.cat([splits.val.labels, splits.test.labels])
+    if calibration:  # the first `calibration` training images, for int8 calibration on the run's own data
+        return x, y, f"{record['data']} val+test", tf(splits.train.images[:calibration])
     return x, y, f"{record['data']} val+test"
 
 
