@@ -4,7 +4,10 @@
    (weights and input cast to bf16), batch 1 and 16, eager, `model(x)` under `torch.inference_mode()`. The rows are
    interleaved: each round times every configuration once, and a row's number is the median over rounds, so a
    drift of the machine (other processes, clocks) hits every row alike. Speed-up = img/s over the r=0 row of the
-   same model, precision and batch. Random weights: merging's cost depends on the token count, not on the values.
+   same model, precision, mode and batch. Random weights: merging's cost depends on the token count, not on the
+   values. `--modes eager compiled` adds `torch.compile` rows (one graph per model, precision and r, compiled with
+   merging set; the speed-up is over the compiled unmerged model). The dense 2048^2 matmul rates (fp32, bf16) are
+   measured in the same run, before and after the rows.
 2. Agreement: a small ViT (64 px shapes, patch 8: 64 patch tokens, 6 blocks) is trained here for --train-seconds
    on procedural shapes, then its predictions with each r are compared with its own unmerged predictions on
    --heldout held-out images (agreement = share of images with the same top-1 class), with both accuracies.
@@ -23,6 +26,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -38,6 +42,9 @@ from vitkit._io import atomic_write_text  # noqa: E402
 from vitkit.data.shapes import SHAPE_CLASSES, make_shapes  # noqa: E402
 from vitkit.models import create_model  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import matmul_rate  # noqa: E402  (benchmarks/models.py, beside this script)
+
 
 def throughput(args) -> list[dict]:
     configs = []
@@ -46,22 +53,37 @@ def throughput(args) -> list[dict]:
             dtype = torch.bfloat16 if prec == "bf16" else torch.float32
             torch.manual_seed(0)
             model = create_model(name, img_size=args.img_size, **args.model_overrides).to(dtype).eval()
-            for batch in args.batches:
-                x = torch.randn(batch, 3, args.img_size, args.img_size, dtype=dtype)
+            for mode in args.modes:
                 for r in args.rs:
-                    configs.append({"model": name, "precision": prec, "batch": batch, "r": r, "_m": model, "_x": x})
+                    # Compiled: one copy per r with its merging set before compiling (a graph per token schedule;
+                    # the batch sizes share it unless inductor specialises on them).
+                    fn = model
+                    if mode == "compiled":
+                        fn = copy.deepcopy(model)
+                        fn.set_tome(r)
+                        fn = torch.compile(fn)
+                    for batch in args.batches:
+                        x = torch.randn(batch, 3, args.img_size, args.img_size, dtype=dtype)
+                        configs.append({
+                            "model": name, "precision": prec, "mode": mode, "batch": batch, "r": r,
+                            "_m": model, "_f": fn, "_x": x,
+                        })  # fmt: skip
     times: dict[int, list[float]] = {i: [] for i in range(len(configs))}
     with torch.inference_mode():
-        for c in configs:  # warm-up (allocator, oneDNN primitives) once per row
+        for c in configs:  # warm-up (allocator, oneDNN primitives; compilation for the compiled rows) once per row
             c["_m"].set_tome(c["r"])
-            c["_m"](c["_x"])
+            t = time.perf_counter()
+            c["_f"](c["_x"])
+            c["first_call_s"] = time.perf_counter() - t
+            if c["mode"] == "compiled":
+                print(f"compiled {c['model']} {c['precision']} r={c['r']} b{c['batch']}: {c['first_call_s']:.0f} s")
         for rnd in range(args.rounds):
             for i, c in enumerate(configs):
                 c["_m"].set_tome(c["r"])
                 iters = max(1, args.images_per_row // c["batch"])
                 t = time.perf_counter()
                 for _ in range(iters):
-                    c["_m"](c["_x"])
+                    c["_f"](c["_x"])
                 times[i].append((time.perf_counter() - t) / iters)
             print(f"round {rnd + 1}/{args.rounds} done", flush=True)
     rows = []
@@ -70,9 +92,14 @@ def throughput(args) -> list[dict]:
         row = {k: v for k, v in c.items() if not k.startswith("_")}
         row.update(img_s=c["batch"] / s, ms_per_batch=s * 1e3, all_ms=[t * 1e3 for t in times[i]])
         rows.append(row)
+    key = ("model", "precision", "mode", "batch")
     for row in rows:
-        base = next(b for b in rows if b["r"] == 0 and all(b[k] == row[k] for k in ("model", "precision", "batch")))
-        row["speedup"] = row["img_s"] / base["img_s"]
+        base = next(b for b in rows if b["r"] == 0 and all(b[k] == row[k] for k in key))
+        row["speedup"] = row["img_s"] / base["img_s"]  # over the unmerged model of the same mode
+        eager = next(
+            b for b in rows if b["mode"] == "eager" and b["r"] == 0 and all(b[k] == row[k] for k in key if k != "mode")
+        )
+        row["vs_eager_r0"] = row["img_s"] / eager["img_s"] if "eager" in args.modes else None
     return rows
 
 
@@ -157,10 +184,22 @@ def markdown(res: dict) -> str:
     lines = [
         f"# ToMe on CPU ({res['meta']['started']}, torch {res['meta']['torch']}, {res['meta']['threads']} threads)"
     ]
-    lines += ["", "| model | precision | batch | r | img/s | speed-up |", "|---|---|---|---|---|---|"]
-    for r in res["throughput"]:
+    if "matmul" in res:
+        mm = res["matmul"]
         lines.append(
-            f"| {r['model']} | {r['precision']} | {r['batch']} | {r['r']} | {r['img_s']:.1f} | {r['speedup']:.2f}x |"
+            f"\n{mm['n']}^2 matmul GFLOP/s: fp32 {mm['fp32_before']:.0f} / {mm.get('fp32_after', float('nan')):.0f}, "
+            f"bf16 {mm['bf16_before']:.0f} / {mm.get('bf16_after', float('nan')):.0f} (before / after the rows)"
+        )
+    lines += [
+        "",
+        "| model | precision | mode | batch | r | img/s | speed-up vs r=0 (same mode) | vs eager r=0 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["throughput"]:
+        vs = "-" if r.get("vs_eager_r0") is None else f"{r['vs_eager_r0']:.2f}x"
+        lines.append(
+            f"| {r['model']} | {r['precision']} | {r.get('mode', 'eager')} | {r['batch']} | {r['r']} | "
+            f"{r['img_s']:.1f} | {r['speedup']:.2f}x | {vs} |"
         )
     lines += [
         "",
@@ -200,6 +239,13 @@ def main() -> int:
         help="shapes: fresh shapes (a model trained on shapes); held-out: the val + test splits of its own data",
     )  # fmt: skip
     p.add_argument("--skip-throughput", action="store_true", help="agreement rows only")
+    p.add_argument("--skip-small", action="store_true", help="no small shapes ViT (its --train-seconds of training)")
+    p.add_argument(
+        "--modes", nargs="+", default=["eager"], choices=["eager", "compiled"],
+        help="eager and/or torch.compile rows (compiled: one graph per model, precision and r; ~1 min each)",
+    )  # fmt: skip
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--matmul-n", type=int, default=2048, help="side of the square matmuls timed for the rates")
     args = p.parse_args()
     args.model_overrides, args.small_overrides, args.small_side = {}, dict(embed_dim=96, depth=6, num_heads=3), 64
     if args.quick:
@@ -207,6 +253,10 @@ def main() -> int:
         args.img_size, args.rounds, args.images_per_row, args.model_overrides = 64, 1, 2, {"depth": 2}
         args.train_seconds, args.train_images, args.heldout, args.small_rs = 3.0, 200, 100, [1, 2]
         args.small_overrides = dict(embed_dim=32, depth=2, num_heads=2)
+    if args.quick:
+        args.matmul_n = 256
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.rs = sorted({0, *args.rs})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -225,11 +275,12 @@ def main() -> int:
         atomic_write_text(out / "results.json", json.dumps(res, indent=2))
         atomic_write_text(out / "results.md", markdown(res))
 
-    model, info = train_small(args)
-    res["small_training"] = info
-    hx, hy = shapes_tensors(args.heldout, args.small_side, seed=2)  # seed 1 trained it
-    res["agreement"] += agreement_rows(model, hx, hy, [0, *args.small_rs], "small ViT (64 px shapes, 64 patches)")
-    flush()
+    if not args.skip_small:
+        model, info = train_small(args)
+        res["small_training"] = info
+        hx, hy = shapes_tensors(args.heldout, args.small_side, seed=2)  # seed 1 trained it
+        res["agreement"] += agreement_rows(model, hx, hy, [0, *args.small_rs], "small ViT (64 px shapes, 64 patches)")
+        flush()
     if args.checkpoint:
         from vitkit.weights import load_model
 
@@ -243,7 +294,16 @@ def main() -> int:
         res["agreement"] += agreement_rows(ck, cx, cy, [0, *args.checkpoint_rs], f"{args.checkpoint} ({label})")
         flush()
     if not args.skip_throughput:
+        n = args.matmul_n
+        res["matmul"] = {
+            "n": n,
+            "fp32_before": matmul_rate(torch.float32, "cpu", n),
+            "bf16_before": matmul_rate(torch.bfloat16, "cpu", n),
+        }
         res["throughput"] = throughput(args)
+        res["matmul"].update(
+            fp32_after=matmul_rate(torch.float32, "cpu", n), bf16_after=matmul_rate(torch.bfloat16, "cpu", n)
+        )
     flush()
     print(markdown(res))
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
