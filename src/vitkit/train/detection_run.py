@@ -364,7 +364,7 @@ def predict_detection(
         ValueError: a threshold outside [0, 1], no images, or a file that cannot be decoded (naming it).
     """
     from vitkit.data.detection import DetectionTransform
-    from vitkit.data.images import decode_image, list_image_files
+    from vitkit.data.images import decode_image, list_image_files, naming_the_file
 
     if not 0 <= score_threshold <= 1:
         raise ValueError(f"score_threshold={score_threshold} is outside [0, 1]")
@@ -381,10 +381,8 @@ def predict_detection(
     ids = model.cfg.category_ids or list(range(1, model.num_classes + 1))
     results = []
     for path in files:
-        try:
+        with naming_the_file(path):
             array = decode_image(path)
-        except Exception as e:
-            raise ValueError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
         h, w = array.shape[:2]
         x, _ = tf(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None].to(dev), [])
         det = postprocess(model(x), [(h, w)])[0]
