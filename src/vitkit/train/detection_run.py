@@ -32,6 +32,7 @@ from vitkit.threads import ThreadSetting, set_threads
 from vitkit.train.checkpoint import load_weights_into
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import DistInfo, barrier
+from vitkit.train.evaluate import refuse_empty_split
 from vitkit.train.metrics import finite_or_none
 from vitkit.train.tasks.detection import DetectionLoader, DetectionTask, postprocess
 from vitkit.train.trainer import Trainer
@@ -290,11 +291,7 @@ def evaluate_detection(
         )
     else:
         ds = getattr(splits, split)
-    if len(ds) == 0:  # mAP of nothing is NaN, which is not even JSON
-        fraction = f" ({split}_fraction={record.get(f'{split}_fraction', 0.1)})" if split in ("val", "test") else ""
-        raise ValueError(
-            f"the {split} split of {spec!r} is empty{fraction}; choose another split (train, val, test, all)"
-        )
+    refuse_empty_split(len(ds), split, spec, record, ("train", "val", "test", "all"))  # mAP of nothing is NaN
     check_queries(model.cfg.num_queries, spec, {split: ds})
     if list(splits.class_names) != list(model.preprocess.class_names or splits.class_names):
         raise ValueError(

@@ -34,6 +34,17 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     return load_eval_model(path, device)
 
 
+def refuse_empty_split(n: int, split: str, spec: str, record: dict[str, Any], splits: Sequence[str]) -> None:
+    """Raise a ValueError naming an evaluated split of `n` = 0 images (and the run's fraction for val or test) and
+    the splits there are to choose from: a metric of nothing is NaN. Used by every task's eval."""
+    if n > 0:
+        return
+    fraction = f" ({split}_fraction={record.get(f'{split}_fraction', 0.1)})" if split in ("val", "test") else ""
+    raise ValueError(
+        f"the {split} split of {spec!r} is empty{fraction}; choose another split=... ({', '.join(splits)})"
+    )
+
+
 def _require_classifier(model: nn.Module, checkpoint: str | os.PathLike) -> None:
     """Refuse a model without class outputs (an MAE pretraining run, a backbone saved with num_classes=0)."""
     if getattr(model, "num_classes", 0) > 0:
@@ -148,8 +159,7 @@ def evaluate(
             )
     else:
         ds = getattr(splits, split)
-    if len(ds) == 0:
-        raise ValueError(f"the {split} split of {spec!r} is empty; choose another split=... (train, val, test, all)")
+    refuse_empty_split(len(ds), split, spec, record if same_data else {}, ("train", "val", "test", "all"))
 
     class_names = model.preprocess.class_names
     label_map = _label_map(class_names, splits.class_names, model.num_classes).to(dev)

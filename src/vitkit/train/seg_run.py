@@ -24,6 +24,7 @@ from vitkit.runs import resolve_checkpoint, training_record
 from vitkit.threads import ThreadSetting, set_threads
 from vitkit.train.config import DEFAULT_MODEL, TrainConfig
 from vitkit.train.distributed import DistInfo, barrier
+from vitkit.train.evaluate import refuse_empty_split
 from vitkit.train.loader import BatchLoader
 from vitkit.train.metrics import finite_or_none
 from vitkit.train.seg_metrics import IGNORE_INDEX, seg_metrics
@@ -339,9 +340,7 @@ def evaluate_segmentation(
     if list(splits.class_names) != list(names):
         raise ValueError(f"the data's classes {splits.class_names} differ from the model's {names}")
     ds = getattr(splits, split)
-    if len(ds) == 0:
-        fraction = f" ({split}_fraction={record.get(f'{split}_fraction', 0.1)})" if split != "train" else ""
-        raise ValueError(f"the {split} split of {spec!r} is empty{fraction}; choose another split (train, val, test)")
+    refuse_empty_split(len(ds), split, spec, record, ("train", "val", "test"))
     task = SegmentationTask()
     task.check_model(model)
     task.setup(model, TrainConfig(task="segment", monitor="val_miou"), dev)
