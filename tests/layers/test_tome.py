@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from vitkit.layers import Attention, Block
-from vitkit.layers.tome import _attend, _bipartite_matching, _merge, apply_tome, tome_block, tome_schedule
+from vitkit.layers.tome import (
+    _attend,
+    _bipartite_matching,
+    _merge,
+    _merge_average,
+    apply_tome,
+    tome_block,
+    tome_schedule,
+)
 from vitkit.models import create_model
 
 
@@ -66,6 +74,30 @@ def test_weighted_merge_keeps_total_mass_and_size():
     torch.testing.assert_close(new_size.sum(1), size.sum(1))
     # Prefix rows are copied untouched.
     torch.testing.assert_close(merged_sum[:, :prefix], (x * size[..., None])[:, :prefix], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("prefix", "n", "r", "sized"), [(0, 12, 6, False), (1, 11, 4, True), (3, 9, 1, True)])
+def test_average_merge_equals_the_weighted_sum_over_the_summed_size(prefix, n, r, sized):
+    # The two-pass merge the blocks use against its definition: _merge(size * x) / _merge(size), with several
+    # sources landing on one destination (few B tokens), an odd patch count and prefix tokens; gradients too.
+    torch.manual_seed(4)
+    B, c = 3, 5
+    x = torch.randn(B, prefix + n, c, dtype=torch.float64, requires_grad=True)
+    size = torch.randint(1, 5, (B, prefix + n)).double() if sized else None
+    metric = torch.randn(B, prefix + n, 4)
+    metric[:, prefix + 1 :: 2] = metric[:, prefix + 1 : prefix + 2]  # every B token alike: sources pile up
+    idx = _bipartite_matching(metric, r, prefix)
+    w = torch.ones(B, prefix + n, dtype=torch.float64) if size is None else size
+    want_size = _merge(w[..., None], idx, prefix)[..., 0]
+    want = _merge(x * w[..., None], idx, prefix) / want_size[..., None]
+    got, got_size = _merge_average(x, size, idx, prefix)
+    assert got_size.dtype == torch.float32 and got.shape == (B, prefix + n - r, c)
+    torch.testing.assert_close(got_size.double(), want_size, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    g = torch.randn_like(want)
+    (ga,) = torch.autograd.grad((got * g).sum(), x)
+    (gb,) = torch.autograd.grad((want * g).sum(), x)
+    torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-7)
 
 
 def test_matching_merges_the_most_similar_pairs():

@@ -111,6 +111,48 @@ def _merge(x: torch.Tensor, idx: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return torch.cat([pre, unm, dst], dim=1)
 
 
+def _merge_average(
+    x: torch.Tensor, size: torch.Tensor | None, idx: tuple[torch.Tensor, torch.Tensor, torch.Tensor], prefix: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average merge: tokens x (B, N, c) with sizes (B, N) (None = all ones) -> (B, N - r, c) in
+    `_merge`'s order [prefix, unmerged A, B], and the summed sizes (B, N - r) in fp32.
+
+    The same numbers as `_merge(x * size) / _merge(size)` up to rounding, in two passes over the kept tokens instead
+    of six: the kept rows are gathered once; a destination token's new value is its old one times
+    size_dst / new_size plus each merged source times size_src / new_size, so only the r sources and their
+    destinations need more than a copy (and a scale of 1 leaves every other row as it was).
+    """
+    unm_idx, src_idx, dst_idx = idx
+    B, N, c = x.shape
+    nb = (N - prefix) // 2
+    na, r = N - prefix - nb, src_idx.shape[1]
+    dev = x.device
+    # Row of x for each output token: prefix rows, the unmerged A tokens (patch 2i), every B token (patch 2j + 1).
+    keep = torch.cat(
+        [
+            torch.arange(prefix, device=dev).expand(B, prefix),
+            prefix + 2 * unm_idx[..., 0],
+            (prefix + 1 + 2 * torch.arange(nb, device=dev)).expand(B, nb),
+        ],
+        dim=1,
+    )  # (B, N - r)
+    src_rows = prefix + 2 * src_idx[..., 0]  # (B, r) rows of x merged away
+    dst_out = prefix + (na - r) + dst_idx[..., 0]  # (B, r) their destinations' rows in the output
+    w = x.new_ones(B, N, dtype=torch.float32) if size is None else size.float()
+    w_keep = w.gather(1, keep)  # (B, N - r)
+    w_src = w.gather(1, src_rows)  # (B, r)
+    new_size = w_keep.scatter_add(1, dst_out, w_src)  # (B, N - r)
+    # Whole rows move through index_select / index_add on (B * N, c): a gather with an index expanded over the
+    # channels reads one int64 per element, several times slower than the copy itself.
+    flat = x.reshape(B * N, c)
+    base = torch.arange(B, device=dev)[:, None]
+    out = flat.index_select(0, (base * N + keep).flatten()) * (w_keep / new_size).to(x.dtype).reshape(-1, 1)
+    src = flat.index_select(0, (base * N + src_rows).flatten())  # (B * r, c)
+    src = src * (w_src / new_size.gather(1, dst_out)).to(x.dtype).reshape(-1, 1)
+    out.index_add_(0, (base * (N - r) + dst_out).flatten(), src)  # (B * (N - r), c); out is our own tensor
+    return out.reshape(B, N - r, c), new_size
+
+
 def unmerge_attention(attn: torch.Tensor, source: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     """A map over merged tokens (B, heads, N', N') -> the map over the original tokens (B, heads, N, N).
 
@@ -177,11 +219,7 @@ def tome_block(
     x = x + blk.drop_path1(blk.ls1(attn.project_out(_attend(attn, q, k, v, size, source))))
     idx = _bipartite_matching(k.mean(dim=1), r, prefix) if r > 0 else None  # keys averaged over heads: (B, N', d)
     if idx is not None:
-        w = x.new_ones(x.shape[:2]) if size is None else size.to(x.dtype)  # (B, N')
-        # Tokens and sizes merge in one pass (the size as an extra channel): fewer small ops per block.
-        merged = _merge(torch.cat([x * w[..., None], w[..., None]], dim=-1), idx, prefix)  # (B, N' - r, C + 1)
-        size = merged[..., -1]  # (B, N' - r) summed sizes
-        x = merged[..., :-1] / size[..., None]  # size-weighted sum / summed size: the weighted average
+        x, size = _merge_average(x, size, idx, prefix)  # (B, N' - r, C), fp32 sizes (B, N' - r)
         if source is not None:
             source = _merge(source, idx, prefix)  # (B, N' - r, N)
     x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
