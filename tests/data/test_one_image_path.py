@@ -213,3 +213,18 @@ def test_without_a_decode_size_every_entry_point_matches_eval_transform(files, t
     want = [tf(torch.from_numpy(a).permute(2, 0, 1)[None])[0] for a in decoded]
     for where, rows in _entry_point_inputs(capture, checkpoint, paths, tmp_path / "out").items():
         _assert_rows_equal(rows, want, where)
+
+
+@pytest.mark.parametrize(
+    "error", [OSError("truncated"), SyntaxError("broken PNG file"), Image.DecompressionBombError("too many pixels")]
+)
+def test_naming_the_file_names_every_decoder_failure(tmp_path, error):
+    from vitkit.data.images import naming_the_file
+
+    path = tmp_path / "x.png"
+    with pytest.raises(ValueError, match=rf"cannot decode image {path}: {type(error).__name__}: "):
+        with naming_the_file(path):
+            raise error
+    with pytest.raises(FileNotFoundError):  # a missing file says so itself
+        with naming_the_file(path):
+            raise FileNotFoundError(path)

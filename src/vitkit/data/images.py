@@ -162,14 +162,15 @@ def decode_image(image: ImageLike) -> np.ndarray:
 
 @contextlib.contextmanager
 def naming_the_file(image: Any) -> Iterator[None]:
-    """Around decoding `image`: a corrupt or unreadable file's error (PIL's OSError or ValueError) becomes a
-    ValueError that names the file, in one line. A missing file's FileNotFoundError, and errors for inputs that are
-    not paths, pass unchanged."""
+    """Around decoding `image`: a corrupt or unreadable file's error (PIL's OSError, ValueError, the SyntaxError some
+    of its plugins raise for a broken file, or its DecompressionBombError for an image too large to decode safely)
+    becomes a ValueError that names the file, in one line. A missing file's FileNotFoundError, and errors for inputs
+    that are not paths, pass unchanged."""
     try:
         yield
     except FileNotFoundError:
         raise
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         if not isinstance(image, (str, os.PathLike)):
             raise
         raise ValueError(f"cannot decode image {image}: {type(e).__name__}: {e}") from None
