@@ -1,0 +1,139 @@
+"""glibc malloc settings against CPU inference speed: the same model in child processes with and without
+`GLIBC_TUNABLES` that keep freed memory in the heap.
+
+glibc serves allocations above its mmap threshold (128 KiB at start, raised dynamically up to 32 MiB) with fresh
+mmap'd pages and returns freed heap memory above the trim threshold to the OS. A ViT forward allocates activations
+of several MiB per layer; when those pages go back to the OS and come again, every forward pays page faults and
+the kernel's zeroing of the pages. With `glibc.malloc.mmap_threshold=33554432` (32 MiB, glibc's largest) and a
+trim threshold of 4 GiB, freed activations stay in the process for the next layer. Linux with glibc only.
+
+Each setting runs in its own process (tunables are read at start); the processes alternate over --rounds, and a
+row's number is the median over rounds of `batch / seconds per forward` (median of --calls forwards per process).
+Every process also measures the 2048^2 matmul rates (fp32, bf16).
+
+Usage:
+    python benchmarks/malloc_cpu.py                     # ViT-S/B, fp32/bf16, batch 1 and 16, r = 0 and 16 (~6 min)
+    python benchmarks/malloc_cpu.py --quick             # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TUNED = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967295"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child(args) -> None:
+    sys.path.insert(0, str(ROOT / "src"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+
+    from models import matmul_rate
+    from vitkit.models import create_model
+
+    torch.set_num_threads(args.threads)
+    out = {
+        "fp32": matmul_rate(torch.float32, "cpu", args.matmul_n),
+        "bf16": matmul_rate(torch.bfloat16, "cpu", args.matmul_n),
+    }
+    rows = []
+    with torch.inference_mode():
+        for name in args.models:
+            for prec in args.precisions:
+                dt = torch.bfloat16 if prec == "bf16" else torch.float32
+                torch.manual_seed(0)
+                m = create_model(name, img_size=args.img_size, **args.overrides).to(dt).eval()
+                for batch in args.batches:
+                    x = torch.randn(batch, 3, args.img_size, args.img_size, dtype=dt)
+                    for r in args.rs:
+                        m.set_tome(r)
+                        m(x)
+                        ts = []
+                        for _ in range(args.calls):
+                            t = time.perf_counter()
+                            m(x)
+                            ts.append(time.perf_counter() - t)
+                        rows.append({"model": name, "precision": prec, "batch": batch, "r": r,
+                                     "img_s": batch / statistics.median(ts)})  # fmt: skip
+    print(json.dumps({"matmul": out, "rows": rows}))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224"])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--rs", type=int, nargs="+", default=[0, 16], help="token merging r per block (0 = off)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--matmul-n", type=int, default=2048)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="benchmarks/out/malloc_cpu")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.overrides = {}
+    if args.quick:
+        args.models, args.batches, args.img_size, args.rounds, args.calls = ["vit_tiny_patch16_224"], [2], 64, 1, 1
+        args.overrides, args.matmul_n = {"depth": 2}, 256
+    if args.child:
+        child(args)
+        return 0
+    argv = [sys.executable, __file__, "--child", "--models", *args.models, "--precisions", *args.precisions,
+            "--batches", *map(str, args.batches), "--rs", *map(str, args.rs), "--img-size", str(args.img_size),
+            "--calls", str(args.calls), "--threads", str(args.threads), "--matmul-n", str(args.matmul_n)]  # fmt: skip
+    if args.quick:
+        argv.append("--quick")
+    runs: dict[str, list[dict]] = {"default": [], "tuned": []}
+    for rnd in range(args.rounds):
+        for setting in runs:
+            env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+            if setting == "tuned":
+                env["GLIBC_TUNABLES"] = TUNED
+            res = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
+            runs[setting].append(json.loads(res.stdout.strip().splitlines()[-1]))
+        print(f"round {rnd + 1}/{args.rounds} done", flush=True)
+    lines = [
+        f"# glibc malloc settings ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {args.threads} threads)",
+        "",
+    ]
+    for setting, rs in runs.items():
+        mm = [(r["matmul"]["fp32"], r["matmul"]["bf16"]) for r in rs]
+        lines.append(
+            f"{setting}: 2048^2 matmul GFLOP/s per process, fp32 / bf16: "
+            + ", ".join(f"{a:.0f} / {b:.0f}" for a, b in mm)
+        )
+    lines += [
+        "",
+        "| model | precision | batch | r | img/s default | img/s tuned | tuned / default |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, row in enumerate(runs["default"][0]["rows"]):
+        d = statistics.median(r["rows"][i]["img_s"] for r in runs["default"])
+        t = statistics.median(r["rows"][i]["img_s"] for r in runs["tuned"])
+        lines.append(
+            f"| {row['model']} | {row['precision']} | {row['batch']} | {row['r']} | {d:.1f} | {t:.1f} | {t / d:.2f}x |"
+        )
+    text = "\n".join(lines) + "\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT / "src"))
+    from vitkit._io import atomic_write_text
+
+    atomic_write_text(out / "results.md", text)
+    atomic_write_text(out / "results.json", json.dumps(runs, indent=2))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
