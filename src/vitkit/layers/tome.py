@@ -98,17 +98,50 @@ def _bipartite_matching(
     return unm_idx, src_idx, dst_idx
 
 
+def _merge_rows(
+    idx: tuple[torch.Tensor, torch.Tensor, torch.Tensor], n_tokens: int, prefix: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows a merge moves, for N = `n_tokens` tokens [prefix, patches] and matching indices into the A (even)
+    and B (odd) patch tokens: (keep (B, N - r): the row of x each output token starts from, in the output order
+    [prefix, unmerged A, every B]; src (B, r): the rows merged away; dst (B, r): their destinations' output rows).
+    Tokens and the source matrix merge through the same rows, so they stay in the same order."""
+    unm_idx, src_idx, dst_idx = idx
+    B, r = src_idx.shape[:2]
+    nb = (n_tokens - prefix) // 2
+    na = n_tokens - prefix - nb
+    keep = torch.cat(
+        [
+            torch.arange(prefix, device=device).expand(B, prefix),
+            prefix + 2 * unm_idx[..., 0],  # unmerged A tokens: patch 2i
+            (prefix + 1 + 2 * torch.arange(nb, device=device)).expand(B, nb),  # every B token: patch 2j + 1
+        ],
+        dim=1,
+    )
+    return keep, prefix + 2 * src_idx[..., 0], prefix + (na - r) + dst_idx[..., 0]
+
+
+# Whole rows move through index_select / index_add on (B * N, c): a gather with an index expanded over the channels
+# reads one int64 per element, several times slower than the copy itself.
+def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows (B, k) of each x (B, N, c) -> (B * k, c)."""
+    B, N, c = x.shape
+    base = torch.arange(B, device=x.device)[:, None] * N
+    return x.reshape(B * N, c).index_select(0, (base + rows).flatten())
+
+
+def _add_rows(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """In place: values (B * r, c) added to rows (B, r) of `out` (B * M, c), the flattened (B, M, c)."""
+    B = rows.shape[0]
+    base = torch.arange(B, device=out.device)[:, None] * (out.shape[0] // B)
+    out.index_add_(0, (base + rows).flatten(), values)
+
+
 def _merge(x: torch.Tensor, idx: tuple[torch.Tensor, torch.Tensor, torch.Tensor], prefix: int) -> torch.Tensor:
     """Sum-merge x (B, N, c) with matching indices -> (B, N - r, c) as [prefix, unmerged A, B (with merged A)]."""
-    unm_idx, src_idx, dst_idx = idx
-    pre, patches = x[:, :prefix], x[:, prefix:]
-    src, dst = patches[:, ::2], patches[:, 1::2]  # (B, Na, c), (B, Nb, c)
-    B, na, c = src.shape
-    r = src_idx.shape[1]
-    unm = src.gather(dim=1, index=unm_idx.expand(B, na - r, c))  # (B, Na - r, c)
-    src = src.gather(dim=1, index=src_idx.expand(B, r, c))  # (B, r, c)
-    dst = dst.scatter_reduce(1, dst_idx.expand(B, r, c), src, reduce="sum")  # (B, Nb, c)
-    return torch.cat([pre, unm, dst], dim=1)
+    keep, src, dst = _merge_rows(idx, x.shape[1], prefix, x.device)
+    out = _take_rows(x, keep)
+    _add_rows(out, dst, _take_rows(x, src))
+    return out.reshape(x.shape[0], keep.shape[1], x.shape[2])
 
 
 def _merge_average(
@@ -122,35 +155,14 @@ def _merge_average(
     size_dst / new_size plus each merged source times size_src / new_size, so only the r sources and their
     destinations need more than a copy (and a scale of 1 leaves every other row as it was).
     """
-    unm_idx, src_idx, dst_idx = idx
     B, N, c = x.shape
-    nb = (N - prefix) // 2
-    na, r = N - prefix - nb, src_idx.shape[1]
-    dev = x.device
-    # Row of x for each output token: prefix rows, the unmerged A tokens (patch 2i), every B token (patch 2j + 1).
-    keep = torch.cat(
-        [
-            torch.arange(prefix, device=dev).expand(B, prefix),
-            prefix + 2 * unm_idx[..., 0],
-            (prefix + 1 + 2 * torch.arange(nb, device=dev)).expand(B, nb),
-        ],
-        dim=1,
-    )  # (B, N - r)
-    src_rows = prefix + 2 * src_idx[..., 0]  # (B, r) rows of x merged away
-    dst_out = prefix + (na - r) + dst_idx[..., 0]  # (B, r) their destinations' rows in the output
+    keep, src, dst = _merge_rows(idx, N, prefix, x.device)
     w = x.new_ones(B, N, dtype=torch.float32) if size is None else size.float()
-    w_keep = w.gather(1, keep)  # (B, N - r)
-    w_src = w.gather(1, src_rows)  # (B, r)
-    new_size = w_keep.scatter_add(1, dst_out, w_src)  # (B, N - r)
-    # Whole rows move through index_select / index_add on (B * N, c): a gather with an index expanded over the
-    # channels reads one int64 per element, several times slower than the copy itself.
-    flat = x.reshape(B * N, c)
-    base = torch.arange(B, device=dev)[:, None]
-    out = flat.index_select(0, (base * N + keep).flatten()) * (w_keep / new_size).to(x.dtype).reshape(-1, 1)
-    src = flat.index_select(0, (base * N + src_rows).flatten())  # (B * r, c)
-    src = src * (w_src / new_size.gather(1, dst_out)).to(x.dtype).reshape(-1, 1)
-    out.index_add_(0, (base * (N - r) + dst_out).flatten(), src)  # (B * (N - r), c); out is our own tensor
-    return out.reshape(B, N - r, c), new_size
+    w_keep, w_src = w.gather(1, keep), w.gather(1, src)  # (B, N - r), (B, r)
+    new_size = w_keep.scatter_add(1, dst, w_src)  # (B, N - r)
+    out = _take_rows(x, keep) * (w_keep / new_size).to(x.dtype).reshape(-1, 1)
+    _add_rows(out, dst, _take_rows(x, src) * (w_src / new_size.gather(1, dst)).to(x.dtype).reshape(-1, 1))
+    return out.reshape(B, keep.shape[1], c), new_size
 
 
 def unmerge_attention(attn: torch.Tensor, source: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
