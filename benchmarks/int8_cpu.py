@@ -45,7 +45,7 @@ from vitkit.models import create_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tome_cpu  # noqa: E402  (benchmarks/tome_cpu.py: the small shapes ViT and its data)
-from models import matmul_rate  # noqa: E402  (benchmarks/models.py, beside this script)
+from models import cpu_matmul_rates, matmul_line  # noqa: E402  (benchmarks/models.py, beside this script)
 from tome_cpu import shapes_tensors  # noqa: E402
 
 ROWS = ("fp32", "bf16", "bf16-compiled", "int8-dynamic", "int8-pt2e", "int8-pt2e-bf16")
@@ -151,11 +151,7 @@ def markdown(res: dict) -> str:
     m = res["meta"]
     lines = [f"# int8 on CPU ({m['started']}, torch {m['torch']}, {m['threads']} threads)"]
     if "matmul" in res:
-        mm = res["matmul"]
-        lines.append(
-            f"\n{mm['n']}^2 matmul GFLOP/s: fp32 {mm['fp32_before']:.0f} / {mm.get('fp32_after', float('nan')):.0f}, "
-            f"bf16 {mm['bf16_before']:.0f} / {mm.get('bf16_after', float('nan')):.0f} (before / after the rows)"
-        )
+        lines.append("\n" + matmul_line(res["matmul"]))
     lines += ["", "| model | batch | row | img/s | vs fp32 | vs best bf16 |", "|---|---|---|---|---|---|"]
     for r in res["throughput"]:
         lines.append(
@@ -258,15 +254,9 @@ def main() -> int:
     if not args.skip_throughput:
         n = args.matmul_n
         print(f"matmul rates ({n}^2)", flush=True)
-        res["matmul"] = {
-            "n": n,
-            "fp32_before": matmul_rate(torch.float32, "cpu", n),
-            "bf16_before": matmul_rate(torch.bfloat16, "cpu", n),
-        }
+        res["matmul"] = {"n": n, **cpu_matmul_rates(n, "_before")}
         res["throughput"] = throughput(args)
-        res["matmul"].update(
-            fp32_after=matmul_rate(torch.float32, "cpu", n), bf16_after=matmul_rate(torch.bfloat16, "cpu", n)
-        )
+        res["matmul"].update(cpu_matmul_rates(n, "_after"))
         flush()
     print(markdown(res))
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")

@@ -32,38 +32,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def child(args) -> None:
-    sys.path.insert(0, str(ROOT / "src"))
+    """One process: the matmul rates, then `tome_cpu.throughput`'s rows (eager, one forward per row per round,
+    rounds = --calls, so a row is the median of --calls forwards), as one JSON line."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
 
-    from models import matmul_rate
-    from vitkit.models import create_model
+    import tome_cpu  # benchmarks/tome_cpu.py: ViT-S/B rows at each precision, batch and r
+    from models import cpu_matmul_rates
 
     torch.set_num_threads(args.threads)
-    out = {
-        "fp32": matmul_rate(torch.float32, "cpu", args.matmul_n),
-        "bf16": matmul_rate(torch.bfloat16, "cpu", args.matmul_n),
-    }
-    rows = []
-    with torch.inference_mode():
-        for name in args.models:
-            for prec in args.precisions:
-                dt = torch.bfloat16 if prec == "bf16" else torch.float32
-                torch.manual_seed(0)
-                m = create_model(name, img_size=args.img_size, **args.overrides).to(dt).eval()
-                for batch in args.batches:
-                    x = torch.randn(batch, 3, args.img_size, args.img_size, dtype=dt)
-                    for r in args.rs:
-                        m.set_tome(r)
-                        m(x)
-                        ts = []
-                        for _ in range(args.calls):
-                            t = time.perf_counter()
-                            m(x)
-                            ts.append(time.perf_counter() - t)
-                        rows.append({"model": name, "precision": prec, "batch": batch, "r": r,
-                                     "img_s": batch / statistics.median(ts)})  # fmt: skip
-    print(json.dumps({"matmul": out, "rows": rows}))
+    rates = cpu_matmul_rates(args.matmul_n)
+    args.model_overrides, args.modes, args.rounds, args.images_per_row = args.overrides, ["eager"], args.calls, 1
+    rows = tome_cpu.throughput(args)
+    print(json.dumps({"matmul": rates, "rows": rows}))
 
 
 def main() -> int:
@@ -71,7 +52,7 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224"])
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--rs", type=int, nargs="+", default=[0, 16], help="token merging r per block (0 = off)")
+    p.add_argument("--rs", type=int, nargs="+", default=[0, 16], help="token merging r per block (0 is always added)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--calls", type=int, default=3)
@@ -85,6 +66,7 @@ def main() -> int:
     if args.quick:
         args.models, args.batches, args.img_size, args.rounds, args.calls = ["vit_tiny_patch16_224"], [2], 64, 1, 1
         args.overrides, args.matmul_n = {"depth": 2}, 256
+    args.rs = sorted({0, *args.rs})  # the speed-ups are over r = 0
     if args.child:
         child(args)
         return 0

@@ -88,6 +88,21 @@ def matmul_rate(dtype: torch.dtype, device: str, n: int = 2048, seconds: float =
     return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e9
 
 
+def cpu_matmul_rates(n: int = 2048, when: str = "") -> dict[str, float]:
+    """fp32 and bf16 dense n x n matmul GFLOP/s on the CPU, keyed `fp32{when}` and `bf16{when}` (when="_before")."""
+    return {f"fp32{when}": matmul_rate(torch.float32, "cpu", n), f"bf16{when}": matmul_rate(torch.bfloat16, "cpu", n)}
+
+
+def matmul_line(mm: dict) -> str:
+    """The results.md line of rates measured before and after a run's rows (`cpu_matmul_rates` with "_before" and
+    "_after", and "n")."""
+    nan = float("nan")
+    return (
+        f"{mm['n']}^2 matmul GFLOP/s: fp32 {mm['fp32_before']:.0f} / {mm.get('fp32_after', nan):.0f}, "
+        f"bf16 {mm['bf16_before']:.0f} / {mm.get('bf16_after', nan):.0f} (before / after the rows)"
+    )
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

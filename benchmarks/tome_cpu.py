@@ -43,7 +43,7 @@ from vitkit.data.shapes import SHAPE_CLASSES, make_shapes  # noqa: E402
 from vitkit.models import create_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import matmul_rate  # noqa: E402  (benchmarks/models.py, beside this script)
+from models import cpu_matmul_rates, matmul_line  # noqa: E402  (benchmarks/models.py, beside this script)
 
 
 def throughput(args) -> list[dict]:
@@ -188,11 +188,7 @@ def markdown(res: dict) -> str:
         f"# ToMe on CPU ({res['meta']['started']}, torch {res['meta']['torch']}, {res['meta']['threads']} threads)"
     ]
     if "matmul" in res:
-        mm = res["matmul"]
-        lines.append(
-            f"\n{mm['n']}^2 matmul GFLOP/s: fp32 {mm['fp32_before']:.0f} / {mm.get('fp32_after', float('nan')):.0f}, "
-            f"bf16 {mm['bf16_before']:.0f} / {mm.get('bf16_after', float('nan')):.0f} (before / after the rows)"
-        )
+        lines.append("\n" + matmul_line(res["matmul"]))
     lines += [
         "",
         "| model | precision | mode | batch | r | img/s | speed-up vs r=0 (same mode) | vs eager r=0 |",
@@ -255,9 +251,7 @@ def main() -> int:
         args.models, args.rs, args.precisions, args.batches = ["vit_tiny_patch16_224"], [0, 2], ["fp32"], [1, 2]
         args.img_size, args.rounds, args.images_per_row, args.model_overrides = 64, 1, 2, {"depth": 2}
         args.train_seconds, args.train_images, args.heldout, args.small_rs = 3.0, 200, 100, [1, 2]
-        args.small_overrides = dict(embed_dim=32, depth=2, num_heads=2)
-    if args.quick:
-        args.matmul_n = 256
+        args.small_overrides, args.matmul_n = dict(embed_dim=32, depth=2, num_heads=2), 256
     if args.threads:
         torch.set_num_threads(args.threads)
     args.rs = sorted({0, *args.rs})
@@ -298,15 +292,9 @@ def main() -> int:
         flush()
     if not args.skip_throughput:
         n = args.matmul_n
-        res["matmul"] = {
-            "n": n,
-            "fp32_before": matmul_rate(torch.float32, "cpu", n),
-            "bf16_before": matmul_rate(torch.bfloat16, "cpu", n),
-        }
+        res["matmul"] = {"n": n, **cpu_matmul_rates(n, "_before")}
         res["throughput"] = throughput(args)
-        res["matmul"].update(
-            fp32_after=matmul_rate(torch.float32, "cpu", n), bf16_after=matmul_rate(torch.bfloat16, "cpu", n)
-        )
+        res["matmul"].update(cpu_matmul_rates(n, "_after"))
     flush()
     print(markdown(res))
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
