@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -132,10 +133,10 @@ def agreement_rows(model, x: torch.Tensor, y: torch.Tensor, rs: list[int], label
     return rows
 
 
-def held_out_of_run(checkpoint: str, model: torch.nn.Module, calibration: int = 0) -> tuple:
+def held_out_of_run(checkpoint: str, model: torch.nn.Module, calibration: int = 0) -> tuple[Any, ...]:
     """The val + test images of the data a run trained on (its seed and fractions: images training never saw),
-    through the model's eval preprocessing; and a label naming the data. With `calibration` > 0, also that many of
-    its training images (same preprocessing) as a fourth element."""
+    through the model's eval preprocessing; a label naming the data; and the first `calibration` of its training
+    images (same preprocessing), None for 0."""
     from vitkit.data import load_data
     from vitkit.data.inference import eval_transform
     from vitkit.runs import resolve_checkpoint, training_record
@@ -151,9 +152,8 @@ def held_out_of_run(checkpoint: str, model: torch.nn.Module, calibration: int = 
     tf = eval_transform(model)
     x = torch.cat([tf(splits.val.images), tf(splits.test.images)])
     y = torch.cat([splits.val.labels, splits.test.labels])
-    if calibration:  # the first `calibration` training images, for int8 calibration on the run's own data
-        return x, y, f"{record['data']} val+test", tf(splits.train.images[:calibration])
-    return x, y, f"{record['data']} val+test"
+    calib = tf(splits.train.images[:calibration]) if calibration else None  # int8 calibration on the run's data
+    return x, y, f"{record['data']} val+test", calib
 
 
 def train_small(args) -> tuple[torch.nn.Module, dict]:
@@ -283,7 +283,7 @@ def main() -> int:
 
         ck = load_model(args.checkpoint).eval()
         if args.checkpoint_data == "held-out":
-            cx, cy, label = held_out_of_run(args.checkpoint, ck)
+            cx, cy, label, _ = held_out_of_run(args.checkpoint, ck)
         else:
             side = ck.preprocess.input_size[0]
             cx, cy = shapes_tensors(args.heldout, side, seed=12345, mean=ck.preprocess.mean, std=ck.preprocess.std)
