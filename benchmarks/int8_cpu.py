@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from vitkit import allocator  # noqa: E402
 from vitkit._io import atomic_write_text  # noqa: E402
 from vitkit.deploy import quantize  # noqa: E402
 from vitkit.models import create_model  # noqa: E402
@@ -149,7 +150,10 @@ def train_small(args) -> tuple[torch.nn.Module, dict]:
 
 def markdown(res: dict) -> str:
     m = res["meta"]
-    lines = [f"# int8 on CPU ({m['started']}, torch {m['torch']}, {m['threads']} threads)"]
+    lines = [
+        f"# int8 on CPU ({m['started']}, torch {m['torch']}, {m['threads']} threads, "
+        f"malloc {m['args'].get('malloc', 'system')})"
+    ]
     if "matmul" in res:
         lines.append("\n" + matmul_line(res["matmul"]))
     lines += ["", "| model | batch | row | img/s | vs fp32 | vs best bf16 |", "|---|---|---|---|---|---|"]
@@ -203,7 +207,13 @@ def main() -> int:
     p.add_argument("--skip-small", action="store_true", help="no small shapes ViT (its 240 s of training)")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--matmul-n", type=int, default=2048, help="side of the square matmuls timed for the rates")
+    p.add_argument(
+        "--malloc", default="keep", choices=["keep", "system"],
+        help="glibc allocator: keep freed memory in the process (what the vitkit command does) or glibc's defaults",
+    )  # fmt: skip
     args = p.parse_args()  # fmt: skip
+    if args.malloc == "keep":
+        args.malloc_applied = allocator.keep_freed_memory()  # before any model runs; see vitkit.allocator
     args.model_overrides, args.small_overrides, args.small_side = {}, dict(embed_dim=96, depth=6, num_heads=3), 64
     if args.quick:
         # Two compilations only (bf16 and PT2E at batch 2): inductor's fixed cost dominates at tiny sizes.

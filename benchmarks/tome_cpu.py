@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from vitkit import allocator  # noqa: E402
 from vitkit._io import atomic_write_text  # noqa: E402
 from vitkit.data.shapes import SHAPE_CLASSES, make_shapes  # noqa: E402
 from vitkit.models import create_model  # noqa: E402
@@ -185,7 +186,8 @@ def train_small(args) -> tuple[torch.nn.Module, dict]:
 
 def markdown(res: dict) -> str:
     lines = [
-        f"# ToMe on CPU ({res['meta']['started']}, torch {res['meta']['torch']}, {res['meta']['threads']} threads)"
+        f"# ToMe on CPU ({res['meta']['started']}, torch {res['meta']['torch']}, {res['meta']['threads']} threads, "
+        f"malloc {res['meta']['args'].get('malloc', 'system')})"
     ]
     if "matmul" in res:
         lines.append("\n" + matmul_line(res["matmul"]))
@@ -245,7 +247,13 @@ def main() -> int:
     )  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--matmul-n", type=int, default=2048, help="side of the square matmuls timed for the rates")
+    p.add_argument(
+        "--malloc", default="keep", choices=["keep", "system"],
+        help="glibc allocator: keep freed memory in the process (what the vitkit command does) or glibc's defaults",
+    )  # fmt: skip
     args = p.parse_args()
+    if args.malloc == "keep":
+        args.malloc_applied = allocator.keep_freed_memory()  # before any model runs; see vitkit.allocator
     args.model_overrides, args.small_overrides, args.small_side = {}, dict(embed_dim=96, depth=6, num_heads=3), 64
     if args.quick:
         args.models, args.rs, args.precisions, args.batches = ["vit_tiny_patch16_224"], [0, 2], ["fp32"], [1, 2]

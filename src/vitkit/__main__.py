@@ -2,6 +2,6 @@
 
 import sys
 
-from vitkit.cli import main
+from vitkit.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -1394,5 +1394,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def entry(argv: Sequence[str] | None = None) -> int:
+    """The `vitkit` command (console script and `python -m vitkit`): `main` in a process whose C allocator keeps
+    freed memory (`vitkit.allocator.apply_env`; ``VITKIT_MALLOC=system`` leaves glibc's defaults). `main` itself
+    leaves the allocator alone, so tests and programs that call it in-process are not changed."""
+    from vitkit import allocator
+
+    try:
+        allocator.apply_env()
+    except ValueError as e:
+        print(f"vitkit: error: {e}", file=sys.stderr)
+        return 2
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitkit import allocator
 from vitkit._validate import check_choice
 
 ShiftMode = Literal["pad", "circular"]
@@ -156,22 +157,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _glibc():
-    """glibc's malloc controls, or None elsewhere (musl, macOS, Windows)."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt  # noqa: B018  (an AttributeError here means no glibc malloc)
-        libc.malloc_trim  # noqa: B018
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 _MEASURE_MMAP_THRESHOLD = 64 * 1024  # as benchmarks/models.py: every tensor block gets its own mapping
-_RESTORED_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's dynamic threshold ceiling on 64-bit, where long runs settle
 
 
 class PeakMemory:
@@ -183,7 +169,8 @@ class PeakMemory:
     freed heap memory is returned first (malloc_trim) and blocks over 64 KiB are given their own mappings while the
     block runs (mallopt M_MMAP_THRESHOLD, as benchmarks/models.py sets MALLOC_MMAP_THRESHOLD_), so memory freed by
     earlier work is not silently reused and the delta is the block's own; afterwards the threshold is set to
-    glibc's 32 MiB ceiling. RSS counts whole pages, so the CPU number is an upper bound of the block's need.
+    glibc's 32 MiB ceiling (where long runs settle, and what `vitkit.allocator.keep_freed_memory` sets, which the
+    command-line tool applies). RSS counts whole pages, so the CPU number is an upper bound of the block's need.
     """
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
@@ -199,10 +186,10 @@ class PeakMemory:
         self._proc = os.path.exists("/proc/self/statm")
         if not self._proc:
             return self
-        self._libc = _glibc()
+        self._libc = allocator.glibc()
         if self._libc is not None:
             self._libc.malloc_trim(0)
-            self._libc.mallopt(_M_MMAP_THRESHOLD, _MEASURE_MMAP_THRESHOLD)
+            self._libc.mallopt(allocator.M_MMAP_THRESHOLD, _MEASURE_MMAP_THRESHOLD)
         self._base = self._peak = _rss_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -226,7 +213,7 @@ class PeakMemory:
         self._peak = max(self._peak, _rss_bytes())
         self.peak_mib = (self._peak - self._base) / 2**20
         if self._libc is not None:
-            self._libc.mallopt(_M_MMAP_THRESHOLD, _RESTORED_MMAP_THRESHOLD)
+            self._libc.mallopt(allocator.M_MMAP_THRESHOLD, allocator.MMAP_THRESHOLD)
 
 
 def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
