@@ -6,13 +6,16 @@ mmap'd pages and returns freed heap memory above the trim threshold to the OS. A
 of several MiB per layer; when those pages go back to the OS and come again, every forward pays page faults and
 the kernel's zeroing of the pages. With `glibc.malloc.mmap_threshold=33554432` (32 MiB, glibc's largest) and a
 trim threshold of 4 GiB, freed activations stay in the process for the next layer. Linux with glibc only.
+Three settings: "default" (glibc's), "tuned" (the tunables above, read by glibc at process start) and "mallopt"
+(`vitkit.allocator.keep_freed_memory()` at run time, after torch is imported: what the `vitkit` command does).
 
-Each setting runs in its own process (tunables are read at start); the processes alternate over --rounds, and a
-row's number is the median over rounds of `batch / seconds per forward` (median of --calls forwards per process).
-Every process also measures the 2048^2 matmul rates (fp32, bf16).
+Each setting runs in its own process; the processes alternate over --rounds, and a row's number is the median over
+rounds of `batch / seconds per forward` (median of --calls forwards per process). Training rows (--train-models,
+batch --train-batch): images per second of an AdamW step (forward, backward, update; bf16 = autocast), median of
+--calls steps after one warm-up step. Every process also measures the 2048^2 matmul rates (fp32, bf16).
 
 Usage:
-    python benchmarks/malloc_cpu.py                     # ViT-S/B, fp32/bf16, batch 1 and 16, r = 0 and 16 (~6 min)
+    python benchmarks/malloc_cpu.py                     # ViT-S/B, fp32/bf16, batch 1 and 16, r = 0 and 16; ViT-S training
     python benchmarks/malloc_cpu.py --quick             # seconds
 """
 
@@ -27,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+SETTINGS = ("default", "tuned", "mallopt")
 TUNED = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967295"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,12 +43,45 @@ def child(args) -> None:
 
     import tome_cpu  # benchmarks/tome_cpu.py: ViT-S/B rows at each precision, batch and r
     from models import cpu_matmul_rates
+    from vitkit import allocator
 
+    if args.mallopt and not allocator.keep_freed_memory():
+        raise SystemExit("mallopt refused the settings (no glibc?)")
     torch.set_num_threads(args.threads)
     rates = cpu_matmul_rates(args.matmul_n)
     args.model_overrides, args.modes, args.rounds, args.images_per_row = args.overrides, ["eager"], args.calls, 1
     rows = tome_cpu.throughput(args)
-    print(json.dumps({"matmul": rates, "rows": rows}))
+    print(json.dumps({"matmul": rates, "rows": rows, "train": train_rows(args)}))
+
+
+def train_rows(args) -> list[dict]:
+    """Images per second of a training step (AdamW; bf16 = autocast over fp32 weights) per model and precision."""
+    import torch
+    import torch.nn.functional as F
+
+    from vitkit.models import create_model
+
+    rows = []
+    for name in args.train_models:
+        for prec in args.precisions:
+            torch.manual_seed(0)
+            model = create_model(name, img_size=args.img_size, num_classes=10, **args.overrides).train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            x = torch.randn(args.train_batch, 3, args.img_size, args.img_size)
+            y = torch.randint(0, 10, (args.train_batch,))
+            times = []
+            for i in range(args.calls + 1):  # the first step warms up (allocator, oneDNN, AdamW state)
+                t = time.perf_counter()
+                with torch.autocast("cpu", torch.bfloat16, enabled=prec == "bf16"):
+                    loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if i:
+                    times.append(time.perf_counter() - t)
+            rows.append({"model": name, "precision": prec, "batch": args.train_batch,
+                         "img_s": args.train_batch / statistics.median(times)})  # fmt: skip
+    return rows
 
 
 def main() -> int:
@@ -56,32 +93,41 @@ def main() -> int:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--train-models", nargs="*", default=["vit_small_patch16_224"], help="training rows (none: skip)")
+    p.add_argument("--train-batch", type=int, default=16)
+    p.add_argument("--settings", nargs="+", default=["default", "tuned", "mallopt"], choices=SETTINGS)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--matmul-n", type=int, default=2048)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="benchmarks/out/malloc_cpu")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mallopt", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.overrides = {}
     if args.quick:
         args.models, args.batches, args.img_size, args.rounds, args.calls = ["vit_tiny_patch16_224"], [2], 64, 1, 1
-        args.overrides, args.matmul_n = {"depth": 2}, 256
+        args.overrides, args.matmul_n, args.train_batch = {"depth": 2}, 256, 2
+        args.train_models = ["vit_tiny_patch16_224"] if args.train_models else []
     args.rs = sorted({0, *args.rs})  # the speed-ups are over r = 0
     if args.child:
         child(args)
         return 0
     argv = [sys.executable, __file__, "--child", "--models", *args.models, "--precisions", *args.precisions,
             "--batches", *map(str, args.batches), "--rs", *map(str, args.rs), "--img-size", str(args.img_size),
-            "--calls", str(args.calls), "--threads", str(args.threads), "--matmul-n", str(args.matmul_n)]  # fmt: skip
+            "--calls", str(args.calls), "--threads", str(args.threads), "--matmul-n", str(args.matmul_n),
+            "--train-models", *args.train_models, "--train-batch", str(args.train_batch)]  # fmt: skip
     if args.quick:
         argv.append("--quick")
-    runs: dict[str, list[dict]] = {"default": [], "tuned": []}
+    if "default" not in args.settings:
+        args.settings.insert(0, "default")  # the ratios are over glibc's defaults
+    runs: dict[str, list[dict]] = {s: [] for s in args.settings}
     for rnd in range(args.rounds):
         for setting in runs:
             env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
             if setting == "tuned":
                 env["GLIBC_TUNABLES"] = TUNED
-            res = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
+            extra = ["--mallopt"] if setting == "mallopt" else []
+            res = subprocess.run(argv + extra, env=env, capture_output=True, text=True, check=True)
             runs[setting].append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(f"round {rnd + 1}/{args.rounds} done", flush=True)
     lines = [
@@ -94,17 +140,25 @@ def main() -> int:
             f"{setting}: 2048^2 matmul GFLOP/s per process, fp32 / bf16: "
             + ", ".join(f"{a:.0f} / {b:.0f}" for a, b in mm)
         )
-    lines += [
-        "",
-        "| model | precision | batch | r | img/s default | img/s tuned | tuned / default |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for i, row in enumerate(runs["default"][0]["rows"]):
-        d = statistics.median(r["rows"][i]["img_s"] for r in runs["default"])
-        t = statistics.median(r["rows"][i]["img_s"] for r in runs["tuned"])
-        lines.append(
-            f"| {row['model']} | {row['precision']} | {row['batch']} | {row['r']} | {d:.1f} | {t:.1f} | {t / d:.2f}x |"
+    others = [s for s in runs if s != "default"]
+
+    def table(key: str, cols: tuple[str, ...]) -> list[str]:
+        head = (
+            "| " + " | ".join(cols) + " | img/s default | " + " | ".join(f"img/s {s} | {s} / default" for s in others)
         )
+        out = ["", head + " |", "|" + "---|" * (len(cols) + 1 + 2 * len(others))]
+        for i, row in enumerate(runs["default"][0][key]):
+            d = statistics.median(r[key][i]["img_s"] for r in runs["default"])
+            cells = [str(row[c]) for c in cols] + [f"{d:.1f}"]
+            for s in others:
+                t = statistics.median(r[key][i]["img_s"] for r in runs[s])
+                cells += [f"{t:.1f}", f"{t / d:.2f}x"]
+            out.append("| " + " | ".join(cells) + " |")
+        return out
+
+    lines += ["", "Inference:"] + table("rows", ("model", "precision", "batch", "r"))
+    if runs["default"][0]["train"]:
+        lines += ["", "Training step:"] + table("train", ("model", "precision", "batch"))
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
