@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -121,6 +123,47 @@ def test_out_dir_holding_a_run_is_refused(digits_run):
     out, _ = digits_run
     with pytest.raises(ValueError, match="already holds a run; continue it with --resume"):
         train({**TINY, "out": str(out)})
+
+
+# A second process that holds the run-directory locks of the paths it is given until it is killed.
+LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+from vitkit.train.setup import lock_run_dir
+for path in sys.argv[1:]:
+    lock_run_dir(Path(path))
+print("locked", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_run_directory_in_use_by_another_process_is_refused(digits_run, tmp_path):
+    from vitkit.train.distributed import DistInfo
+    from vitkit.train.setup import LOCK_FILE, _held_locks, create_run_dir, lock_run_dir, release_run_dirs
+
+    out, _ = digits_run
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(out), str(fresh)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        in_use = rf"is in use by another running vitkit process \(pid {holder.pid}\)"
+        with pytest.raises(ValueError, match=in_use):  # two resumes of one run
+            train(resume=str(out))
+        with pytest.raises(ValueError, match=in_use):  # two new runs given the same --out
+            create_run_dir(fresh, TrainConfig(), DistInfo())
+        assert not (fresh / "config.yaml").exists()
+        assert main(["train", "--resume", str(out)]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not _held_locks  # train() released what it held
+    lock_run_dir(out)  # the OS dropped the killed process's lock: its file is no stale lock
+    lock_run_dir(out)  # and the holder may lock again
+    release_run_dirs()
+    assert not _held_locks and not (out / LOCK_FILE).exists()
 
 
 def test_resume_before_first_checkpoint_starts_over(tmp_path, monkeypatch):

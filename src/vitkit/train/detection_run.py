@@ -31,7 +31,7 @@ from vitkit.runs import model_config, resolve_checkpoint, training_record
 from vitkit.threads import ThreadSetting, set_threads
 from vitkit.train.checkpoint import load_weights_into
 from vitkit.train.config import TrainConfig
-from vitkit.train.distributed import DistInfo, barrier
+from vitkit.train.distributed import DistInfo
 from vitkit.train.evaluate import refuse_empty_split
 from vitkit.train.metrics import finite_or_none
 from vitkit.train.tasks.detection import DetectionLoader, DetectionTask, postprocess
@@ -90,7 +90,7 @@ def train_detection(cfg: TrainConfig, dist: DistInfo, resume: Any, say, t0: floa
     from vitkit.data.detection import load_detection_data
     from vitkit.models.base import Preprocess
     from vitkit.train.setup import (
-        config_yaml,
+        create_run_dir,
         fit_and_test,
         fit_batch_size,
         keep_finished_timing,
@@ -155,10 +155,7 @@ def train_detection(cfg: TrainConfig, dist: DistInfo, resume: Any, say, t0: floa
     )
     if resume is None:
         say(f"run directory: {run_dir}")
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "config.yaml", config_yaml(cfg, [batch_note] if batch_note else []))
-        barrier(dist)
+        create_run_dir(run_dir, cfg, dist, [batch_note] if batch_note else [])
     summary: dict[str, Any] = {
         "status": "running",
         "task": "detect",

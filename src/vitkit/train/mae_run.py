@@ -13,7 +13,7 @@ from torch import nn
 
 from vitkit.train.checkpoint import load_weights_into
 from vitkit.train.config import DEFAULT_MODEL, TrainConfig
-from vitkit.train.distributed import DistInfo, barrier
+from vitkit.train.distributed import DistInfo
 from vitkit.train.loader import BatchLoader
 from vitkit.train.trainer import Trainer
 
@@ -50,7 +50,7 @@ def run_mae(cfg: TrainConfig, dist: DistInfo, resume: str | os.PathLike | None, 
     from vitkit.data.unlabeled import load_unlabeled
     from vitkit.models.base import Preprocess
     from vitkit.train.setup import (
-        config_yaml,
+        create_run_dir,
         fit_and_test,
         fit_batch_size,
         make_training_record,
@@ -110,12 +110,7 @@ def run_mae(cfg: TrainConfig, dist: DistInfo, resume: str | os.PathLike | None, 
                       task=MAETask())  # fmt: skip
     if resume is None:
         say(f"run directory: {run_dir}")
-        if dist.is_main:
-            from vitkit._io import atomic_write_text
-
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "config.yaml", config_yaml(cfg, [batch_note] if batch_note else []))
-        barrier(dist)
+        create_run_dir(run_dir, cfg, dist, [batch_note] if batch_note else [])
     summary: dict[str, Any] = {
         "status": "running",
         "method": "mae",

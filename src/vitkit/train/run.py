@@ -21,21 +21,21 @@ from typing import Any
 import yaml
 from torch import nn
 
-from vitkit._io import atomic_write_text
 from vitkit.data.inference import eval_load_size
 from vitkit.runs import training_record
 from vitkit.train.checkpoint import load_weights_into
 from vitkit.train.config import TrainConfig, resolve_config
-from vitkit.train.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
+from vitkit.train.distributed import DistInfo, cleanup_distributed, init_distributed
 from vitkit.train.loader import BatchLoader
 from vitkit.train.setup import (
     build_model,
-    config_yaml,
+    create_run_dir,
     describe_split_gaps,
     fit_and_test,
     fit_batch_size,
     keep_finished_timing,
     make_training_record,
+    release_run_dirs,
     start_run,
     write_summary,
 )
@@ -122,6 +122,7 @@ def train(
             return train_detection(cfg, dist, resume, say, t0)
         return _train(cfg, dist, resume, say, t0)
     finally:
+        release_run_dirs()
         cleanup_distributed()
 
 
@@ -189,10 +190,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume, say, t0: float) -> dict[str
     )
     if resume is None:
         say(f"run directory: {run_dir}")
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "config.yaml", config_yaml(cfg, [batch_note] if batch_note else []))
-        barrier(dist)
+        create_run_dir(run_dir, cfg, dist, [batch_note] if batch_note else [])
     skipped = [{"path": str(p), "reason": str(r)} for p, r in splits.skipped]
     summary: dict[str, Any] = {
         "status": "running",

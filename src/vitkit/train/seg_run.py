@@ -23,7 +23,7 @@ from vitkit._io import atomic_write_text
 from vitkit.runs import resolve_checkpoint, training_record
 from vitkit.threads import ThreadSetting, set_threads
 from vitkit.train.config import DEFAULT_MODEL, TrainConfig
-from vitkit.train.distributed import DistInfo, barrier
+from vitkit.train.distributed import DistInfo
 from vitkit.train.evaluate import refuse_empty_split
 from vitkit.train.loader import BatchLoader
 from vitkit.train.metrics import finite_or_none
@@ -184,10 +184,7 @@ def train_segmentation(cfg: TrainConfig, dist: DistInfo, resume: Any, say: Calla
     )
     if resume is None:
         say(f"run directory: {run_dir}")
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "config.yaml", R.config_yaml(cfg, [batch_note] if batch_note else []))
-        barrier(dist)
+        R.create_run_dir(run_dir, cfg, dist, [batch_note] if batch_note else [])
     summary: dict[str, Any] = {
         "status": "running",
         "task": "segment",

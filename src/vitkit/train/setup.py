@@ -19,7 +19,10 @@ from torch import nn
 from vitkit._io import atomic_write_text
 from vitkit.train.checkpoint import has_checkpoint, read_training_state
 from vitkit.train.config import DEFAULT_MODEL, TrainConfig
-from vitkit.train.distributed import DistInfo, broadcast_object
+from vitkit.train.distributed import DistInfo, barrier, broadcast_object
+
+LOCK_FILE = ".vitkit-run.lock"  # in the run directory: held (flock) by the process training into it
+_held_locks: dict[str, tuple[int, Path]] = {}  # resolved run directory -> (open lock file, its path) held here
 
 
 def make_training_record(cfg: TrainConfig, run_dir: str | os.PathLike, threads: int) -> dict:
@@ -120,6 +123,66 @@ def new_run_dir(cfg: TrainConfig, dist: DistInfo) -> Path:
     if has_checkpoint(run_dir / "last") or (run_dir / "config.yaml").exists():
         raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
     return run_dir
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Hold an exclusive lock on RUN_DIR/.vitkit-run.lock until `release_run_dirs` (the end of `vitkit.train.train`)
+    or the end of the process, so that a second live process cannot train into the same run directory: two resumes
+    of one run, or two new runs given the same --out, would overwrite each other's checkpoints. The lock is an
+    advisory `flock` that the OS drops when the process dies, so a killed run never leaves its directory locked.
+    The file keeps the holder's PID for the message and is removed on release; one left by a killed process is
+    simply locked again. Where `fcntl` is missing (Windows) nothing is locked.
+
+    Raises:
+        ValueError: Another process holds the lock (its PID named).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = str(run_dir.resolve())
+    if key in _held_locks:
+        return
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ValueError(
+            f"{run_dir} is in use by another running vitkit process (pid {holder}): wait for it to end or stop it; "
+            "to train something else, choose another --out"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_locks[key] = (fd, path)
+
+
+def release_run_dirs() -> None:
+    """Release every run-directory lock this process holds: remove the lock file, then close it (which drops the
+    flock)."""
+    while _held_locks:
+        fd, path = _held_locks.popitem()[1]
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def create_run_dir(run_dir: Path, cfg: TrainConfig, dist: DistInfo, notes: Sequence[str] = ()) -> None:
+    """A new run's directory: rank 0 creates and locks it and writes config.yaml; every process waits for that.
+
+    Raises:
+        ValueError: Another process holds the directory, or wrote a run into it since `new_run_dir` checked.
+    """
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock_run_dir(run_dir)
+        if (run_dir / "config.yaml").exists():  # another process started a run here in the meantime
+            raise ValueError(
+                f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out"
+            )
+        atomic_write_text(run_dir / "config.yaml", config_yaml(cfg, notes))
+    barrier(dist)
 
 
 def fit_batch_size(cfg: TrainConfig, train_images: int, dist: DistInfo, say) -> tuple[TrainConfig, str | None]:
@@ -237,6 +300,8 @@ def start_run(cfg: TrainConfig, dist: DistInfo, resume: Any, say: Callable[[str]
 
     if resume is not None:
         run_dir = Path(resume)
+        if dist.is_main:
+            lock_run_dir(run_dir)
         state = resume_state(cfg, dist, run_dir, say)
     else:
         run_dir, state = new_run_dir(cfg, dist), None
