@@ -151,8 +151,7 @@ def train_small(args) -> tuple[torch.nn.Module, dict]:
 def markdown(res: dict) -> str:
     m = res["meta"]
     lines = [
-        f"# int8 on CPU ({m['started']}, torch {m['torch']}, {m['threads']} threads, "
-        f"malloc {m['args'].get('malloc', 'system')})"
+        f"# int8 on CPU ({m['started']}, torch {m['torch']}, {m['threads']} threads, malloc {tome_cpu.malloc_label(m['args'])})"
     ]
     if "matmul" in res:
         lines.append("\n" + matmul_line(res["matmul"]))

@@ -184,10 +184,16 @@ def train_small(args) -> tuple[torch.nn.Module, dict]:
     return model, {"train_s": time.perf_counter() - t0, "steps": steps, "epochs_started": epochs}
 
 
+def malloc_label(args: dict) -> str:
+    """The allocator setting of a run, as its report header says it: keep, system, or keep not applied."""
+    setting = args.get("malloc", "system")
+    return "keep (not applied: no glibc)" if setting == "keep" and not args.get("malloc_applied") else setting
+
+
 def markdown(res: dict) -> str:
     lines = [
         f"# ToMe on CPU ({res['meta']['started']}, torch {res['meta']['torch']}, {res['meta']['threads']} threads, "
-        f"malloc {res['meta']['args'].get('malloc', 'system')})"
+        f"malloc {malloc_label(res['meta']['args'])})"
     ]
     if "matmul" in res:
         lines.append("\n" + matmul_line(res["matmul"]))

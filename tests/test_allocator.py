@@ -31,7 +31,9 @@ def test_keep_freed_memory_sets_both_thresholds():
 
 
 def test_keep_freed_memory_reports_a_refusal():
-    assert allocator.keep_freed_memory(FakeLibc(result=0)) is False
+    refused = FakeLibc(result=0)
+    assert allocator.keep_freed_memory(refused) is False
+    assert refused.calls == [(-3, 32 * 2**20)]  # the mmap threshold was refused: the trim one is not tried
 
 
 @pytest.mark.parametrize(
@@ -55,11 +57,14 @@ def test_apply_env_system_leaves_the_allocator_alone():
     assert len(libc.calls) == 2
 
 
-def test_cli_entry_applies_the_setting_and_main_does_not(monkeypatch):
+def test_cli_entry_applies_the_setting_and_main_does_not(monkeypatch, capsys):
     applied, ran = [], []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda libc=None: applied.append(1) or True)
-    monkeypatch.setattr(cli, "main", lambda argv=None: ran.append(argv) or 0)
     monkeypatch.delenv("VITKIT_MALLOC", raising=False)
+    assert cli.main(["train", "--epochs", "0"]) == 2  # the real main, in-process: the allocator stays alone
+    assert "epochs must be a positive integer" in capsys.readouterr().err
+    assert applied == []
+    monkeypatch.setattr(cli, "main", lambda argv=None: ran.append(argv) or 0)
     assert cli.entry(["models"]) == 0
     assert applied == [1] and ran == [["models"]]
     monkeypatch.setenv("VITKIT_MALLOC", "system")

@@ -4,14 +4,16 @@ Why this exists: with glibc's defaults, an allocation above the mmap threshold (
 blocks are freed, up to 32 MiB) gets fresh pages from the OS, and freed memory at the top of the heap above the
 trim threshold goes back to the OS. A ViT forward allocates activations of several MiB in every layer, so on CPU
 every forward maps pages again and the kernel zeroes them. Keeping freed memory in the process made CPU inference
-1.03x-1.47x faster on a 2-core EPYC, and token merging (whose blocks each allocate a new size) gained more
-(benchmarks/RESULTS.md, "The memory allocator on CPU"). The settings are the same as
+1.03x-1.47x faster in one run and 1.25x-2.20x in another on a 2-core EPYC, and a training step 1.5x-1.7x; token
+merging (whose blocks each allocate a new size) gains more (benchmarks/RESULTS.md, "The memory allocator on CPU"). The settings are the same as
 ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=...`` at process start, applied
 at run time through ``mallopt(3)``; both were measured in one run (same speed within the noise).
 
-The cost: the process keeps its peak memory until it exits. `vitkit compare`'s CPU memory measurement
-(`vitkit.compare.measure.PeakMemory`) returns freed memory to the OS and lowers the threshold while it measures,
-so its numbers are those of the default allocator.
+The cost: the process keeps its peak memory until it exits (and so does each forked DataLoader worker).
+`vitkit compare`'s CPU memory measurement (`vitkit.compare.measure.PeakMemory`) returns freed memory to the OS and
+sets a 64 KiB mmap threshold while it measures, so memory freed before is not reused silently, whichever setting
+is in force; afterwards it sets the threshold to 32 MiB (the value here, and where glibc's dynamic threshold
+settles).
 
 The command-line tool applies `keep_freed_memory` at start unless ``VITKIT_MALLOC=system`` (see `apply_env`); the
 library never changes the allocator by itself: a Python program calls `keep_freed_memory()` if it wants it.
@@ -50,19 +52,20 @@ def glibc() -> ctypes.CDLL | None:
 def keep_freed_memory(libc: ctypes.CDLL | None = None) -> bool:
     """Make glibc's malloc serve allocations up to 32 MiB from the heap and keep freed heap memory (up to 2 GiB
     free) in the process instead of returning it to the OS. Process-wide; lasts until the process exits or
-    `mallopt` is called again. Threads and forked processes (DataLoader workers) share or inherit it.
+    `mallopt` is called again. Threads share it and forked processes (DataLoader workers with the fork start
+    method) inherit it; spawned processes start with glibc's defaults.
 
     Args:
         libc: The C library to configure; None = this process's (`glibc()`). For tests.
 
     Returns:
-        True when both settings were applied; False where there is no glibc or mallopt refused a value.
+        True when both settings were applied. False where there is no glibc or mallopt refused the mmap threshold
+        (then nothing changed), or refused the trim threshold (then only the mmap threshold changed).
     """
     libc = glibc() if libc is None else libc
-    if libc is None:
+    if libc is None or libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
         return False
-    ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-    return bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok)
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
 
 
 def env_setting(environ: Mapping[str, str] | None = None) -> MallocSetting:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,34 +128,52 @@ def test_out_dir_holding_a_run_is_refused(digits_run):
         train({**TINY, "out": str(out)})
 
 
-# A second process that holds the run-directory locks of the paths it is given until it is killed.
+# A second process that holds the run-directory locks of the paths it is given until it is killed. With --fork it
+# first forks a child that outlives it (as a DataLoader worker can for a few seconds) and prints the child's PID.
 LOCK_HOLDER = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 from vitkit.train.setup import lock_run_dir
-for path in sys.argv[1:]:
+for path in sys.argv[2:]:
     lock_run_dir(Path(path))
-print("locked", flush=True)
+child = os.fork() if sys.argv[1] == "--fork" else None
+if child == 0:
+    time.sleep(300)
+    os._exit(0)
+print("locked", child, flush=True)
 time.sleep(300)
 """
 
 
+def hold(*paths: Path, fork: bool = False) -> tuple[subprocess.Popen, int | None]:
+    """Start LOCK_HOLDER on `paths`; returns the process and its forked child's PID (None without fork)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, "--fork" if fork else "--no-fork", *map(str, paths)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    word, child = holder.stdout.readline().split()
+    assert word == "locked"
+    return holder, None if child == "None" else int(child)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows: run directories are not locked there")
 def test_a_run_directory_in_use_by_another_process_is_refused(digits_run, tmp_path):
     from vitkit.train.distributed import DistInfo
     from vitkit.train.setup import LOCK_FILE, _held_locks, create_run_dir, lock_run_dir, release_run_dirs
 
     out, _ = digits_run
+    assert not (out / LOCK_FILE).exists()  # a finished run leaves no lock file behind
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", LOCK_HOLDER, str(out), str(fresh)], stdout=subprocess.PIPE, text=True
-    )
+    holder, _ = hold(out, fresh)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         in_use = rf"is in use by another running vitkit process \(pid {holder.pid}\)"
         with pytest.raises(ValueError, match=in_use):  # two resumes of one run
             train(resume=str(out))
-        with pytest.raises(ValueError, match=in_use):  # two new runs given the same --out
+        with pytest.raises(ValueError, match=in_use):  # a new run given the --out of a live one
+            train({**TINY, "out": str(out)})
+        with pytest.raises(ValueError, match=in_use):  # two new runs given the same --out, at the same moment
             create_run_dir(fresh, TrainConfig(), DistInfo())
         assert not (fresh / "config.yaml").exists()
         assert main(["train", "--resume", str(out)]) == 2
@@ -166,7 +187,22 @@ def test_a_run_directory_in_use_by_another_process_is_refused(digits_run, tmp_pa
     assert not _held_locks and not (out / LOCK_FILE).exists()
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows: run directories are not locked there")
+def test_a_forked_child_does_not_keep_the_lock_after_its_parent(tmp_path):
+    from vitkit.train.setup import lock_run_dir, release_run_dirs
+
+    holder, child = hold(tmp_path, fork=True)
+    try:
+        holder.kill()  # the parent dies; its forked child (a DataLoader worker, say) lives on
+        holder.wait()
+        lock_run_dir(tmp_path)  # free: the child closed its copy of the lock file at fork
+        release_run_dirs()
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 def test_resume_before_first_checkpoint_starts_over(tmp_path, monkeypatch):
+    from vitkit.train.setup import LOCK_FILE, _held_locks
     from vitkit.train.trainer import Trainer
 
     cfg = {**TINY, "epochs": 1}
@@ -179,6 +215,7 @@ def test_resume_before_first_checkpoint_starts_over(tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="killed"):
             train({**cfg, "out": str(tmp_path / "a")})
     assert (tmp_path / "a" / "config.yaml").is_file() and not (tmp_path / "a" / "last").exists()
+    assert not _held_locks and not (tmp_path / "a" / LOCK_FILE).exists()  # a failed run released its lock too
     resumed = train(resume=tmp_path / "a")
     fresh = train({**cfg, "out": str(tmp_path / "b")})  # the same seed on the same machine: the same weights
     assert_same_bits(weights(tmp_path / "a" / "last"), weights(tmp_path / "b" / "last"))

@@ -6,9 +6,11 @@ task-specific run bodies (`pretrain`, `seg_run`, `detection_run`) build on these
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -121,17 +123,53 @@ def new_run_dir(cfg: TrainConfig, dist: DistInfo) -> Path:
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     run_dir = Path(broadcast_object(str(run_dir), dist))  # one timestamp for every process
     if has_checkpoint(run_dir / "last") or (run_dir / "config.yaml").exists():
+        holder = run_dir_holder(run_dir)
+        if holder is not None:
+            raise _lock_error(run_dir, holder)
         raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
     return run_dir
+
+
+def _lock_error(run_dir: Path, holder: str) -> ValueError:
+    return ValueError(
+        f"{run_dir} is in use by another running vitkit process (pid {holder}): wait for it to end or stop it; "
+        "to train something else, choose another --out"
+    )
+
+
+def run_dir_holder(run_dir: Path) -> str | None:
+    """The PID (as written in its lock file) of another process that holds `run_dir`'s lock now, else None."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    if str(run_dir.resolve()) in _held_locks:
+        return None
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # drops the shared lock if it was taken
+    return None
 
 
 def lock_run_dir(run_dir: Path) -> None:
     """Hold an exclusive lock on RUN_DIR/.vitkit-run.lock until `release_run_dirs` (the end of `vitkit.train.train`)
     or the end of the process, so that a second live process cannot train into the same run directory: two resumes
-    of one run, or two new runs given the same --out, would overwrite each other's checkpoints. The lock is an
-    advisory `flock` that the OS drops when the process dies, so a killed run never leaves its directory locked.
-    The file keeps the holder's PID for the message and is removed on release; one left by a killed process is
-    simply locked again. Where `fcntl` is missing (Windows) nothing is locked.
+    of one run, or two new runs given the same --out, would overwrite each other's checkpoints.
+
+    The lock is an advisory `flock`, which the OS drops when the process dies, so a killed run does not leave its
+    directory locked. Forked children (DataLoader workers) close their copy at fork, so they do not keep the lock
+    alive after their parent. The file keeps the holder's PID for the message and is removed on release; a file
+    left by a killed process is simply locked again. Not locked: where `fcntl` is missing (Windows), and on file
+    systems without flock support (some NFS/Lustre/FUSE mounts; a warning says so).
 
     Raises:
         ValueError: Another process holds the lock (its PID named).
@@ -140,23 +178,46 @@ def lock_run_dir(run_dir: Path) -> None:
         import fcntl
     except ImportError:
         return
-    key = str(run_dir.resolve())
+    path = run_dir.resolve() / LOCK_FILE
+    key = str(path.parent)
     if key in _held_locks:
         return
-    path = run_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise _lock_error(run_dir, holder) from None
+        except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS: the file system cannot lock
+            os.close(fd)
+            warnings.warn(
+                f"{run_dir} cannot be locked on this file system ({e}); training without the lock", stacklevel=2
+            )
+            return
+        try:  # the holder before us may have removed the file on release: then ours is a dead inode, retry
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        raise ValueError(
-            f"{run_dir} is in use by another running vitkit process (pid {holder}): wait for it to end or stop it; "
-            "to train something else, choose another --out"
-        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held_locks[key] = (fd, path)
+
+
+def _close_locks_in_child() -> None:
+    """After fork, in the child: close its copies of the lock files, so the lock lives as long as the holder only
+    (closing a copy does not release the parent's flock; removing the file would)."""
+    for fd, _ in _held_locks.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_locks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_locks_in_child)
 
 
 def release_run_dirs() -> None:
@@ -168,13 +229,31 @@ def release_run_dirs() -> None:
         os.close(fd)
 
 
+def _agree(dist: DistInfo, step: Callable[[], None]) -> None:
+    """Run `step` on rank 0 and raise its ValueError on every process (so no rank waits for a failed rank 0)."""
+    if not dist.enabled:
+        step()
+        return
+    error = None
+    if dist.is_main:
+        try:
+            step()
+        except ValueError as e:
+            error = str(e)
+    error = broadcast_object(error, dist)
+    if error is not None:
+        raise ValueError(error)
+
+
 def create_run_dir(run_dir: Path, cfg: TrainConfig, dist: DistInfo, notes: Sequence[str] = ()) -> None:
     """A new run's directory: rank 0 creates and locks it and writes config.yaml; every process waits for that.
 
     Raises:
-        ValueError: Another process holds the directory, or wrote a run into it since `new_run_dir` checked.
+        ValueError (on every process): Another process holds the directory, or wrote a run into it since
+            `new_run_dir` checked.
     """
-    if dist.is_main:
+
+    def create() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock_run_dir(run_dir)
         if (run_dir / "config.yaml").exists():  # another process started a run here in the meantime
@@ -182,6 +261,8 @@ def create_run_dir(run_dir: Path, cfg: TrainConfig, dist: DistInfo, notes: Seque
                 f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out"
             )
         atomic_write_text(run_dir / "config.yaml", config_yaml(cfg, notes))
+
+    _agree(dist, create)
     barrier(dist)
 
 
@@ -300,8 +381,7 @@ def start_run(cfg: TrainConfig, dist: DistInfo, resume: Any, say: Callable[[str]
 
     if resume is not None:
         run_dir = Path(resume)
-        if dist.is_main:
-            lock_run_dir(run_dir)
+        _agree(dist, lambda: lock_run_dir(run_dir))
         state = resume_state(cfg, dist, run_dir, say)
     else:
         run_dir, state = new_run_dir(cfg, dist), None
