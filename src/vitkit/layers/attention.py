@@ -1,4 +1,5 @@
-"""Multi-head self-attention: the fused kernel for normal use, an explicit path only while a map is captured."""
+"""Multi-head self-attention: the fused kernel for normal use (three plain ops for half-precision CPU inference,
+where they are faster), an explicit path while a map is captured."""
 
 from __future__ import annotations
 
@@ -12,6 +13,50 @@ from vitkit.layers.linear import Linear, linear
 
 # Receives (module, probabilities (B, heads, N, N)) while `vitkit.layers.capture_attention` is active.
 CaptureFn = Callable[[nn.Module, torch.Tensor], None]
+
+
+# Half-precision attention on CPU: below this many attention-matrix elements (batch x heads x queries x keys; 2**24
+# is 32 MB in bf16) and without autograd, `scaled_dot_product_attention` computes softmax(q k^T / sqrt(d)) v in three
+# plain ops instead of PyTorch's fused CPU kernel. On an AVX-512-bf16 EPYC that kernel ran bf16 attention 1.6x-2.4x
+# slower than the three ops at ViT sizes (49-785 tokens), and whole ViT-S/B bf16 models 1.09x-1.14x faster with the
+# three ops, with the same error against fp32 (benchmarks/RESULTS.md, "bf16 attention on CPU"); at 10^8 elements
+# the fused kernel was faster (0.81x). fp32 always takes the fused kernel (equal or faster there). Set to 0 to
+# always use the fused kernel.
+CPU_HALF_EXPLICIT_MAX_ELEMENTS = 2**24
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """`F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p)` with the default scale 1/sqrt(d), computed
+    by whichever is faster where it runs: the fused kernel, or (CPU, bf16/fp16, no autograd, no dropout, an
+    attention matrix of at most `CPU_HALF_EXPLICIT_MAX_ELEMENTS` elements) softmax(q k^T / sqrt(d) + mask) v.
+
+    Args:
+        q: (..., N, d) queries; k, v: (..., M, d) keys and values.
+        attn_mask: None, a boolean mask broadcastable to (..., N, M) (True = may attend; every row needs a True), or
+            a float bias added to the logits.
+        dropout_p: dropout on the probabilities (training).
+    """
+    if (
+        q.device.type == "cpu"
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and dropout_p == 0.0
+        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+        and not torch.compiler.is_exporting()
+        and q.shape[:-1].numel() * k.shape[-2] <= CPU_HALF_EXPLICIT_MAX_ELEMENTS
+    ):
+        logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (..., N, M)
+        if attn_mask is not None:
+            logits = (
+                logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
+            )
+        return logits.softmax(dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
 def split_tokens(n_tokens: int, grid: tuple[int, int] | None, layer: str) -> int:
@@ -41,8 +86,10 @@ def grid_sides(grid: tuple[int, int]) -> tuple[int, int]:
 class Attention(nn.Module):
     """Multi-head self-attention over all N tokens (global attention, as in ViT).
 
-    The normal path calls `scaled_dot_product_attention`, which picks a fused kernel (flash / memory-efficient on
-    GPU, a blocked kernel on CPU) and never materialises the N x N matrix. Only while a capture is attached (see
+    The normal path calls `scaled_dot_product_attention` (this module's), which picks a fused kernel (flash /
+    memory-efficient on GPU, a blocked kernel on CPU) that never materialises the N x N matrix; only for bf16/fp16
+    inference on CPU with a matrix of at most `CPU_HALF_EXPLICIT_MAX_ELEMENTS` elements (32 MB) does it compute
+    the three ops instead, which were faster there. Only while a capture is attached (see
     `vitkit.layers.capture_attention`, which `model(x, return_attention=...)` uses) does this layer compute
     softmax(q k^T / sqrt(d)) explicitly and hand the probabilities to the capture; every other layer stays fused.
     `forward` always returns a plain tensor, so forward hooks and exporters see an ordinary module.
@@ -118,7 +165,7 @@ class Attention(nn.Module):
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, N)
             capture(self, attn)
             return self.attn_drop(attn) @ v  # (B, h, N, d)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        return scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
 
     def masked_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Dense attention restricted by a boolean mask: q, k, v (B, h, N, d), mask (N, N) or broadcastable to
@@ -135,7 +182,7 @@ class Attention(nn.Module):
                 capture(self, attn)
             return self.attn_drop(attn) @ v
         p = self.attn_drop.p if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
 
     def forward_queries(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """Tokens (B, N, C) -> the outputs of the first `n` tokens only (B, n, C): every token is a key and a value,
@@ -147,5 +194,5 @@ class Attention(nn.Module):
         kv = linear(x, w[C:], None if b is None else b[C:])  # (B, N, 2C)
         q = q.reshape(B, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, n, d)
         k, v = kv.reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d)
-        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # (B, h, n, d)
+        x = scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # (B, h, n, d)
         return self.proj(x.transpose(1, 2).reshape(B, n, C))

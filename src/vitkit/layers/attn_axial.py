@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from vitkit.layers.attention import Attention, grid_sides, split_tokens
+from vitkit.layers.attention import Attention, grid_sides, scaled_dot_product_attention, split_tokens
 
 
 def axial_masks(
@@ -81,14 +80,14 @@ class AxialAttention(Attention):
         kx = k[:, :, P:].reshape(B, h, gh, gw, d)
         vx = v[:, :, P:].reshape(B, h, gh, gw, d)
         kp, vp = k[:, :, :P], v[:, :, :P]  # (B, h, P, d)
-        yp = F.scaled_dot_product_attention(q[:, :, :P], k, v, dropout_p=p) if P else vp  # (B, h, P, d)
+        yp = scaled_dot_product_attention(q[:, :, :P], k, v, dropout_p=p) if P else vp  # (B, h, P, d)
 
         def along(qa: torch.Tensor, ka: torch.Tensor, va: torch.Tensor, vpre: torch.Tensor) -> torch.Tensor:
             # qa, ka, va: (B, h, L, S, d) = L independent lines of S patches; every line also sees the P prefix keys
             L, S = qa.shape[2], qa.shape[3]
             kk = torch.cat([kp.unsqueeze(2).expand(B, h, L, P, d), ka], dim=3)  # (B, h, L, P + S, d)
             vv = torch.cat([vpre.unsqueeze(2).expand(B, h, L, P, d), va], dim=3)  # (B, h, L, P + S, d)
-            out = F.scaled_dot_product_attention(
+            out = scaled_dot_product_attention(
                 qa.reshape(B, h * L, S, d), kk.reshape(B, h * L, P + S, d), vv.reshape(B, h * L, P + S, d), dropout_p=p
             )  # (B, h * L, S, d)
             return out.reshape(B, h, L, S, d)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.layers.attention import Attention, grid_sides, split_tokens
+from vitkit.layers.attention import Attention, grid_sides, scaled_dot_product_attention, split_tokens
 
 LocalMode = Literal["window", "neighborhood"]
 LOCAL_MODES = ("window", "neighborhood")
@@ -161,10 +161,10 @@ class LocalAttention(Attention):
             kw, vw = torch.cat([kp, kw], dim=2), torch.cat([vp, vw], dim=2)  # (B*h, windows, P + wh*ww, d)
             if mask is not None:
                 mask = F.pad(mask, (prefix, 0), value=True)  # (1, windows, 1, P + L)
-        out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask, dropout_p=p)  # (B*h, windows, wh*ww, d)
+        out = scaled_dot_product_attention(qw, kw, vw, attn_mask=mask, dropout_p=p)  # (B*h, windows, wh*ww, d)
         out = out.reshape(B * h, nh, nw, wh, ww, d).transpose(2, 3).reshape(B * h, nh * wh, nw * ww, d)
         out = out[:, :gh, :gw].reshape(B, h, gh * gw, d)  # (B, h, H*W, d): padded queries dropped
         if not prefix:
             return out
-        out_prefix = F.scaled_dot_product_attention(q[:, :, :prefix], k, v, dropout_p=p)  # (B, h, P, d): global
+        out_prefix = scaled_dot_product_attention(q[:, :, :prefix], k, v, dropout_p=p)  # (B, h, P, d): global
         return torch.cat([out_prefix, out], dim=2)  # (B, h, N, d)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.layers.attention import Attention, grid_sides, split_tokens
+from vitkit.layers.attention import Attention, grid_sides, scaled_dot_product_attention, split_tokens
 
 
 def _grid_option(value: object, layer: str) -> tuple[int, int]:
@@ -162,7 +162,7 @@ class RelPosAttention(Attention):
                 capture(self, attn)
             return self.attn_drop(attn) @ v  # (B, h, N, d)
         p = self.attn_drop.p if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+        return scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
 
 
 class DecomposedRelPosAttention(Attention):
@@ -248,4 +248,4 @@ class DecomposedRelPosAttention(Attention):
                 capture(self, attn)
             return self.attn_drop(attn) @ v  # (B, h, N, d)
         p = self.attn_drop.p if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+        return scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)

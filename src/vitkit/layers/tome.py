@@ -24,11 +24,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitkit.layers.attention import Attention
+from vitkit.layers.attention import Attention, scaled_dot_product_attention
 from vitkit.layers.block import Block
 
 TomeSetting = int | Sequence[int]
@@ -192,7 +191,7 @@ def _attend(
     capture = attn.capture
     if capture is None:
         p = attn.attn_drop.p if attn.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+        return scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
     probs = ((q * attn.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B, h, N', N')
     if source is None:
         capture(attn, probs)

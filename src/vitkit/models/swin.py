@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitkit.layers import DropPath, Linear, Mlp, drop_path_rates, get_layer, get_norm, resolve_intermediates
+from vitkit.layers.attention import scaled_dot_product_attention
 from vitkit.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocess, config_kwargs
 from vitkit.models.contract import ContractMixin
 from vitkit.models.registry import register_family, register_model
@@ -233,7 +234,7 @@ class WindowAttention(nn.Module):
                 capture(self, attn)
             x = F.dropout(attn, self.attn_drop, self.training) @ v
         else:
-            x = F.scaled_dot_product_attention(
+            x = scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0
             )
         x = x.transpose(1, 2).reshape(Bw, N, C)
