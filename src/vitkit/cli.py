@@ -1398,10 +1398,10 @@ def entry(argv: Sequence[str] | None = None) -> int:
     """The `vitkit` command (console script and `python -m vitkit`): `main` in a process whose C allocator keeps
     freed memory (`vitkit.allocator.apply_env`; ``VITKIT_MALLOC=system`` leaves glibc's defaults). `main` itself
     leaves the allocator alone, so tests and programs that call it in-process are not changed."""
-    from vitkit import allocator
+    from vitkit.allocator import apply_env
 
     try:
-        allocator.apply_env()
+        apply_env()
     except ValueError as e:
         print(f"vitkit: error: {e}", file=sys.stderr)
         return 2

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit import allocator
 from vitkit._validate import check_choice
+from vitkit.allocator import M_MMAP_THRESHOLD, MMAP_THRESHOLD, glibc
 
 ShiftMode = Literal["pad", "circular"]
 SHIFT_MODES = ("pad", "circular")
@@ -186,10 +186,10 @@ class PeakMemory:
         self._proc = os.path.exists("/proc/self/statm")
         if not self._proc:
             return self
-        self._libc = allocator.glibc()
+        self._libc = glibc()
         if self._libc is not None:
             self._libc.malloc_trim(0)
-            self._libc.mallopt(allocator.M_MMAP_THRESHOLD, _MEASURE_MMAP_THRESHOLD)
+            self._libc.mallopt(M_MMAP_THRESHOLD, _MEASURE_MMAP_THRESHOLD)
         self._base = self._peak = _rss_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -213,7 +213,7 @@ class PeakMemory:
         self._peak = max(self._peak, _rss_bytes())
         self.peak_mib = (self._peak - self._base) / 2**20
         if self._libc is not None:
-            self._libc.mallopt(allocator.M_MMAP_THRESHOLD, allocator.MMAP_THRESHOLD)
+            self._libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
