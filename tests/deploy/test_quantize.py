@@ -222,6 +222,13 @@ def test_mixed_bf16_runs_the_unquantized_ops_in_bf16_and_is_saved(digits, tmp_pa
     plain = quantize(model, "pt2e", batches, compile=False)
     mixed = quantize(model, "pt2e", batches, compile=False, mixed_bf16=True)
     assert mixed.mixed_bf16 and not plain.mixed_bf16 and "mixed_bf16=True" in repr(mixed)
+
+    def fused_attention_ops(q) -> int:
+        return sum("scaled_dot_product" in str(n.target) for n in q.graph.graph.nodes)
+
+    # Mixed bf16 exports attention as its three ops (bf16 matmuls at run time); plain PT2E keeps the fused kernel.
+    depth = len(model.blocks)
+    assert fused_attention_ops(mixed) == 0 and fused_attention_ops(plain) == depth
     with torch.no_grad():
         a, b = mixed(test_x), plain(test_x)
     assert a.dtype == torch.float32 and a.shape == b.shape

@@ -79,3 +79,15 @@ def test_a_bf16_vit_gives_the_same_features_either_way(monkeypatch):
     err_explicit = ((explicit - ref).norm() / ref.norm()).item()
     err_fused = ((fused - ref).norm() / ref.norm()).item()
     assert err_explicit < 0.02 and err_explicit < 1.5 * err_fused, (err_explicit, err_fused)
+
+
+def test_explicit_attention_forces_the_three_ops_in_any_dtype(fused_calls):
+    q, k, v = qkv(torch.float32)
+    q.requires_grad_(True)
+    with attention.explicit_attention():
+        out = scaled_dot_product_attention(q, k, v)
+    assert fused_calls == []
+    out.sum().backward()  # the explicit path is differentiable too
+    assert q.grad is not None
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    assert not attention._forced_explicit  # restored on exit

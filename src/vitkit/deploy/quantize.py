@@ -18,7 +18,9 @@ Two methods:
 
   ``mixed_bf16=True`` (Intel's "int8-mixed-bf16" recipe for this flow): the graph is compiled and run under bf16
   autocast, so what stays unquantized (attention's scaled dot product, softmax, LayerNorm, GELU, the residual adds)
-  runs in bf16 and the int8 kernels write bf16. On CPUs with native bf16 kernels (AVX-512-bf16, AMX) this is the
+  runs in bf16 and the int8 kernels write bf16. Its attention is exported as three ops (q k^T, softmax, times v;
+  `vitkit.layers.attention.explicit_attention`), which run as bf16 matmuls: PyTorch's fused CPU attention kernel
+  is 1.7x-2.7x slower in bf16 at ViT sizes. On CPUs with native bf16 kernels (AVX-512-bf16, AMX) this is the
   fastest int8 setting measured (benchmarks/RESULTS.md); on others bf16 is emulated and slower than fp32.
 
 Which is the default: `DEFAULT_METHOD`, chosen by measurement (see its comment and docs/deploy.md).
@@ -41,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from vitkit._validate import check_choice
+from vitkit.layers.attention import explicit_attention
 
 Int8Method = Literal["pt2e", "dynamic"]
 
@@ -387,7 +390,7 @@ def _export(model: nn.Module, example: Tensor) -> torch.export.ExportedProgram:
         return torch.export.export(_ContractForward(model), (example,), dynamic_shapes={"x": {0: batch}})
 
 
-def _pt2e(model: nn.Module, batches: list[Tensor], reduce_range: bool) -> nn.Module:
+def _pt2e(model: nn.Module, batches: list[Tensor], reduce_range: bool, explicit: bool = False) -> nn.Module:
     prepare_pt2e, convert_pt2e, xiq = _pt2e_modules()
     name = _model_name(model)
     example = torch.cat(batches)[:2]
@@ -397,7 +400,10 @@ def _pt2e(model: nn.Module, batches: list[Tensor], reduce_range: bool) -> nn.Mod
     # leave traced tensors in a model's caches (relative-position tables), which must not reach the user's model.
     model = _plain_linears(model)
     try:
-        program = _export(model, example)
+        # Mixed bf16: attention exported as its three ops, which run as bf16 matmuls under autocast; the fused
+        # kernel is slower on CPU in bf16 (vitkit.layers.attention.explicit_attention).
+        with explicit_attention() if explicit else contextlib.nullcontext():
+            program = _export(model, example)
     except Exception as e:  # torch.export raises many types; all mean the same for the user
         raise ValueError(f"method='pt2e' cannot quantize {name}: torch.export failed: {type(e).__name__}: {e}") from e
     quantizer = xiq.X86InductorQuantizer()
@@ -480,7 +486,7 @@ def quantize(
                 "(e.g. the training data) or an iterable of image batches"
             )
         batches = calibration_batches(model, calibration, num_images, batch_size=batch_size, seed=seed)
-        graph = _pt2e(model, batches, reduce_range=not has_vnni())
+        graph = _pt2e(model, batches, reduce_range=not has_vnni(), explicit=mixed_bf16)
         meta["compiled"] = bool(compile)
         q = Int8Model(
             graph,

@@ -3,7 +3,8 @@ where they are faster), an explicit path while a map is captured."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,23 @@ CaptureFn = Callable[[nn.Module, torch.Tensor], None]
 # always use the fused kernel.
 CPU_HALF_EXPLICIT_MAX_ELEMENTS = 2**24
 
+_forced_explicit = False  # set by `explicit_attention()`
+
+
+@contextlib.contextmanager
+def explicit_attention() -> Iterator[None]:
+    """Within the block, `scaled_dot_product_attention` always computes the three explicit ops, whatever the device,
+    dtype or autograd state, and also while exporting. For graphs captured in fp32 that run in bf16 later: the int8
+    PT2E graph with mixed bf16 (`vitkit.deploy.quantize(..., mixed_bf16=True)`) is exported with it, so that its
+    attention runs as bf16 matmuls rather than the fused CPU kernel (1.2x-1.3x faster int8 models measured,
+    benchmarks/RESULTS.md). Not thread-safe: it sets a module-wide switch."""
+    global _forced_explicit
+    before, _forced_explicit = _forced_explicit, True
+    try:
+        yield
+    finally:
+        _forced_explicit = before
+
 
 def scaled_dot_product_attention(
     q: torch.Tensor,
@@ -34,7 +52,8 @@ def scaled_dot_product_attention(
 ) -> torch.Tensor:
     """`F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p)` with the default scale 1/sqrt(d), computed
     by whichever is faster where it runs: the fused kernel, or (CPU, bf16/fp16, no autograd, no dropout, an
-    attention matrix of at most `CPU_HALF_EXPLICIT_MAX_ELEMENTS` elements) softmax(q k^T / sqrt(d) + mask) v.
+    attention matrix of at most `CPU_HALF_EXPLICIT_MAX_ELEMENTS` elements, or inside `explicit_attention()`)
+    softmax(q k^T / sqrt(d) + mask) v.
 
     Args:
         q: (..., N, d) queries; k, v: (..., M, d) keys and values.
@@ -42,7 +61,7 @@ def scaled_dot_product_attention(
             a float bias added to the logits.
         dropout_p: dropout on the probabilities (training).
     """
-    if (
+    if _forced_explicit or (
         q.device.type == "cpu"
         and q.dtype in (torch.bfloat16, torch.float16)
         and dropout_p == 0.0
@@ -55,7 +74,8 @@ def scaled_dot_product_attention(
             logits = (
                 logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
             )
-        return logits.softmax(dim=-1) @ v
+        probs = logits.softmax(dim=-1)
+        return (F.dropout(probs, dropout_p) if dropout_p else probs) @ v  # dropout only when forced in training
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
