@@ -591,9 +591,9 @@ def _add_int8_flags(p: argparse.ArgumentParser) -> None:
         "calibration, no compilation",
     )  # fmt: skip
     p.add_argument(
-        "--int8-mixed-bf16", action="store_true",
-        help="pt2e: run what stays unquantized (attention, softmax, norms) in bf16; fastest on CPUs with bf16 "
-        "kernels (AVX-512-bf16, AMX)",
+        "--int8-mixed-bf16", action=argparse.BooleanOptionalAction, default=None,
+        help="pt2e: run what stays unquantized (attention, softmax, norms) in bf16 (default: on where the CPU has "
+        "native bf16, AVX-512-bf16 or AMX, where it is the fastest int8; --no-int8-mixed-bf16 turns it off)",
     )  # fmt: skip
     p.add_argument("--calib", metavar="DATA", help="pt2e calibration data (default: the checkpoint's training data)")
     p.add_argument(
@@ -607,7 +607,8 @@ def _int8_requested(args: argparse.Namespace) -> bool:
     if not args.int8:
         given = [f for f, v in (("--int8-method", args.int8_method), ("--calib", args.calib),
                                 ("--calib-images", args.calib_images),
-                                ("--int8-mixed-bf16", args.int8_mixed_bf16 or None)) if v is not None]  # fmt: skip
+                                ("--int8-mixed-bf16" if args.int8_mixed_bf16 else "--no-int8-mixed-bf16",
+                                 args.int8_mixed_bf16)) if v is not None]  # fmt: skip
         if given:
             raise ValueError(f"{given[0]} needs --int8")
     elif args.device not in ("auto", "cpu"):

@@ -214,6 +214,22 @@ def test_pt2e_save_and_load_round_trip(digits, tmp_path):
         load_int8(tmp_path / "missing.pt2")
 
 
+def test_mixed_bf16_by_default_only_where_the_cpu_has_native_bf16(digits, monkeypatch):
+    """mixed_bf16=None (the default) is on for PT2E where the CPU computes bf16 natively and off elsewhere and for
+    the dynamic method; an explicit True/False is kept."""
+    import importlib
+
+    qmod = importlib.import_module("vitkit.deploy.quantize")
+    model, _, _ = digits
+    batches = calibration_batches(model, "digits", 16)
+    assert not quantize(model, "pt2e", batches, compile=False).mixed_bf16  # conftest: a CPU without bf16
+    monkeypatch.setattr(qmod, "has_native_bf16", lambda: True)
+    assert quantize(model, "pt2e", batches, compile=False).mixed_bf16
+    assert not quantize(model, "pt2e", batches, compile=False, mixed_bf16=False).mixed_bf16
+    assert not quantize(model, "dynamic").mixed_bf16
+    assert qmod.resolve_mixed_bf16("pt2e", None) and not qmod.resolve_mixed_bf16("dynamic", None)
+
+
 def test_mixed_bf16_runs_the_unquantized_ops_in_bf16_and_is_saved(digits, tmp_path):
     """int8-mixed-bf16: the graph under bf16 autocast agrees with fp32 as plain PT2E does, its logits are not the
     fp32 graph's (bf16 really ran), and the setting survives save/load."""
@@ -376,6 +392,8 @@ def test_cli_eval_and_predict_int8(digits, model_dir, tmp_path, monkeypatch, cap
     assert "--tome 2: int8 quantization takes unmerged models only" in capsys.readouterr().err
     assert main(["predict", *ck, "--int8-mixed-bf16"]) == 2
     assert "--int8-mixed-bf16 needs --int8" in capsys.readouterr().err
+    assert main(["predict", *ck, "--no-int8-mixed-bf16"]) == 2
+    assert "--no-int8-mixed-bf16 needs --int8" in capsys.readouterr().err
     assert main(["predict", *ck, "--int8", "--int8-method", "dynamic", "--int8-mixed-bf16"]) == 2
     assert "--int8-mixed-bf16 applies to --int8-method pt2e only" in capsys.readouterr().err
     assert main(["predict", *ck, "--int8", "--int8-method", "dynamic", "--calib", "digits"]) == 2

@@ -21,7 +21,8 @@ Two methods:
   runs in bf16 and the int8 kernels write bf16. Its attention is exported as three ops (q k^T, softmax, times v;
   `vitkit.layers.attention.explicit_attention`), which run as bf16 matmuls: PyTorch's fused CPU attention kernel
   is 1.7x-2.7x slower in bf16 at ViT sizes. On CPUs with native bf16 kernels (AVX-512-bf16, AMX) this is the
-  fastest int8 setting measured (benchmarks/RESULTS.md); on others bf16 is emulated and slower than fp32.
+  fastest int8 setting measured (benchmarks/RESULTS.md), so ``mixed_bf16=None`` (the default) turns it on there
+  (`has_native_bf16`); on other CPUs bf16 is emulated and slower than fp32, and the default leaves it off.
 
 Which is the default: `DEFAULT_METHOD`, chosen by measurement (see its comment and docs/deploy.md).
 
@@ -350,6 +351,27 @@ def _pt2e_modules():
     return prepare_pt2e, convert_pt2e, xiq
 
 
+def has_native_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (AVX-512-bf16 or AMX), where int8-mixed-bf16 is the fastest int8
+    setting measured (benchmarks/RESULTS.md); elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes
+        return False
+
+
+def resolve_mixed_bf16(method: str, mixed_bf16: bool | None) -> bool:
+    """The mixed-bf16 setting to use: as given, or for None ("auto") True for "pt2e" on a CPU with native bf16.
+
+    Raises:
+        ValueError: mixed_bf16=True with a method other than "pt2e".
+    """
+    if mixed_bf16 is None:
+        return method == "pt2e" and has_native_bf16()
+    _check_mixed_bf16(method, mixed_bf16)
+    return bool(mixed_bf16)
+
+
 def has_vnni() -> bool:
     """Whether the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX).
 
@@ -426,7 +448,7 @@ def quantize(
     batch_size: int = 32,
     seed: int = 0,
     compile: bool = True,
-    mixed_bf16: bool = False,
+    mixed_bf16: bool | None = None,
 ) -> Int8Model:
     """An int8 copy of a vitkit model for CPU inference; the model itself is not changed.
 
@@ -444,7 +466,8 @@ def quantize(
             compiles (minutes on 2 cores for a ViT-S). False keeps the converted graph eager (fp32 arithmetic with
             int8 rounding simulated: same predictions up to float rounding, not faster).
         mixed_bf16: For "pt2e": run the graph under bf16 autocast (int8-mixed-bf16: the unquantized ops in bf16;
-            see the module docstring). Calibration stays fp32.
+            see the module docstring). None (default) = on where the CPU has native bf16 (`has_native_bf16`: the
+            fastest setting measured there) and for "pt2e" only; True/False force it. Calibration stays fp32.
 
     Returns:
         An `Int8Model` in eval mode; `calibration_images` records how many images calibrated it.
@@ -456,7 +479,7 @@ def quantize(
         TypeError: `model` is not an nn.Module or calibration of the wrong type.
     """
     check_choice("method", method, Int8Method)
-    _check_mixed_bf16(method, mixed_bf16)
+    mixed_bf16 = resolve_mixed_bf16(method, mixed_bf16)
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize needs a torch nn.Module, got {type(model).__name__}")
     name = _model_name(model)
@@ -604,7 +627,7 @@ def _int8_variant(
     num_images: int | None,
     compile: bool,
     made: list[Int8Model],
-    mixed_bf16: bool = False,
+    mixed_bf16: bool | None = None,
     tome: int = 0,
 ) -> Callable[[nn.Module], Int8Model]:
     """The function that turns the checkpoint's loaded fp32 model into its int8 copy (appended to `made`)."""
@@ -613,7 +636,7 @@ def _int8_variant(
     check_choice("method", method, Int8Method)
     if method == "dynamic" and (calibration is not None or num_images is not None):
         raise ValueError("method='dynamic' takes no calibration data (calibration=, num_images=): use method='pt2e'")
-    _check_mixed_bf16(method, mixed_bf16)
+    resolve_mixed_bf16(method, mixed_bf16)  # refuses mixed_bf16=True with "dynamic" before any work
     if tome:
         raise ValueError(
             f"tome={tome}: int8 quantization takes unmerged models only (token merging's data-dependent matching "
@@ -666,7 +689,7 @@ def evaluate_int8(
     calibration: CalibrationData | None = None,
     num_images: int | None = None,
     compile: bool = True,
-    mixed_bf16: bool = False,
+    mixed_bf16: bool | None = None,
     split: str = "test",
     batch_size: int = 256,
     out: str | os.PathLike | None = None,
@@ -683,7 +706,7 @@ def evaluate_int8(
             run's own train split (never its held-out images).
         num_images: Calibration images; None = `DEFAULT_CALIBRATION_IMAGES` (or all, if fewer).
         compile: For "pt2e": lower to int8 kernels (see `quantize`).
-        mixed_bf16: For "pt2e": the unquantized ops in bf16 (see `quantize`).
+        mixed_bf16: For "pt2e": the unquantized ops in bf16; None = where the CPU has native bf16 (see `quantize`).
         split, batch_size, out, threads, tome: As in `vitkit.train.evaluate` (int8 refuses tome != 0).
 
     Returns:
@@ -718,7 +741,7 @@ def predict_int8(
     calibration: CalibrationData | None = None,
     num_images: int | None = None,
     compile: bool = True,
-    mixed_bf16: bool = False,
+    mixed_bf16: bool | None = None,
     topk: int = 5,
     threads: Any = "auto",
     tome: int = 0,
