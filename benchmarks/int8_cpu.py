@@ -122,7 +122,10 @@ def agreement_rows(model, calib_x: torch.Tensor, x: torch.Tensor, y: torch.Tenso
     variants = {
         "bf16": (copy.deepcopy(model).to(torch.bfloat16), torch.bfloat16),
         "int8-dynamic": (quantize(model, "dynamic"), None),
-        "int8-pt2e": (quantize(model, "pt2e", calib_x.split(32), compile=not args.no_compile_agreement), None),
+        "int8-pt2e": (
+            quantize(model, "pt2e", calib_x.split(32), compile=not args.no_compile_agreement, mixed_bf16=False),
+            None,
+        ),
         "int8-pt2e-bf16": (
             quantize(model, "pt2e", calib_x.split(32), compile=not args.no_compile_agreement, mixed_bf16=True),
             None,
