@@ -25,7 +25,7 @@ from vitkit.data.inference import eval_load_size
 from vitkit.runs import training_record
 from vitkit.train.checkpoint import load_weights_into
 from vitkit.train.config import TrainConfig, resolve_config
-from vitkit.train.distributed import DistInfo, cleanup_distributed, init_distributed
+from vitkit.train.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
 from vitkit.train.loader import BatchLoader
 from vitkit.train.setup import (
     build_model,
@@ -109,18 +109,19 @@ def train(
     try:
         amp_dtype(cfg.amp, dist.device)  # fail on an impossible AMP setting before creating anything
         if cfg.task == "mae":  # masked-autoencoder pretraining: its own data, model and summary
-            from vitkit.train.mae_run import run_mae
-
-            return run_mae(cfg, dist, resume, say, t0)
-        if cfg.task == "segment":
-            from vitkit.train.seg_run import train_segmentation
-
-            return train_segmentation(cfg, dist, resume, say, t0)
-        if cfg.task == "detect":  # a ViTDETR on detection data
-            from vitkit.train.detection_run import train_detection
-
-            return train_detection(cfg, dist, resume, say, t0)
-        return _train(cfg, dist, resume, say, t0)
+            from vitkit.train.mae_run import run_mae as run
+        elif cfg.task == "segment":
+            from vitkit.train.seg_run import train_segmentation as run
+        elif cfg.task == "detect":  # a ViTDETR on detection data
+            from vitkit.train.detection_run import train_detection as run
+        else:
+            run = _train
+        summary = run(cfg, dist, resume, say, t0)
+        # Every process has finished its collectives before any tears the group down: a gloo process whose peer
+        # destroys the group while it still talks can abort ("terminate called without an active exception").
+        # Only on success: after a failure torchrun stops the other processes.
+        barrier(dist)
+        return summary
     finally:
         release_run_dirs()
         cleanup_distributed()
