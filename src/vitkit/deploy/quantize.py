@@ -636,7 +636,7 @@ def _int8_variant(
     check_choice("method", method, Int8Method)
     if method == "dynamic" and (calibration is not None or num_images is not None):
         raise ValueError("method='dynamic' takes no calibration data (calibration=, num_images=): use method='pt2e'")
-    resolve_mixed_bf16(method, mixed_bf16)  # refuses mixed_bf16=True with "dynamic" before any work
+    mixed_bf16 = resolve_mixed_bf16(method, mixed_bf16)  # refuses mixed_bf16=True with "dynamic" before any work
     if tome:
         raise ValueError(
             f"tome={tome}: int8 quantization takes unmerged models only (token merging's data-dependent matching "

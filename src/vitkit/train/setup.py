@@ -123,22 +123,25 @@ def new_run_dir(cfg: TrainConfig, dist: DistInfo) -> Path:
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     run_dir = Path(broadcast_object(str(run_dir), dist))  # one timestamp for every process
     if has_checkpoint(run_dir / "last") or (run_dir / "config.yaml").exists():
-        holder = run_dir_holder(run_dir)
-        if holder is not None:
-            raise _lock_error(run_dir, holder)
-        raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+        raise held_elsewhere(run_dir) or _holds_run_error(run_dir)
     return run_dir
 
 
-def _lock_error(run_dir: Path, holder: str) -> ValueError:
+def _holds_run_error(run_dir: Path) -> ValueError:
+    return ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+
+
+def _lock_error(run_dir: Path, fd: int) -> ValueError:
+    """The refusal naming the holder: the PID it wrote into the lock file open as `fd`."""
+    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
     return ValueError(
         f"{run_dir} is in use by another running vitkit process (pid {holder}): wait for it to end or stop it; "
         "to train something else, choose another --out"
     )
 
 
-def run_dir_holder(run_dir: Path) -> str | None:
-    """The PID (as written in its lock file) of another process that holds `run_dir`'s lock now, else None."""
+def held_elsewhere(run_dir: Path) -> ValueError | None:
+    """The refusal naming another process that holds `run_dir`'s lock now (its PID), else None."""
     try:
         import fcntl
     except ImportError:
@@ -152,7 +155,7 @@ def run_dir_holder(run_dir: Path) -> str | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        return _lock_error(run_dir, fd)
     except OSError:
         return None
     finally:
@@ -187,9 +190,9 @@ def lock_run_dir(run_dir: Path) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            error = _lock_error(run_dir, fd)
             os.close(fd)
-            raise _lock_error(run_dir, holder) from None
+            raise error from None
         except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS: the file system cannot lock
             os.close(fd)
             warnings.warn(
@@ -257,9 +260,7 @@ def create_run_dir(run_dir: Path, cfg: TrainConfig, dist: DistInfo, notes: Seque
         run_dir.mkdir(parents=True, exist_ok=True)
         lock_run_dir(run_dir)
         if (run_dir / "config.yaml").exists():  # another process started a run here in the meantime
-            raise ValueError(
-                f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out"
-            )
+            raise _holds_run_error(run_dir)
         atomic_write_text(run_dir / "config.yaml", config_yaml(cfg, notes))
 
     _agree(dist, create)
