@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from vitkit import allocator
 from vitkit._io import atomic_write_text
+from vitkit.cpu import has_native_bf16
 from vitkit.layers import attention
 from vitkit.models import create_model
 
@@ -73,16 +74,20 @@ def kernel_rows(args) -> list[dict]:
 
 
 class Switch(torch.nn.Module):
-    """The model with the threshold set for its calls (0 = the fused kernel always; None = vitkit's default)."""
+    """The model with its attention as the fused kernel (the threshold set to 0) or as the three ops (forced with
+    `explicit_attention()`, whatever the CPU) for its calls."""
 
-    def __init__(self, model: torch.nn.Module, limit: int) -> None:
+    def __init__(self, model, how: str) -> None:
         super().__init__()
-        self.model, self.limit = model, limit
+        self.model, self.how = model, how
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         before = attention.CPU_HALF_EXPLICIT_MAX_ELEMENTS
-        attention.CPU_HALF_EXPLICIT_MAX_ELEMENTS = self.limit
+        attention.CPU_HALF_EXPLICIT_MAX_ELEMENTS = 0
         try:
+            if self.how == "explicit":
+                with attention.explicit_attention():
+                    return self.model(x)
             return self.model(x)
         finally:
             attention.CPU_HALF_EXPLICIT_MAX_ELEMENTS = before
@@ -90,7 +95,6 @@ class Switch(torch.nn.Module):
 
 def model_rows(args) -> list[dict]:
     rows = []
-    default = attention.CPU_HALF_EXPLICIT_MAX_ELEMENTS
     modes = ["eager", "compiled"] if args.compile else ["eager"]
     with torch.inference_mode():
         for name in args.models:
@@ -102,15 +106,13 @@ def model_rows(args) -> list[dict]:
             x = torch.randn(2, 3, args.img_size, args.img_size)
             ref = fp32.forward_features(x)
             err = {}
-            for label, limit in (("fused", 0), ("explicit", default)):
-                attention.CPU_HALF_EXPLICIT_MAX_ELEMENTS = limit
-                out = half.forward_features(x.bfloat16()).float()
+            for label in ("fused", "explicit"):
+                out = Switch(half.forward_features, label)(x.bfloat16()).float()
                 err[label] = ((out - ref).norm() / ref.norm()).item()
-            attention.CPU_HALF_EXPLICIT_MAX_ELEMENTS = default
             for mode in modes:
-                fns = {label: Switch(half, limit) for label, limit in (("fused", 0), ("explicit", default))}
+                fns = {label: Switch(half, label) for label in ("fused", "explicit")}
                 if mode == "compiled":
-                    # Each compiled copy traces its own threshold (the Switch sets it before dynamo reads it).
+                    # Each compiled copy traces its own path (the Switch sets it before dynamo reads it).
                     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
                     fns = {k: torch.compile(f) for k, f in fns.items()}
                 for batch in args.batches:
@@ -127,14 +129,15 @@ def model_rows(args) -> list[dict]:
 
 def markdown(res: dict) -> str:
     m = res["meta"]
+    native = "yes: vitkit takes the three ops" if m["native_bf16"] else "no: vitkit keeps the fused kernel"
     lines = [f"# bf16 attention on CPU ({m['started']}, torch {m['torch']}, {m['threads']} threads, malloc keep)",
-             "", matmul_line(res["matmul"]), "",
+             "", matmul_line(res["matmul"]), "", f"Native bf16 (AVX-512-bf16 or AMX): {native}.", "",
              "| batch, heads, tokens, head width | dtype | B*h*N^2 | fused ms | explicit ms | fused / explicit |",
              "|---|---|---:|---:|---:|---:|"]  # fmt: skip
     for r in res["kernel"]:
         lines.append(f"| {tuple(r['shape'])} | {r['dtype']} | {r['elements']:.2e} | {r['fused_ms']:.2f} | "
                      f"{r['explicit_ms']:.2f} | {r['speedup']:.2f}x |")  # fmt: skip
-    lines += ["", "| model (bf16 weights) | mode | batch | img/s fused | img/s vitkit (explicit) | speed-up | "
+    lines += ["", "| model (bf16 weights) | mode | batch | img/s fused | img/s three ops | speed-up | "
               "features rel. error vs fp32: fused / explicit |", "|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
     for r in res["models"]:
         lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['fused_img_s']:.1f} | "
@@ -166,7 +169,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     res = {"meta": {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "args": {k: v for k, v in vars(args).items()}}}  # fmt: skip
+                    "threads": torch.get_num_threads(), "native_bf16": has_native_bf16(), "args": {k: v for k, v in vars(args).items()}}}  # fmt: skip
     res["matmul"] = {"n": n, **cpu_matmul_rates(n, "_before")}
     res["kernel"] = kernel_rows(args)
     res["models"] = model_rows(args)

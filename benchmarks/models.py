@@ -97,9 +97,13 @@ def matmul_line(mm: dict) -> str:
     """The results.md line of rates measured before and after a run's rows (`cpu_matmul_rates` with "_before" and
     "_after", and "n")."""
     nan = float("nan")
+
+    def rate(v: float) -> str:  # emulated bf16 runs below 1 GFLOP/s: keep its digits
+        return f"{v:.0f}" if v >= 10 or v != v else f"{v:.2g}"
+
     return (
-        f"{mm['n']}^2 matmul GFLOP/s: fp32 {mm['fp32_before']:.0f} / {mm.get('fp32_after', nan):.0f}, "
-        f"bf16 {mm['bf16_before']:.0f} / {mm.get('bf16_after', nan):.0f} (before / after the rows)"
+        f"{mm['n']}^2 matmul GFLOP/s: fp32 {rate(mm['fp32_before'])} / {rate(mm.get('fp32_after', nan))}, "
+        f"bf16 {rate(mm['bf16_before'])} / {rate(mm.get('bf16_after', nan))} (before / after the rows)"
     )
 
 

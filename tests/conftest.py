@@ -14,11 +14,17 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
-def _int8_mixed_bf16_off_by_default(monkeypatch):
-    """int8's mixed_bf16=None ("auto") turns mixed bf16 on where the CPU has native bf16; CI machines differ, so
-    tests see a CPU without it unless they say otherwise (tests/deploy/test_quantize.py tests the auto choice)."""
-    # The module, not `vitkit.deploy.quantize` by name: the package exports a function of that name.
-    monkeypatch.setattr(importlib.import_module("vitkit.deploy.quantize"), "has_native_bf16", lambda: False)
+def _cpu_without_native_bf16(monkeypatch):
+    """What depends on native bf16 (int8's mixed_bf16=None default, bf16 attention as three ops, the trainer's
+    amp='bf16' warning) follows `vitkit.cpu.has_native_bf16`; CI machines differ, so tests see a CPU without it
+    unless they say otherwise (`native_bf16` below)."""
+    monkeypatch.setattr(importlib.import_module("vitkit.cpu"), "NATIVE_BF16", False)
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """The test sees a CPU with native bf16 (AVX-512-bf16 or AMX)."""
+    monkeypatch.setattr(importlib.import_module("vitkit.cpu"), "NATIVE_BF16", True)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitkit.cli import main
+from vitkit.cpu import has_vnni
 from vitkit.data import load_data
 from vitkit.data.inference import eval_transform
 from vitkit.deploy import (
@@ -26,7 +27,6 @@ from vitkit.deploy import (
     quantize,
     save_int8,
 )
-from vitkit.deploy.quantize import has_vnni
 from vitkit.models import create_model
 
 SIZE = 16  # digits (8 px) upsampled to 16 px: a 4x4 grid of patch 4
@@ -223,7 +223,7 @@ def test_mixed_bf16_by_default_only_where_the_cpu_has_native_bf16(digits, monkey
     model, _, _ = digits
     batches = calibration_batches(model, "digits", 16)
     assert not quantize(model, "pt2e", batches, compile=False).mixed_bf16  # conftest: a CPU without bf16
-    monkeypatch.setattr(qmod, "has_native_bf16", lambda: True)
+    monkeypatch.setattr(importlib.import_module("vitkit.cpu"), "NATIVE_BF16", True)
     assert quantize(model, "pt2e", batches, compile=False).mixed_bf16
     assert not quantize(model, "pt2e", batches, compile=False, mixed_bf16=False).mixed_bf16
     assert not quantize(model, "dynamic").mixed_bf16

@@ -31,7 +31,7 @@ def qkv(dtype, b=2, h=3, n=37, m=37, d=16):
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "bias"])
-def test_explicit_half_path_equals_the_fused_kernel(mask_kind, fused_calls):
+def test_explicit_half_path_equals_the_fused_kernel(mask_kind, fused_calls, native_bf16):
     q, k, v = qkv(torch.bfloat16)
     mask = None
     if mask_kind == "bool":
@@ -48,7 +48,7 @@ def test_explicit_half_path_equals_the_fused_kernel(mask_kind, fused_calls):
     torch.testing.assert_close(out.float(), fused, atol=0.06, rtol=0.02)  # bf16 rounding of logits and output
 
 
-def test_the_fused_kernel_is_kept_for_fp32_gradients_dropout_and_large_matrices(fused_calls, monkeypatch):
+def test_the_fused_kernel_is_kept_for_fp32_gradients_dropout_and_large_matrices(fused_calls, monkeypatch, native_bf16):
     q, k, v = qkv(torch.float32)
     scaled_dot_product_attention(q, k, v)  # fp32
     qb, kb, vb = qkv(torch.bfloat16)
@@ -63,7 +63,7 @@ def test_the_fused_kernel_is_kept_for_fp32_gradients_dropout_and_large_matrices(
     assert fused_calls == [torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16]
 
 
-def test_a_bf16_vit_gives_the_same_features_either_way(monkeypatch):
+def test_a_bf16_vit_gives_the_same_features_either_way(monkeypatch, native_bf16):
     """Whole model: the explicit path's error against fp32 is that of the fused kernel (the linear layers dominate)."""
     import vitkit
 
@@ -91,3 +91,22 @@ def test_explicit_attention_forces_the_three_ops_in_any_dtype(fused_calls):
     assert q.grad is not None
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
     assert not attention._forced_explicit  # restored on exit
+
+
+def test_a_cpu_without_native_bf16_keeps_the_fused_kernel(fused_calls, monkeypatch):
+    """Without AVX-512-bf16/AMX the three ops would be emulated bf16 matmuls (11x-33x slower than the fused kernel,
+    benchmarks/RESULTS.md): bf16 and fp16 go to the fused kernel there (conftest: a CPU without native bf16)."""
+    q, k, v = qkv(torch.bfloat16)
+    with torch.inference_mode():
+        scaled_dot_product_attention(q, k, v)
+        scaled_dot_product_attention(*qkv(torch.float16))
+        with attention.explicit_attention():  # forcing still works
+            scaled_dot_product_attention(q, k, v)
+    assert fused_calls == [torch.bfloat16, torch.float16]
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("vitkit.cpu"), "NATIVE_BF16", True)
+    with torch.inference_mode():
+        scaled_dot_product_attention(q, k, v)  # native bf16: the three ops
+        scaled_dot_product_attention(*qkv(torch.float16))  # fp16: fused (not measured faster)
+    assert fused_calls == [torch.bfloat16, torch.float16, torch.float16]

@@ -440,7 +440,7 @@ def test_position_resample_matches_the_load_time_function():
 # ---------------------------------------------------------------------------------------------------------------
 # C4. Layering: no package imports a higher one or the package root
 # ---------------------------------------------------------------------------------------------------------------
-LEVELS = {"_io": 0, "_validate": 0, "_version": 0, "allocator": 0, "runs": 0, "threads": 0, "layers": 1, "models": 2, "weights": 3, "data": 4,
+LEVELS = {"_io": 0, "_validate": 0, "_version": 0, "allocator": 0, "cpu": 0, "runs": 0, "threads": 0, "layers": 1, "models": 2, "weights": 3, "data": 4,
           "train": 5, "explain": 6, "features": 6, "deploy": 6, "viz": 7, "compare": 7, "cli": 8, "__main__": 8}  # fmt: skip
 
 

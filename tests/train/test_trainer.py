@@ -135,6 +135,21 @@ def test_bf16_autocast_trains_on_cpu():
     assert history["val_acc"][-1] >= 0.9 and all(torch.isfinite(torch.tensor(history["train_loss"])))
 
 
+def test_bf16_on_a_cpu_without_native_bf16_warns_and_not_with_it(native_bf16, monkeypatch):
+    import importlib
+    import warnings
+
+    from vitkit.train.trainer import amp_dtype
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert amp_dtype("bf16", torch.device("cpu")) is torch.bfloat16  # native_bf16: no warning
+        assert amp_dtype("none", torch.device("cpu")) is None
+    monkeypatch.setattr(importlib.import_module("vitkit.cpu"), "NATIVE_BF16", False)
+    with pytest.warns(UserWarning, match=r"amp='bf16' on a CPU without native bf16.*amp='none' \(fp32\) is faster"):
+        assert amp_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+
+
 def test_fp16_on_cpu_is_a_clear_error():
     with pytest.raises(ValueError, match="amp='fp16' needs a CUDA device"):
         Trainer(tiny_model(), "cpu", TrainConfig(amp="fp16"))

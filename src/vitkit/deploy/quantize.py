@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from vitkit._validate import check_choice
+from vitkit.cpu import has_native_bf16, has_vnni
 from vitkit.layers.attention import explicit_attention
 
 Int8Method = Literal["pt2e", "dynamic"]
@@ -351,15 +352,6 @@ def _pt2e_modules():
     return prepare_pt2e, convert_pt2e, xiq
 
 
-def has_native_bf16() -> bool:
-    """Whether the CPU computes bf16 natively (AVX-512-bf16 or AMX), where int8-mixed-bf16 is the fastest int8
-    setting measured (benchmarks/RESULTS.md); elsewhere bf16 is emulated and slower than fp32."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # a torch without these probes
-        return False
-
-
 def resolve_mixed_bf16(method: str, mixed_bf16: bool | None) -> bool:
     """The mixed-bf16 setting to use: as given, or for None ("auto") True for "pt2e" on a CPU with native bf16.
 
@@ -370,25 +362,6 @@ def resolve_mixed_bf16(method: str, mixed_bf16: bool | None) -> bool:
         return method == "pt2e" and has_native_bf16()
     _check_mixed_bf16(method, mixed_bf16)
     return bool(mixed_bf16)
-
-
-def has_vnni() -> bool:
-    """Whether the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX).
-
-    Without them, oneDNN multiplies uint8 activations by int8 weights with `vpmaddubsw`, whose int16 pair sums
-    saturate for activations above 127: the compiled PT2E model then disagrees with its own reference graph (measured
-    here: 91% agreement on a digits ViT). Such CPUs get activations in 0..127 (`reduce_range`, as torchao advises
-    and as the dynamic method's default config does). Read from /proc/cpuinfo on Linux, else from torch's CPU
-    capability (AVX512 taken as VNNI).
-    """
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-        if flags:
-            return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
-    except OSError:
-        pass
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 class _ContractForward(nn.Module):

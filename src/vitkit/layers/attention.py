@@ -1,5 +1,5 @@
-"""Multi-head self-attention: the fused kernel for normal use (three plain ops for half-precision CPU inference,
-where they are faster), an explicit path while a map is captured."""
+"""Multi-head self-attention: the fused kernel for normal use (three plain ops for bf16 inference on CPUs with
+native bf16, where they are faster), an explicit path while a map is captured."""
 
 from __future__ import annotations
 
@@ -10,19 +10,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitkit.cpu import has_native_bf16
 from vitkit.layers.linear import Linear, linear
 
 # Receives (module, probabilities (B, heads, N, N)) while `vitkit.layers.capture_attention` is active.
 CaptureFn = Callable[[nn.Module, torch.Tensor], None]
 
 
-# Half-precision attention on CPU: below this many attention-matrix elements (batch x heads x queries x keys; 2**24
-# is 32 MB in bf16) and without autograd, `scaled_dot_product_attention` computes softmax(q k^T / sqrt(d)) v in three
-# plain ops instead of PyTorch's fused CPU kernel. On an AVX-512-bf16 EPYC that kernel ran bf16 attention 1.6x-2.4x
-# slower than the three ops at ViT sizes (49-785 tokens), and whole ViT-S/B bf16 models 1.09x-1.14x faster with the
-# three ops, with the same error against fp32 (benchmarks/RESULTS.md, "bf16 attention on CPU"); at 10^8 elements
-# the fused kernel was faster (0.81x). fp32 always takes the fused kernel (equal or faster there). Set to 0 to
-# always use the fused kernel.
+# bf16 attention on a CPU with native bf16 (`vitkit.cpu.has_native_bf16`: AVX-512-bf16 or AMX): below this many
+# attention-matrix elements (batch x heads x queries x keys; 2**24 is 32 MB in bf16) and without autograd,
+# `scaled_dot_product_attention` computes softmax(q k^T / sqrt(d)) v in three plain ops instead of PyTorch's fused
+# CPU kernel. On an AVX-512-bf16 EPYC that kernel ran bf16 attention 1.6x-2.4x slower than the three ops at ViT sizes
+# (49-785 tokens), and whole ViT-S/B bf16 models 1.09x-1.14x faster with the three ops, with the same error against
+# fp32 (benchmarks/RESULTS.md, "bf16 attention on CPU"); at 10^8 elements the fused kernel was faster (0.81x). On a
+# CPU without native bf16 the three ops are emulated bf16 matmuls, 11x-33x slower than the fused kernel (an AVX2
+# EPYC, same section), so such CPUs always take the fused kernel; so do fp32 (equal or faster there) and fp16 (not
+# measured). Set to 0 to always use the fused kernel.
 CPU_HALF_EXPLICIT_MAX_ELEMENTS = 2**24
 
 _forced_explicit = False  # set by `explicit_attention()`
@@ -51,9 +54,9 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """`F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p)` with the default scale 1/sqrt(d), computed
-    by whichever is faster where it runs: the fused kernel, or (CPU, bf16/fp16, no autograd, no dropout, an
-    attention matrix of at most `CPU_HALF_EXPLICIT_MAX_ELEMENTS` elements, or inside `explicit_attention()`)
-    softmax(q k^T / sqrt(d) + mask) v.
+    by whichever is faster where it runs: the fused kernel, or (bf16 on a CPU with native bf16, no autograd, no
+    dropout, an attention matrix of at most `CPU_HALF_EXPLICIT_MAX_ELEMENTS` elements, or inside
+    `explicit_attention()`) softmax(q k^T / sqrt(d) + mask) v.
 
     Args:
         q: (..., N, d) queries; k, v: (..., M, d) keys and values.
@@ -63,11 +66,12 @@ def scaled_dot_product_attention(
     """
     if _forced_explicit or (
         q.device.type == "cpu"
-        and q.dtype in (torch.bfloat16, torch.float16)
+        and q.dtype == torch.bfloat16
         and dropout_p == 0.0
         and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
         and not torch.compiler.is_exporting()
         and q.shape[:-1].numel() * k.shape[-2] <= CPU_HALF_EXPLICIT_MAX_ELEMENTS
+        and has_native_bf16()
     ):
         logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (..., N, M)
         if attn_mask is not None:
@@ -107,9 +111,9 @@ class Attention(nn.Module):
     """Multi-head self-attention over all N tokens (global attention, as in ViT).
 
     The normal path calls `scaled_dot_product_attention` (this module's), which picks a fused kernel (flash /
-    memory-efficient on GPU, a blocked kernel on CPU) that never materialises the N x N matrix; only for bf16/fp16
-    inference on CPU with a matrix of at most `CPU_HALF_EXPLICIT_MAX_ELEMENTS` elements (32 MB) does it compute
-    the three ops instead, which were faster there. Only while a capture is attached (see
+    memory-efficient on GPU, a blocked kernel on CPU) that never materialises the N x N matrix; only for bf16
+    inference on a CPU with native bf16 and a matrix of at most `CPU_HALF_EXPLICIT_MAX_ELEMENTS` elements (32 MB)
+    does it compute the three ops instead, which were faster there. Only while a capture is attached (see
     `vitkit.layers.capture_attention`, which `model(x, return_attention=...)` uses) does this layer compute
     softmax(q k^T / sqrt(d)) explicitly and hand the probabilities to the capture; every other layer stays fused.
     `forward` always returns a plain tensor, so forward hooks and exporters see an ordinary module.

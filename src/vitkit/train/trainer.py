@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vitkit.cpu import has_native_bf16
 from vitkit.train.checkpoint import SHARDED_METADATA, get_rng_state, has_checkpoint, set_rng_state, write_checkpoint
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import (
@@ -148,6 +150,13 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError(f"amp='bf16' is not supported by {torch.cuda.get_device_name(device)}; use amp='fp16'")
+        if device.type == "cpu" and not has_native_bf16():
+            warnings.warn(
+                "amp='bf16' on a CPU without native bf16 (no AVX-512-bf16 or AMX): PyTorch emulates bf16 matmuls "
+                "there, measured 2.6x slower than fp32 for a ViT-Ti layer and 300x for a 2048^2 matmul on an AVX2 "
+                "AMD EPYC; amp='none' (fp32) is faster on this CPU",
+                stacklevel=2,
+            )
         return torch.bfloat16
     raise ValueError(f"amp={amp!r} is not allowed; choose one of 'none', 'bf16', 'fp16'")
 
