@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from vitkit.cli import main as vitkit
+from vitkit.cli import entry as vitkit  # the `vitkit` command: its allocator setting too (vitkit.allocator)
 
 PRETRAIN = ["--img-size", "64", "--patch-size", "8", "--decoder-depth", "2", "--decoder-embed-dim", "64",
             "--decoder-num-heads", "4", "--norm-pix-loss", "--batch-size", "128", "--lr", "1.5e-3",

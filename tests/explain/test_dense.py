@@ -208,6 +208,27 @@ def test_cli_explain_segmentation_and_detection(checkpoints, tmp_path, capsys):
     assert (tmp_path / "wide_rollout.png").is_file()
 
 
+def test_explain_counts_the_region_share_at_the_files_size_as_predict_does(checkpoints, tmp_path):
+    """The 40 x 70 file runs at 32 x 32: explain's "% of the image" is the share of the outlined pixels at the file's
+    size, the number `vitkit predict` prints for that class."""
+    import re
+
+    from vitkit.models.serialization import load_native
+    from vitkit.train.seg_run import predict_masks
+    from vitkit.viz.segmentation import save_segmentation_explanations
+
+    image = str(checkpoints / "wide.png")
+    model = load_native(checkpoints / "seg")
+    predicted = predict_masks(model, [image], device="cpu")[0]
+    for target in range(3):
+        ((_, line),) = save_segmentation_explanations(model, [image], tmp_path, target=target)
+        share = predicted["shares"][predicted["class_names"][target]]
+        if share == 0:
+            continue
+        shown = float(re.search(r"\(([\d.]+)% of the image\)", line).group(1))
+        assert shown == pytest.approx(100 * share, abs=0.051), (line, share)
+
+
 @pytest.mark.parametrize(
     "which,argv,message",
     [

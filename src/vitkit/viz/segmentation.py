@@ -280,7 +280,9 @@ def save_segmentation_explanations(
         if method == "gradcam":
             k = targets[i]
             region = mask == k
-            title = f"gradcam: why the outlined pixels are {names[k]} ({shares[i]:.1%} of the image)"
+            # The share of the outlined pixels at the file's size, as `vitkit predict` counts it (the CAM's own
+            # share is at the model's input size and can differ by a few pixels' worth).
+            title = f"gradcam: why the outlined pixels are {names[k]} ({region.mean():.1%} of the image)"
             if shares[i] == 0:
                 title = f"gradcam: {names[k]} is predicted nowhere (empty region, map all zero)"
         else:
