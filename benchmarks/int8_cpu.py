@@ -119,20 +119,18 @@ def logits_of(fn, x: torch.Tensor, batch: int = 64, dtype=None) -> torch.Tensor:
 def agreement_rows(model, calib_x: torch.Tensor, x: torch.Tensor, y: torch.Tensor, label: str, args) -> list[dict]:
     model.preprocess.input_size = tuple(x.shape[-2:])
     ref = logits_of(model, x)
-    variants = {
-        "bf16": (copy.deepcopy(model).to(torch.bfloat16), torch.bfloat16),
-        "int8-dynamic": (quantize(model, "dynamic"), None),
-        "int8-pt2e": (
-            quantize(model, "pt2e", calib_x.split(32), compile=not args.no_compile_agreement, mixed_bf16=False),
-            None,
-        ),
-        "int8-pt2e-bf16": (
-            quantize(model, "pt2e", calib_x.split(32), compile=not args.no_compile_agreement, mixed_bf16=True),
-            None,
-        ),
+    compile = not args.no_compile_agreement
+    variants = {  # built only for the --rows asked for (mixed bf16 is emulated, and very slow, on CPUs without bf16)
+        "bf16": lambda: (copy.deepcopy(model).to(torch.bfloat16), torch.bfloat16),
+        "int8-dynamic": lambda: (quantize(model, "dynamic"), None),
+        "int8-pt2e": lambda: (quantize(model, "pt2e", calib_x.split(32), compile=compile, mixed_bf16=False), None),
+        "int8-pt2e-bf16": lambda: (quantize(model, "pt2e", calib_x.split(32), compile=compile, mixed_bf16=True), None),
     }
     rows = []
-    for name, (fn, dtype) in variants.items():
+    for name, make in variants.items():
+        if name not in args.rows:
+            continue
+        fn, dtype = make()
         out = logits_of(fn, x, dtype=dtype)
         rows.append({
             "model": label, "variant": name, "n": len(y),

@@ -404,3 +404,19 @@ def test_cli_exports_and_checks(tmp_path, capsys):
     assert "image height 20 cannot be exported" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
     assert json.loads(json.dumps(read_metadata(out)))["model_name"] == "vit_nano_patch4_32"
+
+
+def test_the_export_command_prints_no_third_party_noise(tmp_path):
+    """A fresh process (the exporters' one-time registrations print there): `vitkit export` to ONNX writes its line
+    and nothing from torch's exporters (torchvision ops skipped, the .tmp name, a pytree FutureWarning)."""
+    import subprocess
+    import sys
+
+    tiny("vit").save_pretrained(tmp_path / "model")
+    done = subprocess.run(
+        [sys.executable, "-m", "vitkit", "export", str(tmp_path / "model"), "--format", "onnx", "--out",
+         str(tmp_path / "m.onnx")], capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "wrote" in done.stdout
+    assert "torchvision" not in done.stderr and "Warning" not in done.stderr, done.stderr

@@ -15,12 +15,14 @@ the file as metadata (`read_metadata`); the runner (`load_runner`) refuses a siz
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
+import warnings
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -486,18 +488,32 @@ def save_program(
     """Write a traced program atomically as an ONNX file or a torch.export archive, with `meta` inside."""
     check_choice("format", format, Format)
     meta = {**meta, "format": format}
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp, _quiet_exporters():
         if format == "onnx":
             _save_onnx(program, opset, meta, tmp)
         else:
-            # The temporary's name ends in .tmp, which torch.export.save warns about; the final name is the user's.
-            archive_log = logging.getLogger("torch.export.pt2_archive._package")
-            level = archive_log.level
-            archive_log.setLevel(logging.ERROR)
-            try:
-                torch.export.save(program, tmp, extra_files={METADATA_FILE: json.dumps(meta)})
-            finally:
-                archive_log.setLevel(level)
+            torch.export.save(program, tmp, extra_files={METADATA_FILE: json.dumps(meta)})
+
+
+@contextlib.contextmanager
+def _quiet_exporters() -> Iterator[None]:
+    """Silence what torch's exporters print that a vitkit user cannot act on: the ONNX exporter logs one warning per
+    torchvision operator it skips when torchvision is not installed (vitkit does not use it), torch.export.save warns
+    that the temporary's name ends in .tmp (the final name is the user's), and a pytree deprecation
+    (`isinstance(treespec, LeafSpec)`, a FutureWarning raised through copyreg while the ONNX exporter copies the
+    program). Errors still show."""
+    names = ("torch.onnx._internal.exporter._registration", "torch.export.pt2_archive._package")
+    logs = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            yield
+    finally:
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
 
 
 def _in_chans(model: nn.Module) -> int:

@@ -156,7 +156,10 @@ class Int8Model(nn.Module):
         with mixed:
             if self.compiled:
                 # The int8 lowering patterns are freezing passes: a recompilation (a new batch size) needs them too.
-                with torch._inductor.config.patch(freezing=True):
+                with torch._inductor.config.patch(freezing=True), warnings.catch_warnings():
+                    # Inductor's int8 lowering builds its zero points with torch.tensor(tensor), which warns at every
+                    # compilation (torch/_inductor/mkldnn_lowerings.py): nothing a user of vitkit can act on.
+                    warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
                     return self._run(x).float()
             return self._run(x).float()
 
