@@ -1,12 +1,13 @@
 """bf16 attention on CPU: PyTorch's fused `scaled_dot_product_attention` kernel against the three-op form
-softmax(q k^T / sqrt(d)) v that `vitkit.layers.attention.scaled_dot_product_attention` uses for half precision on
-CPU below `CPU_HALF_EXPLICIT_MAX_ELEMENTS` attention-matrix elements.
+softmax(q k^T / sqrt(d)) v that `vitkit.layers.attention.scaled_dot_product_attention` uses for bf16 on a CPU with
+native bf16 (`vitkit.cpu.has_native_bf16()`) below `CPU_HALF_EXPLICIT_MAX_ELEMENTS` attention-matrix elements.
 
 Two tables, both timed in interleaved rounds (fused, explicit, fused, ...; median), in one process that keeps freed
 memory (as the `vitkit` command does), with the 2048^2 matmul rates measured in the same run:
 1. the attention op alone at ViT shapes (batch, heads, tokens, head width), bf16 and fp32;
-2. whole models in bf16 weights, eager and (with --compile) torch.compile, switching the threshold between 0 (always
-   fused) and its default. Also the relative error of the features against fp32 for both.
+2. whole models in bf16 weights, eager and (with --compile) torch.compile, with every attention as the fused kernel
+   (threshold 0) or as the three ops (forced with `explicit_attention()`, whatever the CPU; the header says which of
+   the two vitkit takes on this CPU). Also the relative error of the features against fp32 for both.
 
 Usage:
     python benchmarks/half_attention_cpu.py                    # ~5 min on 2 cores

@@ -13,7 +13,9 @@
    accuracies, and the mean cosine similarity of the logits. `--checkpoint DIR` (a vitkit model dir trained on
    `shapes`, e.g. a ViT-S/16 fine-tuned on a GPU) measures that model too, calibrated on shapes of another seed;
    with `--checkpoint-data held-out`, on the held-out (val + test) images of the data it was trained on,
-   calibrated on 4 x --calib-images of its training images (`--skip-small` leaves the small ViT out).
+   calibrated on 4 x --calib-images of its training images (`--skip-small` leaves the small ViT out). Only the
+   variants named in --rows are built for agreement (bf16, int8-dynamic, int8-pt2e, int8-pt2e-bf16; mixed bf16 is
+   emulated, and very slow, on CPUs without native bf16).
 
 Goal (3) of issue 13: int8 >= 1.5x bf16 with >= 99% agreement; the table prints int8 / bf16 (best bf16 row of the
 same model and batch) next to each int8 row.
@@ -119,12 +121,15 @@ def logits_of(fn, x: torch.Tensor, batch: int = 64, dtype=None) -> torch.Tensor:
 def agreement_rows(model, calib_x: torch.Tensor, x: torch.Tensor, y: torch.Tensor, label: str, args) -> list[dict]:
     model.preprocess.input_size = tuple(x.shape[-2:])
     ref = logits_of(model, x)
-    compile = not args.no_compile_agreement
+    do_compile = not args.no_compile_agreement
     variants = {  # built only for the --rows asked for (mixed bf16 is emulated, and very slow, on CPUs without bf16)
         "bf16": lambda: (copy.deepcopy(model).to(torch.bfloat16), torch.bfloat16),
         "int8-dynamic": lambda: (quantize(model, "dynamic"), None),
-        "int8-pt2e": lambda: (quantize(model, "pt2e", calib_x.split(32), compile=compile, mixed_bf16=False), None),
-        "int8-pt2e-bf16": lambda: (quantize(model, "pt2e", calib_x.split(32), compile=compile, mixed_bf16=True), None),
+        "int8-pt2e": lambda: (quantize(model, "pt2e", calib_x.split(32), compile=do_compile, mixed_bf16=False), None),
+        "int8-pt2e-bf16": lambda: (
+            quantize(model, "pt2e", calib_x.split(32), compile=do_compile, mixed_bf16=True),
+            None,
+        ),
     }
     rows = []
     for name, make in variants.items():

@@ -74,17 +74,7 @@ class PeakRSS:
 
 
 def matmul_rate(dtype: torch.dtype, device: str, n: int = 2048, seconds: float = 2.0) -> float:
-    """Dense n x n matmul GFLOP/s: the machine's ceiling for the linear layers.
-
-    Where one n x n product would take longer than `seconds` (bf16 emulated on a CPU without bf16 instructions:
-    0.3 GFLOP/s, a minute per 2048^2 product), the rate is measured at 512^2 instead, which is just as far below
-    fp32 there."""
-    if device == "cpu" and n > 512:
-        small = torch.randn(512, 512, dtype=dtype)
-        t0 = time.perf_counter()
-        small @ small
-        if (time.perf_counter() - t0) * (n / 512) ** 3 > seconds:
-            n = 512
+    """Dense n x n matmul GFLOP/s: the machine's ceiling for the linear layers."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
@@ -98,9 +88,28 @@ def matmul_rate(dtype: torch.dtype, device: str, n: int = 2048, seconds: float =
     return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e9
 
 
+def rate_size(dtype: torch.dtype, n: int, seconds: float = 2.0) -> int:
+    """n, or 512 where one n x n CPU product of `dtype` would take longer than `seconds` (bf16 emulated on a CPU
+    without bf16 instructions: 0.27 GFLOP/s at 2048^2, over a minute per product; 1.3 at 512^2)."""
+    if n <= 512:
+        return n
+    small = torch.randn(512, 512, dtype=dtype)
+    small @ small  # the first call starts threads and kernels
+    t0 = time.perf_counter()
+    small @ small
+    return 512 if (time.perf_counter() - t0) * (n / 512) ** 3 > seconds else n
+
+
 def cpu_matmul_rates(n: int = 2048, when: str = "") -> dict[str, float]:
-    """fp32 and bf16 dense n x n matmul GFLOP/s on the CPU, keyed `fp32{when}` and `bf16{when}` (when="_before")."""
-    return {f"fp32{when}": matmul_rate(torch.float32, "cpu", n), f"bf16{when}": matmul_rate(torch.bfloat16, "cpu", n)}
+    """fp32 and bf16 dense n x n matmul GFLOP/s on the CPU, keyed `fp32{when}` and `bf16{when}` (when="_before");
+    a rate measured at a smaller size (`rate_size`) also records it as `{dtype}_n{when}`."""
+    out: dict[str, float] = {}
+    for key, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        size = rate_size(dtype, n)
+        out[f"{key}{when}"] = matmul_rate(dtype, "cpu", size)
+        if size != n:
+            out[f"{key}_n{when}"] = size
+    return out
 
 
 def matmul_line(mm: dict) -> str:
@@ -108,12 +117,14 @@ def matmul_line(mm: dict) -> str:
     "_after", and "n")."""
     nan = float("nan")
 
-    def rate(v: float) -> str:  # emulated bf16 runs below 1 GFLOP/s: keep its digits
-        return f"{v:.0f}" if v >= 10 or v != v else f"{v:.2g}"
+    def rate(key: str, when: str) -> str:  # emulated bf16 runs near 1 GFLOP/s: keep its digits
+        v = mm.get(f"{key}{when}", nan)
+        text = f"{v:.0f}" if v >= 10 or v != v else f"{v:.2g}"
+        return text + (f" (at {mm[f'{key}_n{when}']}^2)" if f"{key}_n{when}" in mm else "")
 
     return (
-        f"{mm['n']}^2 matmul GFLOP/s: fp32 {rate(mm['fp32_before'])} / {rate(mm.get('fp32_after', nan))}, "
-        f"bf16 {rate(mm['bf16_before'])} / {rate(mm.get('bf16_after', nan))} (before / after the rows)"
+        f"{mm['n']}^2 matmul GFLOP/s: fp32 {rate('fp32', '_before')} / {rate('fp32', '_after')}, "
+        f"bf16 {rate('bf16', '_before')} / {rate('bf16', '_after')} (before / after the rows)"
     )
 
 

@@ -16,6 +16,7 @@ Data flow: level 0, imports nothing of vitkit.
 from __future__ import annotations
 
 import functools
+import platform
 
 import torch
 
@@ -34,9 +35,19 @@ NATIVE_BF16: bool = _probe_native_bf16()
 
 
 def has_native_bf16() -> bool:
-    """Whether the CPU computes bf16 natively (AVX-512-bf16 or AMX). Without it bf16 matmuls are emulated: slower
-    than fp32 (2.6x for a ViT-Ti linear layer, 300x for a 2048^2 matmul, measured on an AVX2 AMD EPYC)."""
+    """Whether the CPU computes bf16 natively (AVX-512-bf16 or AMX). Without it bf16 matmuls are emulated on x86:
+    slower than fp32 (2.6x for a ViT-Ti linear layer, 300x for a 2048^2 matmul, measured on an AVX2 AMD EPYC).
+
+    Not the same question as `vitkit.layers.linear`'s probe (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`), which
+    asks whether oneDNN has bf16 kernels at all (it has them on any AVX-512 CPU, emulating the bf16 dot products
+    there): that decides where a Linear computes bf16 products in fp32; this decides where bf16 pays off."""
     return NATIVE_BF16
+
+
+def is_x86() -> bool:
+    """Whether this is an x86-64 CPU, the only kind whose bf16 support `has_native_bf16` can tell (on ARM CPUs with
+    bf16 instructions, such as Graviton 3/4, it answers False: not measured here)."""
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
 
 @functools.cache

@@ -228,6 +228,9 @@ def test_mixed_bf16_by_default_only_where_the_cpu_has_native_bf16(digits, monkey
     assert not quantize(model, "pt2e", batches, compile=False, mixed_bf16=False).mixed_bf16
     assert not quantize(model, "dynamic").mixed_bf16
     assert qmod.resolve_mixed_bf16("pt2e", None) and not qmod.resolve_mixed_bf16("dynamic", None)
+    monkeypatch.setattr(importlib.import_module("vitkit.cpu"), "NATIVE_BF16", False)
+    with pytest.warns(UserWarning, match=r"mixed_bf16=True on a CPU without native bf16.*mixed_bf16=False is faster"):
+        assert qmod.resolve_mixed_bf16("pt2e", True)  # forced: kept, with a warning
 
 
 def test_mixed_bf16_runs_the_unquantized_ops_in_bf16_and_is_saved(digits, tmp_path):

@@ -227,7 +227,9 @@ def test_explain_counts_the_region_share_at_the_files_size_as_predict_does(check
         share = predicted["shares"][predicted["class_names"][target]]
         if share == 0:
             continue
-        shown = float(re.search(r"\(([\d.]+)% of the image\)", line).group(1))
+        found = re.search(r"\(([\d.]+)% of the image\)", line)
+        assert found, line
+        shown = float(found.group(1))
         assert shown == pytest.approx(100 * share, abs=0.051), (line, share)
 
 

@@ -146,8 +146,14 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_and_not_with_it(native_bf16, mo
         assert amp_dtype("bf16", torch.device("cpu")) is torch.bfloat16  # native_bf16: no warning
         assert amp_dtype("none", torch.device("cpu")) is None
     monkeypatch.setattr(importlib.import_module("vitkit.cpu"), "NATIVE_BF16", False)
+    monkeypatch.setattr(importlib.import_module("vitkit.train.trainer"), "is_x86", lambda: True)
     with pytest.warns(UserWarning, match=r"amp='bf16' on a CPU without native bf16.*amp='none' \(fp32\) is faster"):
         assert amp_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        amp_dtype("bf16", torch.device("cpu"), warn=False)  # run.py's early check: the Trainer warns, once
+        monkeypatch.setattr(importlib.import_module("vitkit.train.trainer"), "is_x86", lambda: False)
+        amp_dtype("bf16", torch.device("cpu"))  # ARM: the probe cannot tell, so no claim is made
 
 
 def test_fp16_on_cpu_is_a_clear_error():

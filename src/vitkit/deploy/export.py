@@ -488,32 +488,39 @@ def save_program(
     """Write a traced program atomically as an ONNX file or a torch.export archive, with `meta` inside."""
     check_choice("format", format, Format)
     meta = {**meta, "format": format}
-    with atomic_path(out) as tmp, _quiet_exporters():
+    with atomic_path(out) as tmp, quiet_exporters():
         if format == "onnx":
             _save_onnx(program, opset, meta, tmp)
         else:
             torch.export.save(program, tmp, extra_files={METADATA_FILE: json.dumps(meta)})
 
 
+class _DropRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+_EXPORTER_LOGS = ("torch.onnx._internal.exporter._registration", "torch.export.pt2_archive._package")
+
+
 @contextlib.contextmanager
-def _quiet_exporters() -> Iterator[None]:
-    """Silence what torch's exporters print that a vitkit user cannot act on: the ONNX exporter logs one warning per
-    torchvision operator it skips when torchvision is not installed (vitkit does not use it), torch.export.save warns
-    that the temporary's name ends in .tmp (the final name is the user's), and a pytree deprecation
-    (`isinstance(treespec, LeafSpec)`, a FutureWarning raised through copyreg while the ONNX exporter copies the
-    program). Errors still show."""
-    names = ("torch.onnx._internal.exporter._registration", "torch.export.pt2_archive._package")
-    logs = [logging.getLogger(name) for name in names]
-    levels = [log.level for log in logs]
+def quiet_exporters() -> Iterator[None]:
+    """Silence what torch's exporters print that a vitkit user cannot act on, for the block: the ONNX exporter logs one
+    warning per torchvision operator it skips when torchvision is not installed (vitkit does not use it), and
+    torch.export.save warns that the temporary's name does not end in .pt2 (the final name is the user's). Errors
+    still show. Each call adds and removes its own logging filter, so nested or concurrent exports leave the loggers
+    as they were. Also installs (once, process-wide) a filter for one pytree deprecation that torch's ONNX exporter
+    triggers through copyreg (`isinstance(treespec, LeafSpec)`, a FutureWarning)."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    drop = _DropRecords()
+    logs = [logging.getLogger(name) for name in _EXPORTER_LOGS]
     for log in logs:
-        log.setLevel(logging.ERROR)
+        log.addFilter(drop)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
-            yield
+        yield
     finally:
-        for log, level in zip(logs, levels, strict=True):
-            log.setLevel(level)
+        for log in logs:
+            log.removeFilter(drop)
 
 
 def _in_chans(model: nn.Module) -> int:

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from vitkit._validate import check_choice
 from vitkit.cpu import has_native_bf16, has_vnni
+from vitkit.deploy.export import quiet_exporters
 from vitkit.layers.attention import explicit_attention
 
 Int8Method = Literal["pt2e", "dynamic"]
@@ -125,6 +126,13 @@ class Int8Model(nn.Module):
         # The compiled wrapper shares `module`'s tensors; kept out of the submodules so that state_dict and repr
         # list them once.
         self.__dict__["_run"] = torch.compile(module) if method == "pt2e" and compiled else module
+        if method == "pt2e" and compiled:
+            # Inductor's int8 lowering builds its zero points with torch.tensor(tensor), which warns at every
+            # compilation: nothing a user of vitkit can act on. Narrow: that message from that module only.
+            warnings.filterwarnings(
+                "ignore", message="To copy construct from a tensor", category=UserWarning,
+                module=r"torch\._inductor\.mkldnn_lowerings",
+            )  # fmt: skip
 
     @property
     def graph(self) -> nn.Module | None:
@@ -156,10 +164,7 @@ class Int8Model(nn.Module):
         with mixed:
             if self.compiled:
                 # The int8 lowering patterns are freezing passes: a recompilation (a new batch size) needs them too.
-                with torch._inductor.config.patch(freezing=True), warnings.catch_warnings():
-                    # Inductor's int8 lowering builds its zero points with torch.tensor(tensor), which warns at every
-                    # compilation (torch/_inductor/mkldnn_lowerings.py): nothing a user of vitkit can act on.
-                    warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
+                with torch._inductor.config.patch(freezing=True):
                     return self._run(x).float()
             return self._run(x).float()
 
@@ -364,6 +369,12 @@ def resolve_mixed_bf16(method: str, mixed_bf16: bool | None) -> bool:
     if mixed_bf16 is None:
         return method == "pt2e" and has_native_bf16()
     _check_mixed_bf16(method, mixed_bf16)
+    if mixed_bf16 and not has_native_bf16():
+        warnings.warn(
+            "mixed_bf16=True on a CPU without native bf16 (no AVX-512-bf16 or AMX): its bf16 ops are emulated there "
+            "and far slower than plain PT2E (benchmarks/RESULTS.md); mixed_bf16=False is faster on this CPU",
+            stacklevel=3,
+        )
     return bool(mixed_bf16)
 
 
@@ -545,7 +556,7 @@ def save_int8(q: Int8Model, path: str | os.PathLike) -> Path:
         "mixed_bf16": q.mixed_bf16,
     }
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, quiet_exporters():
         torch.export.save(program, tmp, extra_files={INT8_META: json.dumps(meta)})
     return path
 

@@ -64,14 +64,17 @@ def scaled_dot_product_attention(
             a float bias added to the logits.
         dropout_p: dropout on the probabilities (training).
     """
-    if _forced_explicit or (
-        q.device.type == "cpu"
-        and q.dtype == torch.bfloat16
-        and dropout_p == 0.0
-        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-        and not torch.compiler.is_exporting()
-        and q.shape[:-1].numel() * k.shape[-2] <= CPU_HALF_EXPLICIT_MAX_ELEMENTS
-        and has_native_bf16()
+    if (
+        _forced_explicit
+        or (
+            q.device.type == "cpu"
+            and q.dtype == torch.bfloat16
+            and has_native_bf16()  # a constant: decided before the size test, so compiled graphs need no size guard
+            and dropout_p == 0.0
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and not torch.compiler.is_exporting()
+            and q.shape[:-1].numel() * k.shape[-2] <= CPU_HALF_EXPLICIT_MAX_ELEMENTS
+        )
     ):
         logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (..., N, M)
         if attn_mask is not None:

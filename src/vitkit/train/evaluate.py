@@ -123,7 +123,7 @@ def evaluate(
     if threads is not None:
         set_threads(threads)
     dev = _device(device)
-    dtype = amp_dtype(amp, dev)
+    dtype = amp_dtype(amp, dev, warn=False)  # the trainer warns about bf16 on a CPU without it, once per run
     model, record = load_checkpoint(checkpoint, dev)
     _require_classifier(model, checkpoint)
     apply_tome(model, tome)

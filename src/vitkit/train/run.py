@@ -107,7 +107,7 @@ def train(
     emit = log or (lambda m: print(m, file=sys.stderr, flush=True))
     say = (lambda m: emit(m)) if dist.is_main else (lambda m: None)
     try:
-        amp_dtype(cfg.amp, dist.device)  # fail on an impossible AMP setting before creating anything
+        amp_dtype(cfg.amp, dist.device, warn=False)  # fail on an impossible AMP setting before creating anything
         if cfg.task == "mae":  # masked-autoencoder pretraining: its own data, model and summary
             from vitkit.train.mae_run import run_mae as run
         elif cfg.task == "segment":

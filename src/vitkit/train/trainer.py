@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vitkit.cpu import has_native_bf16
+from vitkit.cpu import has_native_bf16, is_x86
 from vitkit.train.checkpoint import SHARDED_METADATA, get_rng_state, has_checkpoint, set_rng_state, write_checkpoint
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import (
@@ -137,8 +137,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for an `amp` setting on `device`, with a clear error where it cannot work."""
+def amp_dtype(amp: str, device: torch.device, warn: bool = True) -> torch.dtype | None:
+    """The autocast dtype for an `amp` setting on `device`, with a clear error where it cannot work (and, with
+    `warn`, a warning for bf16 on an x86 CPU without native bf16, where it is slower than fp32)."""
     if amp == "none":
         return None
     if amp == "fp16":
@@ -150,7 +151,7 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError(f"amp='bf16' is not supported by {torch.cuda.get_device_name(device)}; use amp='fp16'")
-        if device.type == "cpu" and not has_native_bf16():
+        if warn and device.type == "cpu" and is_x86() and not has_native_bf16():
             warnings.warn(
                 "amp='bf16' on a CPU without native bf16 (no AVX-512-bf16 or AMX): PyTorch emulates bf16 matmuls "
                 "there, measured 2.6x slower than fp32 for a ViT-Ti layer and 300x for a 2048^2 matmul on an AVX2 "

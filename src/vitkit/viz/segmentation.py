@@ -285,6 +285,8 @@ def save_segmentation_explanations(
             title = f"gradcam: why the outlined pixels are {names[k]} ({region.mean():.1%} of the image)"
             if shares[i] == 0:
                 title = f"gradcam: {names[k]} is predicted nowhere (empty region, map all zero)"
+            elif not region.any():  # a sliver at the model's input size that vanishes at the file's
+                title = f"gradcam: {names[k]} is predicted at the model's input size only (no pixel at the file's)"
         else:
             region = None
             what = method if method != "attention" else f"attention layer {-1 if layer is None else layer}"
